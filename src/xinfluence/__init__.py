@@ -1,0 +1,53 @@
+"""xinfluence: influence functions written once against the Python Array API.
+
+One implementation of the mathematics serves numpy, array-api-strict, cupy,
+torch and jax arrays; a backend supplies only a gradient provider
+(:mod:`xinfluence.backends`). Importing this package imports no optional
+framework.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    DivergenceError,
+    NamespaceMismatchError,
+    NonFiniteError,
+    NotConvergedError,
+    NotConvergedWarning,
+    NotFittedError,
+    NotPositiveDefiniteError,
+    XinfluenceError,
+)
+from .influence import ComposableInfluence, DirectInfluence, IdentityInfluence
+from .types import (
+    Batch,
+    BilinearForm,
+    BlockMapper,
+    GradientProvider,
+    InfluenceMode,
+    Operator,
+    OperatorGradientComposition,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "BilinearForm",
+    "BlockMapper",
+    "ComposableInfluence",
+    "DirectInfluence",
+    "DivergenceError",
+    "GradientProvider",
+    "IdentityInfluence",
+    "InfluenceMode",
+    "NamespaceMismatchError",
+    "NonFiniteError",
+    "NotConvergedError",
+    "NotConvergedWarning",
+    "NotFittedError",
+    "NotPositiveDefiniteError",
+    "Operator",
+    "OperatorGradientComposition",
+    "XinfluenceError",
+]

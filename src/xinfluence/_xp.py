@@ -1,0 +1,227 @@
+"""The one place for array-API quirks.
+
+Everything in xinfluence talks to arrays through the namespace returned by
+:func:`namespace`; whatever differs between numpy, array-api-strict, cupy,
+torch and jax (a missing linalg routine, random numbers, host transfer) is
+handled here and nowhere else. Functions take arrays positional-only and the
+namespace keyword-only, and return arrays of the namespace they were given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+import numpy as np
+from array_api_compat import device as device_of  # noqa: F401  (re-exported)
+
+from .errors import NamespaceMismatchError, NonFiniteError
+
+Array = Any
+Namespace = Any
+
+__all__ = [
+    "Array",
+    "Namespace",
+    "namespace",
+    "namespace_name",
+    "same_namespace",
+    "check_namespace",
+    "device_of",
+    "is_floating",
+    "as_float",
+    "check_finite",
+    "any_nonfinite",
+    "eye",
+    "solve_triangular",
+    "cholesky_or_none",
+    "eigh",
+    "to_numpy",
+    "from_numpy",
+    "random_normal",
+    "random_integers",
+    "finfo_eps",
+    "symmetrize",
+]
+
+
+def namespace(*arrays: Array) -> Namespace:
+    """Array-API namespace of ``arrays``; a clear error if they come from two."""
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as exc:
+        names = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in arrays})
+        raise NamespaceMismatchError(
+            f"expected arrays of a single array-API namespace, got {', '.join(names)}"
+        ) from exc
+
+
+def namespace_name(xp: Namespace) -> str:
+    """Short human name of a namespace ("numpy", "torch", "jax", ...)."""
+    for name in ("numpy", "cupy", "torch", "jax", "dask", "array_api_strict"):
+        check = getattr(array_api_compat, f"is_{name}_namespace")
+        if check(xp):
+            return name
+    return getattr(xp, "__name__", repr(xp))
+
+
+def same_namespace(xp1: Namespace, xp2: Namespace) -> bool:
+    """Whether two namespaces are the same library (compat wrappers included)."""
+    return namespace_name(xp1) == namespace_name(xp2)
+
+
+def check_namespace(x: Array, /, *, xp: Namespace, what: str) -> None:
+    """Raise :class:`NamespaceMismatchError` unless ``x`` belongs to ``xp``."""
+    if not array_api_compat.is_array_api_obj(x):
+        raise TypeError(
+            f"expected {what} to be an array of namespace {namespace_name(xp)!r}, "
+            f"got {type(x).__module__}.{type(x).__name__}"
+        )
+    other = namespace(x)
+    if not same_namespace(other, xp):
+        raise NamespaceMismatchError(
+            f"expected {what} as {namespace_name(xp)!r} arrays (the namespace of the "
+            f"gradient provider's parameters), got {namespace_name(other)!r} arrays"
+        )
+
+
+def is_floating(x: Array, /, *, xp: Namespace) -> bool:
+    return bool(xp.isdtype(x.dtype, "real floating"))
+
+
+def as_float(x: Array, /, *, dtype: Any, xp: Namespace, what: str) -> Array:
+    """Cast ``x`` to the parameters' floating ``dtype``.
+
+    Integers and booleans are cast; floats are promoted; a float of higher
+    precision than ``dtype`` or a complex array is an error, since the result
+    would silently lose precision.
+    """
+    if x.dtype == dtype:
+        return x
+    if xp.isdtype(x.dtype, ("integral", "bool")):
+        return xp.astype(x, dtype)
+    if xp.isdtype(x.dtype, "real floating"):
+        if xp.result_type(x.dtype, dtype) == dtype:
+            return xp.astype(x, dtype)
+        raise TypeError(
+            f"{what} has dtype {x.dtype}, which does not fit the parameters' dtype {dtype}; "
+            f"cast the inputs or the model to a common floating dtype"
+        )
+    raise TypeError(f"expected {what} with a real dtype, got {x.dtype}")
+
+
+def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
+    if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
+        return False
+    return not bool(xp.all(xp.isfinite(x)))
+
+
+def check_finite(x: Array, /, *, xp: Namespace, what: str) -> Array:
+    """Return ``x``; raise :class:`NonFiniteError` if it holds NaN or inf."""
+    if any_nonfinite(x, xp=xp):
+        raise NonFiniteError(f"{what} contains NaN or inf values")
+    return x
+
+
+def finfo_eps(dtype: Any, /, *, xp: Namespace) -> float:
+    return float(xp.finfo(dtype).eps)
+
+
+def eye(n: int, /, *, dtype: Any, device: Any, xp: Namespace) -> Array:
+    return xp.eye(n, dtype=dtype, device=device)
+
+
+def symmetrize(a: Array, /, *, xp: Namespace) -> Array:
+    return (a + xp.matrix_transpose(a)) / 2
+
+
+def cholesky_or_none(a: Array, /, *, xp: Namespace) -> Array | None:
+    """Lower Cholesky factor of ``a`` (P, P), or None where it is not positive definite.
+
+    Backends disagree on failure: numpy and torch raise, jax returns NaN.
+    """
+    try:
+        factor = xp.linalg.cholesky(a)
+    except Exception:  # LinAlgError and friends, one per backend
+        return None
+    if any_nonfinite(factor, xp=xp):
+        return None
+    return factor
+
+
+def solve_triangular(a: Array, b: Array, /, *, lower: bool, xp: Namespace) -> Array:
+    """Solve ``a @ x = b`` for triangular ``a`` (P, P), ``b`` (P, K).
+
+    The array API has no triangular solve: use the backend's own where it
+    exists and fall back to a general solve otherwise (same result, more work).
+    """
+    name = namespace_name(xp)
+    if name == "torch":
+        import torch
+
+        return torch.linalg.solve_triangular(a, b, upper=not lower)
+    if name == "jax":
+        import jax.scipy.linalg
+
+        return jax.scipy.linalg.solve_triangular(a, b, lower=lower)
+    if name == "cupy":
+        import cupyx.scipy.linalg
+
+        return cupyx.scipy.linalg.solve_triangular(a, b, lower=lower)
+    if name == "numpy":
+        try:
+            import scipy.linalg
+        except ImportError:  # scipy is optional
+            return xp.linalg.solve(a, b)
+        return xp.asarray(scipy.linalg.solve_triangular(a, b, lower=lower, check_finite=False))
+    return xp.linalg.solve(a, b)
+
+
+def eigh(a: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix."""
+    w, v = xp.linalg.eigh(a)
+    return w, v
+
+
+def to_numpy(x: Array, /) -> np.ndarray:
+    """Host copy of any array as a numpy array (for tests, reports and RNG)."""
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def from_numpy(x: np.ndarray, /, *, dtype: Any, device: Any, xp: Namespace) -> Array:
+    """Array of namespace ``xp`` on ``device`` from a host numpy array."""
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        out = xp.asarray(x, dtype=dtype)
+        return jax.device_put(out, device) if device is not None else out
+    return xp.asarray(x, dtype=dtype, device=device)
+
+
+def random_normal(
+    shape: tuple[int, ...], /, *, seed: int | np.random.Generator | None, dtype: Any, device: Any, xp: Namespace
+) -> Array:
+    """Standard normal samples, the same numbers on every namespace and device.
+
+    Drawn on the host with numpy's PCG64 so that a seed means one thing across
+    backends, then moved once; the draws are small next to curvature products.
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return from_numpy(rng.standard_normal(shape), dtype=dtype, device=device, xp=xp)
+
+
+def random_integers(
+    high: int, size: int, /, *, seed: int | np.random.Generator | None
+) -> np.ndarray:
+    """Host integers in ``[0, high)`` (used for sampling batches)."""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return rng.integers(0, high, size=size)
+
+
+def sqrt_eps(dtype: Any, /, *, xp: Namespace) -> float:
+    return math.sqrt(finfo_eps(dtype, xp=xp))

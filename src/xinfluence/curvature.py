@@ -1,0 +1,157 @@
+"""Curvature of the mean training loss as linear operators over a dataset.
+
+Both operators average over *samples*: a batch of ``n_b`` samples contributes
+with weight ``n_b / n``, so any split of the data into batches (7, 13, 5, ...)
+gives the full-data result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, final
+
+from . import _xp
+from ._xp import Array, Namespace
+from .types import Batch, GradientProvider
+
+__all__ = [
+    "Dataset",
+    "Curvature",
+    "HessianCurvature",
+    "GaussNewtonCurvature",
+    "SecondOrder",
+    "make_curvature",
+]
+
+SecondOrder = Literal["hessian", "gauss_newton"]
+
+
+@final
+class Dataset:
+    """Batches validated for one provider, re-iterable, with the sample count.
+
+    Every batch goes through :meth:`GradientProvider.prepare_batch` (namespace,
+    finiteness, shape) on each pass.
+    """
+
+    def __init__(self, batches: Iterable[Batch], gp: GradientProvider):
+        self._batches = batches
+        self._gp = gp
+        self._n: int | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = 0
+        for batch in self._batches:
+            batch = self._gp.prepare_batch(batch)
+            n += len(batch)
+            yield batch
+        self._n = n
+
+    def with_provider(self, gp: GradientProvider) -> Dataset:
+        """The same batches validated for another provider (a restriction, say)."""
+        out = Dataset(self._batches, gp)
+        out._n = self._n
+        return out
+
+    @property
+    def n_samples(self) -> int:
+        if self._n is None:
+            for _ in self:
+                pass
+        assert self._n is not None
+        return self._n
+
+
+class Curvature(ABC):
+    """A symmetric ``(P, P)`` curvature ``C`` of the mean training loss."""
+
+    def __init__(self, gp: GradientProvider, data: Dataset):
+        self.gp = gp
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return self.gp.n_parameters
+
+    @property
+    def xp(self) -> Namespace:
+        return self.gp.xp
+
+    @property
+    def dtype(self) -> Any:
+        return self.gp.dtype
+
+    @property
+    def device(self) -> Any:
+        return self.gp.device
+
+    def _zeros(self, shape: tuple[int, ...]) -> Array:
+        return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def matmat(self, v: Array) -> Array:
+        """``v @ C`` for ``v`` of shape ``(K, P)`` (``C`` is symmetric): ``(K, P)``."""
+        if v.ndim != 2 or v.shape[1] != self.size:
+            raise ValueError(f"expected shape (K, {self.size}), got {tuple(v.shape)}")
+        total = self._zeros(tuple(v.shape))
+        n = 0
+        for batch in self.data:
+            nb = len(batch)
+            total = total + nb * self._batch_matmat(batch, v)
+            n += nb
+        return _xp.check_finite(total / n, xp=self.xp, what="the curvature product")
+
+    def dense(self) -> Array:
+        """The dense curvature ``C``, ``(P, P)``."""
+        total = self._zeros((self.size, self.size))
+        n = 0
+        for batch in self.data:
+            nb = len(batch)
+            total = total + nb * self._batch_dense(batch)
+            n += nb
+        out = _xp.symmetrize(total / n, xp=self.xp)
+        return _xp.check_finite(out, xp=self.xp, what="the curvature (gradients or Hessian)")
+
+    @abstractmethod
+    def _batch_matmat(self, batch: Batch, v: Array) -> Array:
+        """``v @ C_b`` with ``C_b`` the batch-mean curvature."""
+
+    @abstractmethod
+    def _batch_dense(self, batch: Batch) -> Array:
+        """The batch-mean curvature ``C_b``."""
+
+
+@final
+class HessianCurvature(Curvature):
+    """``H = (1/n) sum_i d^2 l(z_i) / d theta^2`` through the provider's ``hvp``."""
+
+    def _batch_matmat(self, batch: Batch, v: Array) -> Array:
+        return self.gp.hvp(batch, v)
+
+    def _batch_dense(self, batch: Batch) -> Array:
+        return self.gp.hessian(batch)
+
+
+@final
+class GaussNewtonCurvature(Curvature):
+    """``G = (1/n) sum_i g_i g_i^T`` with ``g_i`` the per-sample gradients.
+
+    Positive semi-definite by construction.
+    """
+
+    def _batch_matmat(self, batch: Batch, v: Array) -> Array:
+        grads = self.gp.flat_grads(batch)  # (N, P)
+        return (v @ self.xp.matrix_transpose(grads)) @ grads / grads.shape[0]
+
+    def _batch_dense(self, batch: Batch) -> Array:
+        grads = self.gp.flat_grads(batch)
+        return self.xp.matrix_transpose(grads) @ grads / grads.shape[0]
+
+
+def make_curvature(second_order: str, gp: GradientProvider, data: Dataset) -> Curvature:
+    """The curvature named by ``second_order`` (``"hessian"`` or ``"gauss_newton"``)."""
+    if second_order == "hessian":
+        return HessianCurvature(gp, data)
+    if second_order == "gauss_newton":
+        return GaussNewtonCurvature(gp, data)
+    raise ValueError(f"second_order must be 'hessian' or 'gauss_newton', got {second_order!r}")

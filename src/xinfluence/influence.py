@@ -1,0 +1,264 @@
+"""The user-facing influence models.
+
+Every model takes a :class:`~xinfluence.types.GradientProvider` first and
+keyword-only options; ``fit`` builds one operator per block, queries map the
+spec's compositions over the blocks.
+
+Conventions: with ``H`` the Hessian of the mean training loss (or
+``mean g g^T`` for ``second_order="gauss_newton"``) and ``lambda`` the block's
+regularization,
+
+* up: ``I[t, j] = g_t^T (H + lambda I)^-1 g_j``, shape ``(N_test, N)``; removing
+  training point ``j`` of ``n`` changes the loss at ``t`` by about ``I[t, j] / n``;
+* perturbation: ``I[t, j, ...] = g_t^T (H + lambda I)^-1 d/dx d/dtheta l(z_j)``,
+  shape ``(N_test, N, *x.shape[1:])``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
+from . import _xp
+from ._xp import Array
+from .blocks import resolve_block_structure, resolve_regularization
+from .curvature import Dataset, make_curvature
+from .errors import NotFittedError
+from .operators import DirectOperator, IdentityOperator
+from .types import (
+    Batch,
+    BlockMapper,
+    GradientProvider,
+    InfluenceMode,
+    Operator,
+    OperatorGradientComposition,
+    iter_batches,
+)
+
+__all__ = ["ComposableInfluence", "DirectInfluence", "IdentityInfluence"]
+
+BlockStructure = str | Mapping[str, Sequence[str]]
+Regularization = float | Mapping[str, float]
+
+
+class ComposableInfluence(ABC):
+    """An influence model assembled from per-block operator-gradient compositions.
+
+    Subclasses say how to build the operator of one block in
+    :meth:`_create_operator`; everything else (data handling, blocks, modes,
+    validation) lives here.
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "hessian",
+    ):
+        if not isinstance(gradient_provider, GradientProvider):
+            raise TypeError(
+                "expected a GradientProvider as first argument, got "
+                f"{type(gradient_provider).__name__}"
+            )
+        if second_order not in ("hessian", "gauss_newton"):
+            raise ValueError(
+                f"second_order must be 'hessian' or 'gauss_newton', got {second_order!r}"
+            )
+        self.gradient_provider = gradient_provider
+        self.blocks = resolve_block_structure(gradient_provider, block_structure)
+        self.regularization = resolve_regularization(regularization, self.blocks)
+        self.second_order = second_order
+        self._mapper: BlockMapper | None = None
+        self._data: Dataset | None = None
+
+    # -- fitting -----------------------------------------------------------
+    @abstractmethod
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        """The operator approximating ``(C + regularization I)^-1`` on one block."""
+
+    def _block_provider(self, names: tuple[str, ...]) -> GradientProvider:
+        gp = self.gradient_provider
+        return gp if names == gp.parameter_names else gp.restrict(names)
+
+    def fit(self, data: Any) -> ComposableInfluence:
+        """Fit the curvature on ``data``: a Batch, an ``(x, y)`` pair, or an iterable
+        of those (a torch DataLoader, say). Averages are over samples."""
+        dataset = Dataset(iter_batches(data), self.gradient_provider)
+        if dataset.n_samples == 0:
+            raise ValueError("cannot fit on an empty dataset")
+        comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
+        for block, names in self.blocks.items():
+            gp = self._block_provider(names)
+            op = self._create_operator(
+                block, gp, dataset.with_provider(gp), self.regularization[block]
+            )
+            comps[block] = OperatorGradientComposition(op, gp)
+        self._mapper = BlockMapper(comps)
+        self._data = dataset
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._mapper is not None
+
+    def with_regularization(self, regularization: Regularization) -> ComposableInfluence:
+        """Change the damping; operators that can are updated without a new pass
+        over the data, the others are rebuilt from the fitted data."""
+        new = resolve_regularization(regularization, self.blocks)
+        if self._mapper is not None:
+            assert self._data is not None
+            for block, comp in self._mapper.composable_block_dict.items():
+                if new[block] == self.regularization[block]:
+                    continue
+                op = comp.op.with_regularization(new[block])
+                if op is None:
+                    op = self._create_operator(
+                        block, comp.gp, self._data.with_provider(comp.gp), new[block]
+                    )
+                comp.op = op
+        self.regularization = new
+        return self
+
+    # -- queries -----------------------------------------------------------
+    def _fitted_mapper(self) -> BlockMapper:
+        if self._mapper is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(data) first")
+        return self._mapper
+
+    def _batch(self, x: Any, y: Any, what: str) -> Batch:
+        if x is None or y is None:
+            raise ValueError(f"{what}: x and y must be given together")
+        return self.gradient_provider.prepare_batch(Batch(x, y))
+
+    def _finite(self, results: OrderedDict[str, Array], what: str) -> OrderedDict[str, Array]:
+        xp = self.gradient_provider.xp
+        for block, value in results.items():
+            _xp.check_finite(
+                value, xp=xp, what=f"{what} of block {block!r} (gradients or curvature gave NaN)"
+            )
+        return results
+
+    def influence_factors_by_block(self, x: Array, y: Array) -> OrderedDict[str, Array]:
+        """``(H_b + lambda_b I)^-1 g_i`` per block: ``(N, P_b)`` each."""
+        mapper = self._fitted_mapper()
+        batch = self._batch(x, y, "influence_factors")
+        return self._finite(mapper.transformed_grads(batch), "influence factors")
+
+    def influence_factors(self, x: Array, y: Array) -> Array:
+        """The per-block factors concatenated in block order: ``(N, P)``."""
+        by_block = self.influence_factors_by_block(x, y)
+        values = list(by_block.values())
+        if len(values) == 1:
+            return values[0]
+        return self.gradient_provider.xp.concat(values, axis=-1)
+
+    def influences_by_block(
+        self,
+        x_test: Array,
+        y_test: Array,
+        x: Array | None = None,
+        y: Array | None = None,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> OrderedDict[str, Array]:
+        """Per-block influences of ``(x, y)`` (default: the test points themselves)
+        on the test points: ``(N_test, N)`` (up) or ``(N_test, N, *D)``."""
+        mode = InfluenceMode.parse(mode)
+        mapper = self._fitted_mapper()
+        left = self._batch(x_test, y_test, "influences (test points)")
+        if x is None and y is None:
+            right = None
+        else:
+            right = self._batch(x, y, "influences (training points)")
+        return self._finite(mapper.interactions(left, right, mode), "influences")
+
+    def influences(
+        self,
+        x_test: Array,
+        y_test: Array,
+        x: Array | None = None,
+        y: Array | None = None,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> Array:
+        """Sum of :meth:`influences_by_block` over the blocks."""
+        return _sum(self.influences_by_block(x_test, y_test, x, y, mode))
+
+    def influences_from_factors_by_block(
+        self,
+        factors: Array | Mapping[str, Array],
+        x: Array,
+        y: Array,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> OrderedDict[str, Array]:
+        """Per-block influences from precomputed factors (``(N_test, P)`` or a dict)."""
+        mode = InfluenceMode.parse(mode)
+        mapper = self._fitted_mapper()
+        xp = self.gradient_provider.xp
+        for value in factors.values() if isinstance(factors, Mapping) else [factors]:
+            _xp.check_namespace(value, xp=xp, what="factors")
+        batch = self._batch(x, y, "influences_from_factors")
+        return self._finite(
+            mapper.interactions_from_transformed_grads(factors, batch, mode), "influences"
+        )
+
+    def influences_from_factors(
+        self,
+        factors: Array | Mapping[str, Array],
+        x: Array,
+        y: Array,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> Array:
+        """Sum of :meth:`influences_from_factors_by_block` over the blocks."""
+        return _sum(self.influences_from_factors_by_block(factors, x, y, mode))
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.is_fitted else "not fitted"
+        return (
+            f"{type(self).__name__}(blocks={list(self.blocks)}, "
+            f"second_order={self.second_order!r}, {state})"
+        )
+
+
+def _sum(by_block: OrderedDict[str, Array]) -> Array:
+    values = iter(by_block.values())
+    total = next(values)
+    for v in values:
+        total = total + v
+    return total
+
+
+@final
+class DirectInfluence(ComposableInfluence):
+    """Exact influence: the dense curvature of each block, Cholesky-factorised in
+    ``fit``. Memory ``O(P_b^2)`` and time ``O(P_b^3)`` per block.
+
+    ``with_regularization`` refactorises the stored curvature without a new
+    pass over the data. A curvature that is not positive definite after
+    regularization raises :class:`~xinfluence.errors.NotPositiveDefiniteError`
+    with its smallest eigenvalue.
+    """
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        curvature = make_curvature(self.second_order, gp, data).dense()
+        return DirectOperator(curvature, regularization, block=block)
+
+
+@final
+class IdentityInfluence(ComposableInfluence):
+    """No curvature: ``I[t, j] = g_t^T g_j`` (the gradient-similarity baseline).
+
+    ``regularization`` and ``second_order`` have no effect.
+    """
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        return IdentityOperator(gp.n_parameters)

@@ -1,0 +1,450 @@
+"""The spec's abstract types, written once against the array API.
+
+Shapes use ``N`` (left batch), ``M`` (right batch), ``P`` (parameters of the
+block at hand), ``K`` (vectors in a batched product) and ``D`` for the trailing
+input dimensions ``x.shape[1:]``.
+
+Conventions: ``l(theta; x, y)`` is the per-sample loss; the curvature ``H`` is
+the Hessian of the *mean* loss over the fitted data (or ``mean g g^T``); an
+:class:`Operator` applies an approximation of ``(H + lambda I)^-1``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+from . import _xp
+from ._xp import Array, Namespace
+
+__all__ = [
+    "InfluenceMode",
+    "Batch",
+    "GradientProvider",
+    "BilinearForm",
+    "OperatorBilinearForm",
+    "Operator",
+    "OperatorGradientComposition",
+    "BlockMapper",
+]
+
+
+class InfluenceMode(str, Enum):
+    """Kind of influence: ``Up`` (up-weighting a training point) or ``Perturbation``
+    (perturbing its input)."""
+
+    Up = "up"
+    Perturbation = "perturbation"
+
+    @classmethod
+    def parse(cls, mode: InfluenceMode | str) -> InfluenceMode:
+        """The enum member for ``mode``; only the members or exactly ``"up"`` and
+        ``"perturbation"`` are accepted."""
+        if isinstance(mode, cls):
+            return mode
+        if isinstance(mode, str):
+            for member in cls:
+                if mode == member.value:
+                    return member
+        raise ValueError(
+            f"mode must be InfluenceMode.Up, InfluenceMode.Perturbation, 'up' or "
+            f"'perturbation', got {mode!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Features ``x`` of shape ``(N, *D)`` and targets ``y`` of length ``N``."""
+
+    x: Array
+    y: Array
+
+    def __post_init__(self) -> None:
+        nx, ny = _length(self.x, "x"), _length(self.y, "y")
+        if nx != ny:
+            raise ValueError(
+                f"x and y must have the same number of samples, got len(x)={nx} and len(y)={ny}"
+            )
+
+    def __len__(self) -> int:
+        return _length(self.x, "x")
+
+
+def _length(a: Array, name: str) -> int:
+    shape = getattr(a, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise ValueError(f"expected {name} to be an array with a leading sample dimension")
+    n = shape[0]
+    if n is None:  # lazy arrays
+        raise ValueError(f"{name} has an unknown number of samples")
+    return int(n)
+
+
+class GradientProvider(ABC):
+    """Per-sample derivatives of the per-sample loss ``l(theta; x_i, y_i)``.
+
+    A provider holds the model parameters ``theta`` (a flat vector of ``P``
+    entries, the parameters' flattenings concatenated in :attr:`parameter_names`
+    order) and computes derivatives for one :class:`Batch` at a time. Results
+    are arrays of the parameters' namespace, dtype and device.
+    """
+
+    # -- the model -------------------------------------------------------
+    @property
+    @abstractmethod
+    def xp(self) -> Namespace:
+        """Array namespace of the parameters."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> Any:
+        """Floating dtype of the parameters (and of every result)."""
+
+    @property
+    @abstractmethod
+    def device(self) -> Any:
+        """Device of the parameters (and of every result)."""
+
+    @property
+    @abstractmethod
+    def parameter_shapes(self) -> OrderedDict[str, tuple[int, ...]]:
+        """Ordered parameter names and shapes; the flat vector follows this order."""
+
+    def restrict(self, names: Sequence[str]) -> GradientProvider:
+        """A provider over the parameters ``names`` only (others held fixed).
+
+        The flat order of the result follows :attr:`parameter_names`, not ``names``.
+        The default slices the full derivatives (:class:`~xinfluence.blocks.SubsetGradients`);
+        backends that can compute only the block override it.
+        """
+        from .blocks import SubsetGradients
+
+        return SubsetGradients(self, names)
+
+    def layer_groups(self) -> OrderedDict[str, list[str]]:
+        """Parameters grouped by layer (for ``block_structure="layer"``).
+
+        The default groups names by their prefix before the last ``"."`` or ``"/"``;
+        names without a prefix form one group named ``"root"``.
+        """
+        groups: OrderedDict[str, list[str]] = OrderedDict()
+        for name in self.parameter_names:
+            cut = max(name.rfind("."), name.rfind("/"))
+            groups.setdefault(name[:cut] if cut > 0 else "root", []).append(name)
+        return groups
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(self.parameter_shapes)
+
+    @property
+    def parameter_slices(self) -> OrderedDict[str, slice]:
+        """Slice of the flat parameter vector that each parameter occupies."""
+        out: OrderedDict[str, slice] = OrderedDict()
+        start = 0
+        for name, shape in self.parameter_shapes.items():
+            stop = start + math.prod(shape)
+            out[name] = slice(start, stop)
+            start = stop
+        return out
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(math.prod(s) for s in self.parameter_shapes.values())
+
+    # -- derivatives -----------------------------------------------------
+    @abstractmethod
+    def flat_grads(self, batch: Batch) -> Array:
+        """Per-sample gradients ``d l(z_i) / d theta``, shape ``(N, P)``."""
+
+    @abstractmethod
+    def flat_mixed_grads(self, batch: Batch) -> Array:
+        """Per-sample mixed derivatives ``d/dx d/dtheta l(z_i)``, shape ``(N, *D, P)``."""
+
+    def jacobian_prod(self, batch: Batch, g: Array) -> Array:
+        """``(grad l(z_i))^T g_k`` for each sample ``i`` and row ``g_k``: ``(N, K)``.
+
+        ``g`` has shape ``(K, P)``. Backends that can should override this
+        without materialising the ``(N, P)`` gradients.
+        """
+        return self.flat_grads(batch) @ self.xp.matrix_transpose(g)
+
+    @abstractmethod
+    def hvp(self, batch: Batch, v: Array) -> Array:
+        """Hessian of the batch's *mean* loss applied to each row of ``v``.
+
+        ``v`` has shape ``(K, P)``; the result has shape ``(K, P)``.
+        """
+
+    def hessian(self, batch: Batch) -> Array:
+        """Dense Hessian of the batch's mean loss, ``(P, P)``.
+
+        The default applies :meth:`hvp` to the identity; backends with a
+        cheaper route override it.
+        """
+        xp = self.xp
+        p = self.n_parameters
+        h = self.hvp(batch, _xp.eye(p, dtype=self.dtype, device=self.device, xp=xp))
+        return _xp.symmetrize(h, xp=xp)
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Validate a batch for this provider and bring it to the parameters' dtype.
+
+        Checks the namespace of ``x`` and ``y``, finiteness, and (through
+        :meth:`check_input_shape`) the feature shape. Returns a possibly cast batch.
+        """
+        xp = self.xp
+        _xp.check_namespace(batch.x, xp=xp, what="x")
+        _xp.check_namespace(batch.y, xp=xp, what="y")
+        _xp.check_finite(batch.x, xp=xp, what="x")
+        _xp.check_finite(batch.y, xp=xp, what="y")
+        self.check_input_shape(batch)
+        return batch
+
+    def check_input_shape(self, batch: Batch) -> None:
+        """Raise ``ValueError`` if ``batch`` does not fit the model (default: no check)."""
+
+
+class BilinearForm(ABC):
+    """A symmetric bilinear form ``<u, v>_B = u^T B v`` on parameter space.
+
+    The trailing dimension is contracted: ``(N, P) x (M, *D, P) -> (N, M, *D)``.
+    """
+
+    @abstractmethod
+    def inner_prod(self, left: Array, right: Array | None) -> Array:
+        """``left`` (N, P), ``right`` (M, *D, P) or None (then ``left``): ``(N, M, *D)``."""
+
+    def grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        """``<grad l(z_i), grad l(z_j)>_B`` for ``z_i`` in ``left`` and ``z_j`` in ``right``:
+        ``(N, M)``."""
+        left_grads = gradient_provider.flat_grads(left)
+        right_grads = None if right is None else gradient_provider.flat_grads(right)
+        return self.inner_prod(left_grads, right_grads)
+
+    def mixed_grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        """``<grad l(z_i), d/dx grad l(z_j)>_B``: ``(N, M, *D)``."""
+        left_grads = gradient_provider.flat_grads(left)
+        right_mixed = gradient_provider.flat_mixed_grads(left if right is None else right)
+        return self.inner_prod(left_grads, right_mixed)
+
+
+def contract(left: Array, right: Array, /, *, xp: Namespace) -> Array:
+    """``left`` (N, P) against the trailing dimension of ``right`` (M, *D, P): (N, M, *D)."""
+    lead = tuple(right.shape[:-1])
+    flat = xp.reshape(right, (math.prod(lead), right.shape[-1]))
+    return xp.reshape(left @ xp.matrix_transpose(flat), (left.shape[0], *lead))
+
+
+class Operator(ABC):
+    """A linear operator on parameter space, applied along the trailing dimension."""
+
+    @property
+    @abstractmethod
+    def input_size(self) -> int:
+        """Size ``P`` of the trailing dimension it accepts."""
+
+    @abstractmethod
+    def _apply(self, t: Array) -> Array:
+        """Apply to the rows of a 2-D array ``(K, P) -> (K, P)``."""
+
+    def apply(self, t: Array) -> Array:
+        """Apply to ``t`` of shape ``(..., P)``; returns the same shape."""
+        if t.shape[-1] != self.input_size:
+            raise ValueError(
+                f"expected a trailing dimension of size {self.input_size}, got shape {tuple(t.shape)}"
+            )
+        xp = _xp.namespace(t)
+        if t.ndim == 2:
+            return self._apply(t)
+        lead = tuple(t.shape[:-1])
+        flat = xp.reshape(t, (math.prod(lead), self.input_size))
+        return xp.reshape(self._apply(flat), (*lead, self.input_size))
+
+    def as_bilinear_form(self) -> BilinearForm:
+        return OperatorBilinearForm(self)
+
+    def with_regularization(self, regularization: float) -> Operator | None:
+        """The same operator with another damping, or None where that needs a refit."""
+        return None
+
+
+class OperatorBilinearForm(BilinearForm):
+    """``<u, v> = op(u)^T v``: the operator applied to the left factor."""
+
+    def __init__(self, operator: Operator):
+        self.operator = operator
+
+    def inner_prod(self, left: Array, right: Array | None) -> Array:
+        xp = _xp.namespace(left)
+        transformed = self.operator.apply(left)
+        return contract(transformed, left if right is None else right, xp=xp)
+
+
+class OperatorGradientComposition:
+    """An operator ``B`` and a gradient provider, giving interactions between batches.
+
+    up: ``g(z_i)^T B g(z_j)``; perturbation: ``g(z_i)^T B d/dx g(z_j)``.
+    """
+
+    def __init__(self, op: Operator, gp: GradientProvider):
+        if op.input_size != gp.n_parameters:
+            raise ValueError(
+                f"operator input size {op.input_size} does not match the provider's "
+                f"{gp.n_parameters} parameters"
+            )
+        self.op = op
+        self.gp = gp
+
+    def interactions(
+        self, left_batch: Batch, right_batch: Batch | None, mode: InfluenceMode | str
+    ) -> Array:
+        """``(N, M)`` for up, ``(N, M, *D)`` for perturbation (``right=None``: left)."""
+        mode = InfluenceMode.parse(mode)
+        form = self.op.as_bilinear_form()
+        if mode is InfluenceMode.Up:
+            return form.grads_inner_prod(left_batch, right_batch, self.gp)
+        return form.mixed_grads_inner_prod(left_batch, right_batch, self.gp)
+
+    def transformed_grads(self, batch: Batch) -> Array:
+        """``B g(z_i)``: ``(N, P)``."""
+        return self.op.apply(self.gp.flat_grads(batch))
+
+    def interactions_from_transformed_grads(
+        self, left_factors: Array, right_batch: Batch, mode: InfluenceMode | str
+    ) -> Array:
+        """``f_i^T g(z_j)`` (up, ``(N, M)``) or ``f_i^T d/dx g(z_j)`` (``(N, M, *D)``)."""
+        mode = InfluenceMode.parse(mode)
+        xp = self.gp.xp
+        if mode is InfluenceMode.Up:
+            return xp.matrix_transpose(self.gp.jacobian_prod(right_batch, left_factors))
+        return contract(left_factors, self.gp.flat_mixed_grads(right_batch), xp=xp)
+
+
+T = TypeVar("T")
+
+
+class BlockMapper(Generic[T]):
+    """Maps the composition methods over named blocks (an ordered dict)."""
+
+    def __init__(self, composable_block_dict: Mapping[str, OperatorGradientComposition]):
+        self.composable_block_dict: OrderedDict[str, OperatorGradientComposition] = OrderedDict(
+            composable_block_dict
+        )
+
+    def _split(self, factors: Array | Mapping[str, Array]) -> OrderedDict[str, Array]:
+        if isinstance(factors, Mapping):
+            missing = set(self.composable_block_dict) - set(factors)
+            if missing:
+                raise ValueError(f"factors are missing the blocks {sorted(missing)}")
+            return OrderedDict((k, factors[k]) for k in self.composable_block_dict)
+        sizes = [c.op.input_size for c in self.composable_block_dict.values()]
+        if factors.ndim != 2 or factors.shape[-1] != sum(sizes):
+            raise ValueError(
+                f"expected factors of shape (N, {sum(sizes)}), got {tuple(factors.shape)}"
+            )
+        out: OrderedDict[str, Array] = OrderedDict()
+        start = 0
+        for name, size in zip(self.composable_block_dict, sizes):
+            out[name] = factors[:, start : start + size]
+            start += size
+        return out
+
+    def generate_transformed_grads(self, batch: Batch) -> Generator[Array, None, None]:
+        for comp in self.composable_block_dict.values():
+            yield comp.transformed_grads(batch)
+
+    def generate_interactions(
+        self, left_batch: Batch, right_batch: Batch | None, mode: InfluenceMode | str
+    ) -> Generator[Array, None, None]:
+        for comp in self.composable_block_dict.values():
+            yield comp.interactions(left_batch, right_batch, mode)
+
+    def generate_interactions_from_transformed_grads(
+        self,
+        left_factors: Array | Mapping[str, Array],
+        right_batch: Batch,
+        mode: InfluenceMode | str,
+    ) -> Generator[Array, None, None]:
+        split = self._split(left_factors)
+        for name, comp in self.composable_block_dict.items():
+            yield comp.interactions_from_transformed_grads(split[name], right_batch, mode)
+
+    def transformed_grads(self, batch: Batch) -> OrderedDict[str, Array]:
+        return OrderedDict(zip(self.composable_block_dict, self.generate_transformed_grads(batch)))
+
+    def interactions(
+        self, left_batch: Batch, right_batch: Batch | None, mode: InfluenceMode | str
+    ) -> OrderedDict[str, Array]:
+        return OrderedDict(
+            zip(
+                self.composable_block_dict,
+                self.generate_interactions(left_batch, right_batch, mode),
+            )
+        )
+
+    def interactions_from_transformed_grads(
+        self,
+        left_factors: Array | Mapping[str, Array],
+        right_batch: Batch,
+        mode: InfluenceMode | str,
+    ) -> OrderedDict[str, Array]:
+        return OrderedDict(
+            zip(
+                self.composable_block_dict,
+                self.generate_interactions_from_transformed_grads(left_factors, right_batch, mode),
+            )
+        )
+
+
+def iter_batches(data: Any) -> Iterable[Batch]:
+    """Normalise ``data`` (a Batch, an ``(x, y)`` pair, or an iterable of those)."""
+    if isinstance(data, Batch):
+        return [data]
+    if _is_pair(data):
+        return [Batch(data[0], data[1])]
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"expected a Batch, an (x, y) pair of arrays or an iterable of those, got {type(data)}"
+        )
+    return _BatchIterable(data)
+
+
+def _is_pair(obj: Any) -> bool:
+    return (
+        isinstance(obj, (tuple, list))
+        and len(obj) == 2
+        and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in obj)
+    )
+
+
+class _BatchIterable:
+    """Re-iterable view of an iterable of batches; one-shot iterators are stored."""
+
+    def __init__(self, data: Iterable[Any]):
+        self._data = list(data) if iter(data) is data else data  # type: ignore[call-overload]
+
+    def __iter__(self):
+        empty = True
+        for item in self._data:
+            empty = False
+            if isinstance(item, Batch):
+                yield item
+            elif _is_pair(item):
+                yield Batch(item[0], item[1])
+            else:
+                raise TypeError(
+                    f"expected every element to be a Batch or an (x, y) pair of arrays, "
+                    f"got {type(item)}"
+                )
+        if empty:
+            raise ValueError("the data holds no batches")
