@@ -204,7 +204,13 @@ def from_numpy(x: np.ndarray, /, *, dtype: Any, device: Any, xp: Namespace) -> A
 
 
 def random_normal(
-    shape: tuple[int, ...], /, *, seed: int | np.random.Generator | None, dtype: Any, device: Any, xp: Namespace
+    shape: tuple[int, ...],
+    /,
+    *,
+    seed: int | np.random.Generator | None,
+    dtype: Any,
+    device: Any,
+    xp: Namespace,
 ) -> Array:
     """Standard normal samples, the same numbers on every namespace and device.
 

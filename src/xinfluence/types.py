@@ -206,7 +206,7 @@ class GradientProvider(ABC):
         self.check_input_shape(batch)
         return batch
 
-    def check_input_shape(self, batch: Batch) -> None:
+    def check_input_shape(self, batch: Batch) -> None:  # noqa: B027 (optional hook)
         """Raise ``ValueError`` if ``batch`` does not fit the model (default: no check)."""
 
 
@@ -261,7 +261,8 @@ class Operator(ABC):
         """Apply to ``t`` of shape ``(..., P)``; returns the same shape."""
         if t.shape[-1] != self.input_size:
             raise ValueError(
-                f"expected a trailing dimension of size {self.input_size}, got shape {tuple(t.shape)}"
+                f"expected a trailing dimension of size {self.input_size}, "
+                f"got shape {tuple(t.shape)}"
             )
         xp = _xp.namespace(t)
         if t.ndim == 2:

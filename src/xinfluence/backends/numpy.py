@@ -151,7 +151,6 @@ class _GeneralizedLinearModel(_ArrayParams):
 
     # -- derivatives ---------------------------------------------------------
     def flat_grads(self, batch: Batch) -> Array:
-        xp = self.xp
         x, y = batch.x, batch.y
         delta = self._delta(self._z(x), y)  # (N, O)
         gw = delta[:, :, None] * x[:, None, :]
@@ -164,11 +163,16 @@ class _GeneralizedLinearModel(_ArrayParams):
         z = self._z(x)
         delta = self._delta(z, y)
         # d delta / dx = C_n W: u[m, n, :] = W[:, m]
-        u = xp.broadcast_to(xp.matrix_transpose(self.weight)[:, None, :], (self.n_in, n, self.n_out))
+        u = xp.broadcast_to(
+            xp.matrix_transpose(self.weight)[:, None, :], (self.n_in, n, self.n_out)
+        )
         cw = xp.permute_dims(self._curvature_apply(z, u), (1, 0, 2))  # (N, I_m, O)
         eye = _xp.eye(self.n_in, dtype=self.dtype, device=self.device, xp=xp)
         # d/dx_m [delta_k x_j] = (C W)_{k m} x_j + delta_k [j == m]
-        gw = cw[:, :, :, None] * x[:, None, None, :] + delta[:, None, :, None] * eye[None, :, None, :]
+        gw = (
+            cw[:, :, :, None] * x[:, None, None, :]
+            + delta[:, None, :, None] * eye[None, :, None, :]
+        )
         flat = xp.reshape(gw, (n, self.n_in, self.n_out * self.n_in))
         return flat if self.bias is None else xp.concat([flat, cw], axis=2)
 
@@ -241,7 +245,9 @@ class LogisticRegressionGradients(_GeneralizedLinearModel):
     def __init__(self, weight: Array, bias: Array | None = None):
         super().__init__(weight, bias)
         if self.n_out != 1:
-            raise ValueError(f"logistic regression needs weight of shape (1, n_in), got {tuple(weight.shape)}")
+            raise ValueError(
+                f"logistic regression needs weight of shape (1, n_in), got {tuple(weight.shape)}"
+            )
 
     def _prepare_targets(self, y: Array) -> Array:
         xp = self.xp
