@@ -1,0 +1,30 @@
+"""Backend-agnostic linear algebra on the Array API.
+
+Every routine takes the operator as a callable ``matmat`` mapping a ``(K, P)``
+array to ``(K, P)`` by applying the symmetric ``P x P`` matrix ``A`` to each
+row (row convention), and returns arrays in the namespace, device and dtype of
+its inputs (or of the ``xp``, ``dtype``, ``device`` it is given).
+
+- :func:`cg`: batched preconditioned conjugate gradients for SPD systems.
+- :func:`lanczos`: the eigenpairs of largest magnitude of a symmetric operator.
+- :func:`nystroem`: randomized Nyström low-rank approximation of a PSD operator.
+- :class:`JacobiPreconditioner`, :class:`NystroemPreconditioner`,
+  :func:`hutchinson_diagonal`: preconditioners for :func:`cg`.
+"""
+
+from ._results import EigenResult, SolverResult
+from .cg import cg
+from .lanczos import lanczos
+from .nystroem import nystroem
+from .preconditioners import JacobiPreconditioner, NystroemPreconditioner, hutchinson_diagonal
+
+__all__ = [
+    "EigenResult",
+    "JacobiPreconditioner",
+    "NystroemPreconditioner",
+    "SolverResult",
+    "cg",
+    "hutchinson_diagonal",
+    "lanczos",
+    "nystroem",
+]

@@ -1,0 +1,159 @@
+"""Lanczos with full re-orthogonalisation for a few extreme eigenpairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import _xp
+from .._xp import Array, Namespace
+from ._results import EigenResult
+from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace
+
+__all__ = ["lanczos"]
+
+
+def lanczos(
+    matmat: MatMat,
+    size: int,
+    /,
+    *,
+    rank: int,
+    krylov_dimension: int | None = None,
+    tol: float = 1e-10,
+    seed: int | np.random.Generator | None = 0,
+    xp: Namespace,
+    dtype: Any,
+    device: Any = None,
+) -> EigenResult:
+    r"""The ``rank`` eigenpairs of largest magnitude of a symmetric operator.
+
+    Builds an orthonormal basis ``Q`` (m, P) of the Krylov space
+    ``span{q_0, A q_0, ..., A^{m-1} q_0}`` (``q_0`` Gaussian, seeded) with the
+    three-term Lanczos recurrence
+
+    .. math::
+        \beta_j q_{j+1} = A q_j - \alpha_j q_j - \beta_{j-1} q_{j-1},
+        \qquad \alpha_j = q_j^T A q_j,
+
+    re-orthogonalising every new vector against all previous ones twice
+    ("twice is enough"), so that ``Q A Q^T = T`` is tridiagonal to working
+    precision. The eigenpairs ``T s_i = \theta_i s_i`` of the small ``T``
+    (computed on the host in float64) give the Ritz pairs ``(\theta_i, Q^T s_i)``.
+
+    If the Krylov space becomes invariant (``beta_j <= tol * |A|_est``), the
+    recurrence is restarted with a fresh random vector orthogonal to ``Q``
+    (``T`` gets a zero off-diagonal entry), so that repeated eigenvalues are
+    found with their multiplicity (zero eigenvalues of a low-rank ``A``
+    included); the iteration stops at ``krylov_dimension`` vectors. With
+    ``krylov_dimension == size`` the result is the full eigendecomposition of
+    ``A``. Like every single-vector Krylov method, it sees only one copy of a
+    repeated eigenvalue as long as the Krylov space is not invariant.
+
+    Args:
+        matmat: ``(K, P) -> (K, P)``, the rows of its input multiplied by the
+            symmetric ``A`` (called here with ``K = 1``).
+        size: ``P``, the dimension of ``A``.
+        rank: number of eigenpairs to return, ``1 <= rank <= size``.
+        krylov_dimension: ``m``, number of Lanczos vectors, ``rank <= m``;
+            default ``min(size, max(2 * rank + 1, 20))``; values above ``size``
+            are clipped to ``size``.
+        tol: relative threshold on ``beta_j`` for an invariant subspace.
+        seed: seed (or numpy ``Generator``) for the starting vector.
+        xp, dtype, device: namespace, real floating dtype and device of the
+            result and of the vectors passed to ``matmat``.
+
+    Returns:
+        :class:`EigenResult`: ``eigenvalues`` (rank,) sorted by descending
+        magnitude, ``eigenvectors`` (P, rank) with orthonormal columns, and
+        ``residual_norms`` (rank,), the Ritz residuals ``|A u_i - theta_i u_i|``
+        (free by-products of the recurrence) to judge whether
+        ``krylov_dimension`` was large enough.
+    """
+    size = check_positive_int(size, "size")
+    rank = check_positive_int(rank, "rank")
+    xp = resolve_namespace(xp, dtype, device)
+    if rank > size:
+        raise ValueError(f"rank must be <= size, got rank={rank} > size={size}")
+    if krylov_dimension is None:
+        krylov_dimension = max(2 * rank + 1, 20)
+    krylov_dimension = min(check_positive_int(krylov_dimension, "krylov_dimension"), size)
+    if krylov_dimension < rank:
+        raise ValueError(
+            f"krylov_dimension must be >= rank, got krylov_dimension={krylov_dimension} "
+            f"< rank={rank}"
+        )
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    def random_unit(basis: Array | None) -> Array:
+        v = _xp.random_normal((size,), seed=rng, dtype=dtype, device=device, xp=xp)
+        if basis is not None:
+            v, _ = _orthogonalize(v, basis, xp=xp)
+        return v / xp.linalg.vector_norm(v)
+
+    # A fixed-shape (m, P) basis, filled row by row without in-place updates:
+    # constant shapes keep jit-compiling namespaces (jax) from recompiling every step.
+    m = krylov_dimension
+    basis = xp.zeros((m, size), dtype=dtype, device=device)
+    index = xp.arange(m, device=device)
+    q = random_unit(None)
+    q_prev = xp.zeros_like(q)
+    beta_prev = 0.0
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    for j in range(m):
+        one_hot = xp.astype(index == j, dtype)
+        basis = basis + one_hot[:, None] * q[None, :]
+        w = apply_operator(matmat, q[None, :], xp=xp)[0, :]
+        a_q_norm = xp.linalg.vector_norm(w)
+        alpha = xp.linalg.vecdot(q, w)
+        w = w - alpha * q - beta_prev * q_prev
+        w, removed = _orthogonalize(w, basis, xp=xp)
+        alpha = alpha + xp.linalg.vecdot(removed, one_hot)
+        host = _xp.to_numpy(xp.stack([alpha, xp.linalg.vector_norm(w), a_q_norm]))
+        alpha_f, beta_f, a_q_norm_f = (float(h) for h in host)
+        alphas.append(alpha_f)
+        scale = max(scale, a_q_norm_f)
+        if j == m - 1:
+            break
+        q_prev = q
+        if beta_f <= tol * scale:
+            # Invariant subspace: continue in its orthogonal complement.
+            beta_prev = 0.0
+            q = random_unit(basis)
+        else:
+            beta_prev = beta_f
+            q = w / beta_f
+        betas.append(beta_prev)
+
+    t = np.diag(np.asarray(alphas, dtype=np.float64))
+    if betas:
+        off = np.asarray(betas, dtype=np.float64)
+        t = t + np.diag(off, 1) + np.diag(off, -1)
+    theta, s = np.linalg.eigh(t)
+    order = np.argsort(-np.abs(theta), kind="stable")[:rank]
+    s_top = _xp.from_numpy(np.ascontiguousarray(s[:, order]), dtype=dtype, device=device, xp=xp)
+    eigenvectors = xp.matrix_transpose(basis) @ s_top
+    eigenvalues = _xp.from_numpy(theta[order], dtype=dtype, device=device, xp=xp)
+    # Ritz residuals |A Q^T s_i - theta_i Q^T s_i| = beta_m |s_{m-1, i}| (beta_m: last |w|).
+    residual_norms = beta_f * np.abs(s[-1, order])
+    return EigenResult(
+        eigenvalues=eigenvalues, eigenvectors=eigenvectors, residual_norms=residual_norms
+    )
+
+
+def _orthogonalize(w: Array, basis: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
+    """Remove from ``w`` (P,) its components along the rows of ``basis`` (m, P), twice.
+
+    The rows are orthonormal or zero. Returns the projected vector and the total
+    coefficients ``basis @ w`` removed (m,).
+    """
+    h1 = basis @ w
+    w = w - h1 @ basis
+    h2 = basis @ w
+    w = w - h2 @ basis
+    return w, h1 + h2
