@@ -18,7 +18,16 @@ from .errors import (
     NotPositiveDefiniteError,
     XinfluenceError,
 )
-from .influence import ComposableInfluence, DirectInfluence, IdentityInfluence
+from .influence import (
+    ArnoldiInfluence,
+    CgInfluence,
+    ComposableInfluence,
+    DirectInfluence,
+    IdentityInfluence,
+    InverseHarmonicMeanInfluence,
+    LissaInfluence,
+    NystroemSketchInfluence,
+)
 from .types import (
     Batch,
     BilinearForm,
@@ -32,6 +41,11 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArnoldiInfluence",
+    "CgInfluence",
+    "InverseHarmonicMeanInfluence",
+    "LissaInfluence",
+    "NystroemSketchInfluence",
     "Batch",
     "BilinearForm",
     "BlockMapper",

@@ -179,5 +179,9 @@ class SubsetGradients(GradientProvider):
     def hvp(self, batch: Batch, v: Array) -> Array:
         return self._take(self.base.hvp(batch, self._embed(v)))
 
+    def hessian_diagonal(self, batch: Batch) -> Array | None:
+        d = self.base.hessian_diagonal(batch)
+        return None if d is None else self._take(d)
+
     def prepare_batch(self, batch: Batch) -> Batch:
         return self.base.prepare_batch(batch)

@@ -13,6 +13,7 @@ from typing import Any, Literal, final
 
 from . import _xp
 from ._xp import Array, Namespace
+from .linalg import hutchinson_diagonal
 from .types import Batch, GradientProvider
 
 __all__ = [
@@ -112,6 +113,36 @@ class Curvature(ABC):
         out = _xp.symmetrize(total / n, xp=self.xp)
         return _xp.check_finite(out, xp=self.xp, what="the curvature (gradients or Hessian)")
 
+    def batch_matmat(self, batch: Batch, v: Array) -> Array:
+        """``v @ C_b`` for one (already prepared) batch: its mean curvature."""
+        return self._batch_matmat(batch, v)
+
+    def diagonal(self, *, seed: int = 0, num_samples: int = 64) -> Array:
+        """The diagonal of ``C``, ``(P,)``: exact where the provider can give it,
+        else Hutchinson's estimate from ``num_samples`` Rademacher probes."""
+        total = None
+        n = 0
+        for batch in self.data:
+            d = self._batch_diagonal(batch)
+            if d is None:
+                return hutchinson_diagonal(
+                    self.matmat,
+                    self.size,
+                    num_samples=num_samples,
+                    seed=seed,
+                    xp=self.xp,
+                    dtype=self.dtype,
+                    device=self.device,
+                )
+            nb = len(batch)
+            total = nb * d if total is None else total + nb * d
+            n += nb
+        assert total is not None
+        return total / n
+
+    def _batch_diagonal(self, batch: Batch) -> Array | None:
+        return None
+
     @abstractmethod
     def _batch_matmat(self, batch: Batch, v: Array) -> Array:
         """``v @ C_b`` with ``C_b`` the batch-mean curvature."""
@@ -131,6 +162,9 @@ class HessianCurvature(Curvature):
     def _batch_dense(self, batch: Batch) -> Array:
         return self.gp.hessian(batch)
 
+    def _batch_diagonal(self, batch: Batch) -> Array | None:
+        return self.gp.hessian_diagonal(batch)
+
 
 @final
 class GaussNewtonCurvature(Curvature):
@@ -146,6 +180,10 @@ class GaussNewtonCurvature(Curvature):
     def _batch_dense(self, batch: Batch) -> Array:
         grads = self.gp.flat_grads(batch)
         return self.xp.matrix_transpose(grads) @ grads / grads.shape[0]
+
+    def _batch_diagonal(self, batch: Batch) -> Array | None:
+        grads = self.gp.flat_grads(batch)
+        return self.xp.mean(grads * grads, axis=0)
 
 
 def make_curvature(second_order: str, gp: GradientProvider, data: Dataset) -> Curvature:

@@ -24,9 +24,17 @@ from typing import Any, final
 from . import _xp
 from ._xp import Array
 from .blocks import resolve_block_structure, resolve_regularization
-from .curvature import Dataset, make_curvature
+from .curvature import Curvature, Dataset, make_curvature
 from .errors import NotFittedError
-from .operators import DirectOperator, IdentityOperator
+from .linalg import lanczos, nystroem
+from .operators import (
+    CgOperator,
+    DirectOperator,
+    IdentityOperator,
+    InverseHarmonicMeanOperator,
+    LissaOperator,
+    LowRankOperator,
+)
 from .types import (
     Batch,
     BlockMapper,
@@ -37,7 +45,16 @@ from .types import (
     iter_batches,
 )
 
-__all__ = ["ComposableInfluence", "DirectInfluence", "IdentityInfluence"]
+__all__ = [
+    "ComposableInfluence",
+    "DirectInfluence",
+    "IdentityInfluence",
+    "CgInfluence",
+    "LissaInfluence",
+    "ArnoldiInfluence",
+    "NystroemSketchInfluence",
+    "InverseHarmonicMeanInfluence",
+]
 
 BlockStructure = str | Mapping[str, Sequence[str]]
 Regularization = float | Mapping[str, float]
@@ -262,3 +279,283 @@ class IdentityInfluence(ComposableInfluence):
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
     ) -> Operator:
         return IdentityOperator(gp.n_parameters)
+
+
+class _IterativeInfluence(ComposableInfluence):
+    """Shared constructor of the models with extra keyword-only options."""
+
+    _options: dict[str, Any]
+
+    def _curvature(self, gp: GradientProvider, data: Dataset) -> Curvature:
+        return make_curvature(self.second_order, gp, data)
+
+
+@final
+class CgInfluence(_IterativeInfluence):
+    """``(H + lambda I)^-1`` by batched conjugate gradients on curvature products.
+
+    ``fit`` only records the data (and builds the preconditioner); every query
+    solves for all its right-hand sides together, one pass over the training
+    data per iteration. Per-row stop: ``|r| <= max(rtol |b|, atol)``.
+
+    Args:
+        rtol, atol: tolerances of each solve.
+        maxiter: iteration cap (default ``10 P``); non-convergence warns with
+            :class:`~xinfluence.errors.NotConvergedWarning` (or raises with
+            ``on_failure="raise"``).
+        preconditioner: None, ``"jacobi"`` or ``"nystroem"`` (rank
+            ``preconditioner_rank``, seeded by ``seed``).
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "hessian",
+        rtol: float = 1e-7,
+        atol: float = 0.0,
+        maxiter: int | None = None,
+        preconditioner: str | None = None,
+        preconditioner_rank: int = 20,
+        seed: int = 0,
+        on_failure: str = "warn",
+    ):
+        super().__init__(
+            gradient_provider,
+            regularization=regularization,
+            block_structure=block_structure,
+            second_order=second_order,
+        )
+        if preconditioner not in (None, "jacobi", "nystroem"):
+            raise ValueError(
+                f"preconditioner must be None, 'jacobi' or 'nystroem', got {preconditioner!r}"
+            )
+        if on_failure not in ("warn", "raise", "ignore"):
+            raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+        self._options = dict(
+            rtol=rtol,
+            atol=atol,
+            maxiter=maxiter,
+            preconditioner=preconditioner,
+            preconditioner_rank=preconditioner_rank,
+            seed=seed,
+            on_failure=on_failure,
+        )
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        return CgOperator(self._curvature(gp, data), regularization, **self._options)
+
+
+@final
+class LissaInfluence(_IterativeInfluence):
+    """LiSSA: ``h <- b + (1 - dampen) h - (H_S + lambda I) h / scale``, result ``h / scale``.
+
+    ``batch_size`` None uses all fitted data in every iteration (deterministic);
+    an int samples that many training points per iteration (seeded). The
+    default ``scale`` is the Lanczos estimate of the top eigenvalue plus the
+    regularization (doubled with sampled batches), so it converges without
+    tuning; a diverging iteration raises
+    :class:`~xinfluence.errors.DivergenceError` naming the scale to use.
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "hessian",
+        maxiter: int = 1000,
+        scale: float | None = None,
+        dampen: float = 0.0,
+        rtol: float = 1e-4,
+        batch_size: int | None = None,
+        seed: int = 0,
+        on_failure: str = "warn",
+    ):
+        super().__init__(
+            gradient_provider,
+            regularization=regularization,
+            block_structure=block_structure,
+            second_order=second_order,
+        )
+        if not 0 <= dampen < 1:
+            raise ValueError(f"dampen must be in [0, 1), got {dampen}")
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self._options = dict(
+            maxiter=maxiter,
+            scale=scale,
+            dampen=dampen,
+            rtol=rtol,
+            batch_size=batch_size,
+            seed=seed,
+            on_failure=on_failure,
+        )
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        return LissaOperator(self._curvature(gp, data), regularization, **self._options)
+
+
+@final
+class ArnoldiInfluence(_IterativeInfluence):
+    """Low-rank influence from the ``rank`` eigenpairs of largest magnitude of the
+    curvature (Lanczos with full re-orthogonalisation, Schioppa et al. 2022).
+
+    ``(H + lambda I)^-1 ~ V diag(1 / (lambda_i + lambda)) V^T``; with
+    ``use_woodbury=True`` the directions outside ``V`` get ``1 / lambda`` (the
+    exact inverse of the damped low-rank curvature). Influences go through
+    ``jacobian_prod``: per-sample gradients are never materialised.
+    ``krylov_dimension`` defaults to ``max(2 rank + 1, 20)`` (at most ``P``).
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "hessian",
+        rank: int = 10,
+        krylov_dimension: int | None = None,
+        tol: float = 1e-10,
+        use_woodbury: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(
+            gradient_provider,
+            regularization=regularization,
+            block_structure=block_structure,
+            second_order=second_order,
+        )
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self._options = dict(
+            rank=rank, krylov_dimension=krylov_dimension, tol=tol, seed=seed
+        )
+        self.use_woodbury = use_woodbury
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        curvature = self._curvature(gp, data)
+        o = self._options
+        rank = min(o["rank"], curvature.size)
+        krylov = o["krylov_dimension"]
+        eig = lanczos(
+            curvature.matmat,
+            curvature.size,
+            rank=rank,
+            krylov_dimension=None if krylov is None else min(krylov, curvature.size),
+            tol=o["tol"],
+            seed=o["seed"],
+            xp=curvature.xp,
+            dtype=curvature.dtype,
+            device=curvature.device,
+        )
+        return LowRankOperator(
+            eig.eigenvalues,
+            eig.eigenvectors,
+            regularization,
+            woodbury=self.use_woodbury,
+            block=block,
+        )
+
+
+@final
+class NystroemSketchInfluence(_IterativeInfluence):
+    """Randomized Nyström sketch ``C ~ U diag(lambda) U^T`` (rank ``rank``, seeded)
+    and the exact inverse of the damped sketch by Woodbury:
+    ``U diag(1 / (lambda_i + mu)) U^T + (I - U U^T) / mu``.
+
+    Needs a positive semi-definite curvature (``second_order="gauss_newton"``,
+    or a convex loss) and ``regularization > 0`` below full rank.
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "hessian",
+        rank: int = 10,
+        seed: int = 0,
+    ):
+        super().__init__(
+            gradient_provider,
+            regularization=regularization,
+            block_structure=block_structure,
+            second_order=second_order,
+        )
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self._options = dict(rank=rank, seed=seed)
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        curvature = self._curvature(gp, data)
+        sketch = nystroem(
+            curvature.matmat,
+            curvature.size,
+            rank=min(self._options["rank"], curvature.size),
+            seed=self._options["seed"],
+            xp=curvature.xp,
+            dtype=curvature.dtype,
+            device=curvature.device,
+        )
+        return LowRankOperator(
+            sketch.eigenvalues, sketch.eigenvectors, regularization, woodbury=True, block=block
+        )
+
+
+@final
+class InverseHarmonicMeanInfluence(ComposableInfluence):
+    """DataInf (Kwon et al. 2024): ``(H + lambda I)^-1`` replaced by the mean of the
+    per-sample inverses ``mean_i (g_i g_i^T + lambda I)^-1``, applied in closed
+    form by Sherman-Morrison. Needs ``regularization > 0``; it is built from
+    gradients only, so ``second_order`` must be ``"gauss_newton"`` (the default
+    here).
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "gauss_newton",
+    ):
+        if second_order != "gauss_newton":
+            raise ValueError(
+                "InverseHarmonicMeanInfluence is built from per-sample gradients only: "
+                f"second_order must be 'gauss_newton', got {second_order!r}"
+            )
+        super().__init__(
+            gradient_provider,
+            regularization=regularization,
+            block_structure=block_structure,
+            second_order=second_order,
+        )
+        for block, reg in self.regularization.items():
+            if not reg > 0:
+                raise ValueError(
+                    f"InverseHarmonicMeanInfluence needs regularization > 0 (block {block!r})"
+                )
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        return InverseHarmonicMeanOperator(gp, data, regularization)

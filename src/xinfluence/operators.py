@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
-from typing import final
+import warnings
+from collections.abc import Callable
+from typing import Any, final
+
+import numpy as np
 
 from . import _xp
 from ._xp import Array
-from .errors import NotPositiveDefiniteError
-from .types import Operator
+from .curvature import Curvature, Dataset
+from .errors import (
+    DivergenceError,
+    NotConvergedError,
+    NotConvergedWarning,
+    NotPositiveDefiniteError,
+)
+from .linalg import (
+    JacobiPreconditioner,
+    NystroemPreconditioner,
+    SolverResult,
+    cg,
+    lanczos,
+    nystroem,
+)
+from .types import (
+    Batch,
+    BilinearForm,
+    GradientProvider,
+    Operator,
+    OperatorBilinearForm,
+    contract,
+)
 
-__all__ = ["IdentityOperator", "DirectOperator", "check_positive_definite"]
+__all__ = [
+    "IdentityOperator",
+    "DirectOperator",
+    "CgOperator",
+    "LissaOperator",
+    "LowRankOperator",
+    "LowRankBilinearForm",
+    "InverseHarmonicMeanOperator",
+    "check_positive_definite",
+]
 
 
 @final
@@ -93,3 +127,415 @@ class DirectOperator(Operator):
 
     def with_regularization(self, regularization: float) -> DirectOperator:
         return DirectOperator(self.curvature, regularization, block=self.block)
+
+
+# -- iterative and low-rank operators (on a Curvature) -------------------------
+
+
+def _damped(curvature: Curvature, regularization: float) -> Callable[[Array], Array]:
+    """``v -> v (C + lambda I)`` on rows ``(K, P)``."""
+
+    def matmat(v: Array) -> Array:
+        out = curvature.matmat(v)
+        return out + regularization * v if regularization else out
+
+    return matmat
+
+
+@final
+class CgOperator(Operator):
+    """``(C + lambda I)^-1`` by batched conjugate gradients on curvature products.
+
+    Every application solves all rows together, one pass over the data (one
+    batched curvature product) per iteration; see :func:`xinfluence.linalg.cg`.
+    ``preconditioner``: None, ``"jacobi"`` (the exact diagonal where the
+    provider gives one, else a Hutchinson estimate) or ``"nystroem"`` (a
+    rank-``preconditioner_rank`` Nyström sketch of ``C``); both are built once
+    and reused for every regularization.
+    """
+
+    def __init__(
+        self,
+        curvature: Curvature,
+        regularization: float,
+        *,
+        rtol: float = 1e-7,
+        atol: float = 0.0,
+        maxiter: int | None = None,
+        preconditioner: str | None = None,
+        preconditioner_rank: int = 20,
+        seed: int = 0,
+        on_failure: str = "warn",
+        _sketch: Any = None,
+    ):
+        if preconditioner not in (None, "jacobi", "nystroem"):
+            raise ValueError(
+                f"preconditioner must be None, 'jacobi' or 'nystroem', got {preconditioner!r}"
+            )
+        self.curvature = curvature
+        self.regularization = float(regularization)
+        self.options = dict(
+            rtol=rtol,
+            atol=atol,
+            maxiter=maxiter,
+            preconditioner=preconditioner,
+            preconditioner_rank=preconditioner_rank,
+            seed=seed,
+            on_failure=on_failure,
+        )
+        self.last_result: SolverResult | None = None
+        if _sketch is None and preconditioner == "jacobi":
+            _sketch = curvature.diagonal(seed=seed)
+        elif _sketch is None and preconditioner == "nystroem":
+            _sketch = nystroem(
+                curvature.matmat,
+                curvature.size,
+                rank=min(preconditioner_rank, curvature.size),
+                seed=seed,
+                xp=curvature.xp,
+                dtype=curvature.dtype,
+                device=curvature.device,
+            )
+        self._sketch = _sketch
+        self._preconditioner: Callable[[Array], Array] | None = None
+        if preconditioner == "jacobi":
+            self._preconditioner = JacobiPreconditioner(_sketch, self.regularization)
+        elif preconditioner == "nystroem":
+            self._preconditioner = NystroemPreconditioner(
+                _sketch.eigenvalues, _sketch.eigenvectors, self.regularization
+            )
+
+    @property
+    def input_size(self) -> int:
+        return self.curvature.size
+
+    def _apply(self, t: Array) -> Array:
+        o = self.options
+        result = cg(
+            _damped(self.curvature, self.regularization),
+            t,
+            rtol=o["rtol"],
+            atol=o["atol"],
+            maxiter=o["maxiter"],
+            preconditioner=self._preconditioner,
+            on_failure=o["on_failure"],
+        )
+        self.last_result = result
+        return result.solution
+
+    def with_regularization(self, regularization: float) -> CgOperator:
+        return CgOperator(
+            self.curvature, regularization, **self.options, _sketch=self._sketch
+        )
+
+
+@final
+class LowRankOperator(Operator):
+    """``V diag(1 / (lambda + mu)) V^T`` from eigenpairs ``C ~ V diag(lambda) V^T``.
+
+    With ``woodbury=True`` it is the exact inverse of the damped low-rank
+    curvature, ``(V diag(lambda) V^T + mu I)^-1``, which adds
+    ``(I - V V^T) / mu`` for the directions the sketch left out (needs ``mu > 0``
+    unless ``V`` spans the whole space). ``eigenvectors`` is ``(P, k)``.
+    """
+
+    def __init__(
+        self,
+        eigenvalues: Array,
+        eigenvectors: Array,
+        regularization: float,
+        *,
+        woodbury: bool = False,
+        block: str = "",
+    ):
+        xp = _xp.namespace(eigenvalues, eigenvectors)
+        self.eigenvalues = eigenvalues
+        self.eigenvectors = eigenvectors
+        self.regularization = float(regularization)
+        self.woodbury = bool(woodbury)
+        self.block = block
+        shifted = eigenvalues + self.regularization
+        if not float(xp.min(shifted)) > 0:
+            where = f" of block {block!r}" if block else ""
+            raise NotPositiveDefiniteError(
+                f"the low-rank curvature{where} has eigenvalue {float(xp.min(eigenvalues)):.3e}; "
+                f"with regularization {self.regularization:g} it is not positive definite: "
+                f"use a regularization above {max(-float(xp.min(eigenvalues)), 0.0):.3e}"
+            )
+        p, k = int(eigenvectors.shape[0]), int(eigenvectors.shape[1])
+        if self.woodbury and k < p and self.regularization <= 0:
+            raise ValueError(
+                "the Woodbury form of a low-rank curvature needs regularization > 0 "
+                f"(rank {k} < {p} parameters)"
+            )
+        self._scale = 1.0 / shifted
+
+    @property
+    def input_size(self) -> int:
+        return int(self.eigenvectors.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvectors.shape[1])
+
+    def coefficients(self, t: Array) -> Array:
+        """Coordinates in the eigenbasis: ``t V``, ``(K, k)``."""
+        return t @ self.eigenvectors
+
+    def _apply(self, t: Array) -> Array:
+        xp = _xp.namespace(t)
+        coef = self.coefficients(t)
+        out = (coef * self._scale) @ xp.matrix_transpose(self.eigenvectors)
+        if self.woodbury and self.regularization > 0:
+            out = out + (t - coef @ xp.matrix_transpose(self.eigenvectors)) / self.regularization
+        return out
+
+    def with_regularization(self, regularization: float) -> LowRankOperator:
+        return LowRankOperator(
+            self.eigenvalues,
+            self.eigenvectors,
+            regularization,
+            woodbury=self.woodbury,
+            block=self.block,
+        )
+
+    def as_bilinear_form(self) -> BilinearForm:
+        return LowRankBilinearForm(self)
+
+
+@final
+class LowRankBilinearForm(BilinearForm):
+    """Inner products through ``jacobian_prod``: per-sample gradients are never
+    materialised, only their coordinates ``J V`` (N, k) in the eigenbasis.
+
+    (The Woodbury complement needs full gradient inner products, so with
+    ``woodbury=True`` the up-mode product falls back to gradients.)
+    """
+
+    def __init__(self, operator: LowRankOperator):
+        self.operator = operator
+
+    def inner_prod(self, left: Array, right: Array | None) -> Array:
+        return OperatorBilinearForm(self.operator).inner_prod(left, right)
+
+    def _left_coefficients(self, batch: Batch, gp: GradientProvider) -> Array:
+        xp = gp.xp
+        v_t = xp.matrix_transpose(self.operator.eigenvectors)  # (k, P)
+        return gp.jacobian_prod(batch, v_t) * self.operator._scale  # (N, k)
+
+    def grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        op = self.operator
+        if op.woodbury and op.regularization > 0 and op.rank < op.input_size:
+            return super().grads_inner_prod(left, right, gradient_provider)
+        xp = gradient_provider.xp
+        left_coef = self._left_coefficients(left, gradient_provider)
+        right_coef = gradient_provider.jacobian_prod(
+            left if right is None else right, xp.matrix_transpose(op.eigenvectors)
+        )
+        return left_coef @ xp.matrix_transpose(right_coef)
+
+    def mixed_grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        op = self.operator
+        if op.woodbury and op.regularization > 0 and op.rank < op.input_size:
+            return super().mixed_grads_inner_prod(left, right, gradient_provider)
+        xp = gradient_provider.xp
+        factors = self._left_coefficients(left, gradient_provider) @ xp.matrix_transpose(
+            op.eigenvectors
+        )
+        mixed = gradient_provider.flat_mixed_grads(left if right is None else right)
+        return contract(factors, mixed, xp=xp)
+
+
+@final
+class LissaOperator(Operator):
+    """Linear time stochastic second-order approximation (Agarwal et al. 2017).
+
+    Iterates ``h <- b + (1 - dampen) h - (C_S + lambda I) h / scale`` from
+    ``h = b``, with ``C_S`` the curvature of a sample of ``batch_size`` training
+    points (all of them when ``batch_size`` is None, which makes it a
+    deterministic Richardson iteration), and returns ``h / scale``. It
+    converges to ``(C + lambda I)^-1 b`` when ``dampen = 0`` and
+    ``scale > lambda_max(C + lambda I) / 2``; the default scale is the Lanczos
+    estimate of ``lambda_max(C) + lambda`` (times 2 with sampled batches).
+    Stops when the largest relative change of a row falls below ``rtol``.
+    """
+
+    def __init__(
+        self,
+        curvature: Curvature,
+        regularization: float,
+        *,
+        maxiter: int = 1000,
+        scale: float | None = None,
+        dampen: float = 0.0,
+        rtol: float = 1e-4,
+        batch_size: int | None = None,
+        seed: int = 0,
+        on_failure: str = "warn",
+        _top: float | None = None,
+    ):
+        if not 0 <= dampen < 1:
+            raise ValueError(f"dampen must be in [0, 1), got {dampen}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}")
+        if on_failure not in ("warn", "raise", "ignore"):
+            raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+        self.curvature = curvature
+        self.regularization = float(regularization)
+        self.options = dict(
+            maxiter=maxiter,
+            scale=scale,
+            dampen=dampen,
+            rtol=rtol,
+            batch_size=batch_size,
+            seed=seed,
+            on_failure=on_failure,
+        )
+        if scale is None and _top is None:
+            top = lanczos(
+                curvature.matmat,
+                curvature.size,
+                rank=1,
+                krylov_dimension=min(curvature.size, 30),
+                seed=seed,
+                xp=curvature.xp,
+                dtype=curvature.dtype,
+                device=curvature.device,
+            )
+            _top = abs(float(top.eigenvalues[0]))
+        self._top = _top
+        if scale is None:
+            assert _top is not None
+            scale = (_top + self.regularization) * (2.0 if batch_size else 1.0)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
+        self.iterations = 0
+
+    @property
+    def input_size(self) -> int:
+        return self.curvature.size
+
+    def _sampler(self) -> Callable[[Array], Array]:
+        """Curvature products on the full data, or on seeded random samples."""
+        batch_size = self.options["batch_size"]
+        if batch_size is None:
+            return self.curvature.matmat
+        data = list(self.curvature.data)
+        xp = self.curvature.xp
+        x = xp.concat([b.x for b in data], axis=0)
+        y = xp.concat([b.y for b in data], axis=0)
+        n = int(x.shape[0])
+        rng = np.random.default_rng(self.options["seed"])
+        curvature = self.curvature
+
+        def matmat(v: Array) -> Array:
+            idx = _xp.from_numpy(
+                rng.integers(0, n, size=min(batch_size, n)),
+                dtype=xp.int64,
+                device=curvature.device,
+                xp=xp,
+            )
+            batch = Batch(xp.take(x, idx, axis=0), xp.take(y, idx, axis=0))
+            return curvature.batch_matmat(batch, v)
+
+        return matmat
+
+    def _apply(self, t: Array) -> Array:
+        xp = _xp.namespace(t)
+        o = self.options
+        matmat = self._sampler()
+        reg, scale, keep = self.regularization, self.scale, 1.0 - o["dampen"]
+        b_norm = _xp.to_numpy(xp.linalg.vector_norm(t, axis=1))
+        limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
+        h = t
+        change = np.inf
+        for it in range(1, o["maxiter"] + 1):
+            new = t + keep * h - (matmat(h) + reg * h) / scale
+            norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
+            if not np.all(np.isfinite(norms)) or np.any(norms > limit):
+                raise DivergenceError(
+                    f"LiSSA diverged at iteration {it} (|h| grew to {np.max(norms):.3e}): "
+                    f"scale {scale:.4g} is below the top eigenvalue of the damped curvature "
+                    f"(the Lanczos estimate is {self._top_estimate():.4g}) or the curvature "
+                    f"is not positive definite; raise scale (for example to "
+                    f"{2 * self._top_estimate() + reg:.4g}) or the regularization"
+                )
+            diff = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
+            change = float(np.max(diff / np.maximum(norms, 1e-300)))
+            h = new
+            if change < o["rtol"]:
+                break
+        self.iterations = it
+        if change >= o["rtol"] and o["on_failure"] != "ignore":
+            msg = (
+                f"LiSSA did not reach rtol={o['rtol']:g} in {o['maxiter']} iterations "
+                f"(last relative change {change:.3e}); raise maxiter or the regularization"
+            )
+            if o["on_failure"] == "raise":
+                raise NotConvergedError(msg)
+            warnings.warn(msg, NotConvergedWarning, stacklevel=4)
+        return h / scale
+
+    def _top_estimate(self) -> float:
+        if self._top is None:
+            self._top = abs(
+                float(
+                    lanczos(
+                        self.curvature.matmat,
+                        self.curvature.size,
+                        rank=1,
+                        krylov_dimension=min(self.curvature.size, 30),
+                        xp=self.curvature.xp,
+                        dtype=self.curvature.dtype,
+                        device=self.curvature.device,
+                    ).eigenvalues[0]
+                )
+            )
+        return self._top
+
+    def with_regularization(self, regularization: float) -> LissaOperator:
+        return LissaOperator(self.curvature, regularization, **self.options, _top=self._top)
+
+
+@final
+class InverseHarmonicMeanOperator(Operator):
+    """DataInf: ``R = mean_i (g_i g_i^T + lambda I)^-1`` (Kwon et al. 2024).
+
+    By Sherman-Morrison, ``R v = (v - mean_i g_i (g_i^T v) / (lambda + |g_i|^2)) / lambda``;
+    each application is one pass over the training gradients, none stored.
+    Needs ``lambda > 0``.
+    """
+
+    def __init__(self, gp: GradientProvider, data: Dataset, regularization: float):
+        if not regularization > 0:
+            raise ValueError(
+                "InverseHarmonicMeanInfluence needs regularization > 0 "
+                f"(each g g^T is singular), got {regularization}"
+            )
+        self.gp = gp
+        self.data = data
+        self.regularization = float(regularization)
+
+    @property
+    def input_size(self) -> int:
+        return self.gp.n_parameters
+
+    def _apply(self, t: Array) -> Array:
+        xp = self.gp.xp
+        reg = self.regularization
+        total = xp.zeros_like(t)
+        n = 0
+        for batch in self.data:
+            grads = self.gp.flat_grads(batch)  # (N, P)
+            weights = 1.0 / (reg + xp.sum(grads * grads, axis=1))  # (N,)
+            total = total + ((t @ xp.matrix_transpose(grads)) * weights) @ grads
+            n += int(grads.shape[0])
+        return (t - total / n) / reg
+
+    def with_regularization(self, regularization: float) -> InverseHarmonicMeanOperator:
+        return InverseHarmonicMeanOperator(self.gp, self.data, regularization)

@@ -192,6 +192,11 @@ class GradientProvider(ABC):
         h = self.hvp(batch, _xp.eye(p, dtype=self.dtype, device=self.device, xp=xp))
         return _xp.symmetrize(h, xp=xp)
 
+    def hessian_diagonal(self, batch: Batch) -> Array | None:
+        """Exact diagonal of the batch-mean Hessian, ``(P,)``, or None where the
+        provider cannot give it cheaply (then a Hutchinson estimate is used)."""
+        return None
+
     def prepare_batch(self, batch: Batch) -> Batch:
         """Validate a batch for this provider and bring it to the parameters' dtype.
 

@@ -197,7 +197,7 @@ class _GeneralizedLinearModel(_ArrayParams):
         gw = xp.permute_dims(u, (0, 2, 1)) @ x[None, :, :] / n  # (K, O, I)
         return self._join(gw, xp.sum(u, axis=1) / n)
 
-    def diagonal(self, batch: Batch) -> Array:
+    def hessian_diagonal(self, batch: Batch) -> Array:
         """Exact diagonal of the batch-mean Hessian, ``(P,)`` (for Jacobi preconditioning)."""
         xp = self.xp
         x, n = batch.x, batch.x.shape[0]
