@@ -23,6 +23,7 @@ from .influence import (
     CgInfluence,
     ComposableInfluence,
     DirectInfluence,
+    EkfacInfluence,
     IdentityInfluence,
     InverseHarmonicMeanInfluence,
     LissaInfluence,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArnoldiInfluence",
+    "EkfacInfluence",
     "CgInfluence",
     "InverseHarmonicMeanInfluence",
     "LissaInfluence",

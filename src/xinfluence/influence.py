@@ -30,6 +30,7 @@ from .linalg import lanczos, nystroem
 from .operators import (
     CgOperator,
     DirectOperator,
+    EkfacOperator,
     IdentityOperator,
     InverseHarmonicMeanOperator,
     LissaOperator,
@@ -54,6 +55,7 @@ __all__ = [
     "ArnoldiInfluence",
     "NystroemSketchInfluence",
     "InverseHarmonicMeanInfluence",
+    "EkfacInfluence",
 ]
 
 BlockStructure = str | Mapping[str, Sequence[str]]
@@ -559,3 +561,127 @@ class InverseHarmonicMeanInfluence(ComposableInfluence):
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
     ) -> Operator:
         return InverseHarmonicMeanOperator(gp, data, regularization)
+
+
+@final
+class EkfacInfluence(ComposableInfluence):
+    """EK-FAC: per dense layer, the Gauss-Newton block ``mean g g^T`` in the
+    Kronecker eigenbasis of the layer's input and output-gradient covariances,
+    with eigenvalues corrected on the data (``update_diagonal=True``) or taken
+    as products of the factors' eigenvalues (plain K-FAC).
+
+    The provider must offer the Kronecker factors: ``kfac_layers()`` (layer ->
+    ``(weight name, bias name or None)``) and ``kfac_factors(batch)`` (layer ->
+    inputs ``a`` ``(N, I)`` and output gradients ``s`` ``(N, O)``), as the torch
+    provider does for ``nn.Linear`` layers, the jax provider for declared dense
+    layers and the array-API GLMs for their one layer. Blocks are the layers;
+    every parameter must belong to one (freeze or restrict the others).
+    ``fit`` makes one pass over the data for the factors and, with
+    ``update_diagonal``, a second one for the eigenvalues.
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "layer",
+        second_order: str = "gauss_newton",
+        update_diagonal: bool = True,
+    ):
+        gp = gradient_provider
+        if not (hasattr(gp, "kfac_layers") and hasattr(gp, "kfac_factors")):
+            raise TypeError(
+                f"EkfacInfluence needs a provider with kfac_layers() and kfac_factors(); "
+                f"{type(gp).__name__} has none"
+            )
+        if block_structure != "layer":
+            raise ValueError(
+                "EkfacInfluence works on dense-layer blocks only: block_structure must be "
+                f"'layer', got {block_structure!r}"
+            )
+        if second_order != "gauss_newton":
+            raise ValueError(
+                "EK-FAC approximates the Gauss-Newton curvature mean g g^T: second_order "
+                f"must be 'gauss_newton', got {second_order!r}"
+            )
+        layers = gp.kfac_layers()
+        covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
+        uncovered = [n for n in gp.parameter_names if n not in covered]
+        if not layers or uncovered:
+            raise ValueError(
+                f"EkfacInfluence needs every parameter in a dense layer; not covered: "
+                f"{uncovered}. Freeze them or restrict the provider to the dense layers"
+            )
+        custom = OrderedDict((k, tuple(n for n in v if n is not None)) for k, v in layers.items())
+        super().__init__(
+            gp,
+            regularization=regularization,
+            block_structure=custom,
+            second_order=second_order,
+        )
+        self.update_diagonal = bool(update_diagonal)
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:  # pragma: no cover - fit builds all layers in one pass
+        raise NotImplementedError
+
+    def fit(self, data: Any) -> EkfacInfluence:
+        gp = self.gradient_provider
+        xp = gp.xp
+        dataset = Dataset(iter_batches(data), gp)
+        layers = gp.kfac_layers()
+        layouts = gp.kfac_layouts() if hasattr(gp, "kfac_layouts") else {}
+
+        def augmented(layer: str, a: Array) -> Array:
+            if layers[layer][1] is None:
+                return a
+            ones = xp.ones((a.shape[0], 1), dtype=a.dtype, device=_xp.device_of(a))
+            return xp.concat([a, ones], axis=1)
+
+        cov: dict[str, list[Array]] = {}
+        n = 0
+        for batch in dataset:
+            for layer, (a, s) in gp.kfac_factors(batch).items():
+                a = augmented(layer, a)
+                terms = [xp.matrix_transpose(a) @ a, xp.matrix_transpose(s) @ s]
+                cov[layer] = terms if layer not in cov else [c + t for c, t in zip(cov[layer], terms)]
+            n += len(batch)
+        if n == 0:
+            raise ValueError("cannot fit on an empty dataset")
+        bases = {}
+        for layer, (a_cov, s_cov) in cov.items():
+            lam_a, q_a = _xp.eigh(_xp.symmetrize(a_cov / n, xp=xp), xp=xp)
+            lam_s, q_s = _xp.eigh(_xp.symmetrize(s_cov / n, xp=xp), xp=xp)
+            bases[layer] = (q_s, q_a, lam_s[:, None] * lam_a[None, :])
+        if self.update_diagonal:
+            corrected: dict[str, Array] = {}
+            for batch in dataset:
+                for layer, (a, s) in gp.kfac_factors(batch).items():
+                    q_s, q_a, _ = bases[layer]
+                    a_rot, s_rot = augmented(layer, a) @ q_a, s @ q_s
+                    term = xp.matrix_transpose(s_rot * s_rot) @ (a_rot * a_rot)
+                    corrected[layer] = term if layer not in corrected else corrected[layer] + term
+            bases = {k: (q_s, q_a, corrected[k] / n) for k, (q_s, q_a, _) in bases.items()}
+        comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
+        for layer, names in self.blocks.items():
+            block_gp = self._block_provider(names)
+            slices = block_gp.parameter_slices
+            weight, bias = layers[layer]
+            q_s, q_a, eigenvalues = bases[layer]
+            op = EkfacOperator(
+                q_s,
+                q_a,
+                _xp.check_finite(eigenvalues, xp=xp, what=f"EK-FAC eigenvalues of {layer!r}"),
+                self.regularization[layer],
+                weight_slice=slices[weight],
+                bias_slice=None if bias is None else slices[bias],
+                layout=layouts.get(layer, "oi"),
+                block=layer,
+            )
+            comps[layer] = OperatorGradientComposition(op, block_gp)
+        self._mapper = BlockMapper(comps)
+        self._data = dataset
+        return self

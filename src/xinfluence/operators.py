@@ -42,6 +42,7 @@ __all__ = [
     "LowRankOperator",
     "LowRankBilinearForm",
     "InverseHarmonicMeanOperator",
+    "EkfacOperator",
     "check_positive_definite",
 ]
 
@@ -539,3 +540,115 @@ class InverseHarmonicMeanOperator(Operator):
 
     def with_regularization(self, regularization: float) -> InverseHarmonicMeanOperator:
         return InverseHarmonicMeanOperator(self.gp, self.data, regularization)
+
+
+@final
+class EkfacOperator(Operator):
+    """EK-FAC inverse of one dense layer's Gauss-Newton block (George et al. 2018).
+
+    With ``a_n`` the layer inputs (a trailing 1 appended when the layer has a
+    bias, size ``I'``) and ``s_n`` the per-sample loss gradients at its outputs
+    (``O``), the per-sample gradient is the matrix ``G_n = s_n a_n^T``
+    (``O, I'``). K-FAC eigenbases ``Q_A`` of ``A = mean a a^T`` and ``Q_S`` of
+    ``S = mean s s^T``; eigenvalues ``Lambda[o, i] = mean_n (Q_S^T G_n Q_A)[o, i]^2``
+    (corrected) or ``lambda_S[o] lambda_A[i]`` (plain K-FAC). The curvature is
+    ``C v = Q_S (Lambda * (Q_S^T V Q_A)) Q_A^T`` and the operator divides by
+    ``Lambda + lambda`` instead.
+
+    ``layout`` says how the weight is stored: ``"oi"`` (torch, ``(O, I)``) or
+    ``"io"`` (flax kernel, ``(I, O)``); ``weight_slice`` and ``bias_slice``
+    locate them in the block's flat vector.
+    """
+
+    def __init__(
+        self,
+        q_s: Array,
+        q_a: Array,
+        eigenvalues: Array,
+        regularization: float,
+        *,
+        weight_slice: slice,
+        bias_slice: slice | None,
+        layout: str = "oi",
+        block: str = "",
+    ):
+        if layout not in ("oi", "io"):
+            raise ValueError(f"layout must be 'oi' or 'io', got {layout!r}")
+        xp = _xp.namespace(q_s, q_a, eigenvalues)
+        self.q_s, self.q_a, self.eigenvalues = q_s, q_a, eigenvalues
+        self.regularization = float(regularization)
+        self.weight_slice, self.bias_slice, self.layout, self.block = (
+            weight_slice,
+            bias_slice,
+            layout,
+            block,
+        )
+        self.n_out = int(q_s.shape[0])
+        self.n_in = int(q_a.shape[0]) - (1 if bias_slice is not None else 0)
+        smallest = float(xp.min(eigenvalues)) + self.regularization
+        if not smallest > 0:
+            raise NotPositiveDefiniteError(
+                f"the EK-FAC curvature of block {block!r} has eigenvalue "
+                f"{float(xp.min(eigenvalues)):.3e}; use a regularization > 0"
+            )
+        self._xp = xp
+
+    @property
+    def input_size(self) -> int:
+        bias = 0 if self.bias_slice is None else self.n_out
+        return self.n_out * self.n_in + bias
+
+    def _to_matrix(self, t: Array) -> Array:
+        xp, k = self._xp, t.shape[0]
+        w = t[:, self.weight_slice]
+        if self.layout == "oi":
+            w = xp.reshape(w, (k, self.n_out, self.n_in))
+        else:
+            w = xp.permute_dims(xp.reshape(w, (k, self.n_in, self.n_out)), (0, 2, 1))
+        if self.bias_slice is None:
+            return w
+        return xp.concat([w, t[:, self.bias_slice][:, :, None]], axis=2)
+
+    def _from_matrix(self, g: Array) -> Array:
+        xp, k = self._xp, g.shape[0]
+        w = g[:, :, : self.n_in]
+        if self.layout == "io":
+            w = xp.permute_dims(w, (0, 2, 1))
+        pieces = [(self.weight_slice.start, xp.reshape(w, (k, self.n_out * self.n_in)))]
+        if self.bias_slice is not None:
+            pieces.append((self.bias_slice.start, g[:, :, self.n_in]))
+        return xp.concat([p for _, p in sorted(pieces, key=lambda item: item[0])], axis=1)
+
+    def _in_eigenbasis(self, t: Array, scale: Array) -> Array:
+        xp = self._xp
+        g = self._to_matrix(t)
+        rotated = xp.matrix_transpose(self.q_s) @ g @ self.q_a
+        back = self.q_s @ (rotated * scale) @ xp.matrix_transpose(self.q_a)
+        return self._from_matrix(back)
+
+    def _apply(self, t: Array) -> Array:
+        return self._in_eigenbasis(t, 1.0 / (self.eigenvalues + self.regularization))
+
+    def curvature_apply(self, t: Array) -> Array:
+        """The (undamped) EK-FAC curvature on rows ``(K, P)``."""
+        return self._in_eigenbasis(t, self.eigenvalues)
+
+    def dense_curvature(self) -> Array:
+        """The EK-FAC curvature as a dense ``(P, P)`` matrix."""
+        xp = self._xp
+        eye = _xp.eye(
+            self.input_size, dtype=self.q_s.dtype, device=_xp.device_of(self.q_s), xp=xp
+        )
+        return self.curvature_apply(eye)
+
+    def with_regularization(self, regularization: float) -> EkfacOperator:
+        return EkfacOperator(
+            self.q_s,
+            self.q_a,
+            self.eigenvalues,
+            regularization,
+            weight_slice=self.weight_slice,
+            bias_slice=self.bias_slice,
+            layout=self.layout,
+            block=self.block,
+        )

@@ -197,6 +197,14 @@ class _GeneralizedLinearModel(_ArrayParams):
         gw = xp.permute_dims(u, (0, 2, 1)) @ x[None, :, :] / n  # (K, O, I)
         return self._join(gw, xp.sum(u, axis=1) / n)
 
+    def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
+        """The one dense layer, for EK-FAC: ``{"linear": ("weight", "bias" or None)}``."""
+        return OrderedDict(linear=("weight", "bias" if self.bias is not None else None))
+
+    def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
+        """Inputs ``a = x`` ``(N, I)`` and output gradients ``s = dl/dz`` ``(N, O)``."""
+        return OrderedDict(linear=(batch.x, self._delta(self._z(batch.x), batch.y)))
+
     def hessian_diagonal(self, batch: Batch) -> Array:
         """Exact diagonal of the batch-mean Hessian, ``(P,)`` (for Jacobi preconditioning)."""
         xp = self.xp
