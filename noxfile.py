@@ -1,0 +1,124 @@
+"""Sessions for xinfluence: the backend test matrix, lint, typecheck, bench, docs.
+
+    nox                                  # default: lint, typecheck, tests on numpy,
+                                         # array_api_strict, torch and jax
+    nox -l                               # list sessions
+    nox -s "tests(backend='torch')"      # one backend
+    nox -s "tests(backend='jax')" -- -x -k cg    # arguments after -- go to pytest
+    nox -s "tests(backend='cupy')"       # needs a CUDA device; skips without one
+    nox -s bench                         # benchmarks/run_*.py
+    nox -s docs                          # mkdocs build
+
+Every test session installs the package (a built wheel, not the source tree)
+with its ``test`` extra plus the pinned set ``backends/<backend>.txt``, and tells
+the test suite which namespace to use through ``XINFLUENCE_BACKEND``.
+
+Installs go through pip into plain virtualenvs (not uv), so that pip's global
+configuration, e.g. a local find-links directory holding the CPU build of torch,
+is honoured. Keep torch pinned (backends/torch.txt): an unpinned torch resolves
+to the multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "virtualenv"
+# Reuse session environments between local runs (a fresh clone creates them once).
+nox.options.reuse_venv = "yes"
+
+ROOT = Path(__file__).parent
+BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+DEFAULT_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
+
+# Tools whose output must not change under us between runs.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+
+nox.options.sessions = [
+    "lint",
+    "typecheck",
+    *(f"tests(backend='{b}')" for b in DEFAULT_BACKENDS),
+]
+
+# Quiet, non-interactive pip in every session.
+os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+os.environ.setdefault("PIP_PROGRESS_BAR", "off")
+os.environ.setdefault("PIP_NO_INPUT", "1")
+
+
+def _requirements(*backends: str) -> list[str]:
+    args: list[str] = []
+    for b in backends:
+        args += ["-r", str(ROOT / "backends" / f"{b}.txt")]
+    return args
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """pip install, quietly, and log how long it took."""
+    start = time.perf_counter()
+    session.install("--quiet", *args)
+    session.log(f"install took {time.perf_counter() - start:.1f} s")
+
+
+def _has_cuda() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, backend: str) -> None:
+    """Run the test suite against one array backend."""
+    if backend == "cupy" and not _has_cuda():
+        session.skip("cupy needs a CUDA device: nvidia-smi not found")
+    # The package is reinstalled every time so a reused venv tests the current tree.
+    _install(session, ".[test]", *_requirements(backend))
+    session.run(
+        "pytest",
+        *(session.posargs or ["-q", "-ra"]),
+        env={"XINFLUENCE_BACKEND": backend},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    _install(session, RUFF)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the package (optional frameworks are not installed: typed as Any)."""
+    _install(session, MYPY, ".", *_requirements("numpy"))
+    session.run("mypy", "src", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run benchmarks/run_*.py (speed and accuracy comparisons, not tests)."""
+    scripts = sorted((ROOT / "benchmarks").glob("run_*.py"))
+    if not scripts:
+        session.skip("no benchmarks/run_*.py yet")
+    _install(session, ".[test,torch,jax]", *_requirements("torch", "jax"))
+    for script in scripts:
+        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with mkdocs (into site/)."""
+    _install(session, ".[docs]", *_requirements("numpy"))
+    session.run(
+        "mkdocs",
+        "build",
+        *(session.posargs or ["--strict"]),
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
