@@ -13,9 +13,9 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import rel_err, split
 
 import xinfluence as xi
+from helpers import rel_err, split
 from xinfluence._xp import to_numpy
 from xinfluence.backends.numpy import SoftmaxRegressionGradients
 
@@ -38,8 +38,13 @@ def _minimize(value_and_grad, theta0):
     """L-BFGS to a tight gradient norm (scipy, on the host)."""
     from scipy.optimize import minimize
 
-    res = minimize(value_and_grad, theta0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": 5000, "gtol": 1e-10, "ftol": 0})
+    res = minimize(
+        value_and_grad,
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 5000, "gtol": 1e-10, "ftol": 0},
+    )
     return res.x
 
 
@@ -99,7 +104,10 @@ def _jax_mlp(xp, x, y, rng):
     sizes = [(D_IN, 6), (6, 4), (4, N_CLASSES)]
     names = ["dense1", "dense2", "out"]
     params = {
-        n: {"kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])), "bias": jnp.asarray(0.1 * rng.normal(size=s[1]))}
+        n: {
+            "kernel": jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])),
+            "bias": jnp.asarray(0.1 * rng.normal(size=s[1])),
+        }
         for n, s in zip(names, sizes)
     }
 
@@ -145,7 +153,9 @@ def case(xp, backend_name):
     from xinfluence._xp import from_numpy
 
     def conv(a):
-        return from_numpy(a, dtype=xp.int64 if a.dtype.kind == "i" else xp.float64, device=None, xp=xp)
+        return from_numpy(
+            a, dtype=xp.int64 if a.dtype.kind == "i" else xp.float64, device=None, xp=xp
+        )
 
     xfit, yfit = x[:N_TRAIN], y[:N_TRAIN]
     if backend_name == "torch":
@@ -321,7 +331,7 @@ def test_ekfac_curvature_equals_dense_construction(case):
     B diag(mean_n (B^T g_n)^2) B^T, B the Kronecker eigenbasis (built here)."""
     gp, batches, xtr, ytr, *_ = case
     model = xi.EkfacInfluence(gp, regularization=1e-3).fit(batches)
-    for layer, comp in model._mapper.composable_block_dict.items():
+    for comp in model._mapper.composable_block_dict.values():
         op = comp.op
         q_s, q_a = to_numpy(op.q_s), to_numpy(op.q_a)
         g = to_numpy(comp.gp.flat_grads(comp.gp.prepare_batch(xi.Batch(xtr, ytr))))
@@ -346,9 +356,7 @@ def test_ekfac_correlates_with_layerwise_gauss_newton(case, backend_name):
     reg = 1e-2
     model = xi.EkfacInfluence(gp, regularization=reg).fit(batches)
     got = to_numpy(_scores(model, case)).ravel()
-    direct = _direct(
-        case, reg, block_structure=_layer_blocks(gp), second_order="gauss_newton"
-    )
+    direct = _direct(case, reg, block_structure=_layer_blocks(gp), second_order="gauss_newton")
     expected = to_numpy(_scores(direct, case)).ravel()
     pearson = np.corrcoef(got, expected)[0, 1]
     print(f"EK-FAC vs layer-wise Gauss-Newton Direct ({backend_name}): pearson {pearson:.4f}")

@@ -27,13 +27,16 @@ from .blocks import resolve_block_structure, resolve_regularization
 from .curvature import Curvature, Dataset, make_curvature
 from .errors import NotFittedError
 from .linalg import lanczos, nystroem
+from .linalg.cg import OnFailure
 from .operators import (
     CgOperator,
+    CgOptions,
     DirectOperator,
     EkfacOperator,
     IdentityOperator,
     InverseHarmonicMeanOperator,
     LissaOperator,
+    LissaOptions,
     LowRankOperator,
 )
 from .types import (
@@ -41,6 +44,7 @@ from .types import (
     BlockMapper,
     GradientProvider,
     InfluenceMode,
+    KroneckerFactorProvider,
     Operator,
     OperatorGradientComposition,
     iter_batches,
@@ -283,17 +287,15 @@ class IdentityInfluence(ComposableInfluence):
         return IdentityOperator(gp.n_parameters)
 
 
-class _IterativeInfluence(ComposableInfluence):
-    """Shared constructor of the models with extra keyword-only options."""
-
-    _options: dict[str, Any]
+class _CurvatureInfluence(ComposableInfluence):
+    """Models that work through products with the curvature of ``second_order``."""
 
     def _curvature(self, gp: GradientProvider, data: Dataset) -> Curvature:
         return make_curvature(self.second_order, gp, data)
 
 
 @final
-class CgInfluence(_IterativeInfluence):
+class CgInfluence(_CurvatureInfluence):
     """``(H + lambda I)^-1`` by batched conjugate gradients on curvature products.
 
     ``fit`` only records the data (and builds the preconditioner); every query
@@ -323,7 +325,7 @@ class CgInfluence(_IterativeInfluence):
         preconditioner: str | None = None,
         preconditioner_rank: int = 20,
         seed: int = 0,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ):
         super().__init__(
             gradient_provider,
@@ -331,13 +333,7 @@ class CgInfluence(_IterativeInfluence):
             block_structure=block_structure,
             second_order=second_order,
         )
-        if preconditioner not in (None, "jacobi", "nystroem"):
-            raise ValueError(
-                f"preconditioner must be None, 'jacobi' or 'nystroem', got {preconditioner!r}"
-            )
-        if on_failure not in ("warn", "raise", "ignore"):
-            raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
-        self._options = dict(
+        self._options = CgOptions(
             rtol=rtol,
             atol=atol,
             maxiter=maxiter,
@@ -350,11 +346,11 @@ class CgInfluence(_IterativeInfluence):
     def _create_operator(
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
     ) -> Operator:
-        return CgOperator(self._curvature(gp, data), regularization, **self._options)
+        return CgOperator(self._curvature(gp, data), regularization, self._options)
 
 
 @final
-class LissaInfluence(_IterativeInfluence):
+class LissaInfluence(_CurvatureInfluence):
     """LiSSA: ``h <- b + (1 - dampen) h - (H_S + lambda I) h / scale``, result ``h / scale``.
 
     ``batch_size`` None uses all fitted data in every iteration (deterministic);
@@ -387,11 +383,7 @@ class LissaInfluence(_IterativeInfluence):
             block_structure=block_structure,
             second_order=second_order,
         )
-        if not 0 <= dampen < 1:
-            raise ValueError(f"dampen must be in [0, 1), got {dampen}")
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        self._options = dict(
+        self._options = LissaOptions(
             maxiter=maxiter,
             scale=scale,
             dampen=dampen,
@@ -404,11 +396,11 @@ class LissaInfluence(_IterativeInfluence):
     def _create_operator(
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
     ) -> Operator:
-        return LissaOperator(self._curvature(gp, data), regularization, **self._options)
+        return LissaOperator(self._curvature(gp, data), regularization, self._options)
 
 
 @final
-class ArnoldiInfluence(_IterativeInfluence):
+class ArnoldiInfluence(_CurvatureInfluence):
     """Low-rank influence from the ``rank`` eigenpairs of largest magnitude of the
     curvature (Lanczos with full re-orthogonalisation, Schioppa et al. 2022).
 
@@ -441,25 +433,21 @@ class ArnoldiInfluence(_IterativeInfluence):
         )
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self._options = dict(
-            rank=rank, krylov_dimension=krylov_dimension, tol=tol, seed=seed
-        )
+        self.rank, self.krylov_dimension, self.tol, self.seed = rank, krylov_dimension, tol, seed
         self.use_woodbury = use_woodbury
 
     def _create_operator(
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
     ) -> Operator:
         curvature = self._curvature(gp, data)
-        o = self._options
-        rank = min(o["rank"], curvature.size)
-        krylov = o["krylov_dimension"]
+        krylov = self.krylov_dimension
         eig = lanczos(
             curvature.matmat,
             curvature.size,
-            rank=rank,
+            rank=min(self.rank, curvature.size),
             krylov_dimension=None if krylov is None else min(krylov, curvature.size),
-            tol=o["tol"],
-            seed=o["seed"],
+            tol=self.tol,
+            seed=self.seed,
             xp=curvature.xp,
             dtype=curvature.dtype,
             device=curvature.device,
@@ -474,7 +462,7 @@ class ArnoldiInfluence(_IterativeInfluence):
 
 
 @final
-class NystroemSketchInfluence(_IterativeInfluence):
+class NystroemSketchInfluence(_CurvatureInfluence):
     """Randomized Nyström sketch ``C ~ U diag(lambda) U^T`` (rank ``rank``, seeded)
     and the exact inverse of the damped sketch by Woodbury:
     ``U diag(1 / (lambda_i + mu)) U^T + (I - U U^T) / mu``.
@@ -502,7 +490,7 @@ class NystroemSketchInfluence(_IterativeInfluence):
         )
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self._options = dict(rank=rank, seed=seed)
+        self.rank, self.seed = rank, seed
 
     def _create_operator(
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
@@ -511,8 +499,8 @@ class NystroemSketchInfluence(_IterativeInfluence):
         sketch = nystroem(
             curvature.matmat,
             curvature.size,
-            rank=min(self._options["rank"], curvature.size),
-            seed=self._options["seed"],
+            rank=min(self.rank, curvature.size),
+            seed=self.seed,
             xp=curvature.xp,
             dtype=curvature.dtype,
             device=curvature.device,
@@ -591,7 +579,7 @@ class EkfacInfluence(ComposableInfluence):
         update_diagonal: bool = True,
     ):
         gp = gradient_provider
-        if not (hasattr(gp, "kfac_layers") and hasattr(gp, "kfac_factors")):
+        if not isinstance(gp, KroneckerFactorProvider):
             raise TypeError(
                 f"EkfacInfluence needs a provider with kfac_layers() and kfac_factors(); "
                 f"{type(gp).__name__} has none"
@@ -622,6 +610,7 @@ class EkfacInfluence(ComposableInfluence):
             second_order=second_order,
         )
         self.update_diagonal = bool(update_diagonal)
+        self._factors: KroneckerFactorProvider = gp
 
     def _create_operator(
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
@@ -632,7 +621,8 @@ class EkfacInfluence(ComposableInfluence):
         gp = self.gradient_provider
         xp = gp.xp
         dataset = Dataset(iter_batches(data), gp)
-        layers = gp.kfac_layers()
+        factors = self._factors
+        layers = factors.kfac_layers()
         layouts = gp.kfac_layouts() if hasattr(gp, "kfac_layouts") else {}
 
         def augmented(layer: str, a: Array) -> Array:
@@ -644,10 +634,12 @@ class EkfacInfluence(ComposableInfluence):
         cov: dict[str, list[Array]] = {}
         n = 0
         for batch in dataset:
-            for layer, (a, s) in gp.kfac_factors(batch).items():
+            for layer, (a, s) in factors.kfac_factors(batch).items():
                 a = augmented(layer, a)
                 terms = [xp.matrix_transpose(a) @ a, xp.matrix_transpose(s) @ s]
-                cov[layer] = terms if layer not in cov else [c + t for c, t in zip(cov[layer], terms)]
+                cov[layer] = (
+                    terms if layer not in cov else [c + t for c, t in zip(cov[layer], terms)]
+                )
             n += len(batch)
         if n == 0:
             raise ValueError("cannot fit on an empty dataset")
@@ -659,7 +651,7 @@ class EkfacInfluence(ComposableInfluence):
         if self.update_diagonal:
             corrected: dict[str, Array] = {}
             for batch in dataset:
-                for layer, (a, s) in gp.kfac_factors(batch).items():
+                for layer, (a, s) in factors.kfac_factors(batch).items():
                     q_s, q_a, _ = bases[layer]
                     a_rot, s_rot = augmented(layer, a) @ q_a, s @ q_s
                     term = xp.matrix_transpose(s_rot * s_rot) @ (a_rot * a_rot)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, final
 
 import numpy as np
@@ -25,6 +26,7 @@ from .linalg import (
     lanczos,
     nystroem,
 )
+from .linalg.cg import OnFailure
 from .types import (
     Batch,
     BilinearForm,
@@ -38,6 +40,8 @@ __all__ = [
     "IdentityOperator",
     "DirectOperator",
     "CgOperator",
+    "CgOptions",
+    "LissaOptions",
     "LissaOperator",
     "LowRankOperator",
     "LowRankBilinearForm",
@@ -143,6 +147,59 @@ def _damped(curvature: Curvature, regularization: float) -> Callable[[Array], Ar
     return matmat
 
 
+def _check_on_failure(on_failure: str) -> None:
+    if on_failure not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+
+
+@dataclass(frozen=True)
+class CgOptions:
+    """Options of :class:`CgOperator` (see :class:`~xinfluence.CgInfluence`)."""
+
+    rtol: float = 1e-7
+    atol: float = 0.0
+    maxiter: int | None = None
+    preconditioner: str | None = None
+    preconditioner_rank: int = 20
+    seed: int = 0
+    on_failure: OnFailure = "warn"
+
+    def __post_init__(self) -> None:
+        if self.preconditioner not in (None, "jacobi", "nystroem"):
+            raise ValueError(
+                f"preconditioner must be None, 'jacobi' or 'nystroem', got {self.preconditioner!r}"
+            )
+        if self.rtol < 0 or self.atol < 0:
+            raise ValueError(f"rtol and atol must be >= 0, got {self.rtol}, {self.atol}")
+        if self.preconditioner_rank < 1:
+            raise ValueError(f"preconditioner_rank must be >= 1, got {self.preconditioner_rank}")
+        _check_on_failure(self.on_failure)
+
+
+@dataclass(frozen=True)
+class LissaOptions:
+    """Options of :class:`LissaOperator` (see :class:`~xinfluence.LissaInfluence`)."""
+
+    maxiter: int = 1000
+    scale: float | None = None
+    dampen: float = 0.0
+    rtol: float = 1e-4
+    batch_size: int | None = None
+    seed: int = 0
+    on_failure: str = "warn"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dampen < 1:
+            raise ValueError(f"dampen must be in [0, 1), got {self.dampen}")
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size}")
+        if self.maxiter < 1:
+            raise ValueError(f"maxiter must be >= 1, got {self.maxiter}")
+        _check_on_failure(self.on_failure)
+
+
 @final
 class CgOperator(Operator):
     """``(C + lambda I)^-1`` by batched conjugate gradients on curvature products.
@@ -159,31 +216,15 @@ class CgOperator(Operator):
         self,
         curvature: Curvature,
         regularization: float,
+        options: CgOptions | None = None,
         *,
-        rtol: float = 1e-7,
-        atol: float = 0.0,
-        maxiter: int | None = None,
-        preconditioner: str | None = None,
-        preconditioner_rank: int = 20,
-        seed: int = 0,
-        on_failure: str = "warn",
         _sketch: Any = None,
     ):
-        if preconditioner not in (None, "jacobi", "nystroem"):
-            raise ValueError(
-                f"preconditioner must be None, 'jacobi' or 'nystroem', got {preconditioner!r}"
-            )
         self.curvature = curvature
         self.regularization = float(regularization)
-        self.options = dict(
-            rtol=rtol,
-            atol=atol,
-            maxiter=maxiter,
-            preconditioner=preconditioner,
-            preconditioner_rank=preconditioner_rank,
-            seed=seed,
-            on_failure=on_failure,
-        )
+        self.options = options = options or CgOptions()
+        preconditioner, seed = options.preconditioner, options.seed
+        preconditioner_rank = options.preconditioner_rank
         self.last_result: SolverResult | None = None
         if _sketch is None and preconditioner == "jacobi":
             _sketch = curvature.diagonal(seed=seed)
@@ -215,19 +256,17 @@ class CgOperator(Operator):
         result = cg(
             _damped(self.curvature, self.regularization),
             t,
-            rtol=o["rtol"],
-            atol=o["atol"],
-            maxiter=o["maxiter"],
+            rtol=o.rtol,
+            atol=o.atol,
+            maxiter=o.maxiter,
             preconditioner=self._preconditioner,
-            on_failure=o["on_failure"],
+            on_failure=o.on_failure,
         )
         self.last_result = result
         return result.solution
 
     def with_regularization(self, regularization: float) -> CgOperator:
-        return CgOperator(
-            self.curvature, regularization, **self.options, _sketch=self._sketch
-        )
+        return CgOperator(self.curvature, regularization, self.options, _sketch=self._sketch)
 
 
 @final
@@ -369,33 +408,14 @@ class LissaOperator(Operator):
         self,
         curvature: Curvature,
         regularization: float,
+        options: LissaOptions | None = None,
         *,
-        maxiter: int = 1000,
-        scale: float | None = None,
-        dampen: float = 0.0,
-        rtol: float = 1e-4,
-        batch_size: int | None = None,
-        seed: int = 0,
-        on_failure: str = "warn",
         _top: float | None = None,
     ):
-        if not 0 <= dampen < 1:
-            raise ValueError(f"dampen must be in [0, 1), got {dampen}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size}")
-        if on_failure not in ("warn", "raise", "ignore"):
-            raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
         self.curvature = curvature
         self.regularization = float(regularization)
-        self.options = dict(
-            maxiter=maxiter,
-            scale=scale,
-            dampen=dampen,
-            rtol=rtol,
-            batch_size=batch_size,
-            seed=seed,
-            on_failure=on_failure,
-        )
+        self.options = options = options or LissaOptions()
+        scale, seed, batch_size = options.scale, options.seed, options.batch_size
         if scale is None and _top is None:
             top = lanczos(
                 curvature.matmat,
@@ -423,7 +443,7 @@ class LissaOperator(Operator):
 
     def _sampler(self) -> Callable[[Array], Array]:
         """Curvature products on the full data, or on seeded random samples."""
-        batch_size = self.options["batch_size"]
+        batch_size = self.options.batch_size
         if batch_size is None:
             return self.curvature.matmat
         data = list(self.curvature.data)
@@ -431,7 +451,7 @@ class LissaOperator(Operator):
         x = xp.concat([b.x for b in data], axis=0)
         y = xp.concat([b.y for b in data], axis=0)
         n = int(x.shape[0])
-        rng = np.random.default_rng(self.options["seed"])
+        rng = np.random.default_rng(self.options.seed)
         curvature = self.curvature
 
         def matmat(v: Array) -> Array:
@@ -450,12 +470,12 @@ class LissaOperator(Operator):
         xp = _xp.namespace(t)
         o = self.options
         matmat = self._sampler()
-        reg, scale, keep = self.regularization, self.scale, 1.0 - o["dampen"]
+        reg, scale, keep = self.regularization, self.scale, 1.0 - o.dampen
         b_norm = _xp.to_numpy(xp.linalg.vector_norm(t, axis=1))
         limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
         h = t
         change = np.inf
-        for it in range(1, o["maxiter"] + 1):
+        for it in range(1, o.maxiter + 1):
             new = t + keep * h - (matmat(h) + reg * h) / scale
             norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
             if not np.all(np.isfinite(norms)) or np.any(norms > limit):
@@ -469,15 +489,15 @@ class LissaOperator(Operator):
             diff = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
             change = float(np.max(diff / np.maximum(norms, 1e-300)))
             h = new
-            if change < o["rtol"]:
+            if change < o.rtol:
                 break
         self.iterations = it
-        if change >= o["rtol"] and o["on_failure"] != "ignore":
+        if change >= o.rtol and o.on_failure != "ignore":
             msg = (
-                f"LiSSA did not reach rtol={o['rtol']:g} in {o['maxiter']} iterations "
+                f"LiSSA did not reach rtol={o.rtol:g} in {o.maxiter} iterations "
                 f"(last relative change {change:.3e}); raise maxiter or the regularization"
             )
-            if o["on_failure"] == "raise":
+            if o.on_failure == "raise":
                 raise NotConvergedError(msg)
             warnings.warn(msg, NotConvergedWarning, stacklevel=4)
         return h / scale
@@ -500,7 +520,7 @@ class LissaOperator(Operator):
         return self._top
 
     def with_regularization(self, regularization: float) -> LissaOperator:
-        return LissaOperator(self.curvature, regularization, **self.options, _top=self._top)
+        return LissaOperator(self.curvature, regularization, self.options, _top=self._top)
 
 
 @final
@@ -636,9 +656,7 @@ class EkfacOperator(Operator):
     def dense_curvature(self) -> Array:
         """The EK-FAC curvature as a dense ``(P, P)`` matrix."""
         xp = self._xp
-        eye = _xp.eye(
-            self.input_size, dtype=self.q_s.dtype, device=_xp.device_of(self.q_s), xp=xp
-        )
+        eye = _xp.eye(self.input_size, dtype=self.q_s.dtype, device=_xp.device_of(self.q_s), xp=xp)
         return self.curvature_apply(eye)
 
     def with_regularization(self, regularization: float) -> EkfacOperator:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from . import _xp
 from ._xp import Array, Namespace
@@ -26,6 +26,7 @@ __all__ = [
     "InfluenceMode",
     "Batch",
     "GradientProvider",
+    "KroneckerFactorProvider",
     "BilinearForm",
     "OperatorBilinearForm",
     "Operator",
@@ -213,6 +214,21 @@ class GradientProvider(ABC):
 
     def check_input_shape(self, batch: Batch) -> None:  # noqa: B027 (optional hook)
         """Raise ``ValueError`` if ``batch`` does not fit the model (default: no check)."""
+
+
+@runtime_checkable
+class KroneckerFactorProvider(Protocol):
+    """Optional provider capability for EK-FAC: dense layers whose per-sample
+    weight gradient is the outer product ``s_n a_n^T``."""
+
+    def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
+        """Layer name -> (weight parameter name, bias parameter name or None)."""
+        ...
+
+    def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
+        """Layer name -> inputs ``a`` ``(N, I)`` and per-sample loss gradients
+        ``s`` ``(N, O)`` at the layer's outputs."""
+        ...
 
 
 class BilinearForm(ABC):
