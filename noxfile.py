@@ -1,7 +1,7 @@
 """Sessions for xinfluence: the backend test matrix, lint, typecheck, bench, docs.
 
     nox                                  # default: lint, typecheck, tests on numpy,
-                                         # array_api_strict, torch and jax
+                                         # array_api_strict, torch and jax, cross
     nox -l                               # list sessions
     nox -s "tests(backend='torch')"      # one backend
     nox -s "tests(backend='jax')" -- -x -k cg    # arguments after -- go to pytest
@@ -45,6 +45,7 @@ nox.options.sessions = [
     "lint",
     "typecheck",
     *(f"tests(backend='{b}')" for b in DEFAULT_BACKENDS),
+    "cross",
 ]
 
 # Quiet, non-interactive pip in every session.
@@ -83,6 +84,17 @@ def tests(session: nox.Session, backend: str) -> None:
         "pytest",
         *(session.posargs or ["-q", "-ra"]),
         env={"XINFLUENCE_BACKEND": backend},
+    )
+
+
+@nox.session
+def cross(session: nox.Session) -> None:
+    """The same models in torch and jax (and numpy) give the same numbers."""
+    _install(session, ".[test]", *_requirements("torch", "jax"))
+    session.run(
+        "pytest",
+        *(session.posargs or ["-q", "-ra", "-m", "cross", "tests/test_cross_backend.py"]),
+        env={"XINFLUENCE_BACKEND": "numpy"},
     )
 
 

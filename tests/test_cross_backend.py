@@ -1,0 +1,150 @@
+"""Oracle 4: the same model in two frameworks gives the same numbers.
+
+A two-hidden-layer tanh network with identical float64 weights in torch and jax,
+and one softmax regression in numpy (analytic), torch and jax. Run by the
+``cross`` nox session, which installs both frameworks; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xinfluence as xi
+from helpers import rel_err, split
+from xinfluence._xp import to_numpy
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+
+from xinfluence.backends.jax import JaxGradientProvider  # noqa: E402
+from xinfluence.backends.numpy import SoftmaxRegressionGradients  # noqa: E402
+from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
+
+pytestmark = pytest.mark.cross
+
+D_IN, HIDDEN, N_CLASSES, N_TRAIN, N_TEST = 5, (6, 4), 3, 50, 7
+SIZES = [13, 29, 8]
+REG = 1e-3
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(N_TRAIN + N_TEST, D_IN))
+    y = np.argmax(x @ rng.normal(size=(D_IN, N_CLASSES)) + rng.gumbel(size=(len(x), 3)), axis=1)
+    return x, y.astype(np.int64)
+
+
+def _train(model, x, y):
+    """Full-batch L-BFGS on mean cross-entropy + 1e-4/2 |theta|^2 (so H >= -1e-4 I)."""
+    torch.manual_seed(0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.LBFGS(
+        model.parameters(), max_iter=2000, tolerance_grad=1e-11, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        flat = torch.cat([p.reshape(-1) for p in model.parameters()])
+        loss = torch.nn.functional.cross_entropy(model(xt), yt) + 0.5e-4 * flat @ flat
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+@pytest.fixture(scope="module")
+def networks(data):
+    x, y = data
+    torch.manual_seed(0)
+    sizes = (D_IN, *HIDDEN, N_CLASSES)
+    layers = []
+    for i in range(3):
+        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < 2:
+            layers.append(torch.nn.Tanh())
+    model = _train(torch.nn.Sequential(*layers).double(), x[:N_TRAIN], y[:N_TRAIN])
+    torch_gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    params = {
+        f"l{i}": {
+            "weight": jnp.asarray(m.weight.detach().numpy()),
+            "bias": jnp.asarray(m.bias.detach().numpy()),
+        }
+        for i, m in enumerate(linears)
+    }
+
+    def apply(p, xb):
+        h = jnp.tanh(xb @ p["l0"]["weight"].T + p["l0"]["bias"])
+        h = jnp.tanh(h @ p["l1"]["weight"].T + p["l1"]["bias"])
+        return h @ p["l2"]["weight"].T + p["l2"]["bias"]
+
+    def loss(out, target):
+        logp = jax.nn.log_softmax(out)
+        return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=1))
+
+    return torch_gp, JaxGradientProvider(apply, params, loss)
+
+
+def _influences(gp, conv, x, y, **kw):
+    mode = kw.pop("mode")
+    xtr, ytr = conv(x[:N_TRAIN]), conv(y[:N_TRAIN])
+    batches = [(xtr[s, ...], ytr[s]) for s in split(N_TRAIN, SIZES)]
+    model = xi.DirectInfluence(gp, regularization=REG, **kw).fit(batches)
+    return to_numpy(model.influences(conv(x[N_TRAIN:]), conv(y[N_TRAIN:]), xtr, ytr, mode=mode))
+
+
+def _torch_conv(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _jax_conv(a):
+    return jnp.asarray(a)
+
+
+@pytest.mark.parametrize("mode", ["up", "perturbation"])
+@pytest.mark.parametrize("structure", ["full", "layer"])
+@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+def test_network_torch_equals_jax(data, networks, mode, structure, second_order):
+    x, y = data
+    torch_gp, jax_gp = networks
+    assert torch_gp.n_parameters == jax_gp.n_parameters
+    assert len(torch_gp.layer_groups()) == len(jax_gp.layer_groups()) == 3
+    kw = dict(mode=mode, block_structure=structure, second_order=second_order)
+    ours_torch = _influences(torch_gp, _torch_conv, x, y, **kw)
+    ours_jax = _influences(jax_gp, _jax_conv, x, y, **kw)
+    assert rel_err(ours_jax, ours_torch) <= 1e-9
+
+
+@pytest.mark.parametrize("mode", ["up", "perturbation"])
+def test_softmax_regression_numpy_torch_jax(data, mode):
+    x, y = data
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(N_CLASSES, D_IN)), rng.normal(size=N_CLASSES)
+    reference = _influences(SoftmaxRegressionGradients(w, b), np.asarray, x, y, mode=mode)
+
+    linear = torch.nn.Linear(D_IN, N_CLASSES).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+        linear.bias.copy_(torch.from_numpy(b))
+    torch_gp = TorchGradientProvider(linear, torch.nn.functional.cross_entropy)
+    assert rel_err(_influences(torch_gp, _torch_conv, x, y, mode=mode), reference) <= 1e-9
+
+    def loss(out, target):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), target[:, None], axis=1))
+
+    jax_gp = JaxGradientProvider(
+        lambda p, xb: xb @ p["weight"].T + p["bias"],
+        {"weight": jnp.asarray(w), "bias": jnp.asarray(b)},
+        loss,
+    )
+    assert rel_err(_influences(jax_gp, _jax_conv, x, y, mode=mode), reference) <= 1e-9
+    # the array-API provider runs on torch and jax arrays too
+    for conv in (_torch_conv, _jax_conv):
+        gp = SoftmaxRegressionGradients(conv(w), conv(b))
+        assert rel_err(_influences(gp, conv, x, y, mode=mode), reference) <= 1e-9
