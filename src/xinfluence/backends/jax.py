@@ -1,0 +1,615 @@
+"""JAX gradient provider: per-sample derivatives of any ``apply_fn(params, x)``.
+
+:class:`JaxGradientProvider` wraps a pure function ``apply_fn(params, x)`` of a
+parameter pytree and a batch of inputs, and a loss ``loss(output, target)``
+with *mean* reduction over the batch (``optax`` losses followed by ``.mean()``,
+or anything that averages like ``torch.nn.functional.cross_entropy``). The
+per-sample loss is
+
+    ``l_i(theta) = loss(apply_fn(params, x_i[None]), y_i[None])``
+
+so every sample is fed to the model as a batch of one; ``apply_fn`` must
+therefore treat samples independently (no batch norm in training mode).
+
+Conventions
+-----------
+* **Flat parameter vector** (``P`` entries): the leaves of ``params`` in
+  pytree order (:func:`jax.tree_util.tree_flatten_with_path`), each raveled
+  row-major, concatenated. Plain dicts flatten in *sorted key* order, so
+  ``{"weight": w, "bias": b}`` is ``[b, w.ravel()]``.
+* **Parameter names**: the leaf key paths joined with ``"/"`` (a dict key is
+  the key, a sequence index the index, an attribute its name), e.g.
+  ``"dense1/kernel"`` or, for equinox, ``"layers/0/weight"``.
+* **Layers** (``block_structure="layer"``): leaves grouped by their path
+  without the last key; leaves at the root form the group ``"root"``.
+* **Arrays**: results are ``jax.Array`` of the parameters' dtype and device;
+  inputs must be jax arrays (others raise
+  :class:`~xinfluence.errors.NamespaceMismatchError`); ``x`` is cast to the
+  parameters' dtype, floating ``y`` too, integer ``y`` (class labels) is kept.
+* **float64**: JAX computes in float32 unless ``jax_enable_x64`` is on. For
+  influence functions (Hessian solves) enable it *before* creating arrays:
+  ``jax.config.update("jax_enable_x64", True)``, and build float64 parameters.
+
+Shapes (``N`` samples, ``D = x.shape[1:]``, ``K`` vectors): ``flat_grads``
+``(N, P)``; ``flat_mixed_grads`` ``(N, *D, P)``; ``jacobian_prod(batch, g)``
+``(N, K)`` for ``g`` ``(K, P)``; ``hvp(batch, v)`` ``(K, P)``; ``hessian``
+``(P, P)``. Every derivative is one :func:`jax.jit`-compiled function per
+provider, compiled once per input shape.
+
+Example
+-------
+::
+
+    jax.config.update("jax_enable_x64", True)
+    gp = JaxGradientProvider(apply_fn, params, lambda z, y: optax_loss(z, y).mean())
+    infl = xi.DirectInfluence(gp, regularization=1e-3).fit([(x1, y1), (x2, y2)])
+    scores = infl.influences(x_test, y_test, x_train, y_train)  # (N_test, N)
+
+Using other JAX libraries
+-------------------------
+* flax (linen): ``variables = model.init(key, x)``;
+  ``JaxGradientProvider(lambda p, x: model.apply({"params": p}, x),
+  variables["params"], loss)``. Names look like ``"Dense_0/kernel"``.
+* equinox: split the model into its array leaves and the rest with
+  ``params, static = eqx.partition(model, eqx.is_inexact_array)`` and pass
+  ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)`` (equinox
+  modules act on one sample). Names follow the attributes,
+  ``"layers/0/weight"``.
+
+Kronecker factors (EK-FAC)
+--------------------------
+Since a JAX model has no modules to hook, dense layers are declared with
+``dense_layers={layer_name: features}``: ``layer_name`` is a dict node of the
+pytree holding a 2-D ``"kernel"`` (flax layout ``(I, O)``, ``z = a @ kernel +
+bias``) or ``"weight"`` (torch layout ``(O, I)``, ``z = a @ weight.T + bias``)
+and optionally a 1-D ``"bias"`` ``(O,)``; ``features(params, x) -> (N, I)``
+returns the layer's inputs ``a`` for a batch. The layer must be applied once per
+sample (no weight sharing). :meth:`JaxGradientProvider.kfac_factors` then
+returns ``a`` and ``s = dl_n/dz_n``: from the per-sample bias gradient when the
+layer has a bias, otherwise by least squares from the (rank-one) per-sample
+weight gradient and the known ``a``. With them the per-sample gradient of the
+weight is ``outer(s_n, a_n)`` (``"weight"``) or ``outer(a_n, s_n)``
+(``"kernel"``), and that of the bias is ``s_n``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, final
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from .. import _xp
+from .._xp import Array, Namespace
+from ..types import Batch, GradientProvider
+
+__all__ = ["JaxGradientProvider"]
+
+Features = Callable[[Any, Array], Array]
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, DictKey):
+        return str(key.key)
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    if isinstance(key, GetAttrKey):
+        return str(key.name)
+    if isinstance(key, FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(_key_name(k) for k in path)
+
+
+class _Model:
+    """What every restriction of one provider shares: the function, the leaves,
+    the names, the dense-layer declarations and the input-shape cache."""
+
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Array], Any],
+        params: Any,
+        loss: Callable[[Any, Any], Array],
+        dense_layers: Mapping[str, Features] | None,
+        input_shape: tuple[int, ...] | None,
+    ):
+        if not callable(apply_fn):
+            raise TypeError("apply_fn must be callable: apply_fn(params, x) -> output")
+        if not callable(loss):
+            raise TypeError("loss must be callable: loss(output, target) -> scalar mean loss")
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        if not flat:
+            raise ValueError("params has no array leaves")
+        keys = [_path_keys(path) for path, _ in flat]
+        names = ["/".join(k) if k else "root" for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"parameter paths joined with '/' are not unique: {names}")
+        leaves = []
+        for name, (_, leaf) in zip(names, flat, strict=True):
+            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                raise TypeError(
+                    f"parameter {name!r} must be an array, got {type(leaf).__name__}; "
+                    "for equinox models use eqx.partition(model, eqx.is_inexact_array)"
+                )
+            converted = jnp.asarray(leaf)
+            if converted.dtype != leaf.dtype:
+                warnings.warn(
+                    f"parameter {name!r} of dtype {leaf.dtype} became {converted.dtype} in jax; "
+                    'enable float64 with jax.config.update("jax_enable_x64", True) first',
+                    UserWarning,
+                    stacklevel=3,
+                )
+            leaves.append(converted)
+        dtype = leaves[0].dtype
+        for name, leaf in zip(names, leaves, strict=True):
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise TypeError(f"parameter {name!r} must be real floating, got {leaf.dtype}")
+            if leaf.dtype != dtype:
+                raise TypeError(
+                    f"all parameters must share one dtype, got {dtype} and {leaf.dtype} ({name!r})"
+                )
+        self.apply_fn = apply_fn
+        self.loss = loss
+        self.params = params
+        self.leaves: tuple[Array, ...] = tuple(leaves)
+        self.names: tuple[str, ...] = tuple(names)
+        self.keys: tuple[tuple[str, ...], ...] = tuple(keys)
+        self.shapes: tuple[tuple[int, ...], ...] = tuple(
+            tuple(int(d) for d in leaf.shape) for leaf in leaves
+        )
+        self.dtype = dtype
+        self.xp = _xp.namespace(leaves[0])
+        self.device = _xp.device_of(leaves[0])
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        self.accepted: set[tuple[Any, ...]] = set()
+        self.accepted_x_shapes: list[tuple[int, ...]] = []
+        self.restricted: dict[tuple[str, ...], JaxGradientProvider] = {}
+        self.dense = self._resolve_dense_layers(dense_layers)
+        self._kfac_fn: Callable[..., Any] | None = None
+
+    # -- dense layers ------------------------------------------------------
+    def _resolve_dense_layers(
+        self, dense_layers: Mapping[str, Features] | None
+    ) -> OrderedDict[str, tuple[str, str | None, str, Features]]:
+        """layer -> (weight name, bias name or None, "oi" | "io", features)."""
+        out: OrderedDict[str, tuple[str, str | None, str, Features]] = OrderedDict()
+        if dense_layers is None:
+            return out
+        if not isinstance(dense_layers, Mapping):
+            raise TypeError("dense_layers must be a dict layer name -> features(params, x)")
+        index = {n: i for i, n in enumerate(self.names)}
+        for layer, features in dense_layers.items():
+            if not callable(features):
+                raise TypeError(f"dense_layers[{layer!r}] must be callable features(params, x)")
+            kernel, weight = f"{layer}/kernel", f"{layer}/weight"
+            if kernel in index and weight in index:
+                raise ValueError(f"dense layer {layer!r} has both a 'kernel' and a 'weight'")
+            if kernel in index:
+                wname, layout = kernel, "io"
+            elif weight in index:
+                wname, layout = weight, "oi"
+            else:
+                raise ValueError(
+                    f"dense layer {layer!r} needs a 2-D leaf {kernel!r} (shape (I, O)) or "
+                    f"{weight!r} (shape (O, I)); the parameters are {list(self.names)}"
+                )
+            wshape = self.shapes[index[wname]]
+            if len(wshape) != 2:
+                raise ValueError(f"{wname!r} must be 2-D, got shape {wshape}")
+            n_out = wshape[1] if layout == "io" else wshape[0]
+            bname: str | None = f"{layer}/bias"
+            if bname in index:
+                if self.shapes[index[bname]] != (n_out,):
+                    raise ValueError(
+                        f"{bname!r} must have shape ({n_out},), got {self.shapes[index[bname]]}"
+                    )
+            else:
+                bname = None
+            out[layer] = (wname, bname, layout, features)
+        return out
+
+    def kfac_fn(self) -> Callable[..., Any]:
+        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` over the full parameter set."""
+        if self._kfac_fn is not None:
+            return self._kfac_fn
+        index = {n: i for i, n in enumerate(self.names)}
+        dense = self.dense
+        treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
+        # per layer, the leaf whose per-sample gradient yields s
+        probe = OrderedDict(
+            (layer, index[b if b is not None else w]) for layer, (w, b, _, _) in dense.items()
+        )
+
+        def per_sample(sel: dict[str, Array], leaves: tuple[Array, ...], xi, yi):
+            full = list(leaves)
+            for layer, i in probe.items():
+                full[i] = sel[layer]
+            params = jax.tree_util.tree_unflatten(treedef, full)
+            return jnp.reshape(loss(apply_fn(params, xi[None]), yi[None]), ())
+
+        def fn(leaves, x, y):
+            params = jax.tree_util.tree_unflatten(treedef, list(leaves))
+            sel = {layer: leaves[i] for layer, i in probe.items()}
+            grads = jax.vmap(jax.grad(per_sample), in_axes=(None, None, 0, 0))(sel, leaves, x, y)
+            out = {}
+            for layer, (_, b, layout, features) in dense.items():
+                a = features(params, x)
+                g = grads[layer]
+                if b is not None:
+                    s = g
+                else:
+                    # rank-one g_n = outer(s_n, a_n) ("oi") or outer(a_n, s_n) ("io")
+                    ga = (
+                        jnp.einsum("noi,ni->no", g, a)
+                        if layout == "oi"
+                        else jnp.einsum("nio,ni->no", g, a)
+                    )
+                    aa = jnp.sum(a * a, axis=1, keepdims=True)
+                    safe = jnp.where(aa > 0, aa, 1)
+                    s = jnp.where(aa > 0, ga / safe, 0)
+                out[layer] = (a, s)
+            return out
+
+        self._kfac_fn = jax.jit(fn)
+        return self._kfac_fn
+
+
+@final
+class JaxGradientProvider(GradientProvider):
+    """Per-sample derivatives of a JAX model, all through :func:`jax.jit`.
+
+    Parameters
+    ----------
+    apply_fn:
+        ``apply_fn(params, x) -> output`` for a batch ``x`` of shape ``(N, *D)``;
+        a pure, jittable function treating samples independently.
+    params:
+        Any pytree of floating arrays sharing one dtype (nested dicts, flax
+        ``params``, the array part of an equinox model). Its leaves, in pytree
+        order and raveled row-major, form the flat parameter vector.
+    loss:
+        ``loss(output, target) -> scalar``, the *mean* over the batch. The
+        per-sample loss is ``loss(apply_fn(params, x_i[None]), y_i[None])``.
+    dense_layers:
+        Optional ``{layer_name: features(params, x) -> (N, I)}`` declaring dense
+        layers for :meth:`kfac_factors` (see the module docstring).
+    input_shape:
+        Optional per-sample shape ``D`` of ``x``; when given, other shapes are a
+        ``ValueError`` before the model runs. Otherwise a shape is checked by
+        tracing the model on it once (:func:`jax.eval_shape`).
+
+    Shapes
+    ------
+    ``flat_grads`` ``(N, P)`` (vmapped reverse mode); ``flat_mixed_grads``
+    ``(N, *D, P)`` (forward mode over the per-sample gradient in ``x``);
+    ``jacobian_prod(batch, g)`` ``(N, K)`` (forward mode along each row of
+    ``g``, the ``(N, P)`` gradients are never formed); ``hvp(batch, v)``
+    ``(K, P)`` (forward over reverse on the batch-mean loss); ``hessian``
+    ``(P, P)`` (:func:`jax.hessian` of the batch-mean loss).
+
+    :meth:`restrict` returns a provider differentiating only the named leaves
+    (the others enter as constants), so blockwise methods compute only their
+    block's derivatives.
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Array], Any],
+        params: Any,
+        loss: Callable[[Any, Any], Array],
+        *,
+        dense_layers: Mapping[str, Features] | None = None,
+        input_shape: Sequence[int] | None = None,
+    ):
+        model = _Model(
+            apply_fn,
+            params,
+            loss,
+            dense_layers,
+            None if input_shape is None else tuple(input_shape),
+        )
+        self._setup(model, tuple(range(len(model.names))))
+
+    @classmethod
+    def _restricted(cls, model: _Model, active: tuple[int, ...]) -> JaxGradientProvider:
+        self = cls.__new__(cls)
+        self._setup(model, active)
+        return self
+
+    def _setup(self, model: _Model, active: tuple[int, ...]) -> None:
+        self._model = model
+        self._active = active
+        active_set = set(active)
+        self._fixed_idx = tuple(i for i in range(len(model.names)) if i not in active_set)
+        self._fixed = tuple(model.leaves[i] for i in self._fixed_idx)
+        self._theta = jnp.concatenate([jnp.ravel(model.leaves[i]) for i in active])
+        self._build()
+
+    # -- the parametrisation -------------------------------------------------
+    def _build(self) -> None:
+        """Create the jitted derivatives once; :func:`jax.jit` caches per shape."""
+        model = self._model
+        active, fixed_idx = self._active, self._fixed_idx
+        shapes = [model.shapes[i] for i in active]
+        offsets = [0]
+        for s in shapes:
+            offsets.append(offsets[-1] + math.prod(s))
+        treedef, apply_fn, loss = model.treedef, model.apply_fn, model.loss
+        n_leaves = len(model.names)
+
+        def params_of(theta, fixed):
+            leaves: list[Any] = [None] * n_leaves
+            for j, i in enumerate(active):
+                leaves[i] = jnp.reshape(theta[offsets[j] : offsets[j + 1]], shapes[j])
+            for j, i in enumerate(fixed_idx):
+                leaves[i] = fixed[j]
+            return jax.tree_util.tree_unflatten(treedef, leaves)
+
+        def per_sample(theta, fixed, xi, yi):
+            out = loss(apply_fn(params_of(theta, fixed), xi[None]), yi[None])
+            return jnp.reshape(out, ())
+
+        def losses(theta, fixed, x, y):
+            return jax.vmap(per_sample, in_axes=(None, None, 0, 0))(theta, fixed, x, y)
+
+        def mean_loss(theta, fixed, x, y):
+            return jnp.mean(losses(theta, fixed, x, y))
+
+        sample_grad = jax.grad(per_sample)
+
+        def grads(theta, fixed, x, y):
+            return jax.vmap(sample_grad, in_axes=(None, None, 0, 0))(theta, fixed, x, y)
+
+        def mixed(theta, fixed, x, y):
+            def one(xi, yi):
+                jac = jax.jacfwd(sample_grad, argnums=2)(theta, fixed, xi, yi)  # (P, *D)
+                return jnp.moveaxis(jac, 0, -1)
+
+            return jax.vmap(one)(x, y)
+
+        def jac_prod(theta, fixed, x, y, g):
+            def along(gk):
+                return jax.jvp(lambda t: losses(t, fixed, x, y), (theta,), (gk,))[1]
+
+            return jnp.transpose(jax.vmap(along)(g))  # (N, K)
+
+        mean_grad = jax.grad(mean_loss)
+
+        def hvp(theta, fixed, x, y, v):
+            def along(vk):
+                return jax.jvp(lambda t: mean_grad(t, fixed, x, y), (theta,), (vk,))[1]
+
+            return jax.vmap(along)(v)
+
+        def hessian(theta, fixed, x, y):
+            return jax.hessian(mean_loss)(theta, fixed, x, y)
+
+        self._params_of = params_of
+        self._jit_losses = jax.jit(losses)
+        self._jit_grads = jax.jit(grads)
+        self._jit_mixed = jax.jit(mixed)
+        self._jit_jac_prod = jax.jit(jac_prod)
+        self._jit_hvp = jax.jit(hvp)
+        self._jit_hessian = jax.jit(hessian)
+
+    # -- the model -------------------------------------------------------
+    @property
+    def xp(self) -> Namespace:
+        return self._model.xp
+
+    @property
+    def dtype(self) -> Any:
+        return self._model.dtype
+
+    @property
+    def device(self) -> Any:
+        return self._model.device
+
+    @property
+    def parameter_shapes(self) -> OrderedDict[str, tuple[int, ...]]:
+        m = self._model
+        return OrderedDict((m.names[i], m.shapes[i]) for i in self._active)
+
+    @property
+    def params(self) -> Any:
+        """The parameter pytree the provider was built with."""
+        return self._model.params
+
+    @property
+    def flat_params(self) -> Array:
+        """The (active) parameters as one flat vector ``(P,)``."""
+        return self._theta
+
+    def unravel(self, flat: Array) -> OrderedDict[str, Array]:
+        """Split a flat ``(P,)`` vector (a factor, say) into the parameters' shapes."""
+        if tuple(flat.shape) != (self.n_parameters,):
+            raise ValueError(f"expected shape ({self.n_parameters},), got {tuple(flat.shape)}")
+        out: OrderedDict[str, Array] = OrderedDict()
+        slices = self.parameter_slices
+        for name, shape in self.parameter_shapes.items():
+            out[name] = jnp.reshape(flat[slices[name]], shape)
+        return out
+
+    def layer_groups(self) -> OrderedDict[str, list[str]]:
+        """Leaves grouped by their key path without the last key (root leaves: ``"root"``)."""
+        m = self._model
+        groups: OrderedDict[str, list[str]] = OrderedDict()
+        for i in self._active:
+            keys = m.keys[i]
+            layer = "/".join(keys[:-1]) if len(keys) > 1 else "root"
+            groups.setdefault(layer, []).append(m.names[i])
+        return groups
+
+    def restrict(self, names: Sequence[str]) -> JaxGradientProvider:
+        """A provider differentiating only the leaves ``names`` (the others fixed).
+
+        The flat order follows :attr:`parameter_names`, not ``names``.
+        """
+        if isinstance(names, str):
+            names = [names]
+        mine = self.parameter_names
+        unknown = [n for n in names if n not in mine]
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}; known: {list(mine)}")
+        if not names:
+            raise ValueError("restrict needs at least one parameter name")
+        wanted = set(names)
+        m = self._model
+        active = tuple(i for i in self._active if m.names[i] in wanted)
+        if active == self._active:
+            return self
+        key = tuple(m.names[i] for i in active)
+        if key not in m.restricted:
+            m.restricted[key] = JaxGradientProvider._restricted(m, active)
+        return m.restricted[key]
+
+    # -- batches ---------------------------------------------------------
+    def check_input_shape(self, batch: Batch) -> None:
+        expected = self._model.input_shape
+        if expected is not None and tuple(batch.x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected x of shape (N, {', '.join(map(str, expected))}), "
+                f"got {tuple(batch.x.shape)}"
+            )
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Check namespace, finiteness and shape; cast ``x`` (and a floating ``y``)
+        to the parameters' dtype."""
+        batch = super().prepare_batch(batch)
+        xp, dtype = self.xp, self.dtype
+        x = _xp.as_float(batch.x, dtype=dtype, xp=xp, what="x")
+        y = batch.y
+        if xp.isdtype(y.dtype, "real floating"):
+            y = _xp.as_float(y, dtype=dtype, xp=xp, what="y")
+        self._probe(x, y)
+        return Batch(x, y)
+
+    def _probe(self, x: Array, y: Array) -> None:
+        """Trace model and loss once per input signature (shapes only, no computation)
+        on a batch of two: the model must accept ``x`` and the loss must reduce."""
+        m = self._model
+        sig = (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype))
+        if sig in m.accepted:
+            return
+        xs = jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype)
+        ys = jax.ShapeDtypeStruct((2, *y.shape[1:]), y.dtype)
+        try:
+            out = jax.eval_shape(self._batch_loss, self._theta, self._fixed, xs, ys)
+        except Exception as exc:  # shape errors surface as TypeError, ValueError, ...
+            seen = [m.input_shape] if m.input_shape is not None else m.accepted_x_shapes
+            expected = (
+                " or ".join(f"(N, {', '.join(map(str, s))})" for s in seen)
+                if seen
+                else "(N, *D) that apply_fn accepts"
+            )
+            raise ValueError(
+                f"expected x of shape {expected}, got {tuple(x.shape)} (with y of shape "
+                f"{tuple(y.shape)}): apply_fn or loss failed with {type(exc).__name__}: {exc}"
+            ) from exc
+        if math.prod(getattr(out, "shape", (0,))) != 1:
+            raise ValueError(
+                "loss(output, target) must return a scalar, the mean over the batch; on a "
+                f"batch of 2 it returned shape {getattr(out, 'shape', type(out).__name__)} "
+                "(add .mean() to a per-example loss such as optax's)"
+            )
+        m.accepted.add(sig)
+        if tuple(x.shape[1:]) not in m.accepted_x_shapes:
+            m.accepted_x_shapes.append(tuple(x.shape[1:]))
+
+    def _batch_loss(self, theta, fixed, x, y):
+        m = self._model
+        return m.loss(m.apply_fn(self._params_of(theta, fixed), x), y)
+
+    # -- derivatives -----------------------------------------------------
+    def _check_vectors(self, v: Array, what: str) -> Array:
+        _xp.check_namespace(v, xp=self.xp, what=what)
+        if v.ndim != 2 or v.shape[1] != self.n_parameters:
+            raise ValueError(
+                f"expected {what} of shape (K, {self.n_parameters}), got {tuple(v.shape)}"
+            )
+        return _xp.as_float(v, dtype=self.dtype, xp=self.xp, what=what)
+
+    def losses(self, batch: Batch) -> Array:
+        """Per-sample losses ``(N,)``."""
+        return self._jit_losses(self._theta, self._fixed, batch.x, batch.y)
+
+    def flat_grads(self, batch: Batch) -> Array:
+        return self._jit_grads(self._theta, self._fixed, batch.x, batch.y)
+
+    def flat_mixed_grads(self, batch: Batch) -> Array:
+        return self._jit_mixed(self._theta, self._fixed, batch.x, batch.y)
+
+    def jacobian_prod(self, batch: Batch, g: Array) -> Array:
+        g = self._check_vectors(g, "g")
+        return self._jit_jac_prod(self._theta, self._fixed, batch.x, batch.y, g)
+
+    def hvp(self, batch: Batch, v: Array) -> Array:
+        v = self._check_vectors(v, "v")
+        return self._jit_hvp(self._theta, self._fixed, batch.x, batch.y, v)
+
+    def hessian(self, batch: Batch) -> Array:
+        h = self._jit_hessian(self._theta, self._fixed, batch.x, batch.y)
+        return _xp.symmetrize(h, xp=self.xp)
+
+    # -- Kronecker factors ---------------------------------------------------
+    def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
+        """Declared dense layers whose weight this provider differentiates:
+        ``layer -> (weight name, bias name or None)``.
+
+        The bias name is None when the layer has no bias or the bias is not
+        among this provider's parameters. Empty without ``dense_layers``.
+        """
+        mine = set(self.parameter_names)
+        out: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        for layer, (w, b, _, _) in self._model.dense.items():
+            if w in mine:
+                out[layer] = (w, b if b in mine else None)
+        return out
+
+    def kfac_layouts(self) -> OrderedDict[str, str]:
+        """Weight layout per layer of :meth:`kfac_layers`: ``"oi"`` for a torch-style
+        ``weight`` ``(O, I)`` (gradient ``outer(s, a)``), ``"io"`` for a flax-style
+        ``kernel`` ``(I, O)`` (gradient ``outer(a, s)``)."""
+        dense = self._model.dense
+        return OrderedDict((layer, dense[layer][2]) for layer in self.kfac_layers())
+
+    def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
+        """Per layer of :meth:`kfac_layers`: the inputs ``a`` ``(N, I)`` and the
+        pre-activation gradients ``s = dl_n/dz_n`` ``(N, O)``.
+
+        The per-sample weight gradient is ``outer(s_n, a_n)`` (``"weight"``) or
+        ``outer(a_n, s_n)`` (``"kernel"``); the bias gradient is ``s_n``.
+        """
+        layers = self.kfac_layers()
+        if not layers:
+            return OrderedDict()
+        m = self._model
+        out = m.kfac_fn()(m.leaves, batch.x, batch.y)
+        result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()
+        for layer, (w, _) in layers.items():
+            a, s = out[layer]
+            shape = m.shapes[m.names.index(w)]
+            n_in, n_out = (shape[0], shape[1]) if m.dense[layer][2] == "io" else shape[::-1]
+            n = len(batch)
+            if tuple(a.shape) != (n, n_in):
+                raise ValueError(
+                    f"features of dense layer {layer!r} must have shape ({n}, {n_in}), "
+                    f"got {tuple(a.shape)}"
+                )
+            result[layer] = (_xp.as_float(a, dtype=self.dtype, xp=self.xp, what="features"), s)
+            assert tuple(s.shape) == (n, n_out)
+        return result
+
+    def __repr__(self) -> str:
+        return (
+            f"JaxGradientProvider(n_parameters={self.n_parameters}, "
+            f"parameters={list(self.parameter_names)}, dtype={self.dtype})"
+        )
