@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import _xp
@@ -60,7 +60,6 @@ with warnings.catch_warnings():
     except ImportError:  # pragma: no cover - private module moved
         pass
 
-Tensor = torch.Tensor
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
