@@ -227,7 +227,12 @@ class CgOperator(Operator):
         preconditioner_rank = options.preconditioner_rank
         self.last_result: SolverResult | None = None
         if _sketch is None and preconditioner == "jacobi":
-            _sketch = curvature.diagonal(seed=seed)
+            diagonal = curvature.diagonal(seed=seed)
+            # Hutchinson estimates (and indefinite Hessians) can put entries at or
+            # below zero; a preconditioner only has to be SPD, so floor them.
+            xp = curvature.xp
+            floor = 1e-3 * float(xp.mean(xp.abs(diagonal)))
+            _sketch = xp.clip(diagonal, min=max(floor, 1e-300))
         elif _sketch is None and preconditioner == "nystroem":
             _sketch = nystroem(
                 curvature.matmat,
