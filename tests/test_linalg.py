@@ -19,6 +19,7 @@ from xinfluence.linalg import (
     JacobiPreconditioner,
     NystroemPreconditioner,
     SolverResult,
+    block_cg,
     cg,
     hutchinson_diagonal,
     lanczos,
@@ -27,6 +28,12 @@ from xinfluence.linalg import (
 
 # ---------------------------------------------------------------------------
 # helpers
+
+
+@pytest.fixture(params=["cg", "block_cg"])
+def solve(request):
+    """Both conjugate-gradient solvers honour the same contract."""
+    return {"cg": cg, "block_cg": block_cg}[request.param]
 
 
 def orthogonal(size: int, seed: int) -> np.ndarray:
@@ -85,12 +92,12 @@ def subspace_distance(u: np.ndarray, v: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("n_rhs", [1, 4, 45])
-def test_cg_matches_dense_solve(xp, to_xp, n_rhs):
+def test_cg_matches_dense_solve(xp, to_xp, n_rhs, solve):
     size = 30
     a, _ = with_spectrum(np.logspace(0, 2, size), seed=1)
     b = np.random.default_rng(2).standard_normal((n_rhs, size))
     op = Counted(to_xp(a))
-    result = cg(op, to_xp(b), rtol=1e-12)
+    result = solve(op, to_xp(b), rtol=1e-12)
 
     assert isinstance(result, SolverResult)
     assert_in(result.solution, xp, (n_rhs, size))
@@ -112,15 +119,40 @@ def test_cg_matches_dense_solve(xp, to_xp, n_rhs):
     # one batched operator call per iteration, plus the final true residual
     assert 1 <= result.iterations <= 10 * size
     assert op.calls <= result.iterations + 2
-    assert all(shape == (n_rhs, size) for shape in op.shapes)
+    # cg multiplies all rows, block CG its (at most K) search directions
+    assert all(shape[1] == size and shape[0] <= n_rhs for shape in op.shapes)
+    if solve is cg:
+        assert all(shape == (n_rhs, size) for shape in op.shapes)
 
 
-def test_cg_zero_right_hand_sides(xp, to_xp):
+def test_block_cg_shares_the_krylov_space(xp, to_xp):
+    """With many right-hand sides block CG needs far fewer iterations, and a
+    rank-deficient block (parallel and repeated columns, K > P) loses none."""
+    size = 60
+    a, _ = with_spectrum(np.logspace(-2, 2, size), seed=4)
+    rng = np.random.default_rng(5)
+    b = rng.standard_normal((80, size))  # K > P
+    b[1] = 1e-7 * b[0]  # parallel, much shorter
+    b[2] = b[3]  # repeated
+    b[4] = 0.0
+    exact = np.linalg.solve(a, b.T).T
+    blocked = block_cg(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-11)
+    single = cg(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-11)
+    assert blocked.all_converged and single.all_converged
+    got = to_numpy(blocked.solution)
+    for k in range(len(b)):
+        if k != 4:
+            assert rel_err(got[k], exact[k]) < 1e-8, k
+    assert np.all(got[4] == 0)
+    assert blocked.iterations * 5 <= single.iterations
+
+
+def test_cg_zero_right_hand_sides(xp, to_xp, solve):
     size = 12
     a, _ = with_spectrum(np.linspace(1, 5, size), seed=3)
     b = np.random.default_rng(4).standard_normal((3, size))
     b[1] = 0.0
-    result = cg(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-12)
+    result = solve(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-12)
     got = to_numpy(result.solution)
     assert np.all(np.isfinite(got))
     assert np.all(got[1] == 0.0)
@@ -128,30 +160,30 @@ def test_cg_zero_right_hand_sides(xp, to_xp):
     assert result.residual_norms[1] == 0.0
     np.testing.assert_allclose(got, np.linalg.solve(a, b.T).T, rtol=1e-9, atol=1e-12)
 
-    zero = cg(lambda v: v @ to_xp(a), to_xp(np.zeros((2, size))))
+    zero = solve(lambda v: v @ to_xp(a), to_xp(np.zeros((2, size))))
     assert zero.iterations == 0 and zero.all_converged
     assert_in(zero.solution, xp, (2, size))
     assert np.all(to_numpy(zero.solution) == 0.0)
 
 
-def test_cg_more_right_hand_sides_than_unknowns_with_atol(xp, to_xp):
+def test_cg_more_right_hand_sides_than_unknowns_with_atol(xp, to_xp, solve):
     size = 5
     a, _ = with_spectrum([1.0, 2.0, 3.0, 4.0, 5.0], seed=5)
     b = np.random.default_rng(6).standard_normal((17, size)) * np.logspace(-6, 0, 17)[:, None]
-    result = cg(lambda v: v @ to_xp(a), to_xp(b), rtol=0.0, atol=1e-10)
+    result = solve(lambda v: v @ to_xp(a), to_xp(b), rtol=0.0, atol=1e-10)
     assert result.all_converged
     assert np.all(result.residual_norms <= 1e-10)
     np.testing.assert_allclose(to_numpy(result.solution), np.linalg.solve(a, b.T).T, atol=1e-9)
 
 
-def test_cg_initial_guess(xp, to_xp):
+def test_cg_initial_guess(xp, to_xp, solve):
     size = 20
     a, _ = with_spectrum(np.logspace(0, 1, size), seed=7)
     b = np.random.default_rng(8).standard_normal((2, size))
     exact = np.linalg.solve(a, b.T).T
-    result = cg(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-10, x0=to_xp(exact))
+    result = solve(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-10, x0=to_xp(exact))
     assert result.iterations == 0 and result.all_converged
-    near = cg(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-12, x0=to_xp(exact + 1e-3))
+    near = solve(lambda v: v @ to_xp(a), to_xp(b), rtol=1e-12, x0=to_xp(exact + 1e-3))
     assert near.all_converged
     np.testing.assert_allclose(to_numpy(near.solution), exact, rtol=1e-9, atol=1e-12)
 
@@ -167,14 +199,14 @@ def diagonally_dominant(size: int, seed: int) -> np.ndarray:
     return (a + a.T) / 2
 
 
-def test_cg_jacobi_preconditioner_reduces_iterations(xp, to_xp):
+def test_cg_jacobi_preconditioner_reduces_iterations(xp, to_xp, solve):
     size = 60
     a = diagonally_dominant(size, seed=9)
     b = np.random.default_rng(10).standard_normal((3, size))
     op = lambda v: v @ to_xp(a)  # noqa: E731
-    plain = cg(op, to_xp(b), rtol=1e-10)
+    plain = solve(op, to_xp(b), rtol=1e-10)
     jacobi = JacobiPreconditioner(to_xp(np.diag(a).copy()))
-    preconditioned = cg(op, to_xp(b), rtol=1e-10, preconditioner=jacobi)
+    preconditioned = solve(op, to_xp(b), rtol=1e-10, preconditioner=jacobi)
     assert plain.all_converged and preconditioned.all_converged
     assert preconditioned.iterations < plain.iterations / 2
     expected = np.linalg.solve(a, b.T).T
@@ -188,18 +220,18 @@ def test_cg_jacobi_preconditioner_reduces_iterations(xp, to_xp):
         JacobiPreconditioner(to_xp(np.array([1.0, -1.0, 2.0])))
 
 
-def test_cg_nystroem_preconditioner_reduces_iterations(xp, to_xp):
+def test_cg_nystroem_preconditioner_reduces_iterations(xp, to_xp, solve):
     size, mu = 80, 1e-2
     h, _ = with_spectrum(1e4 * 0.5 ** np.arange(size), seed=11)
     a = h + mu * np.eye(size)
     b = np.random.default_rng(12).standard_normal((4, size))
     op = lambda v: v @ to_xp(a)  # noqa: E731
-    plain = cg(op, to_xp(b), rtol=1e-10, on_failure="ignore")
+    plain = solve(op, to_xp(b), rtol=1e-10, on_failure="ignore")
     approx = nystroem(
         lambda v: v @ to_xp(h), size, rank=25, seed=0, xp=xp, dtype=xp.float64, device=None
     )
     preconditioner = NystroemPreconditioner(approx.eigenvalues, approx.eigenvectors, mu)
-    preconditioned = cg(op, to_xp(b), rtol=1e-10, preconditioner=preconditioner)
+    preconditioned = solve(op, to_xp(b), rtol=1e-10, preconditioner=preconditioner)
     assert preconditioned.all_converged
     assert preconditioned.iterations < plain.iterations / 2
     assert rel_err(to_numpy(preconditioned.solution), np.linalg.solve(a, b.T).T) < 1e-8
@@ -241,13 +273,13 @@ def test_hutchinson_diagonal(xp, to_xp):
     np.testing.assert_allclose(to_numpy(batched), to_numpy(whole), rtol=1e-12)
 
 
-def test_cg_not_converged_warns(xp, to_xp):
+def test_cg_not_converged_warns(xp, to_xp, solve):
     size = 40
     a, _ = with_spectrum(np.logspace(0, 4, size), seed=16)
     b = np.random.default_rng(17).standard_normal((3, size))
     b[2] = 0.0
     with pytest.warns(NotConvergedWarning, match="2 of 3"):
-        result = cg(lambda v: v @ to_xp(a), to_xp(b), maxiter=3)
+        result = solve(lambda v: v @ to_xp(a), to_xp(b), maxiter=3)
     assert result.iterations == 3
     assert not result.all_converged
     assert list(result.converged) == [False, False, True]
@@ -257,22 +289,22 @@ def test_cg_not_converged_warns(xp, to_xp):
     )
 
 
-def test_cg_not_converged_raise_and_ignore(xp, to_xp):
+def test_cg_not_converged_raise_and_ignore(xp, to_xp, solve):
     size = 40
     a, _ = with_spectrum(np.logspace(0, 4, size), seed=16)
     b = to_xp(np.random.default_rng(17).standard_normal((2, size)))
     with pytest.raises(NotConvergedError):
-        cg(lambda v: v @ to_xp(a), b, maxiter=2, on_failure="raise")
+        solve(lambda v: v @ to_xp(a), b, maxiter=2, on_failure="raise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = cg(lambda v: v @ to_xp(a), b, maxiter=2, on_failure="ignore")
+        result = solve(lambda v: v @ to_xp(a), b, maxiter=2, on_failure="ignore")
     assert not result.all_converged
     with pytest.raises(ValueError, match="on_failure"):
-        cg(lambda v: v @ to_xp(a), b, on_failure="loud")
+        solve(lambda v: v @ to_xp(a), b, on_failure="loud")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cg_indefinite_raises(xp, to_xp, seed):
+def test_cg_indefinite_raises(xp, to_xp, seed, solve):
     size = 20
     half = size // 2
     a, _ = with_spectrum(
@@ -280,19 +312,19 @@ def test_cg_indefinite_raises(xp, to_xp, seed):
     )
     b = to_xp(np.random.default_rng(seed + 100).standard_normal((3, size)))
     with pytest.raises(NotPositiveDefiniteError, match="regulari"):
-        cg(lambda v: v @ to_xp(a), b)
+        solve(lambda v: v @ to_xp(a), b)
     with pytest.raises(NotPositiveDefiniteError):
-        cg(lambda v: -v, b)
+        solve(lambda v: -v, b)
 
 
-def test_cg_rejects_bad_shapes(xp, to_xp):
+def test_cg_rejects_bad_shapes(xp, to_xp, solve):
     a = to_xp(np.eye(4))
     with pytest.raises(ValueError, match=r"\(K, P\)"):
-        cg(lambda v: v @ a, to_xp(np.ones(4)))
+        solve(lambda v: v @ a, to_xp(np.ones(4)))
     with pytest.raises(ValueError, match=r"\(K, P\)"):
-        cg(lambda v: (v @ a)[:, :3], to_xp(np.ones((2, 4))))
+        solve(lambda v: (v @ a)[:, :3], to_xp(np.ones((2, 4))))
     with pytest.raises(ValueError, match="x0"):
-        cg(lambda v: v @ a, to_xp(np.ones((2, 4))), x0=to_xp(np.ones((1, 4))))
+        solve(lambda v: v @ a, to_xp(np.ones((2, 4))), x0=to_xp(np.ones((1, 4))))
 
 
 # ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "any_nonfinite",
     "eye",
     "solve_triangular",
+    "cho_solve",
     "cholesky_or_none",
     "eigh",
     "to_numpy",
@@ -176,6 +177,28 @@ def solve_triangular(a: Array, b: Array, /, *, lower: bool, xp: Namespace) -> Ar
             return xp.linalg.solve(a, b)
         return xp.asarray(scipy.linalg.solve_triangular(a, b, lower=lower, check_finite=False))
     return xp.linalg.solve(a, b)
+
+
+def cho_solve(factor: Array, b: Array, /, *, xp: Namespace) -> Array:
+    """Solve ``(L L^T) x = b`` from the lower Cholesky factor ``L`` (P, P), ``b`` (P, K)."""
+    name = namespace_name(xp)
+    if name == "torch":
+        import torch
+
+        return torch.cholesky_solve(b, factor)
+    if name == "jax":
+        import jax.scipy.linalg
+
+        return jax.scipy.linalg.cho_solve((factor, True), b)
+    if name == "numpy":
+        try:
+            import scipy.linalg
+        except ImportError:  # scipy is optional
+            pass
+        else:
+            return xp.asarray(scipy.linalg.cho_solve((factor, True), b, check_finite=False))
+    y = solve_triangular(factor, b, lower=True, xp=xp)
+    return solve_triangular(xp.matrix_transpose(factor), y, lower=False, xp=xp)
 
 
 def eigh(a: Array, /, *, xp: Namespace) -> tuple[Array, Array]:

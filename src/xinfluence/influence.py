@@ -296,11 +296,15 @@ class _CurvatureInfluence(ComposableInfluence):
 
 @final
 class CgInfluence(_CurvatureInfluence):
-    """``(H + lambda I)^-1`` by batched conjugate gradients on curvature products.
+    """``(H + lambda I)^-1`` by conjugate gradients on curvature products.
 
     ``fit`` only records the data (and builds the preconditioner); every query
     solves for all its right-hand sides together, one pass over the training
-    data per iteration. Per-row stop: ``|r| <= max(rtol |b|, atol)``.
+    data (one batched curvature product) per iteration. ``solver="block"``
+    (default) is block CG: the right-hand sides share one Krylov space, which
+    takes far fewer iterations when there are many of them;
+    ``solver="batched"`` runs independent CG recurrences side by side. Per-row
+    stop: ``|r| <= max(rtol |b|, atol)``.
 
     Args:
         rtol, atol: tolerances of each solve.
@@ -326,6 +330,7 @@ class CgInfluence(_CurvatureInfluence):
         preconditioner_rank: int = 20,
         seed: int = 0,
         on_failure: OnFailure = "warn",
+        solver: str = "block",
     ):
         super().__init__(
             gradient_provider,
@@ -341,6 +346,7 @@ class CgInfluence(_CurvatureInfluence):
             preconditioner_rank=preconditioner_rank,
             seed=seed,
             on_failure=on_failure,
+            solver=solver,
         )
 
     def _create_operator(

@@ -19,9 +19,11 @@ from .errors import (
     NotPositiveDefiniteError,
 )
 from .linalg import (
+    EigenResult,
     JacobiPreconditioner,
     NystroemPreconditioner,
     SolverResult,
+    block_cg,
     cg,
     lanczos,
     nystroem,
@@ -104,9 +106,8 @@ def check_positive_definite(
 class DirectOperator(Operator):
     """``(C + lambda I)^-1`` from a dense ``(P, P)`` curvature ``C``.
 
-    Factorised once (Cholesky ``C + lambda I = L L^T``); the inverse
-    ``L^-T L^-1`` is formed with two triangular solves so that every later
-    application is one matrix product.
+    Factorised once (Cholesky ``C + lambda I = L L^T``); every application is
+    two triangular solves with the factor.
     """
 
     def __init__(self, curvature: Array, regularization: float, *, block: str = ""):
@@ -116,19 +117,20 @@ class DirectOperator(Operator):
         self.regularization = float(regularization)
         self.block = block
         eye = _xp.eye(p, dtype=curvature.dtype, device=_xp.device_of(curvature), xp=xp)
-        regularised = curvature + self.regularization * eye
-        factor = check_positive_definite(
-            _xp.cholesky_or_none(regularised, xp=xp), curvature, self.regularization, block
+        self._factor = check_positive_definite(
+            _xp.cholesky_or_none(curvature + self.regularization * eye, xp=xp),
+            curvature,
+            self.regularization,
+            block,
         )
-        linv = _xp.solve_triangular(factor, eye, lower=True, xp=xp)
-        self._inverse = _xp.symmetrize(xp.matrix_transpose(linv) @ linv, xp=xp)
 
     @property
     def input_size(self) -> int:
         return int(self.curvature.shape[0])
 
     def _apply(self, t: Array) -> Array:
-        return t @ self._inverse
+        xp = _xp.namespace(t)
+        return xp.matrix_transpose(_xp.cho_solve(self._factor, xp.matrix_transpose(t), xp=xp))
 
     def with_regularization(self, regularization: float) -> DirectOperator:
         return DirectOperator(self.curvature, regularization, block=self.block)
@@ -163,8 +165,11 @@ class CgOptions:
     preconditioner_rank: int = 20
     seed: int = 0
     on_failure: OnFailure = "warn"
+    solver: str = "block"
 
     def __post_init__(self) -> None:
+        if self.solver not in ("block", "batched"):
+            raise ValueError(f"solver must be 'block' or 'batched', got {self.solver!r}")
         if self.preconditioner not in (None, "jacobi", "nystroem"):
             raise ValueError(
                 f"preconditioner must be None, 'jacobi' or 'nystroem', got {self.preconditioner!r}"
@@ -234,8 +239,11 @@ class CgOperator(Operator):
             floor = 1e-3 * float(xp.mean(xp.abs(diagonal)))
             _sketch = xp.clip(diagonal, min=max(floor, 1e-300))
         elif _sketch is None and preconditioner == "nystroem":
-            _sketch = nystroem(
-                curvature.matmat,
+            # Sketch the damped operator: a Hessian near a minimum can have small
+            # negative eigenvalues that the regularization lifts; the eigenvalues
+            # of C are those of C + lambda I less lambda.
+            damped = nystroem(
+                _damped(curvature, self.regularization),
                 curvature.size,
                 rank=min(preconditioner_rank, curvature.size),
                 seed=seed,
@@ -243,6 +251,7 @@ class CgOperator(Operator):
                 dtype=curvature.dtype,
                 device=curvature.device,
             )
+            _sketch = EigenResult(damped.eigenvalues - self.regularization, damped.eigenvectors)
         self._sketch = _sketch
         self._preconditioner: Callable[[Array], Array] | None = None
         if preconditioner == "jacobi":
@@ -258,7 +267,8 @@ class CgOperator(Operator):
 
     def _apply(self, t: Array) -> Array:
         o = self.options
-        result = cg(
+        solve = block_cg if o.solver == "block" else cg
+        result = solve(
             _damped(self.curvature, self.regularization),
             t,
             rtol=o.rtol,

@@ -5,7 +5,9 @@ array to ``(K, P)`` by applying the symmetric ``P x P`` matrix ``A`` to each
 row (row convention), and returns arrays in the namespace, device and dtype of
 its inputs (or of the ``xp``, ``dtype``, ``device`` it is given).
 
-- :func:`cg`: batched preconditioned conjugate gradients for SPD systems.
+- :func:`block_cg`: block conjugate gradients (one shared Krylov space) for SPD
+  systems with many right-hand sides.
+- :func:`cg`: batched independent conjugate gradients for SPD systems.
 - :func:`lanczos`: the eigenpairs of largest magnitude of a symmetric operator.
 - :func:`nystroem`: randomized Nyström low-rank approximation of a PSD operator.
 - :class:`JacobiPreconditioner`, :class:`NystroemPreconditioner`,
@@ -13,6 +15,7 @@ its inputs (or of the ``xp``, ``dtype``, ``device`` it is given).
 """
 
 from ._results import EigenResult, SolverResult
+from .block_cg import block_cg
 from .cg import cg
 from .lanczos import lanczos
 from .nystroem import nystroem
@@ -23,6 +26,7 @@ __all__ = [
     "JacobiPreconditioner",
     "NystroemPreconditioner",
     "SolverResult",
+    "block_cg",
     "cg",
     "hutchinson_diagonal",
     "lanczos",
