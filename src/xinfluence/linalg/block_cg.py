@@ -132,12 +132,12 @@ def block_cg(
         x = xp.astype(x0, b.dtype)
         r = b - apply_a(x)
 
-    def directions(
-        r: Array, active: Array, s: Array | None, q: Array | None, g: Array | None
-    ) -> Array:
+    def directions(r: Array, active: Array, previous: tuple[Array, Array, Array] | None) -> Array:
+        """New search directions from the active residuals, A-orthogonal to the
+        previous ones ``(S, S A, S A S^T)``."""
         z = xp.where(active[:, None], apply_m(r), xp.zeros_like(r))
-        if s is not None and s.shape[0] > 0:
-            assert q is not None and g is not None
+        if previous is not None:
+            s, q, g = previous
             z = z - xp.matrix_transpose(xp.linalg.solve(g, q @ xp.matrix_transpose(z))) @ s
         return _orthonormal_rows(z, xp=xp, drop=drop_tol)
 
