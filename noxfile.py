@@ -115,11 +115,19 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run benchmarks/run_*.py (speed and accuracy comparisons, not tests)."""
+    """Run benchmarks/run_*.py: speed and accuracy against pyDVL 0.10 (not tests).
+
+    Arguments after ``--`` go to every script, e.g. ``nox -s bench -- --quick``
+    or ``-- --methods direct,cg --skip-pydvl``. The baseline lives in its own
+    virtual environment, ``benchmarks/.envs/pydvl`` (pyDVL 0.10 needs numpy < 2),
+    which the script creates with pip on first use (CPU torch, pinned) and then
+    reuses. Results: ``benchmarks/results/latest.md`` (gitignored).
+    """
     scripts = sorted((ROOT / "benchmarks").glob("run_*.py"))
     if not scripts:
         session.skip("no benchmarks/run_*.py yet")
-    _install(session, ".[test,torch,jax]", *_requirements("torch", "jax"))
+    # test extra: scikit-learn (the digits data) and scipy; torch pinned (CPU build).
+    _install(session, ".[test,torch]", *_requirements("torch"))
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 

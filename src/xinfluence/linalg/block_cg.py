@@ -155,10 +155,14 @@ def block_cg(
             q = apply_a(s)  # (r, P)
             g = _xp.symmetrize(s @ xp.matrix_transpose(q), xp=xp)
             if _xp.cholesky_or_none(g, xp=xp) is None:
+                # S has orthonormal rows: an eigenvalue of S A S^T is a Rayleigh
+                # quotient of A, so a negative one proves A indefinite.
+                lowest = float(np.min(_xp.to_numpy(xp.linalg.eigvalsh(g))))
                 raise NotPositiveDefiniteError(
-                    f"block conjugate gradients broke down at iteration {iterations + 1}: "
-                    "S A S^T is not positive definite, so the operator is not; add (more) "
-                    "regularization, e.g. A + lambda I with lambda > 0"
+                    f"block conjugate gradients broke down at iteration {iterations + 1}: the "
+                    f"operator has a direction v with v^T A v / v^T v = {lowest:.3e}, so it is "
+                    "not positive definite; add (more) regularization, at least "
+                    f"{max(-lowest, 0.0):.3e} more (A + lambda I)"
                 )
             c = xp.matrix_transpose(xp.linalg.solve(g, s @ xp.matrix_transpose(r)))  # (K, r)
             c = xp.where(active[:, None], c, xp.zeros_like(c))
