@@ -7,6 +7,7 @@ gives the full-data result.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, final
@@ -33,26 +34,51 @@ class Dataset:
     """Batches validated for one provider, re-iterable, with the sample count.
 
     Every batch goes through :meth:`GradientProvider.prepare_batch` (namespace,
-    finiteness, shape) on each pass.
+    finiteness, shape). Iterative methods pass over the data many times: the
+    prepared batches of the first complete pass are kept while they take at
+    most ``cache_bytes`` (256 MiB by default; 0 turns this off), so later passes
+    neither re-collate a DataLoader nor re-validate. Larger data is streamed
+    from the source on every pass.
     """
 
-    def __init__(self, batches: Iterable[Batch], gp: GradientProvider):
+    def __init__(
+        self, batches: Iterable[Batch], gp: GradientProvider, *, cache_bytes: int = 2**28
+    ):
         self._batches = batches
         self._gp = gp
         self._n: int | None = None
+        self._cache_bytes = cache_bytes
+        # shared with the restrictions made by with_provider: one list, filled once
+        self._cache: list[list[Batch]] = []
 
     def __iter__(self) -> Iterator[Batch]:
-        n = 0
+        if self._cache:
+            if self._n is None:
+                self._n = sum(len(b) for b in self._cache[0])
+            yield from self._cache[0]
+            return
+        n, size = 0, 0
+        kept: list[Batch] | None = [] if self._cache_bytes > 0 else None
         for batch in self._batches:
             batch = self._gp.prepare_batch(batch)
             n += len(batch)
+            if kept is not None:
+                size += _nbytes(batch.x) + _nbytes(batch.y)
+                if size <= self._cache_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
             yield batch
         self._n = n
+        if kept is not None and not self._cache:
+            self._cache.append(kept)
 
     def with_provider(self, gp: GradientProvider) -> Dataset:
-        """The same batches validated for another provider (a restriction, say)."""
-        out = Dataset(self._batches, gp)
+        """The same batches for another provider of the same model (a restriction):
+        validation and cast are the model's, so the cache is shared."""
+        out = Dataset(self._batches, gp, cache_bytes=self._cache_bytes)
         out._n = self._n
+        out._cache = self._cache
         return out
 
     @property
@@ -62,6 +88,12 @@ class Dataset:
                 pass
         assert self._n is not None
         return self._n
+
+
+def _nbytes(a: Array) -> int:
+    """Bytes of an array (8 per element when the dtype does not say)."""
+    itemsize = getattr(a.dtype, "itemsize", 8)
+    return math.prod(int(d) for d in a.shape) * int(itemsize)
 
 
 class Curvature(ABC):
