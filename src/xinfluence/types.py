@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -453,7 +453,7 @@ class _BatchIterable:
     """Re-iterable view of an iterable of batches; one-shot iterators are stored."""
 
     def __init__(self, data: Iterable[Any]):
-        self._data = list(data) if iter(data) is data else data  # type: ignore[call-overload]
+        self._data = list(data) if isinstance(data, Iterator) else data
 
     def __iter__(self):
         empty = True
