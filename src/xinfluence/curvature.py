@@ -41,9 +41,7 @@ class Dataset:
     from the source on every pass.
     """
 
-    def __init__(
-        self, batches: Iterable[Batch], gp: GradientProvider, *, cache_bytes: int = 2**28
-    ):
+    def __init__(self, batches: Iterable[Batch], gp: GradientProvider, *, cache_bytes: int = 2**28):
         self._batches = batches
         self._gp = gp
         self._n: int | None = None

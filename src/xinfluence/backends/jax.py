@@ -262,6 +262,16 @@ class _Model:
         return self._kfac_fn
 
 
+def _pad_rows(v: Array) -> Array:
+    """Zero rows up to the next power of two: solvers call with a varying number of
+    vectors (block CG shrinks its block), and each new shape would compile anew."""
+    k = int(v.shape[0])
+    target = 1 << max(k - 1, 0).bit_length()
+    if target == k:
+        return v
+    return jnp.concatenate([v, jnp.zeros((target - k, v.shape[1]), dtype=v.dtype)], axis=0)
+
+
 @final
 class JaxGradientProvider(GradientProvider):
     """Per-sample derivatives of a JAX model, all through :func:`jax.jit`.
@@ -549,11 +559,14 @@ class JaxGradientProvider(GradientProvider):
 
     def jacobian_prod(self, batch: Batch, g: Array) -> Array:
         g = self._check_vectors(g, "g")
-        return self._jit_jac_prod(self._theta, self._fixed, batch.x, batch.y, g)
+        k = g.shape[0]
+        out = self._jit_jac_prod(self._theta, self._fixed, batch.x, batch.y, _pad_rows(g))
+        return out[:, :k]
 
     def hvp(self, batch: Batch, v: Array) -> Array:
         v = self._check_vectors(v, "v")
-        return self._jit_hvp(self._theta, self._fixed, batch.x, batch.y, v)
+        k = v.shape[0]
+        return self._jit_hvp(self._theta, self._fixed, batch.x, batch.y, _pad_rows(v))[:k]
 
     def hessian(self, batch: Batch) -> Array:
         h = self._jit_hessian(self._theta, self._fixed, batch.x, batch.y)
