@@ -27,6 +27,7 @@ __all__ = [
     "namespace",
     "namespace_name",
     "same_namespace",
+    "compiles_per_shape",
     "check_namespace",
     "device_of",
     "is_floating",
@@ -65,6 +66,12 @@ def namespace_name(xp: Namespace) -> str:
         if check(xp):
             return name
     return getattr(xp, "__name__", repr(xp))
+
+
+def compiles_per_shape(xp: Namespace) -> bool:
+    """Whether every new array shape costs a compilation (jax): loops should then
+    keep shapes constant rather than grow arrays step by step."""
+    return bool(array_api_compat.is_jax_namespace(xp))
 
 
 def same_namespace(xp1: Namespace, xp2: Namespace) -> bool:

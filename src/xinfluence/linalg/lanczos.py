@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_extra as xpx
 import numpy as np
 
 from .. import _xp
@@ -94,11 +95,13 @@ def lanczos(
             v, _ = _orthogonalize(v, basis, xp=xp)
         return v / xp.linalg.vector_norm(v)
 
-    # A fixed-shape (m, P) basis, filled row by row without in-place updates:
-    # constant shapes keep jit-compiling namespaces (jax) from recompiling every step.
+    # An (m, P) basis filled row by row (in place where the namespace allows).
+    # Jit-compiling namespaces (jax) project against all m rows, the unfilled ones
+    # zero, so that shapes stay constant and nothing recompiles; the others only
+    # against the j + 1 filled rows.
     m = krylov_dimension
     basis = xp.zeros((m, size), dtype=dtype, device=device)
-    index = xp.arange(m, device=device)
+    fixed_shapes = _xp.compiles_per_shape(xp)
     q = random_unit(None)
     q_prev = xp.zeros_like(q)
     beta_prev = 0.0
@@ -106,14 +109,14 @@ def lanczos(
     betas: list[float] = []
     scale = 0.0
     for j in range(m):
-        one_hot = xp.astype(index == j, dtype)
-        basis = basis + one_hot[:, None] * q[None, :]
+        basis = xpx.at(basis)[j, :].set(q)
+        rows = basis if fixed_shapes else basis[: j + 1, :]
         w = apply_operator(matmat, q[None, :], xp=xp)[0, :]
         a_q_norm = xp.linalg.vector_norm(w)
         alpha = xp.linalg.vecdot(q, w)
         w = w - alpha * q - beta_prev * q_prev
-        w, removed = _orthogonalize(w, basis, xp=xp)
-        alpha = alpha + xp.linalg.vecdot(removed, one_hot)
+        w, removed = _orthogonalize(w, rows, xp=xp)
+        alpha = alpha + removed[j]
         host = _xp.to_numpy(xp.stack([alpha, xp.linalg.vector_norm(w), a_q_norm]))
         alpha_f, beta_f, a_q_norm_f = (float(h) for h in host)
         alphas.append(alpha_f)
