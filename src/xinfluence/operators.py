@@ -333,6 +333,12 @@ class LowRankOperator(Operator):
     def rank(self) -> int:
         return int(self.eigenvectors.shape[1])
 
+    @property
+    def has_complement(self) -> bool:
+        """Whether the Woodbury term ``(I - V V^T) / mu`` is present (it needs the
+        full gradients, not only their coordinates in ``V``)."""
+        return self.woodbury and self.regularization > 0 and self.rank < self.input_size
+
     def coefficients(self, t: Array) -> Array:
         """Coordinates in the eigenbasis: ``t V``, ``(K, k)``."""
         return t @ self.eigenvectors
@@ -341,7 +347,7 @@ class LowRankOperator(Operator):
         xp = _xp.namespace(t)
         coef = self.coefficients(t)
         out = (coef * self._scale) @ xp.matrix_transpose(self.eigenvectors)
-        if self.woodbury and self.regularization > 0:
+        if self.has_complement:
             out = out + (t - coef @ xp.matrix_transpose(self.eigenvectors)) / self.regularization
         return out
 
@@ -382,7 +388,7 @@ class LowRankBilinearForm(BilinearForm):
         self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
     ) -> Array:
         op = self.operator
-        if op.woodbury and op.regularization > 0 and op.rank < op.input_size:
+        if op.has_complement:
             return super().grads_inner_prod(left, right, gradient_provider)
         xp = gradient_provider.xp
         left_coef = self._left_coefficients(left, gradient_provider)
@@ -395,7 +401,7 @@ class LowRankBilinearForm(BilinearForm):
         self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
     ) -> Array:
         op = self.operator
-        if op.woodbury and op.regularization > 0 and op.rank < op.input_size:
+        if op.has_complement:
             return super().mixed_grads_inner_prod(left, right, gradient_provider)
         xp = gradient_provider.xp
         factors = self._left_coefficients(left, gradient_provider) @ xp.matrix_transpose(
@@ -430,23 +436,10 @@ class LissaOperator(Operator):
         self.curvature = curvature
         self.regularization = float(regularization)
         self.options = options = options or LissaOptions()
-        scale, seed, batch_size = options.scale, options.seed, options.batch_size
-        if scale is None and _top is None:
-            top = lanczos(
-                curvature.matmat,
-                curvature.size,
-                rank=1,
-                krylov_dimension=min(curvature.size, 30),
-                seed=seed,
-                xp=curvature.xp,
-                dtype=curvature.dtype,
-                device=curvature.device,
-            )
-            _top = abs(float(top.eigenvalues[0]))
+        scale, batch_size = options.scale, options.batch_size
         self._top = _top
         if scale is None:
-            assert _top is not None
-            scale = (_top + self.regularization) * (2.0 if batch_size else 1.0)
+            scale = (self._top_estimate() + self.regularization) * (2.0 if batch_size else 1.0)
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.scale = float(scale)
@@ -518,20 +511,20 @@ class LissaOperator(Operator):
         return h / scale
 
     def _top_estimate(self) -> float:
+        """Lanczos estimate of the largest-magnitude eigenvalue of ``C`` (cached)."""
         if self._top is None:
-            self._top = abs(
-                float(
-                    lanczos(
-                        self.curvature.matmat,
-                        self.curvature.size,
-                        rank=1,
-                        krylov_dimension=min(self.curvature.size, 30),
-                        xp=self.curvature.xp,
-                        dtype=self.curvature.dtype,
-                        device=self.curvature.device,
-                    ).eigenvalues[0]
-                )
+            c = self.curvature
+            top = lanczos(
+                c.matmat,
+                c.size,
+                rank=1,
+                krylov_dimension=min(c.size, 30),
+                seed=self.options.seed,
+                xp=c.xp,
+                dtype=c.dtype,
+                device=c.device,
             )
+            self._top = abs(float(top.eigenvalues[0]))
         return self._top
 
     def with_regularization(self, regularization: float) -> LissaOperator:

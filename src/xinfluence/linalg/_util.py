@@ -47,3 +47,26 @@ def check_positive_int(value: int, name: str, /) -> int:
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_solver_args(
+    b: Array, /, *, rtol: float, atol: float, maxiter: int | None, on_failure: str
+) -> tuple[Namespace, int]:
+    """Validate the common arguments of the CG solvers; return ``(xp, maxiter)``
+    with ``maxiter`` defaulting to ``10 P``."""
+    xp = _xp.namespace(b)
+    if b.ndim != 2:
+        raise ValueError(
+            f"expected b of shape (K, P), got shape {tuple(b.shape)}; "
+            "for a single right-hand side use b[None, :]"
+        )
+    if not _xp.is_floating(b, xp=xp):
+        raise TypeError(f"expected b with a real floating dtype, got {b.dtype}")
+    if on_failure not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+    if rtol < 0 or atol < 0:
+        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    maxiter = 10 * int(b.shape[1]) if maxiter is None else int(maxiter)
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be >= 0, got {maxiter}")
+    return xp, maxiter

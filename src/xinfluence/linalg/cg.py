@@ -17,7 +17,7 @@ from ..errors import (
     NotPositiveDefiniteError,
 )
 from ._results import SolverResult
-from ._util import MatMat, apply_operator, full_like, row_norms
+from ._util import MatMat, apply_operator, check_solver_args, full_like, row_norms
 
 __all__ = ["cg"]
 
@@ -92,23 +92,8 @@ def cg(
             ``r^T M r <= 0`` (the preconditioner is not positive definite).
         NonFiniteError: the operator or preconditioner produced NaN or inf.
     """
-    xp = _xp.namespace(b)
-    if b.ndim != 2:
-        raise ValueError(
-            f"expected b of shape (K, P), got shape {tuple(b.shape)}; "
-            "for a single right-hand side use b[None, :]"
-        )
-    if not _xp.is_floating(b, xp=xp):
-        raise TypeError(f"expected b with a real floating dtype, got {b.dtype}")
-    if on_failure not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
-    if rtol < 0 or atol < 0:
-        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
-    n_rows, size = int(b.shape[0]), int(b.shape[1])
-    if maxiter is None:
-        maxiter = 10 * size
-    if maxiter < 0:
-        raise ValueError(f"maxiter must be >= 0, got {maxiter}")
+    xp, maxiter = check_solver_args(b, rtol=rtol, atol=atol, maxiter=maxiter, on_failure=on_failure)
+    n_rows = int(b.shape[0])
 
     def apply_a(v: Array) -> Array:
         return apply_operator(matmat, v, xp=xp, what="matmat")
