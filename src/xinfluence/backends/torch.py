@@ -424,6 +424,13 @@ class TorchGradientProvider(GradientProvider):
         def grad_mean(params: Params) -> Params:
             return grad(self._mean_loss)(params, x, y)
 
+        if v.shape[0] == 1:
+            # One vector (Lanczos steps): a plain reverse-over-reverse product
+            # skips vmap's batching overhead, about 2-3 times faster here.
+            pullback = vjp(grad_mean, active)[1]
+            single = pullback({k: t[0] for k, t in self._unflatten(v).items()})[0]
+            return self._flatten({k: t[None] for k, t in single.items()}, (1,))
+
         if forward:
 
             def one(t: Params) -> Params:
