@@ -9,7 +9,6 @@ namespace keyword-only, and return arrays of the namespace they were given.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import array_api_compat
@@ -38,11 +37,9 @@ __all__ = [
     "solve_triangular",
     "cho_solve",
     "cholesky_or_none",
-    "eigh",
     "to_numpy",
     "from_numpy",
     "random_normal",
-    "random_integers",
     "finfo_eps",
     "symmetrize",
 ]
@@ -208,12 +205,6 @@ def cho_solve(factor: Array, b: Array, /, *, xp: Namespace) -> Array:
     return solve_triangular(xp.matrix_transpose(factor), y, lower=False, xp=xp)
 
 
-def eigh(a: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix."""
-    w, v = xp.linalg.eigh(a)
-    return w, v
-
-
 def to_numpy(x: Array, /) -> np.ndarray:
     """Host copy of any array as a numpy array (for tests, reports and RNG)."""
     if array_api_compat.is_torch_array(x):
@@ -249,15 +240,3 @@ def random_normal(
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     return from_numpy(rng.standard_normal(shape), dtype=dtype, device=device, xp=xp)
-
-
-def random_integers(
-    high: int, size: int, /, *, seed: int | np.random.Generator | None
-) -> np.ndarray:
-    """Host integers in ``[0, high)`` (used for sampling batches)."""
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    return rng.integers(0, high, size=size)
-
-
-def sqrt_eps(dtype: Any, /, *, xp: Namespace) -> float:
-    return math.sqrt(finfo_eps(dtype, xp=xp))

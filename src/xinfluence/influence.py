@@ -651,8 +651,8 @@ class EkfacInfluence(ComposableInfluence):
             raise ValueError("cannot fit on an empty dataset")
         bases = {}
         for layer, (a_cov, s_cov) in cov.items():
-            lam_a, q_a = _xp.eigh(_xp.symmetrize(a_cov / n, xp=xp), xp=xp)
-            lam_s, q_s = _xp.eigh(_xp.symmetrize(s_cov / n, xp=xp), xp=xp)
+            lam_a, q_a = xp.linalg.eigh(_xp.symmetrize(a_cov / n, xp=xp))
+            lam_s, q_s = xp.linalg.eigh(_xp.symmetrize(s_cov / n, xp=xp))
             bases[layer] = (q_s, q_a, lam_s[:, None] * lam_a[None, :])
         if self.update_diagonal:
             corrected: dict[str, Array] = {}

@@ -81,7 +81,7 @@ def nystroem(
         # B^T = C^{-1} Y_ν^T  <=>  B = Y_ν C^{-T}
         b = xp.matrix_transpose(_xp.solve_triangular(factor, y_t, lower=True, xp=xp))
     else:
-        w, v = _xp.eigh(core, xp=xp)
+        w, v = xp.linalg.eigh(core)
         w_host = _xp.to_numpy(w)
         top = float(np.max(np.abs(w_host))) if w_host.size else 0.0
         if w_host.size and float(np.min(w_host)) < -math.sqrt(eps) * top:

@@ -14,6 +14,22 @@ from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace
 __all__ = ["JacobiPreconditioner", "NystroemPreconditioner", "hutchinson_diagonal"]
 
 
+def _shifted(
+    values: Array, regularization: float, name: str, *, xp: Namespace
+) -> tuple[Array, float]:
+    """``values + regularization`` and its minimum; an error unless it is positive."""
+    if regularization < 0:
+        raise ValueError(f"regularization must be >= 0, got {regularization}")
+    shifted = values + regularization
+    smallest = float(xp.min(shifted))
+    if not smallest > 0:
+        raise NotPositiveDefiniteError(
+            f"the {name} preconditioner needs its curvature values + regularization > 0, "
+            f"got {smallest:.3e}; increase the regularization"
+        )
+    return shifted, smallest
+
+
 class JacobiPreconditioner:
     r"""Diagonal preconditioner ``M^{-1} v = v / (d + μ)`` applied to each row.
 
@@ -33,15 +49,7 @@ class JacobiPreconditioner:
         xp = _xp.namespace(diagonal)
         if diagonal.ndim != 1:
             raise ValueError(f"expected the diagonal of shape (P,), got {tuple(diagonal.shape)}")
-        if regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
-        shifted = diagonal + regularization
-        smallest = float(xp.min(shifted))
-        if not smallest > 0:
-            raise NotPositiveDefiniteError(
-                f"the Jacobi preconditioner needs diagonal + regularization > 0, got an entry "
-                f"{smallest:.3e}; increase the regularization"
-            )
+        shifted, _ = _shifted(diagonal, regularization, "Jacobi", xp=xp)
         self._inverse = 1.0 / shifted
         self.regularization = float(regularization)
 
@@ -91,15 +99,7 @@ class NystroemPreconditioner:
                 "expected eigenvalues (r,) and eigenvectors (P, r), got shapes "
                 f"{tuple(eigenvalues.shape)} and {tuple(eigenvectors.shape)}"
             )
-        if regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization}")
-        shifted = eigenvalues + regularization
-        smallest = float(xp.min(shifted))
-        if not smallest > 0:
-            raise NotPositiveDefiniteError(
-                f"the Nyström preconditioner needs min(eigenvalues) + regularization > 0, got "
-                f"{smallest:.3e}; use a positive regularization"
-            )
+        shifted, smallest = _shifted(eigenvalues, regularization, "Nyström", xp=xp)
         # M^{-1} v = v + ((λ_r + μ) / (λ + μ) - 1) (v U) U^T  for rows v.
         self._row_scale = smallest / shifted - 1.0
         self._eigenvectors = eigenvectors
