@@ -394,6 +394,109 @@ def test_restrict_equals_slices(trained_mlp, data):
         subsub.restrict(["0.bias"])
 
 
+# -- 5b. the Hessian assembled from nn.Linear layer quantities ------------------------
+
+
+class _TiedOutside(nn.Module):
+    """fc's weight is also read outside fc: the layer hooks cannot see that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) + 0.3 * torch.sin(x @ self.fc.weight.T)
+        return self.out(h)
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def _softplus_mlp():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(5, 6), nn.Softplus(), nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+
+
+def _frozen(model, names):
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "case, structured",
+    [
+        ("mlp", True),
+        ("softplus_no_bias_mse", True),
+        ("frozen_biases", True),  # weights only
+        ("frozen_weight_0", True),  # layer 0 contributes its bias only
+        ("tied_outside", False),
+        ("called_twice", False),
+    ],
+)
+def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured):
+    x, y = data[0][:23], data[1][:23]  # an odd batch size
+    loss = F.cross_entropy
+    if case == "mlp":
+        model = trained_mlp
+    elif case == "softplus_no_bias_mse":
+        model, loss = _softplus_mlp(), F.mse_loss
+        y = torch.randn(23, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    elif case == "frozen_biases":
+        model = _frozen(copy.deepcopy(trained_mlp), {"0.bias", "2.bias", "4.bias"})
+    elif case == "frozen_weight_0":
+        model = _frozen(copy.deepcopy(trained_mlp), {"0.weight"})
+    elif case == "tied_outside":
+        torch.manual_seed(4)
+        model = _TiedOutside().double()
+    else:
+        torch.manual_seed(4)
+        model = _CalledTwice().double()
+    gp = TorchGradientProvider(model, loss)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, loss, x, y, list(gp.parameter_names))
+    assert rel_err(gp.hessian(batch), ref) < 1e-12
+    assert gp._linear_structure is structured  # which path ran
+    # the same when the samples are summed in several uneven chunks
+    if structured:
+        import xinfluence.backends.torch as xt
+
+        chunked = TorchGradientProvider(model, loss)
+        old = xt._STRUCTURE_CHUNK_ELEMENTS
+        xt._STRUCTURE_CHUNK_ELEMENTS = 700  # a few samples per chunk
+        try:
+            assert rel_err(chunked.hessian(batch), ref) < 1e-12
+        finally:
+            xt._STRUCTURE_CHUNK_ELEMENTS = old
+        assert chunked._linear_structure is True
+
+
+def test_structured_hessian_of_restricted_layers(trained_mlp, data):
+    x, y = data[0][:17], data[1][:17]
+    gp = TorchGradientProvider(trained_mlp, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    full = ref_hessian(trained_mlp, F.cross_entropy, x, y, list(gp.parameter_names))
+    slices = gp.parameter_slices
+    for names in (["2.weight", "2.bias"], ["4.bias", "0.weight"], ["0.bias"]):
+        sub = gp.restrict(names)
+        idx = torch.cat(
+            [torch.arange(slices[n].start, slices[n].stop) for n in sub.parameter_names]
+        )
+        assert rel_err(sub.hessian(batch), full[idx][:, idx]) < 1e-12
+        assert sub._linear_structure is True
+
+
 # -- 6. K-FAC factors ----------------------------------------------------------------
 
 
