@@ -23,6 +23,7 @@ from torch.func import functional_call  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from xinfluence import Batch, DirectInfluence  # noqa: E402
+from xinfluence.backends import _torch_linear  # noqa: E402
 from xinfluence.backends.numpy import (  # noqa: E402
     LinearRegressionGradients,
     SoftmaxRegressionGradients,
@@ -445,7 +446,7 @@ def _frozen(model, names):
         ("called_twice", False),
     ],
 )
-def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured):
+def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured, monkeypatch):
     x, y = data[0][:23], data[1][:23]  # an odd batch size
     loss = F.cross_entropy
     if case == "mlp":
@@ -470,16 +471,16 @@ def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured
     assert gp._linear_structure is structured  # which path ran
     # the same when the samples are summed in several uneven chunks
     if structured:
-        import xinfluence.backends.torch as xt
-
         chunked = TorchGradientProvider(model, loss)
-        old = xt._STRUCTURE_CHUNK_ELEMENTS
-        xt._STRUCTURE_CHUNK_ELEMENTS = 700  # a few samples per chunk
-        try:
-            assert rel_err(chunked.hessian(batch), ref) < 1e-12
-        finally:
-            xt._STRUCTURE_CHUNK_ELEMENTS = old
+        monkeypatch.setattr(_torch_linear, "CHUNK_ELEMENTS", 700)  # a few samples per chunk
+        assert rel_err(chunked.hessian(batch), ref) < 1e-12
         assert chunked._linear_structure is True
+    # products with many vectors (factors computed) and with one (general path
+    # first, structured once the batch comes back)
+    for k in (40, 1, 1):
+        v = torch.randn(k, gp.n_parameters, generator=torch.Generator().manual_seed(k), dtype=F64)
+        assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._linear_structure is structured
 
 
 def test_structured_hessian_of_restricted_layers(trained_mlp, data):
@@ -495,6 +496,25 @@ def test_structured_hessian_of_restricted_layers(trained_mlp, data):
         )
         assert rel_err(sub.hessian(batch), full[idx][:, idx]) < 1e-12
         assert sub._linear_structure is True
+        v = torch.randn(30, sub.n_parameters, dtype=F64)
+        assert rel_err(sub.hvp(batch, v), v @ full[idx][:, idx]) < 1e-12
+
+
+def test_structured_products_follow_parameter_updates(data):
+    """Factors kept for a batch are recomputed after an in-place parameter update."""
+    x, y = data[0][:19], data[1][:19]
+    model = make_mlp(5)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    v = torch.randn(50, gp.n_parameters, dtype=F64)
+    names = list(gp.parameter_names)
+    before = gp.hvp(batch, v)
+    assert rel_err(before, v @ ref_hessian(model, F.cross_entropy, x, y, names)) < 1e-12
+    with torch.no_grad():
+        model[2].weight.mul_(1.5)
+    after = gp.hvp(batch, v)
+    assert rel_err(after, v @ ref_hessian(model, F.cross_entropy, x, y, names)) < 1e-12
+    assert rel_err(after, before) > 1e-3
 
 
 # -- 6. K-FAC factors ----------------------------------------------------------------

@@ -137,6 +137,17 @@ def eye(n: int, /, *, dtype: Any, device: Any, xp: Namespace) -> Array:
     return xp.eye(n, dtype=dtype, device=device)
 
 
+def add_scaled(total: Array | None, x: Array, /, *, scale: float, xp: Namespace) -> Array:
+    """``total + scale * x`` (``scale * x`` when ``total`` is None), reusing
+    ``total``'s memory for torch tensors: summing ``(P, P)`` curvatures batch by
+    batch would otherwise allocate a fresh matrix per batch. ``x`` is not kept."""
+    if total is None:
+        return scale * x
+    if array_api_compat.is_torch_array(total):
+        return total.add_(x, alpha=scale)
+    return total + scale * x
+
+
 def symmetrize(a: Array, /, *, xp: Namespace) -> Array:
     return (a + xp.matrix_transpose(a)) / 2
 

@@ -134,12 +134,14 @@ class Curvature(ABC):
 
     def dense(self) -> Array:
         """The dense curvature ``C``, ``(P, P)``."""
-        total = self._zeros((self.size, self.size))
+        total = None
         n = 0
         for batch in self.data:
             nb = len(batch)
-            total = total + nb * self._batch_dense(batch)
+            total = _xp.add_scaled(total, self._batch_dense(batch), scale=nb, xp=self.xp)
             n += nb
+        if total is None:
+            raise ValueError("cannot build the curvature of an empty dataset")
         out = _xp.symmetrize(total / n, xp=self.xp)
         return _xp.check_finite(out, xp=self.xp, what="the curvature (gradients or Hessian)")
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from .. import _xp
 from .._xp import Namespace
 from ..types import Batch, GradientProvider
+from . import _torch_linear as _lin
 
 __all__ = ["TorchGradientProvider"]
 
@@ -174,9 +176,6 @@ class TorchGradientProvider(GradientProvider):
         self._trainable = trainable
         self._constants = constants
         self._checked: set[tuple[Any, ...]] = set()  # shared with restrictions
-        # None: not tried yet; True/False: the dense Hessian can / cannot be
-        # assembled from nn.Linear layer quantities (``_linear_hessian``).
-        self._linear_structure: bool | None = None
         self._set_active(tuple(trainable))
 
     def _set_active(self, names: tuple[str, ...]) -> None:
@@ -186,6 +185,13 @@ class TorchGradientProvider(GradientProvider):
         fixed = dict(self._constants)
         fixed.update((n, p) for n, p in self._trainable.items() if n not in active)
         self._fixed = fixed
+        # Second derivatives from nn.Linear layer structure (``_torch_linear``):
+        # None until checked, then whether the model has it.
+        self._linear_structure: bool | None = None
+        self._layout: _lin.LinearLayout | None = None
+        # id(x) -> (weakref to x, y, parameter versions, factors or None)
+        self._factor_cache: dict[int, tuple[Any, ...]] = {}
+        self._workspace = _lin.Workspace()
 
     # -- the model ------------------------------------------------------------
     @property
@@ -416,6 +422,10 @@ class TorchGradientProvider(GradientProvider):
 
     def hvp(self, batch: Batch, v: Tensor) -> Tensor:
         v = self._check_vectors(v, "v")
+        if batch.x.shape[0] > 0 and v.shape[0] > 0:
+            factors = self._structured_factors(batch, v.shape[0])
+            if factors is not None and self._layout is not None:
+                return _lin.linear_hvp(self._layout, factors, v, self._workspace)
         return self._hvp(batch, v, forward=self.forward_ad)
 
     def _hvp(self, batch: Batch, v: Tensor, *, forward: bool) -> Tensor:
@@ -453,7 +463,7 @@ class TorchGradientProvider(GradientProvider):
 
         When every parameter of the provider is the weight or bias of an
         ``nn.Linear`` layer (MLPs), the Hessian is assembled from per-sample
-        layer quantities (see :func:`_linear_hessian`) with a few large matrix
+        layer quantities (see :mod:`xinfluence.backends._torch_linear`) with a few large matrix
         products, about 5 times faster than autodiff; the result is checked
         against one autodiff product with a random vector, and any model that
         fails the check takes the general path.
@@ -461,7 +471,7 @@ class TorchGradientProvider(GradientProvider):
         The general path: reverse-over-reverse products with the identity,
         vectorised in chunks (``chunk_size``, or about ``2**16 / N`` rows).
         """
-        if self._linear_structure is not False and batch.x.shape[0] > 0:
+        if batch.x.shape[0] > 0:
             h = self._structured_hessian(batch)
             if h is not None:
                 return h
@@ -470,56 +480,82 @@ class TorchGradientProvider(GradientProvider):
         h = self._hvp(batch, eye, forward=False)
         return (h + h.T) / 2
 
-    def _structured_hessian(self, batch: Batch) -> Tensor | None:
-        """The Hessian from layer structure, or ``None`` (and the general path from
-        then on) when the model does not have it."""
-        layers = self._linear_param_layers()
-        covered = {n for _, w, b in layers.values() for n in (w, b) if n is not None}
-        if not self.forward_ad or covered != set(self._names):
-            self._linear_structure = False
+    def _linear_layout(self) -> _lin.LinearLayout | None:
+        """The layer layout when every parameter sits in an ``nn.Linear`` layer and
+        the structure has not failed a check, else ``None``."""
+        if self._linear_structure is False or not self.forward_ad:
             return None
-        try:
-            h = _linear_hessian(self, batch, layers)
-        except _NotLinearStructured:
-            self._linear_structure = False
-            return None
-        # One autodiff product guards against uses of the weights that the layer
-        # hooks cannot see (a weight read outside its module, for example).
+        if self._layout is None:
+            layers = _lin.linear_param_layers(self.model, self._active)
+            covered = {n for _, w, b in layers.values() for n in (w, b) if n is not None}
+            if covered != set(self._names):
+                self._linear_structure = False
+                return None
+            self._layout = _lin.LinearLayout.build(layers, self.parameter_slices)
+        return self._layout
+
+    def _structure_holds(self, batch: Batch, matmat: Callable[[Tensor], Tensor]) -> bool:
+        """Check ``matmat`` (the structured ``V -> V H``) against one autodiff product
+        with a random vector: this catches uses of the weights that the layer
+        hooks cannot see (a weight read outside its module, for example)."""
         gen = torch.Generator(device=self._device).manual_seed(0)
-        v = torch.randn(1, h.shape[0], generator=gen, dtype=self._dtype, device=self._device)
+        v = torch.randn(1, self.n_parameters, generator=gen, dtype=self._dtype, device=self._device)
         ref = self._hvp(batch, v, forward=False)
-        err = torch.linalg.vector_norm(v @ h - ref) / torch.linalg.vector_norm(ref).clamp_min(
+        err = torch.linalg.vector_norm(matmat(v) - ref) / torch.linalg.vector_norm(ref).clamp_min(
             torch.finfo(self._dtype).tiny
         )
-        if not bool(err <= max(1e-6, 1e4 * torch.finfo(self._dtype).eps)):
+        holds = bool(err <= max(1e-6, 1e4 * torch.finfo(self._dtype).eps))
+        self._linear_structure = holds
+        return holds
+
+    def _structured_hessian(self, batch: Batch) -> Tensor | None:
+        layout = self._linear_layout()
+        if layout is None:
+            return None
+        try:
+            h = _lin.linear_hessian(self, layout, batch, self._workspace)
+        except _lin.NotLinearStructured:
             self._linear_structure = False
             return None
-        self._linear_structure = True
-        return h
+        return h if self._structure_holds(batch, lambda v: v @ h) else None
 
-    def _linear_param_layers(self) -> OrderedDict[str, tuple[nn.Linear, str | None, str | None]]:
-        """``nn.Linear`` modules holding parameters of this provider: module name ->
-        ``(module, weight name or None, bias name or None)`` (``None``: frozen).
-        Parameters shared with another module are left out."""
-        uses: dict[int, int] = {}
-        for module in self.model.modules():
-            for p in module._parameters.values():
-                if p is not None:
-                    uses[id(p)] = uses.get(id(p), 0) + 1
-        out: OrderedDict[str, tuple[nn.Linear, str | None, str | None]] = OrderedDict()
-        for mod_name, module in self.model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            names = []
-            for attr in ("weight", "bias"):
-                p = getattr(module, attr)
-                name = prefix + attr
-                ok = p is not None and name in self._active and uses[id(p)] == 1
-                names.append(name if ok else None)
-            if names[0] is not None or names[1] is not None:
-                out[mod_name or "root"] = (module, names[0], names[1])
-        return out
+    def _structured_factors(self, batch: Batch, n_vectors: int) -> _lin.LinearFactors | None:
+        """The batch's layer factors for products (kept while the batch lives and
+        the parameters are unchanged), or ``None`` for the general path."""
+        layout = self._linear_layout()
+        x, y = batch.x, batch.y
+        if layout is None or layout.factor_elements(x.shape[0]) > _lin.FACTOR_ELEMENTS:
+            return None
+        versions = tuple(t._version for t in self._trainable.values()) + tuple(
+            t._version for t in self._constants.values()
+        )
+        hit = self._factor_cache.get(id(x))
+        if hit is not None and hit[0]() is not x:
+            hit = None
+        if hit is not None and hit[1] is y and hit[2] == versions and hit[3] is not None:
+            return hit[3]
+        # Computing the factors costs about S = sum(out) products: worth it for
+        # many vectors at once, or for a batch that comes back (cached data).
+        if 4 * n_vectors < layout.width and hit is None:
+            self._remember(x, (y, versions, None))
+            return None
+        try:
+            f = _lin.linear_factors(self, layout, x, y, x.shape[0])
+        except _lin.NotLinearStructured:
+            self._linear_structure = False
+            return None
+        if not self._structure_holds(
+            batch, lambda v: _lin.linear_hvp(layout, f, v, self._workspace)
+        ):
+            return None
+        self._remember(x, (y, versions, f))
+        return f
+
+    def _remember(self, x: Tensor, entry: tuple[Any, ...]) -> None:
+        key = id(x)
+        if key not in self._factor_cache:  # forget the entry when x is freed
+            weakref.finalize(x, self._factor_cache.pop, key, None)
+        self._factor_cache[key] = (weakref.ref(x), *entry)
 
     # -- EK-FAC support -------------------------------------------------------
     def _linear_modules(self) -> OrderedDict[str, tuple[str, nn.Linear, str, str | None]]:
@@ -615,179 +651,6 @@ class TorchGradientProvider(GradientProvider):
             f"TorchGradientProvider({type(self.model).__name__}, P={self.n_parameters}, "
             f"dtype={self._dtype}, device={self._device})"
         )
-
-
-class _NotLinearStructured(Exception):
-    """The model's forward pass does not have the structure ``_linear_hessian`` needs."""
-
-
-# Elements of the largest per-chunk intermediate in ``_linear_hessian``.
-_STRUCTURE_CHUNK_ELEMENTS = 2**22
-
-
-def _linear_hessian(
-    gp: TorchGradientProvider,
-    batch: Batch,
-    layers: OrderedDict[str, tuple[nn.Linear, str | None, str | None]],
-) -> Tensor:
-    """Exact Hessian ``(P, P)`` of the batch's mean loss for a model whose
-    parameters are all weights and biases of ``nn.Linear`` layers, each applied
-    once per forward pass to 2-D inputs. ``layers``: module name -> ``(module,
-    weight name or None, bias name or None)``, ``None`` for a frozen one.
-
-    Add a perturbation ``s_L`` to the output of each layer ``L`` and let ``phi(s)``
-    be the mean loss. Moving layer ``L``'s parameters ``U_L = [W_L | b_L]``
-    (``(out_L, c_L)``; only the trainable ones) by ``dU_L``
-    perturbs its output by ``s_L = dU_L @ ã_L``, with ``ã_L = [a_L; 1]`` its input
-    at the *moved* upstream parameters. To second order, with, per sample ``i``,
-
-    * ``delta_iL = d phi / d s_iL`` ``(out_L,)``, ``Phi_i = d^2 phi / d s_i^2``,
-    * ``J_i(L, L') = d a_iL / d s_iL'`` ``(in_L, out_L')`` (zero unless ``L'`` is
-      upstream of ``L``),
-
-    the Hessian block of ``(U_L, U_L')``, indexed ``[a, p, b, q]``, is
-
-        ``sum_i Phi_i[La, L'b] ã_iL[p] ã_iL'[q] + C_LL'[a,p,b,q] + C_L'L[b,q,a,p]``,
-        ``C_LL'[a,p,b,q] = sum_i delta_iL[a] J_i(L, L')[p, b] ã_iL'[q]`` (``p < in_L``).
-
-    ``delta``, ``Phi`` and ``J`` come from one gradient and ``S = sum out_L``
-    forward-mode products over the batch (all samples at once: they are
-    independent); the sums over samples are matrix products over chunks of
-    samples, so that no intermediate exceeds about ``2**22`` elements. Raises
-    ``_NotLinearStructured`` when a layer is called twice or on inputs that are
-    not ``(N, in)``.
-    """
-    x, y = batch.x, batch.y
-    names = list(layers)
-    modules = {k: m for k, (m, _, _) in layers.items()}
-    n_out = {k: m.out_features for k, m in modules.items()}
-    # columns of U_L: the trainable weight's (in_L), then the trainable bias's (1)
-    n_w = {k: m.in_features if w is not None else 0 for k, (m, w, _) in layers.items()}
-    cols = {k: n_w[k] + int(b is not None) for k, (_, _, b) in layers.items()}
-    dtype, device = gp.dtype, gp.device
-    n_total = x.shape[0]
-    ctx: dict[str, Any] = {}
-
-    def make_hook(layer: str) -> Callable[..., Tensor]:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            acts = ctx["a"]
-            if layer in acts or inputs[0].ndim != 2 or output.ndim != 2:
-                raise _NotLinearStructured(layer)
-            acts[layer] = inputs[0]
-            return output + ctx["s"][layer]
-
-        return hook
-
-    def phi(s: Params, xc: Tensor, yc: Tensor) -> tuple[Tensor, Params]:
-        ctx["s"], ctx["a"] = s, {}
-        # the chunk's share of the batch's mean loss
-        loss = gp._output_losses(gp._forward(gp._active, xc), yc).sum() / n_total
-        if set(ctx["a"]) != set(names):
-            raise _NotLinearStructured("a layer was not called")
-        return loss, dict(ctx["a"])
-
-    g_fn = grad(phi, has_aux=True)
-    offsets, width_s = {}, 0
-    for k in names:
-        offsets[k] = width_s
-        width_s += n_out[k]
-    pairs = [(k, k2) for i, k in enumerate(names) for k2 in names[i:]]
-    per_sample = max(
-        width_s * (width_s + sum(m.in_features for m in modules.values())),
-        *(cols[k] * cols[k2] + n_out[k] * cols[k2] + n_out[k2] * cols[k] for k, k2 in pairs),
-    )
-    chunk = max(1, min(n_total, _STRUCTURE_CHUNK_ELEMENTS // per_sample))
-    gauss: dict[tuple[str, str], Tensor] = {}  # (out out', c c')
-    cross: dict[tuple[str, str], Tensor] = {}  # (in out', out c') for C_LL'
-
-    def accumulate(store: dict[Any, Tensor], key: Any, lhs: Tensor, rhs: Tensor) -> None:
-        if key in store:
-            store[key].addmm_(lhs.T, rhs)
-        else:
-            store[key] = lhs.T @ rhs
-
-    handles = [modules[k].register_forward_hook(make_hook(k)) for k in names]
-    try:
-        for lo in range(0, n_total, chunk):
-            xc, yc = x[lo : lo + chunk], y[lo : lo + chunk]
-            n = xc.shape[0]
-            s0 = {k: torch.zeros(n, n_out[k], dtype=dtype, device=device) for k in names}
-            dirs = {k: torch.zeros(width_s, n, n_out[k], dtype=dtype, device=device) for k in names}
-            for k in names:
-                unit = torch.arange(n_out[k], device=device)
-                dirs[k][offsets[k] + unit, :, unit] = 1
-            delta, acts = g_fn(s0, xc, yc)
-
-            def tangent(e: Params) -> tuple[Params, Params]:
-                return jvp(lambda s: g_fn(s, xc, yc), (s0,), (e,))[1]  # noqa: B023
-
-            d_delta, d_acts = vmap(tangent)(dirs)  # (S, n, out_L), (S, n, in_L)
-            atil = {
-                k: torch.cat([acts[k][:, : n_w[k]], acts[k].new_ones(n, cols[k] - n_w[k])], dim=1)
-                for k in names
-            }
-            for k, k2 in pairs:
-                # Phi_i[La, L'b] (n, out out'), symmetrised; outer products ã ã'
-                blk = d_delta[k][offsets[k2] : offsets[k2] + n_out[k2]].permute(1, 2, 0)
-                if k == k2:
-                    blk = (blk + blk.transpose(1, 2)) / 2
-                else:
-                    other = d_delta[k2][offsets[k] : offsets[k] + n_out[k]].permute(1, 0, 2)
-                    blk = (blk + other) / 2
-                outer = (atil[k][:, :, None] * atil[k2][:, None, :]).reshape(n, -1)
-                accumulate(gauss, (k, k2), blk.reshape(n, -1), outer)
-            for k in (k for k in names if n_w[k]):
-                for k2 in names:
-                    # J_i(L, L')[p, b] (n, in out'): nonzero when L' is upstream of L
-                    jac = d_acts[k][offsets[k2] : offsets[k2] + n_out[k2]].permute(1, 2, 0)
-                    if not bool(torch.any(jac != 0)):
-                        continue
-                    rhs = (delta[k][:, :, None] * atil[k2][:, None, :]).reshape(n, -1)
-                    accumulate(cross, (k, k2), jac.reshape(n, -1), rhs)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    def layer_block(k: str, k2: str) -> Tensor:
-        """Hessian block of ``(U_L, U_L')`` as ``(out, c, out', c')``."""
-        t = (
-            gauss[(k, k2)]
-            .reshape(n_out[k], n_out[k2], cols[k], cols[k2])
-            .permute(0, 2, 1, 3)
-            .contiguous()
-        )
-        if (k, k2) in cross:  # C_LL'[a, p, b, q] from (p b, a q)
-            c = cross[(k, k2)].reshape(n_w[k], n_out[k2], n_out[k], cols[k2])
-            t[:, : n_w[k]] += c.permute(2, 0, 1, 3)
-        if (k2, k) in cross:  # C_L'L[b, q, a, p] from (q a, b p)
-            c = cross[(k2, k)].reshape(n_w[k2], n_out[k], n_out[k2], cols[k])
-            t[:, :, :, : n_w[k2]] += c.permute(1, 3, 2, 0)
-        return t
-
-    # write each block into the provider's flat order (weights row-major, biases)
-    where: dict[str, tuple[str, slice, int]] = {}  # name -> (layer, column slice, offset)
-    flat = 0
-    for name, shape in gp.parameter_shapes.items():
-        layer = next(k for k, (_, w, b) in layers.items() if name in (w, b))
-        is_weight = name == layers[layer][1]
-        where[name] = (layer, slice(0, n_w[layer]) if is_weight else slice(n_w[layer], None), flat)
-        flat += math.prod(shape)
-    h = torch.empty(flat, flat, dtype=dtype, device=device)
-    by_layer: dict[str, list[str]] = {k: [] for k in names}
-    for name, (layer, _, _) in where.items():
-        by_layer[layer].append(name)
-    for k, k2 in pairs:
-        t = layer_block(k, k2)
-        for n1 in by_layer[k]:
-            _, sl1, o1 = where[n1]
-            for n2 in by_layer[k2]:
-                _, sl2, o2 = where[n2]
-                sub = t[:, sl1][:, :, :, sl2]
-                m = sub.reshape(sub.shape[0] * sub.shape[1], -1)
-                h[o1 : o1 + m.shape[0], o2 : o2 + m.shape[1]] = m
-                if k != k2:
-                    h[o2 : o2 + m.shape[1], o1 : o1 + m.shape[0]] = m.T
-    return h
 
 
 def _first_line(exc: BaseException) -> str:
