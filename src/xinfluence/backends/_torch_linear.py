@@ -251,10 +251,11 @@ def linear_hessian(gp: Any, layout: LinearLayout, batch: Batch, ws: Workspace) -
     # each (parameter, parameter) piece of a layer block goes to its flat position
     pieces: dict[str, list[tuple[slice, slice, bool]]] = {k: [] for k in names}
     for k in names:
-        if layout.weight[k] is not None:
-            pieces[k].append((slice(0, n_w[k]), layout.weight[k], True))
-        if layout.bias[k] is not None:
-            pieces[k].append((slice(n_w[k], cols[k]), layout.bias[k], False))
+        w_flat, b_flat = layout.weight[k], layout.bias[k]
+        if w_flat is not None:
+            pieces[k].append((slice(0, n_w[k]), w_flat, True))
+        if b_flat is not None:
+            pieces[k].append((slice(n_w[k], cols[k]), b_flat, False))
     p = gp.n_parameters
     h = torch.empty(p, p, dtype=gp.dtype, device=gp.device)
     for k, k2 in pairs:
