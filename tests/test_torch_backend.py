@@ -442,6 +442,7 @@ def _frozen(model, names):
         ("softplus_no_bias_mse", True),
         ("frozen_biases", True),  # weights only
         ("frozen_weight_0", True),  # layer 0 contributes its bias only
+        ("square_layers", True),  # a square, non-diagonal d a_4 / d s_0
         ("tied_outside", False),
         ("called_twice", False),
     ],
@@ -458,6 +459,11 @@ def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured
         model = _frozen(copy.deepcopy(trained_mlp), {"0.bias", "2.bias", "4.bias"})
     elif case == "frozen_weight_0":
         model = _frozen(copy.deepcopy(trained_mlp), {"0.weight"})
+    elif case == "square_layers":
+        torch.manual_seed(6)
+        model = nn.Sequential(
+            nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)
+        ).double()
     elif case == "tied_outside":
         torch.manual_seed(4)
         model = _TiedOutside().double()

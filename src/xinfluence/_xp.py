@@ -148,6 +148,14 @@ def add_scaled(total: Array | None, x: Array, /, *, scale: float, xp: Namespace)
     return total + scale * x
 
 
+def add_matmul(out: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace) -> Array:
+    """``out + alpha * (a @ b)``, in ``out``'s memory for torch tensors (which the
+    caller must own): the iterative solvers update ``(K, P)`` blocks every step."""
+    if array_api_compat.is_torch_array(out):
+        return out.addmm_(a, b, alpha=alpha)
+    return out + alpha * (a @ b)
+
+
 def symmetrize(a: Array, /, *, xp: Namespace) -> Array:
     return (a + xp.matrix_transpose(a)) / 2
 

@@ -124,12 +124,14 @@ class Curvature(ABC):
         """``v @ C`` for ``v`` of shape ``(K, P)`` (``C`` is symmetric): ``(K, P)``."""
         if v.ndim != 2 or v.shape[1] != self.size:
             raise ValueError(f"expected shape (K, {self.size}), got {tuple(v.shape)}")
-        total = self._zeros(tuple(v.shape))
+        total = None
         n = 0
         for batch in self.data:
             nb = len(batch)
-            total = total + nb * self._batch_matmat(batch, v)
+            total = _xp.add_scaled(total, self._batch_matmat(batch, v), scale=nb, xp=self.xp)
             n += nb
+        if total is None:
+            raise ValueError("cannot multiply by the curvature of an empty dataset")
         return _xp.check_finite(total / n, xp=self.xp, what="the curvature product")
 
     def dense(self) -> Array:

@@ -143,8 +143,10 @@ def _damped(curvature: Curvature, regularization: float) -> Callable[[Array], Ar
     """``v -> v (C + lambda I)`` on rows ``(K, P)``."""
 
     def matmat(v: Array) -> Array:
-        out = curvature.matmat(v)
-        return out + regularization * v if regularization else out
+        out = curvature.matmat(v)  # a fresh array: updated in place where possible
+        return (
+            _xp.add_scaled(out, v, scale=regularization, xp=curvature.xp) if regularization else out
+        )
 
     return matmat
 

@@ -120,8 +120,10 @@ class LinearFactors:
     * ``atil`` layer -> ``ã_L`` ``(n, c_L)`` and ``atil_t`` its transpose;
     * ``delta`` layer -> ``(n, out_L)``;
     * ``phi`` ``(L, L')`` -> ``Phi[L, L']`` ``(n, out_L, out_L')`` (symmetrised);
-    * ``jac`` ``(L, L')`` -> ``J(L, L')`` ``(n, in_L, out_L')`` and ``jac_t`` its
-      transpose, for the nonzero pairs with a weight in ``L``.
+    * ``jac`` ``(L, L')`` -> ``J(L, L')`` ``(n, in_L, out_L')`` for the nonzero
+      pairs with a weight in ``L``; ``jac_diag`` its diagonal ``(n, in_L)`` where
+      ``J`` is diagonal (an elementwise activation between the layers), else
+      ``jac_t`` its transpose.
     """
 
     atil: dict[str, Tensor]
@@ -130,6 +132,7 @@ class LinearFactors:
     phi: dict[tuple[str, str], Tensor]
     jac: dict[tuple[str, str], Tensor]
     jac_t: dict[tuple[str, str], Tensor]
+    jac_diag: dict[tuple[str, str], Tensor]
 
 
 def linear_factors(
@@ -203,13 +206,21 @@ def linear_factors(
             block = d_acts[k][o : o + layout.n_out[k2]].permute(1, 2, 0)  # (n, in_L, out_L')
             if bool(torch.any(block != 0)):
                 jac[(k, k2)] = block.contiguous()
+    jac_t, jac_diag = {}, {}
+    for key, j in jac.items():
+        d = torch.diagonal(j, dim1=1, dim2=2) if j.shape[1] == j.shape[2] else None
+        if d is not None and torch.equal(torch.diag_embed(d), j):
+            jac_diag[key] = d.contiguous()
+        else:
+            jac_t[key] = j.transpose(1, 2).contiguous()
     return LinearFactors(
         atil,
         {k: a.T.contiguous() for k, a in atil.items()},
         {k: v.detach() for k, v in delta.items()},
         phi_blocks,
         jac,
-        {key: j.transpose(1, 2).contiguous() for key, j in jac.items()},
+        jac_t,
+        jac_diag,
     )
 
 
@@ -310,11 +321,11 @@ class Workspace:
 def linear_hvp(layout: LinearLayout, f: LinearFactors, v: Tensor, ws: Workspace) -> Tensor:
     """``V H`` for ``v`` ``(K, P)`` (rows in the provider's flat order) from the
     factors of the whole batch: ``(K, P)``. Vectors are processed in chunks that
-    keep the scratch tensors (``n x width x chunk``) near ``2**21`` elements."""
+    keep the scratch tensors (``n x width x chunk``) near ``2**22`` elements."""
     names = layout.names
     n = f.delta[names[0]].shape[0]
     widest = max(layout.width, *layout.n_in.values())
-    step = max(1, 2**21 // max(1, n * widest))
+    step = max(1, 2**22 // max(1, n * widest))
     out = torch.empty_like(v)
     for lo in range(0, v.shape[0], step):
         _linear_hvp_chunk(layout, f, v[lo : lo + step], out[lo : lo + step], ws)
@@ -348,7 +359,11 @@ def _linear_hvp_chunk(
     for (k, k2), jac in f.jac.items():
         # C_LL' applied to dU_L': sum_i delta_iL (x) (J_i s1_iL')
         t = ws.get("t", (n, n_w[k], k_vec), v)
-        torch.bmm(jac, s1[k2], out=t)
+        diag = f.jac_diag.get((k, k2))
+        if diag is not None:
+            torch.mul(diag[:, :, None], s1[k2], out=t)
+        else:
+            torch.bmm(jac, s1[k2], out=t)
         if k in extra:
             extra[k].addmm_(f.delta[k].T, t.view(n, -1))
         else:
@@ -360,7 +375,10 @@ def _linear_hvp_chunk(
         uw.copy_(v[:, layout.weight[k]].view(k_vec, n_out[k], n_w[k]).permute(1, 2, 0))
         m = ws.get("m", (n, n_w[k], k_vec), v)
         torch.mm(f.delta[k], uw.view(n_out[k], -1), out=m.view(n, -1))
-        r[k2].baddbmm_(f.jac_t[(k, k2)], m)
+        if diag is not None:
+            r[k2].addcmul_(diag[:, :, None], m)
+        else:
+            r[k2].baddbmm_(f.jac_t[(k, k2)], m)
     for k in names:  # back to parameters: sum_i r_iL ã_iL^T, as (c, out, K)
         g = ws.get("g", (cols[k], n_out[k], k_vec), v)
         torch.mm(f.atil_t[k], r[k].view(n, -1), out=g.view(cols[k], -1))
