@@ -125,6 +125,20 @@ def test_cg_matches_dense_solve(xp, to_xp, n_rhs, solve):
         assert all(shape == (n_rhs, size) for shape in op.shapes)
 
 
+def test_cg_leaves_its_inputs_alone(xp, to_xp, solve):
+    """The solvers update their iterates in place where the array type allows
+    (torch): the right-hand sides and the initial guess must not change."""
+    size = 20
+    a, _ = with_spectrum(np.logspace(0, 1, size), seed=3)
+    rng = np.random.default_rng(4)
+    b, x0 = to_xp(rng.standard_normal((7, size))), to_xp(rng.standard_normal((7, size)))
+    b_before, x0_before = to_numpy(b).copy(), to_numpy(x0).copy()
+    solve(lambda v: v @ to_xp(a), b, rtol=1e-10)
+    solve(lambda v: v @ to_xp(a), b, rtol=1e-10, x0=x0)
+    np.testing.assert_array_equal(to_numpy(b), b_before)
+    np.testing.assert_array_equal(to_numpy(x0), x0_before)
+
+
 def test_block_cg_shares_the_krylov_space(xp, to_xp):
     """With many right-hand sides block CG needs far fewer iterations, and a
     rank-deficient block (parallel and repeated columns, K > P) loses none."""

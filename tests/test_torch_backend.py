@@ -523,6 +523,22 @@ def test_structured_products_follow_parameter_updates(data):
     assert rel_err(after, before) > 1e-3
 
 
+def test_structured_factor_cache_is_bounded(data, monkeypatch):
+    """With no room to keep layer factors, products take the general path for few
+    vectors and use transient factors for many; the numbers are the same."""
+    x, y = data[0][:21], data[1][:21]
+    model = make_mlp(8)
+    ref = ref_hessian(model, F.cross_entropy, x, y, [n for n, _ in trainable(model)])
+    monkeypatch.setattr(_torch_linear, "FACTOR_CACHE_BYTES", 0)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    for k in (2, 2, 200):  # 200 >= 8 S (S = 7 + 4 + 3)
+        v = torch.randn(k, gp.n_parameters, generator=torch.Generator().manual_seed(k), dtype=F64)
+        assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert all(entry[3] is None for entry in gp._factor_cache.values())
+    assert gp._linear_structure is True  # the transient factors were checked and used
+
+
 # -- 6. K-FAC factors ----------------------------------------------------------------
 
 

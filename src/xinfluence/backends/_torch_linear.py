@@ -47,10 +47,12 @@ from ..types import Batch
 
 Params = dict[str, Tensor]
 
-# Elements of the largest per-chunk intermediate of the dense Hessian, and of the
-# factors kept per batch for products (above it products take the general path).
+# Elements of the largest per-chunk intermediate of the dense Hessian; of the
+# factors of one batch (above it products take the general path); bytes of the
+# factors a provider keeps for batches that come back.
 CHUNK_ELEMENTS = 2**22
 FACTOR_ELEMENTS = 2**23
+FACTOR_CACHE_BYTES = 2**28
 
 
 class NotLinearStructured(Exception):

@@ -108,6 +108,13 @@ class TorchGradientProvider(GradientProvider):
     materialising the gradients; ``hvp(batch, v)`` ``(K, P)`` (Hessian of the
     batch's mean loss); ``hessian`` ``(P, P)``.
 
+    Models whose trainable parameters all belong to ``nn.Linear`` layers (MLPs)
+    get their Hessian and Hessian-vector products from per-sample layer
+    quantities instead of nested autodiff (same numbers, 2-3 times faster; see
+    :meth:`hessian`). For products, those quantities are kept per batch while
+    the batch is alive and the parameters unchanged (at most 256 MiB per
+    provider), so repeated passes over cached data (CG, Lanczos) reuse them.
+
     For EK-FAC, :meth:`kfac_layers` and :meth:`kfac_factors` expose the inputs
     and output gradients of the model's ``nn.Linear`` layers.
     """
@@ -189,7 +196,7 @@ class TorchGradientProvider(GradientProvider):
         # None until checked, then whether the model has it.
         self._linear_structure: bool | None = None
         self._layout: _lin.LinearLayout | None = None
-        # id(x) -> (weakref to x, y, parameter versions, factors or None)
+        # id(x) -> (weakref to x, y, parameter versions, factors or None, bytes)
         self._factor_cache: dict[int, tuple[Any, ...]] = {}
         self._workspace = _lin.Workspace()
 
@@ -463,10 +470,10 @@ class TorchGradientProvider(GradientProvider):
 
         When every parameter of the provider is the weight or bias of an
         ``nn.Linear`` layer (MLPs), the Hessian is assembled from per-sample
-        layer quantities (see :mod:`xinfluence.backends._torch_linear`) with a few large matrix
-        products, about 5 times faster than autodiff; the result is checked
-        against one autodiff product with a random vector, and any model that
-        fails the check takes the general path.
+        layer quantities (:mod:`xinfluence.backends._torch_linear`) with a few
+        large matrix products, about 3 times faster than autodiff; the result is
+        checked against one autodiff product with a random vector, and a model
+        that fails the check takes the general path.
 
         The general path: reverse-over-reverse products with the identity,
         vectorised in chunks (``chunk_size``, or about ``2**16 / N`` rows).
@@ -534,10 +541,17 @@ class TorchGradientProvider(GradientProvider):
             hit = None
         if hit is not None and hit[1] is y and hit[2] == versions and hit[3] is not None:
             return hit[3]
-        # Computing the factors costs about S = sum(out) products: worth it for
-        # many vectors at once, or for a batch that comes back (cached data).
-        if 4 * n_vectors < layout.width and hit is None:
-            self._remember(x, (y, versions, None))
+        # The factors cost about as much as 3 S products (S = sum of layer
+        # widths), a structured product less than half a general one: worth it
+        # for many vectors at once, or for a batch that comes back (cached data).
+        worth_once = n_vectors >= 8 * layout.width
+        if not worth_once and hit is None:
+            self._remember(x, (y, versions, None, 0))
+            return None
+        size = layout.factor_elements(x.shape[0]) * x.element_size()
+        kept = sum(entry[4] for entry in self._factor_cache.values())
+        fits = kept + size <= _lin.FACTOR_CACHE_BYTES
+        if not (worth_once or fits):
             return None
         try:
             f = _lin.linear_factors(self, layout, x, y, x.shape[0])
@@ -548,10 +562,12 @@ class TorchGradientProvider(GradientProvider):
             batch, lambda v: _lin.linear_hvp(layout, f, v, self._workspace)
         ):
             return None
-        self._remember(x, (y, versions, f))
+        if fits:
+            self._remember(x, (y, versions, f, size))
         return f
 
     def _remember(self, x: Tensor, entry: tuple[Any, ...]) -> None:
+        """Keep ``(y, parameter versions, factors or None, their bytes)`` for ``x``."""
         key = id(x)
         if key not in self._factor_cache:  # forget the entry when x is freed
             weakref.finalize(x, self._factor_cache.pop, key, None)
