@@ -119,6 +119,10 @@ def as_float(x: Array, /, *, dtype: Any, xp: Namespace, what: str) -> Array:
 def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
     if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
         return False
+    # A finite sum proves every entry finite (NaN and inf propagate) in one pass
+    # without a boolean temporary; only an overflowing sum needs the full check.
+    if x.ndim and bool(xp.isfinite(xp.sum(x))):
+        return False
     return not bool(xp.all(xp.isfinite(x)))
 
 
@@ -156,6 +160,27 @@ def add_matmul(out: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace
     return out + alpha * (a @ b)
 
 
+def scale_owned(x: Array, /, scale: float, *, xp: Namespace) -> Array:
+    """``scale * x``, in ``x``'s memory for torch tensors (the caller owns ``x``)."""
+    if array_api_compat.is_torch_array(x):
+        return x.mul_(scale)
+    return scale * x
+
+
+def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:
+    """``a + value * I`` for a square ``a``, as a new array (one pass over ``a``)."""
+    if array_api_compat.is_torch_array(a):
+        copied = a.clone()
+        copied.diagonal().add_(value)
+        return copied
+    if array_api_compat.is_numpy_array(a):
+        out = np.array(a, copy=True, order="C")
+        out.reshape(-1)[:: a.shape[0] + 1] += value  # the diagonal of a C-ordered copy
+        return out
+    eye = xp.eye(a.shape[0], dtype=a.dtype, device=device_of(a))
+    return a + value * eye
+
+
 def symmetrize(a: Array, /, *, xp: Namespace) -> Array:
     return (a + xp.matrix_transpose(a)) / 2
 
@@ -165,10 +190,17 @@ def cholesky_or_none(a: Array, /, *, xp: Namespace) -> Array | None:
 
     Backends disagree on failure: numpy and torch raise, jax returns NaN.
     """
-    try:
-        factor = xp.linalg.cholesky(a)
-    except Exception:  # LinAlgError and friends, one per backend
-        return None
+    if array_api_compat.is_torch_array(a):  # reports failure without raising
+        import torch
+
+        factor, info = torch.linalg.cholesky_ex(a)
+        if bool(info.any()):
+            return None
+    else:
+        try:
+            factor = xp.linalg.cholesky(a)
+        except Exception:  # LinAlgError and friends, one per backend
+            return None
     if any_nonfinite(factor, xp=xp):
         return None
     return factor

@@ -144,7 +144,7 @@ class Curvature(ABC):
             n += nb
         if total is None:
             raise ValueError("cannot build the curvature of an empty dataset")
-        out = _xp.symmetrize(total / n, xp=self.xp)
+        out = _xp.symmetrize(_xp.scale_owned(total, 1 / n, xp=self.xp), xp=self.xp)
         return _xp.check_finite(out, xp=self.xp, what="the curvature (gradients or Hessian)")
 
     def batch_matmat(self, batch: Batch, v: Array) -> Array:

@@ -112,13 +112,11 @@ class DirectOperator(Operator):
 
     def __init__(self, curvature: Array, regularization: float, *, block: str = ""):
         xp = _xp.namespace(curvature)
-        p = curvature.shape[0]
         self.curvature = curvature
         self.regularization = float(regularization)
         self.block = block
-        eye = _xp.eye(p, dtype=curvature.dtype, device=_xp.device_of(curvature), xp=xp)
         self._factor = check_positive_definite(
-            _xp.cholesky_or_none(curvature + self.regularization * eye, xp=xp),
+            _xp.cholesky_or_none(_xp.plus_diagonal(curvature, self.regularization, xp=xp), xp=xp),
             curvature,
             self.regularization,
             block,
