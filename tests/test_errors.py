@@ -161,3 +161,26 @@ def test_bad_data_container(data):
         xi.DirectInfluence(gp).fit(3.0)
     with pytest.raises(ValueError, match="no batches"):
         xi.DirectInfluence(gp).fit([])
+
+
+def test_finite_check_is_exact_near_overflow(xp, to_xp):
+    """The finiteness check sums first; a sum that overflows must not be taken
+    for a non-finite entry, and a single NaN or inf must be found."""
+    from xinfluence import _xp
+
+    big = to_xp(np.full((3, 4), 1e308))
+    assert not _xp.any_nonfinite(big, xp=xp)
+    for bad in (np.nan, np.inf, -np.inf):
+        a = np.ones((3, 4))
+        a[2, 1] = bad
+        assert _xp.any_nonfinite(to_xp(a), xp=xp)
+
+
+def test_plus_diagonal_copies(xp, to_xp):
+    from xinfluence import _xp
+
+    a = np.arange(9.0).reshape(3, 3)
+    x = to_xp(a)
+    out = _xp.plus_diagonal(x, 0.5, xp=xp)
+    np.testing.assert_array_equal(_xp.to_numpy(out), a + 0.5 * np.eye(3))
+    np.testing.assert_array_equal(_xp.to_numpy(x), a)  # the input is untouched
