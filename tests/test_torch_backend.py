@@ -495,6 +495,22 @@ def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured
     assert gp._linear_structure is structured
 
 
+def test_linear_layers_on_sequences_take_the_general_path():
+    """A Linear applied to (N, T, features) inputs is not the 2-D structure."""
+    torch.manual_seed(9)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(13, 3, 5, generator=g, dtype=F64)
+    y = torch.randint(0, 2, (13,), generator=g)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2)).double()
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, F.cross_entropy, x, y, list(gp.parameter_names))
+    assert rel_err(gp.hessian(batch), ref) < 1e-12
+    assert gp._linear_structure is False
+    v = torch.randn(300, gp.n_parameters, generator=g, dtype=F64)
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+
+
 def test_structured_hessian_of_restricted_layers(trained_mlp, data):
     x, y = data[0][:17], data[1][:17]
     gp = TorchGradientProvider(trained_mlp, F.cross_entropy)
