@@ -417,6 +417,18 @@ class _TiedOutside(nn.Module):
         return self.out(h)
 
 
+class _Reordered(nn.Module):
+    """Layers registered in another order than they run."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(4, 3)
+        self.hidden = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
 class _CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -449,6 +461,7 @@ def _frozen(model, names):
         ("frozen_biases", True),  # weights only
         ("frozen_weight_0", True),  # layer 0 contributes its bias only
         ("square_layers", True),  # a square, non-diagonal d a_4 / d s_0
+        ("reordered", True),
         ("tied_outside", False),
         ("called_twice", False),
     ],
@@ -470,6 +483,9 @@ def test_structured_hessian_matches_autograd(trained_mlp, data, case, structured
         model = nn.Sequential(
             nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)
         ).double()
+    elif case == "reordered":
+        torch.manual_seed(5)
+        model = _Reordered().double()
     elif case == "tied_outside":
         torch.manual_seed(4)
         model = _TiedOutside().double()

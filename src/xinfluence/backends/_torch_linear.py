@@ -242,12 +242,12 @@ def linear_hessian(gp: Any, layout: LinearLayout, batch: Batch, ws: Workspace) -
     gauss: dict[tuple[str, str], Tensor] = {}  # [(a b), (p q)]: (out out', c c')
     cross: dict[tuple[str, str], Tensor] = {}  # C_LL' as [(p b), (a q)]: (in out', out c')
 
-    def accumulate(store: dict[Any, Tensor], key: Any, lhs: Tensor, rhs: Tensor) -> None:
+    def accumulate(store: dict[Any, Tensor], name: str, key: Any, lhs: Tensor, rhs: Tensor) -> None:
         if key in store:
             store[key].addmm_(lhs.T, rhs)
         else:
             shape = (lhs.shape[1], rhs.shape[1])
-            store[key] = torch.mm(lhs.T, rhs, out=ws.get(f"acc{key}", shape, lhs))
+            store[key] = torch.mm(lhs.T, rhs, out=ws.get(f"{name}{key}", shape, lhs))
 
     for lo in range(0, n_total, chunk):
         f = linear_factors(gp, layout, x[lo : lo + chunk], y[lo : lo + chunk], n_total)
@@ -255,11 +255,11 @@ def linear_hessian(gp: Any, layout: LinearLayout, batch: Batch, ws: Workspace) -
         for k, k2 in pairs:
             outer = ws.get("outer", (n, cols[k], cols[k2]), x)
             torch.mul(f.atil[k][:, :, None], f.atil[k2][:, None, :], out=outer)
-            accumulate(gauss, (k, k2), f.phi[(k, k2)].view(n, -1), outer.view(n, -1))
+            accumulate(gauss, "gauss", (k, k2), f.phi[(k, k2)].view(n, -1), outer.view(n, -1))
         for (k, k2), jac in f.jac.items():
             rhs = ws.get("rhs", (n, n_out[k], cols[k2]), x)
             torch.mul(f.delta[k][:, :, None], f.atil[k2][:, None, :], out=rhs)
-            accumulate(cross, (k, k2), jac.view(n, -1), rhs.view(n, -1))
+            accumulate(cross, "cross", (k, k2), jac.view(n, -1), rhs.view(n, -1))
 
     # each (parameter, parameter) piece of a layer block goes to its flat position
     pieces: dict[str, list[tuple[slice, slice, bool]]] = {k: [] for k in names}
