@@ -150,7 +150,7 @@ def linear_factors(
     def make_hook(layer: str) -> Callable[..., Tensor]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             acts = ctx["a"]
-            if layer in acts or inputs[0].ndim != 2 or output.ndim != 2:
+            if layer in acts or len(inputs) != 1 or inputs[0].ndim != 2 or output.ndim != 2:
                 raise NotLinearStructured(layer)
             acts[layer] = inputs[0]
             return output + ctx["s"][layer]
