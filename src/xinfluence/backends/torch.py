@@ -625,6 +625,11 @@ class TorchGradientProvider(GradientProvider):
                     raise ValueError(
                         f"kfac_factors: layer {layer!r} is applied more than once per forward pass"
                     )
+                if len(inputs) != 1:
+                    raise ValueError(
+                        f"kfac_factors: layer {layer!r} must be called with its input as the "
+                        "only positional argument (keyword inputs do not reach forward hooks)"
+                    )
                 a = inputs[0]
                 if a.ndim != 2:
                     raise ValueError(
