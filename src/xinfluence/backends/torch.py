@@ -99,8 +99,9 @@ class TorchGradientProvider(GradientProvider):
         ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
         ``hessian`` (default). ``False`` switches to reverse mode only, for
         models whose operations lack forward-mode rules. The general ``hvp`` is
-        reverse-over-reverse either way (10-40% faster than forward-over-reverse
-        on the MLPs and convolutional nets measured).
+        reverse-over-reverse either way: against forward-over-reverse it was
+        11-41% faster on two MLPs and, on a small convolutional net, 13% faster
+        for 200 vectors and 3% slower for 50.
     cast_inputs:
         Cast integer inputs and floating inputs of lower precision to the
         parameters' dtype (default). ``False`` passes ``x`` unchanged (for models
