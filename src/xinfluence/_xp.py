@@ -179,8 +179,7 @@ def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:
         out = np.array(a, copy=True, order="C")
         out.reshape(-1)[:: a.shape[0] + 1] += value  # the diagonal of a C-ordered copy
         return out
-    eye = xp.eye(a.shape[0], dtype=a.dtype, device=device_of(a))
-    return a + value * eye
+    return a + value * eye(a.shape[0], dtype=a.dtype, device=device_of(a), xp=xp)
 
 
 def symmetrize(a: Array, /, *, xp: Namespace) -> Array:

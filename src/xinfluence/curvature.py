@@ -117,9 +117,6 @@ class Curvature(ABC):
     def device(self) -> Any:
         return self.gp.device
 
-    def _zeros(self, shape: tuple[int, ...]) -> Array:
-        return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
-
     def matmat(self, v: Array) -> Array:
         """``v @ C`` for ``v`` of shape ``(K, P)`` (``C`` is symmetric): ``(K, P)``."""
         if v.ndim != 2 or v.shape[1] != self.size:
@@ -132,7 +129,9 @@ class Curvature(ABC):
             n += nb
         if total is None:
             raise ValueError("cannot multiply by the curvature of an empty dataset")
-        return _xp.check_finite(total / n, xp=self.xp, what="the curvature product")
+        return _xp.check_finite(
+            _xp.scale_owned(total, 1 / n, xp=self.xp), xp=self.xp, what="the curvature product"
+        )
 
     def dense(self) -> Array:
         """The dense curvature ``C``, ``(P, P)``."""

@@ -396,9 +396,10 @@ def _linear_hvp_chunk(
 def linear_param_layers(
     model: nn.Module, active: Params
 ) -> OrderedDict[str, tuple[nn.Linear, str | None, str | None]]:
-    """``nn.Linear`` modules holding parameters in ``active``: module name ->
-    ``(module, weight name or None, bias name or None)`` (``None``: not active).
-    Parameters shared with another module are left out."""
+    """``nn.Linear`` modules holding parameters in ``active``: module name
+    (``"root"`` for the model itself) -> ``(module, weight name or None, bias name
+    or None)`` (``None``: not in ``active``). A layer with an active parameter
+    that another module shares (tied weights) is left out."""
     uses: dict[int, int] = {}
     for module in model.modules():
         for p in module._parameters.values():
@@ -410,11 +411,13 @@ def linear_param_layers(
             continue
         prefix = f"{mod_name}." if mod_name else ""
         found: list[str | None] = []
+        tied = False
         for attr in ("weight", "bias"):
             p = getattr(module, attr)
             name = prefix + attr
-            ok = p is not None and name in active and uses[id(p)] == 1
-            found.append(name if ok else None)
-        if found[0] is not None or found[1] is not None:
+            is_active = p is not None and name in active
+            tied = tied or (is_active and uses[id(p)] > 1)
+            found.append(name if is_active else None)
+        if not tied and (found[0] is not None or found[1] is not None):
             out[mod_name or "root"] = (module, found[0], found[1])
     return out

@@ -572,26 +572,13 @@ class TorchGradientProvider(GradientProvider):
         self._factor_cache[key] = (weakref.ref(x), *entry)
 
     # -- EK-FAC support -------------------------------------------------------
-    def _linear_modules(self) -> OrderedDict[str, tuple[str, nn.Linear, str, str | None]]:
-        uses: dict[int, int] = {}  # parameter id -> modules holding it (tied weights)
-        for module in self.model.modules():
-            for p in module._parameters.values():
-                if p is not None:
-                    uses[id(p)] = uses.get(id(p), 0) + 1
-        out: OrderedDict[str, tuple[str, nn.Linear, str, str | None]] = OrderedDict()
-        for mod_name, module in self.model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            weight = prefix + "weight"
-            if weight not in self._active or uses[id(module.weight)] > 1:
-                continue
-            bias = prefix + "bias"
-            has_bias = module.bias is not None and bias in self._active
-            if has_bias and uses[id(module.bias)] > 1:
-                continue
-            out[mod_name or "root"] = (mod_name, module, weight, bias if has_bias else None)
-        return out
+    def _linear_modules(self) -> OrderedDict[str, tuple[nn.Linear, str, str | None]]:
+        """The ``nn.Linear`` layers whose weight is a parameter of this provider."""
+        return OrderedDict(
+            (k, (m, w, b))
+            for k, (m, w, b) in _lin.linear_param_layers(self.model, self._active).items()
+            if w is not None
+        )
 
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
         """The ``nn.Linear`` layers whose weight is a parameter of this provider:
@@ -599,7 +586,7 @@ class TorchGradientProvider(GradientProvider):
         name, bias name or None)``. A frozen bias is ``None``; layers whose weight
         or bias is tied to another module are left out (their gradients are not
         one Kronecker product)."""
-        return OrderedDict((k, (w, b)) for k, (_, _, w, b) in self._linear_modules().items())
+        return OrderedDict((k, (w, b)) for k, (_, w, b) in self._linear_modules().items())
 
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Per-sample Kronecker factors of each layer in :meth:`kfac_layers`.
@@ -616,7 +603,7 @@ class TorchGradientProvider(GradientProvider):
         if not layers or x.shape[0] == 0:
             return OrderedDict(
                 (k, (self._zeros(0, m.in_features), self._zeros(0, m.out_features)))
-                for k, (_, m, _, _) in layers.items()
+                for k, (m, _, _) in layers.items()
             )
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -645,7 +632,7 @@ class TorchGradientProvider(GradientProvider):
 
         handles = [
             module.register_forward_hook(make_hook(layer))
-            for layer, (_, module, _, _) in layers.items()
+            for layer, (module, _, _) in layers.items()
         ]
         try:
             with torch.enable_grad():
