@@ -5,6 +5,11 @@ environment variable ``XINFLUENCE_BACKEND`` (``numpy`` by default; the nox
 sessions set it): ``numpy``, ``array_api_strict``, ``torch``, ``jax`` or
 ``cupy``. A backend that is not installed, or ``cupy`` without a CUDA device,
 skips the generic tests instead of failing them.
+
+``XINFLUENCE_DEVICE`` puts the test arrays on another device of that namespace
+(the ``device`` fixture): ``cuda`` for torch on a GPU, ``gpu`` for jax, or
+``device1`` for array-api-strict, whose second "device" refuses to mix with the
+default one and so checks on a CPU that nothing silently moves to the default.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 BACKEND = os.environ.get("XINFLUENCE_BACKEND", "numpy")
 if BACKEND not in BACKENDS:
     raise ValueError(f"XINFLUENCE_BACKEND must be one of {BACKENDS}, got {BACKEND!r}")
+DEVICE = os.environ.get("XINFLUENCE_DEVICE") or None
 
 
 def _load(name: str):
@@ -65,8 +71,37 @@ def xp():
     return _load(BACKEND)
 
 
+def _device(name: str, xp):
+    if BACKEND == "torch":
+        import torch
+
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            pytest.skip(f"torch: no device {name!r}")
+        return torch.device(name)
+    if BACKEND == "jax":
+        import jax
+
+        try:
+            return jax.devices(name)[0]
+        except RuntimeError as exc:
+            pytest.skip(f"jax: no device {name!r} ({exc})")
+    if BACKEND == "array_api_strict":
+        return xp.Device(name)
+    if BACKEND == "cupy":
+        import cupy
+
+        return cupy.cuda.Device(int(name))
+    raise ValueError(f"XINFLUENCE_DEVICE is not supported with XINFLUENCE_BACKEND={BACKEND!r}")
+
+
+@pytest.fixture(scope="session")
+def device(xp):
+    """Device of the test arrays: ``XINFLUENCE_DEVICE``, or None (the default)."""
+    return None if DEVICE is None else _device(DEVICE, xp)
+
+
 @pytest.fixture
-def to_xp(xp):
+def to_xp(xp, device):
     """Convert a numpy array to the backend under test (float64 stays float64)."""
     from xinfluence._xp import from_numpy
 
@@ -79,6 +114,6 @@ def to_xp(xp):
                 "u": xp.int64,
                 "b": xp.bool,
             }[a.dtype.kind]
-        return from_numpy(a, dtype=dtype, device=None, xp=xp)
+        return from_numpy(a, dtype=dtype, device=device, xp=xp)
 
     return convert

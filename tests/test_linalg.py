@@ -234,7 +234,7 @@ def test_cg_jacobi_preconditioner_reduces_iterations(xp, to_xp, solve):
         JacobiPreconditioner(to_xp(np.array([1.0, -1.0, 2.0])))
 
 
-def test_cg_nystroem_preconditioner_reduces_iterations(xp, to_xp, solve):
+def test_cg_nystroem_preconditioner_reduces_iterations(xp, to_xp, device, solve):
     size, mu = 80, 1e-2
     h, _ = with_spectrum(1e4 * 0.5 ** np.arange(size), seed=11)
     a = h + mu * np.eye(size)
@@ -242,7 +242,7 @@ def test_cg_nystroem_preconditioner_reduces_iterations(xp, to_xp, solve):
     op = lambda v: v @ to_xp(a)  # noqa: E731
     plain = solve(op, to_xp(b), rtol=1e-10, on_failure="ignore")
     approx = nystroem(
-        lambda v: v @ to_xp(h), size, rank=25, seed=0, xp=xp, dtype=xp.float64, device=None
+        lambda v: v @ to_xp(h), size, rank=25, seed=0, xp=xp, dtype=xp.float64, device=device
     )
     preconditioner = NystroemPreconditioner(approx.eigenvalues, approx.eigenvectors, mu)
     preconditioned = solve(op, to_xp(b), rtol=1e-10, preconditioner=preconditioner)
@@ -265,18 +265,18 @@ def test_nystroem_preconditioner_formula(xp, to_xp):
         NystroemPreconditioner(to_xp(np.array([1.0, 0.0])), to_xp(u[:, :2]), 0.0)
 
 
-def test_hutchinson_diagonal(xp, to_xp):
+def test_hutchinson_diagonal(xp, to_xp, device):
     size = 15
     d = np.linspace(1.0, 3.0, size)
     est = hutchinson_diagonal(
-        lambda v: v * to_xp(d), size, num_samples=3, seed=0, xp=xp, dtype=xp.float64, device=None
+        lambda v: v * to_xp(d), size, num_samples=3, seed=0, xp=xp, dtype=xp.float64, device=device
     )
     assert_in(est, xp, (size,))
     np.testing.assert_allclose(to_numpy(est), d, rtol=1e-14)  # Rademacher: exact on diagonals
 
     a = diagonally_dominant(size, seed=15)
     op = lambda v: v @ to_xp(a)  # noqa: E731
-    kwargs = dict(xp=xp, dtype=xp.float64, device=None)
+    kwargs = dict(xp=xp, dtype=xp.float64, device=device)
     for distribution in ("rademacher", "gaussian"):
         est = to_numpy(
             hutchinson_diagonal(op, size, num_samples=4000, distribution=distribution, **kwargs)
@@ -345,16 +345,17 @@ def test_cg_rejects_bad_shapes(xp, to_xp, solve):
 # lanczos
 
 
-def eig_kwargs(xp):
-    return dict(xp=xp, dtype=xp.float64, device=None)
+@pytest.fixture
+def eig_kwargs(xp, device):
+    return dict(xp=xp, dtype=xp.float64, device=device)
 
 
-def test_lanczos_top_eigenpairs(xp, to_xp):
+def test_lanczos_top_eigenpairs(xp, to_xp, eig_kwargs):
     size, rank = 80, 5
     spectrum = 10.0 * 0.7 ** np.arange(size)
     a, q = with_spectrum(spectrum, seed=20)
     op = Counted(to_xp(a))
-    result = lanczos(op, size, rank=rank, **eig_kwargs(xp))
+    result = lanczos(op, size, rank=rank, **eig_kwargs)
     assert isinstance(result, EigenResult) and result.rank == rank
     assert_in(result.eigenvalues, xp, (rank,))
     assert_in(result.eigenvectors, xp, (size, rank))
@@ -374,87 +375,87 @@ def test_lanczos_top_eigenpairs(xp, to_xp):
     np.testing.assert_allclose(result.residual_norms, residual, rtol=1e-3, atol=1e-12)
 
 
-def test_lanczos_residuals_flag_an_unconverged_krylov_space(xp, to_xp):
+def test_lanczos_residuals_flag_an_unconverged_krylov_space(xp, to_xp, eig_kwargs):
     size = 60
     a, _ = with_spectrum(np.linspace(1.0, 2.0, size), seed=27)  # no gap: slow convergence
-    result = lanczos(lambda v: v @ to_xp(a), size, rank=4, krylov_dimension=9, **eig_kwargs(xp))
+    result = lanczos(lambda v: v @ to_xp(a), size, rank=4, krylov_dimension=9, **eig_kwargs)
     u = to_numpy(result.eigenvectors)
     residual = np.linalg.norm(a @ u - u * to_numpy(result.eigenvalues), axis=0)
     assert residual.max() > 1e-3
     np.testing.assert_allclose(result.residual_norms, residual, rtol=1e-6)
 
 
-def test_lanczos_full_rank_is_exact(xp, to_xp):
+def test_lanczos_full_rank_is_exact(xp, to_xp, eig_kwargs):
     size = 30
     spectrum = np.linspace(1.0, 10.0, size)
     a, _ = with_spectrum(spectrum, seed=21)
-    result = lanczos(lambda v: v @ to_xp(a), size, rank=size, **eig_kwargs(xp))
+    result = lanczos(lambda v: v @ to_xp(a), size, rank=size, **eig_kwargs)
     np.testing.assert_allclose(to_numpy(result.eigenvalues), spectrum[::-1], rtol=1e-10)
     assert rel_err(reconstruct(result), a) < 1e-10
     u = to_numpy(result.eigenvectors)
     np.testing.assert_allclose(u.T @ u, np.eye(size), atol=1e-10)
 
 
-def test_lanczos_largest_magnitude_with_negative_eigenvalues(xp, to_xp):
+def test_lanczos_largest_magnitude_with_negative_eigenvalues(xp, to_xp, eig_kwargs):
     size = 40
     rest = np.random.default_rng(22).uniform(-1.0, 1.0, size - 3)
     spectrum = np.concatenate([[8.0, -10.0, -6.0], rest])
     a, q = with_spectrum(spectrum, seed=23)
-    result = lanczos(lambda v: v @ to_xp(a), size, rank=3, krylov_dimension=30, **eig_kwargs(xp))
+    result = lanczos(lambda v: v @ to_xp(a), size, rank=3, krylov_dimension=30, **eig_kwargs)
     np.testing.assert_allclose(to_numpy(result.eigenvalues), [-10.0, 8.0, -6.0], atol=1e-9)
     assert subspace_distance(to_numpy(result.eigenvectors), q[:, :3]) < 1e-6
 
 
-def test_lanczos_repeated_eigenvalues_and_identity(xp, to_xp):
+def test_lanczos_repeated_eigenvalues_and_identity(xp, to_xp, eig_kwargs):
     # Few distinct eigenvalues: the Krylov space becomes invariant and Lanczos restarts
     # in its complement, so repeated eigenvalues come with their multiplicity.
     size = 25
     spectrum = np.concatenate([[5.0, 5.0, 5.0, 2.0, 2.0], np.full(size - 5, 0.5)])
     a, q = with_spectrum(spectrum, seed=24)
-    result = lanczos(lambda v: v @ to_xp(a), size, rank=3, **eig_kwargs(xp))
+    result = lanczos(lambda v: v @ to_xp(a), size, rank=3, **eig_kwargs)
     np.testing.assert_allclose(to_numpy(result.eigenvalues), [5.0, 5.0, 5.0], rtol=1e-10)
     assert subspace_distance(to_numpy(result.eigenvectors), q[:, :3]) < 1e-6
 
-    identity = lanczos(lambda v: 2.0 * v, size, rank=4, **eig_kwargs(xp))
+    identity = lanczos(lambda v: 2.0 * v, size, rank=4, **eig_kwargs)
     np.testing.assert_allclose(to_numpy(identity.eigenvalues), 2.0, rtol=1e-12)
     u = to_numpy(identity.eigenvectors)
     np.testing.assert_allclose(u.T @ u, np.eye(4), atol=1e-12)
 
-    zero = lanczos(lambda v: 0.0 * v, size, rank=2, **eig_kwargs(xp))
+    zero = lanczos(lambda v: 0.0 * v, size, rank=2, **eig_kwargs)
     np.testing.assert_array_equal(to_numpy(zero.eigenvalues), 0.0)
 
 
-def test_lanczos_low_rank_operator(xp, to_xp):
+def test_lanczos_low_rank_operator(xp, to_xp, eig_kwargs):
     # A Gauss-Newton-like matrix of rank 4 < rank asked: the rest are zeros.
     size = 30
     g = np.random.default_rng(25).standard_normal((4, size))
     a = g.T @ g
-    result = lanczos(lambda v: v @ to_xp(a), size, rank=6, **eig_kwargs(xp))
+    result = lanczos(lambda v: v @ to_xp(a), size, rank=6, **eig_kwargs)
     top = np.sort(np.linalg.eigvalsh(a))[::-1][:6]
     np.testing.assert_allclose(to_numpy(result.eigenvalues), top, atol=1e-10 * top[0])
     assert rel_err(reconstruct(result), a) < 1e-10
 
 
-def test_lanczos_seeded(xp, to_xp):
+def test_lanczos_seeded(xp, to_xp, eig_kwargs):
     size = 40
     a, _ = with_spectrum(np.logspace(-2, 2, size), seed=26)
     op = lambda v: v @ to_xp(a)  # noqa: E731
-    first = lanczos(op, size, rank=3, krylov_dimension=8, seed=5, **eig_kwargs(xp))
-    again = lanczos(op, size, rank=3, krylov_dimension=8, seed=5, **eig_kwargs(xp))
-    other = lanczos(op, size, rank=3, krylov_dimension=8, seed=6, **eig_kwargs(xp))
+    first = lanczos(op, size, rank=3, krylov_dimension=8, seed=5, **eig_kwargs)
+    again = lanczos(op, size, rank=3, krylov_dimension=8, seed=5, **eig_kwargs)
+    other = lanczos(op, size, rank=3, krylov_dimension=8, seed=6, **eig_kwargs)
     np.testing.assert_array_equal(to_numpy(first.eigenvalues), to_numpy(again.eigenvalues))
     np.testing.assert_array_equal(to_numpy(first.eigenvectors), to_numpy(again.eigenvectors))
     assert not np.array_equal(to_numpy(first.eigenvalues), to_numpy(other.eigenvalues))
 
 
-def test_lanczos_rejects_bad_arguments(xp):
+def test_lanczos_rejects_bad_arguments(xp, eig_kwargs):
     op = lambda v: v  # noqa: E731
     with pytest.raises(ValueError, match="rank"):
-        lanczos(op, 5, rank=6, **eig_kwargs(xp))
+        lanczos(op, 5, rank=6, **eig_kwargs)
     with pytest.raises(ValueError, match="krylov_dimension"):
-        lanczos(op, 10, rank=4, krylov_dimension=3, **eig_kwargs(xp))
+        lanczos(op, 10, rank=4, krylov_dimension=3, **eig_kwargs)
     with pytest.raises(ValueError, match="rank"):
-        lanczos(op, 10, rank=0, **eig_kwargs(xp))
+        lanczos(op, 10, rank=0, **eig_kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -462,14 +463,14 @@ def test_lanczos_rejects_bad_arguments(xp):
 
 
 @pytest.mark.parametrize("singular", [False, True])
-def test_nystroem_full_rank_reproduces(xp, to_xp, singular):
+def test_nystroem_full_rank_reproduces(xp, to_xp, singular, eig_kwargs):
     size = 30
     spectrum = np.logspace(-3, 3, size)
     if singular:
         spectrum[:10] = 0.0
     a, _ = with_spectrum(spectrum, seed=30)
     op = Counted(to_xp(a))
-    result = nystroem(op, size, rank=size, seed=1, **eig_kwargs(xp))
+    result = nystroem(op, size, rank=size, seed=1, **eig_kwargs)
     assert op.calls == 1 and op.shapes == [(size, size)]
     assert_in(result.eigenvalues, xp, (size,))
     assert_in(result.eigenvectors, xp, (size, size))
@@ -481,14 +482,14 @@ def test_nystroem_full_rank_reproduces(xp, to_xp, singular):
     )
 
 
-def test_nystroem_error_within_theory(xp, to_xp):
+def test_nystroem_error_within_theory(xp, to_xp, eig_kwargs):
     # E |A - A_nys|_* <= (1 + k / (r - k - 1)) |A - [A]_k|_* for k <= r - 2
     # (Tropp, Yurtsever, Udell, Cevher 2017); factor 2 slack for a single draw.
     size, rank = 100, 12
     spectrum = 0.6 ** np.arange(size)
     a, _ = with_spectrum(spectrum, seed=31)
     for seed in range(3):
-        result = nystroem(lambda v: v @ to_xp(a), size, rank=rank, seed=seed, **eig_kwargs(xp))
+        result = nystroem(lambda v: v @ to_xp(a), size, rank=rank, seed=seed, **eig_kwargs)
         error = np.abs(np.linalg.eigvalsh(a - reconstruct(result))).sum()
         bound = min((1 + k / (rank - k - 1)) * spectrum[k:].sum() for k in range(1, rank - 1))
         assert error <= 2 * bound
@@ -500,20 +501,20 @@ def test_nystroem_error_within_theory(xp, to_xp):
         assert np.all(eigenvalues <= spectrum[:rank] * (1 + 1e-12))  # Nyström never overshoots
 
 
-def test_nystroem_seeded(xp, to_xp):
+def test_nystroem_seeded(xp, to_xp, eig_kwargs):
     size = 20
     a, _ = with_spectrum(np.logspace(-2, 2, size), seed=32)
     op = lambda v: v @ to_xp(a)  # noqa: E731
-    first = nystroem(op, size, rank=4, seed=7, **eig_kwargs(xp))
-    again = nystroem(op, size, rank=4, seed=7, **eig_kwargs(xp))
-    other = nystroem(op, size, rank=4, seed=8, **eig_kwargs(xp))
+    first = nystroem(op, size, rank=4, seed=7, **eig_kwargs)
+    again = nystroem(op, size, rank=4, seed=7, **eig_kwargs)
+    other = nystroem(op, size, rank=4, seed=8, **eig_kwargs)
     np.testing.assert_array_equal(to_numpy(first.eigenvalues), to_numpy(again.eigenvalues))
     np.testing.assert_array_equal(to_numpy(first.eigenvectors), to_numpy(again.eigenvectors))
     assert not np.array_equal(to_numpy(first.eigenvalues), to_numpy(other.eigenvalues))
 
 
-def test_nystroem_rejects_indefinite_and_bad_rank(xp, to_xp):
+def test_nystroem_rejects_indefinite_and_bad_rank(xp, to_xp, eig_kwargs):
     with pytest.raises(NotPositiveDefiniteError):
-        nystroem(lambda v: -v, 6, rank=3, **eig_kwargs(xp))
+        nystroem(lambda v: -v, 6, rank=3, **eig_kwargs)
     with pytest.raises(ValueError, match="rank"):
-        nystroem(lambda v: v, 6, rank=7, **eig_kwargs(xp))
+        nystroem(lambda v: v, 6, rank=7, **eig_kwargs)

@@ -30,13 +30,13 @@ def _models(rng):
     }
 
 
-def _run(xp, model, mode, structure):
+def _run(xp, model, mode, structure, device=None):
     rng = np.random.default_rng(7)
     cls, w, b, x, y = _models(rng)[model]
 
     def conv(a):
         dtype = xp.int64 if a.dtype.kind == "i" else xp.float64
-        return from_numpy(np.asarray(a), dtype=dtype, device=None, xp=xp)
+        return from_numpy(np.asarray(a), dtype=dtype, device=device, xp=xp)
 
     gp = cls(conv(w), None if b is None else conv(b))
     batches = [(conv(x[s]), conv(y[s])) for s in (slice(0, 7), slice(7, 20), slice(20, 23))]
@@ -49,12 +49,12 @@ def _run(xp, model, mode, structure):
 
 @pytest.mark.parametrize("model", ["linear", "logistic", "softmax"])
 @pytest.mark.parametrize("mode", ["up", "perturbation"])
-def test_backend_matches_numpy(xp, model, mode):
+def test_backend_matches_numpy(xp, device, model, mode):
     import array_api_compat.numpy as np_xp
 
     structure = "parameter" if model != "softmax" else "full"
     reference = _run(np_xp, model, mode, structure)
-    assert rel_err(_run(xp, model, mode, structure), reference) <= 1e-12
+    assert rel_err(_run(xp, model, mode, structure, device), reference) <= 1e-12
 
 
 def test_strict_matches_numpy():
@@ -66,16 +66,16 @@ def test_strict_matches_numpy():
         assert rel_err(_run(strict, model, "perturbation", "full"), reference) <= 1e-12
 
 
-def test_float32_parameters_give_float32(xp):
+def test_float32_parameters_give_float32(xp, device):
     rng = np.random.default_rng(0)
-    w = from_numpy(rng.normal(size=(2, 3)), dtype=xp.float32, device=None, xp=xp)
+    w = from_numpy(rng.normal(size=(2, 3)), dtype=xp.float32, device=device, xp=xp)
     gp = LinearRegressionGradients(w)
-    x = from_numpy(rng.normal(size=(9, 3)), dtype=xp.float32, device=None, xp=xp)
-    y = from_numpy(rng.normal(size=(9, 2)), dtype=xp.float32, device=None, xp=xp)
+    x = from_numpy(rng.normal(size=(9, 3)), dtype=xp.float32, device=device, xp=xp)
+    y = from_numpy(rng.normal(size=(9, 2)), dtype=xp.float32, device=device, xp=xp)
     out = xi.DirectInfluence(gp, regularization=1e-2).fit((x, y)).influences(x, y)
     assert out.dtype == xp.float32
     # a float64 input does not fit float32 parameters without losing precision
-    x64 = from_numpy(rng.normal(size=(9, 3)), dtype=xp.float64, device=None, xp=xp)
+    x64 = from_numpy(rng.normal(size=(9, 3)), dtype=xp.float64, device=device, xp=xp)
     with pytest.raises(TypeError, match="does not fit the parameters' dtype"):
         xi.DirectInfluence(gp, regularization=1e-2).fit((x64, y))
 

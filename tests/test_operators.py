@@ -64,7 +64,7 @@ def _softmax_glm(conv, x, y, rng):
     return SoftmaxRegressionGradients(conv(w), conv(b))
 
 
-def _torch_mlp(xp, x, y, rng):
+def _torch_mlp(xp, x, y, rng, device=None):
     torch = pytest.importorskip("torch")
     from xinfluence.backends.torch import TorchGradientProvider
 
@@ -92,7 +92,8 @@ def _torch_mlp(xp, x, y, rng):
     theta = _minimize(value_and_grad, theta0)
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(torch.from_numpy(theta), params)
-    return TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+    # trained on the host; the model goes where the test data are
+    return TorchGradientProvider(model.to(device), torch.nn.functional.cross_entropy)
 
 
 def _jax_mlp(xp, x, y, rng):
@@ -147,19 +148,19 @@ def _jax_mlp(xp, x, y, rng):
 
 
 @pytest.fixture(scope="module")
-def case(xp, backend_name):
+def case(xp, device, backend_name):
     """(provider, train batches, x, y, x_test, y_test, layer blocks?) for the backend."""
     x, y, rng = _data()
     from xinfluence._xp import from_numpy
 
     def conv(a):
         return from_numpy(
-            a, dtype=xp.int64 if a.dtype.kind == "i" else xp.float64, device=None, xp=xp
+            a, dtype=xp.int64 if a.dtype.kind == "i" else xp.float64, device=device, xp=xp
         )
 
     xfit, yfit = x[:N_TRAIN], y[:N_TRAIN]
     if backend_name == "torch":
-        gp = _torch_mlp(xp, xfit, yfit, rng)
+        gp = _torch_mlp(xp, xfit, yfit, rng, device)
     elif backend_name == "jax":
         gp = _jax_mlp(xp, xfit, yfit, rng)
     else:

@@ -61,13 +61,13 @@ def test_direct_equals_dense_computation(xp, to_xp, digits):
 
 
 def _softmax_loss(params, x, y):
-    from array_api_compat import array_namespace
+    from array_api_compat import array_namespace, device
 
     xp = array_namespace(x)
     z = x @ xp.matrix_transpose(params["weight"]) + params["bias"]
     m = xp.max(z, axis=1, keepdims=True)
     lse = xp.log(xp.sum(xp.exp(z - m), axis=1)) + m[:, 0]
-    onehot = xp.astype(y[:, None] == xp.arange(z.shape[1])[None, :], z.dtype)
+    onehot = xp.astype(y[:, None] == xp.arange(z.shape[1], device=device(z))[None, :], z.dtype)
     return lse - xp.sum(z * onehot, axis=1)
 
 
