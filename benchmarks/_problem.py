@@ -132,8 +132,9 @@ class Problem:
         return n_parameters(self.model)
 
 
-def load_problem(path: str) -> Problem:
-    """Rebuild the trained model (eval mode, float64) and the data from ``path``."""
+def load_problem(path: str, device: str = "cpu") -> Problem:
+    """Rebuild the trained model (eval mode, float64) and the data from ``path``,
+    on ``device`` (model, data and the DataLoader's tensors)."""
     with np.load(path) as f:
         hidden = tuple(int(h) for h in f["hidden"])
         state = OrderedDict(
@@ -147,9 +148,16 @@ def load_problem(path: str) -> Problem:
         y_test = torch.from_numpy(np.array(f["y_test"]))
     model = build_model(hidden)
     model.load_state_dict(state)
-    model.eval()
+    model.eval().to(device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=BATCH_SIZE, shuffle=False)
     return Problem(model, x_train, y_train, x_test, y_test, loader)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work, so that a clock read after it is honest."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def relative_error(a: np.ndarray, ref: np.ndarray) -> float:

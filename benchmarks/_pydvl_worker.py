@@ -150,13 +150,16 @@ def run_spec(spec: dict, prob: _problem.Problem, args) -> dict:
         torch.manual_seed(seed)  # pyDVL draws its random sketches from torch's global RNG
         model = make_model(method, params, prob.model, args.regularization)
         Counters.reset()
+        _problem.synchronize(args.device)
         start = time.perf_counter()
         model = model.fit(loader)
+        _problem.synchronize(args.device)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         values = model.influences(xt, yt, x, y)
+        _problem.synchronize(args.device)
         infl_s = time.perf_counter() - start
-        return values.detach().numpy(), fit_s, infl_s
+        return values.detach().cpu().numpy(), fit_s, infl_s
 
     if spec.get("phase") == "warmup":
         with warnings.catch_warnings():
@@ -186,6 +189,7 @@ def main() -> int:
     ap.add_argument("--outdir", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--regularization", type=float, default=_problem.REGULARIZATION)
+    ap.add_argument("--device", default="cpu", help="torch device of model and data")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -196,12 +200,13 @@ def main() -> int:
     import pydvl
 
     Counters.install()
-    prob = _problem.load_problem(args.problem)
+    prob = _problem.load_problem(args.problem, args.device)
     hello = {
         "pydvl": pydvl.__version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(next(prob.model.parameters()).device),
     }
     print("READY " + json.dumps(hello), flush=True)
     for line in sys.stdin:

@@ -355,13 +355,17 @@ class OursRunner:
     def _once(self, loader, x_test, y_test, x, y):
         model = self.cls(self.gp, regularization=self.args.regularization, **self.params)
         _Counter.products = _Counter.vectors = 0
+        device = self.args.device
+        _problem.synchronize(device)
         start = time.perf_counter()
         model.fit(loader)
+        _problem.synchronize(device)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         values = model.influences(x_test, y_test, x, y, mode="up")
+        _problem.synchronize(device)
         infl_s = time.perf_counter() - start
-        return values.detach().numpy(), fit_s, infl_s, _ours_info(model)
+        return values.detach().cpu().numpy(), fit_s, infl_s, _ours_info(model)
 
     def _guard(self, fn, *, trace: bool = True) -> str:
         try:
@@ -402,8 +406,8 @@ def datainf_oracle(prob: _problem.Problem, reg: float) -> np.ndarray:
     """Closed-form DataInf from explicit per-sample gradients (Sherman-Morrison):
     ``R v = (v - mean_i g_i (g_i^T v) / (reg + |g_i|^2)) / reg``."""
     gp = TorchGradientProvider(prob.model, torch.nn.functional.cross_entropy)
-    g = gp.flat_grads(gp.prepare_batch(Batch(prob.x_train, prob.y_train))).numpy()
-    gt = gp.flat_grads(gp.prepare_batch(Batch(prob.x_test, prob.y_test))).numpy()
+    g = gp.flat_grads(gp.prepare_batch(Batch(prob.x_train, prob.y_train))).cpu().numpy()
+    gt = gp.flat_grads(gp.prepare_batch(Batch(prob.x_test, prob.y_test))).cpu().numpy()
     w = 1.0 / (reg + np.sum(g * g, axis=1))
     factors = (gt - ((gt @ g.T) * w) @ g / len(g)) / reg
     return factors @ g.T
@@ -413,6 +417,8 @@ def datainf_oracle(prob: _problem.Problem, reg: float) -> np.ndarray:
 
 
 def pydvl_python(args) -> Path:
+    if args.pydvl_python:
+        return Path(args.pydvl_python)
     return Path(args.pydvl_env) / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
@@ -439,6 +445,12 @@ def ensure_pydvl_env(args) -> str:
         "{numpy.__version__}, python {sys.version.split()[0]})')"
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if args.pydvl_python:  # an interpreter given as is (e.g. on a GPU machine): only check it
+        check = check.replace("assert torch.version.cuda is None", "assert True")
+        res = subprocess.run([str(py), "-c", check], capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"--pydvl-python {py} cannot run pyDVL 0.10:\n{res.stderr}")
+        return res.stdout.strip()
     if py.exists():
         res = subprocess.run([str(py), "-c", check], capture_output=True, text=True, env=env)
         if res.returncode == 0:
@@ -472,10 +484,12 @@ class PydvlWorker:
             "--outdir", outdir,
             "--threads", str(args.threads),
             "--regularization", str(args.regularization),
+            "--device", args.device,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         env.update(thread_env(args.threads))
-        env.pop("PYTHONPATH", None)
+        if not args.pydvl_python:  # its own venv: nothing of ours on the path
+            env.pop("PYTHONPATH", None)
         self.outdir = Path(outdir)
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -633,7 +647,7 @@ def run_case(case: str, args, families: list[str], workdir: str, pydvl_ok: bool)
     print(f"\n== {case} case: training ...", flush=True)
     summary = _problem.make_problem(case, problem_path, seed=args.seed)
     print(f"   {summary}", flush=True)
-    prob = _problem.load_problem(problem_path)
+    prob = _problem.load_problem(problem_path, args.device)
     n_test = len(prob.x_test) if case == "small" else min(args.large_test, len(prob.x_test))
     rows = [r for r in (small_rows() if case == "small" else large_rows()) if r.family in families]
 
@@ -641,7 +655,7 @@ def run_case(case: str, args, families: list[str], workdir: str, pydvl_ok: bool)
     ref: np.ndarray | None = None
     if case == "small":
         model = xi.DirectInfluence(gp, regularization=args.regularization).fit(prob.loader)
-        ref = model.influences(prob.x_test, prob.y_test, prob.x_train, prob.y_train).numpy()
+        ref = model.influences(prob.x_test, prob.y_test, prob.x_train, prob.y_train).cpu().numpy()
         ref_label = "xinfluence DirectInfluence (exact)"
     else:
         ref_label = f"xinfluence CgInfluence, rtol {CG_RTOL:g}, no preconditioner: the first row"
@@ -651,6 +665,7 @@ def run_case(case: str, args, families: list[str], workdir: str, pydvl_ok: bool)
             ref = (
                 model.fit(prob.loader)
                 .influences(prob.x_test[:n_test], prob.y_test[:n_test], prob.x_train, prob.y_train)
+                .cpu()
                 .numpy()
             )
             ref_label = ref_label.replace(": the first row", "")
@@ -750,6 +765,12 @@ def run_case(case: str, args, families: list[str], workdir: str, pydvl_ok: bool)
     return table, raw, (worker.hello if worker else None)
 
 
+def _device_label(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 timed run, small case only")
@@ -766,6 +787,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pydvl-env", default=str(HERE / ".envs" / "pydvl"))
     ap.add_argument("--pydvl-base-python", default=None, help="python 3.10-3.12 for pyDVL's venv")
+    ap.add_argument(
+        "--pydvl-python",
+        default=None,
+        help="an interpreter that already has pyDVL 0.10 (no venv is made; PYTHONPATH is kept)",
+    )
+    ap.add_argument("--device", default="cpu", help="torch device of model and data, both sides")
     ap.add_argument("--output", default=str(HERE / "results" / "latest.md"))
     args = ap.parse_args()
     if args.repeats is None:
@@ -802,7 +829,8 @@ def main() -> int:
             "## xinfluence vs pyDVL 0.10: influence functions, side by side",
             "",
             f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; torch threads: "
-            f"{args.threads} in both processes (numpy/scipy OpenBLAS: 1); float64 throughout",
+            f"{args.threads} in both processes (numpy/scipy OpenBLAS: 1); float64 throughout; "
+            f"device: {_device_label(args.device)}",
             f"- xinfluence {xi.__version__} (torch {torch.__version__}, numpy {np.__version__}, "
             f"python {platform.python_version()}); baseline: {baseline}",
             f"- regularization {args.regularization:g}, mode up, training data in a DataLoader "
