@@ -117,6 +117,7 @@ class Row:
     pydvl: dict | None = None  # {"id": ..., "method": ..., "params": {...}}
     note: str = ""
     n_test: int | None = None  # default: all test points of the case
+    seeded: bool = False  # the result depends on random draws: accuracy over seeds too
 
 
 def small_rows() -> list[Row]:
@@ -192,6 +193,7 @@ def small_rows() -> list[Row]:
                 "method": "lissa",
                 "params": dict(lissa, maxiter=LISSA_SAMPLED_ITERS),
             },
+            seeded=True,
         ),
         Row(
             "lissa",
@@ -243,6 +245,7 @@ def _nystroem_row(rank: int, so: str) -> Row:
             "params": dict(rank=rank, second_order_mode=so),
         },
         note,
+        seeded=True,
     )
 
 
@@ -639,6 +642,35 @@ def _summarize(o: Outcome | None, ref: np.ndarray | None) -> dict | None:
     }
 
 
+def seed_sweep(row: Row, prob, args, n_test: int, worker, ref: np.ndarray) -> str:
+    """Relative errors of a randomized method over ``--accuracy-seeds`` seeds
+    (untimed; seed ``args.seed`` is the timed run's), both libraries: one draw
+    says little about a random sketch's accuracy."""
+    seeds = range(args.seed, args.seed + args.accuracy_seeds)
+    errs: dict[str, list[float]] = {"ours": [], "pyDVL": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in seeds:
+            if row.ours is not None:
+                spec = {**row.ours, "params": {**row.ours.get("params", {}), "seed": seed}}
+                runner = OursRunner(spec, prob, args, n_test)
+                values, *_ = runner._once(
+                    prob.loader, runner.xt, runner.yt, prob.x_train, prob.y_train
+                )
+                errs["ours"].append(_problem.relative_error(values, ref[:n_test]))
+            if worker is not None and row.pydvl is not None:
+                sid = f"{row.pydvl['id']}_seed{seed}"
+                spec = {**row.pydvl, "id": sid, "n_test": n_test, "seed": seed}
+                reply = worker.request(spec, "run")
+                if not reply.get("error"):
+                    values = np.load(worker.outdir / f"{sid}.npy")
+                    errs["pyDVL"].append(_problem.relative_error(values, ref[:n_test]))
+    parts = [
+        f"{who} {np.mean(e):.3g} (sd {np.std(e):.2g})" for who, e in errs.items() if len(e) > 1
+    ]
+    return f"rel. err. over seeds {seeds.start}-{seeds.stop - 1}: mean " + ", ".join(parts)
+
+
 # -- main -----------------------------------------------------------------------
 
 
@@ -716,6 +748,8 @@ def run_case(case: str, args, families: list[str], workdir: str, pydvl_ok: bool)
             if load is not None:
                 pressures.append(load)
             res = RowResult(row, o, p, load)
+            if row.seeded and args.accuracy_seeds > 1 and ref is not None:
+                res.extra.append(seed_sweep(row, prob, args, rn, worker, ref))
             if row.family == "datainf" and case == "small":
                 oracle = datainf_oracle(prob, args.regularization)
                 res.extra.append(
@@ -785,6 +819,13 @@ def main() -> int:
     ap.add_argument("--regularization", type=float, default=_problem.REGULARIZATION)
     ap.add_argument("--large-test", type=int, default=50, help="test points of the large case")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--accuracy-seeds",
+        type=int,
+        default=None,
+        help="randomized methods (Nyström sketch, sampled LiSSA): mean relative error "
+        "over this many seeds, untimed (default 10; --quick: 1, i.e. off)",
+    )
     ap.add_argument("--pydvl-env", default=str(HERE / ".envs" / "pydvl"))
     ap.add_argument("--pydvl-base-python", default=None, help="python 3.10-3.12 for pyDVL's venv")
     ap.add_argument(
@@ -797,6 +838,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
+    if args.accuracy_seeds is None:
+        args.accuracy_seeds = 1 if args.quick else 10
     cases = [
         c.strip() for c in (args.cases or ("small" if args.quick else "small,large")).split(",")
     ]
