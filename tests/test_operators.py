@@ -377,3 +377,53 @@ def test_warnings_are_not_raised_on_the_good_path(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _scores(xi.CgInfluence(gp, regularization=1e-2, rtol=1e-8).fit(batches), case)
+
+
+class _Hinted(SoftmaxRegressionGradients):
+    """Counts the reuse hints the solvers give (the numpy provider ignores them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hinted: list[int] = []
+
+    def prepare_products(self, batch):
+        self.hinted.append(len(batch))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_iterative_solvers_hint_kept_batches_only(cache):
+    """CG, Arnoldi and full-data LiSSA announce that they will pass over the
+    kept batches many times; one-pass and sampled methods, and streamed data
+    (nothing kept), give no hint. The hint does not change the numbers."""
+    from xinfluence.curvature import Dataset, HessianCurvature
+    from xinfluence.types import iter_batches
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(31, 4)), rng.integers(0, 3, size=31)
+    w, b = rng.normal(size=(3, 4)), rng.normal(size=3)
+    batches = [(x[s], y[s]) for s in split(31, [13, 11, 7])]
+    gp = _Hinted(w, b)
+    data = Dataset(iter_batches(batches), gp, cache_bytes=2**20 if cache else 0)
+    from xinfluence.operators import CgOperator, LissaOperator, LissaOptions
+
+    CgOperator(HessianCurvature(gp, data), 1e-2)
+    assert gp.hinted == ([13, 11, 7] if cache else [])
+    gp.hinted.clear()
+    LissaOperator(HessianCurvature(gp, data), 1e-2, LissaOptions(scale=10.0, batch_size=5))
+    assert gp.hinted == []
+    LissaOperator(HessianCurvature(gp, data), 1e-2, LissaOptions(scale=10.0))
+    assert gp.hinted == ([13, 11, 7] if cache else [])
+    gp.hinted.clear()
+    xi.NystroemSketchInfluence(gp, regularization=1e-2, rank=3).fit(batches)
+    assert gp.hinted == []
+    arnoldi = xi.ArnoldiInfluence(gp, regularization=1e-2, rank=4).fit(batches)
+    assert gp.hinted == [13, 11, 7]  # fit keeps the batches (default cache)
+    gp.hinted.clear()
+    gp.restrict(["bias"]).prepare_products(next(iter(data)))  # a subset hands it on
+    assert gp.hinted == [13]
+    plain = SoftmaxRegressionGradients(w, b)
+    expected = xi.ArnoldiInfluence(plain, regularization=1e-2, rank=4).fit(batches)
+    assert (
+        rel_err(arnoldi.influences(x[:3], y[:3], x, y), expected.influences(x[:3], y[:3], x, y))
+        == 0
+    )

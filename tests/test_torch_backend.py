@@ -577,6 +577,38 @@ def test_structured_factor_cache_is_bounded(data, monkeypatch):
     assert gp._linear_structure is True  # the transient factors were checked and used
 
 
+def test_prepare_products_makes_the_first_product_structured(trained_mlp, data, monkeypatch):
+    """The reuse hint computes the factors up front: the first product, even of
+    one vector, is then structured (no autodiff call) with the same numbers;
+    with no room to keep them the hint does nothing."""
+    x, y = data[0][:17], data[1][:17]
+    names = [n for n, _ in trainable(trained_mlp)]
+    ref = ref_hessian(trained_mlp, F.cross_entropy, x, y, names)
+    v = torch.randn(1, len(ref), generator=torch.Generator().manual_seed(3), dtype=F64)
+    # a restriction to some layers keeps its own factors
+    sub = TorchGradientProvider(trained_mlp, F.cross_entropy).restrict(["2.weight", "2.bias"])
+    batch = sub.prepare_batch(Batch(x, y))
+    sub.prepare_products(batch)
+    assert sub._factor_cache[id(batch.x)][3] is not None
+    idx = torch.as_tensor(
+        layer_index_blocks(TorchGradientProvider(trained_mlp, F.cross_entropy))[1]
+    )
+    assert rel_err(sub.hvp(batch, v[:, idx]), v[:, idx] @ ref[idx][:, idx]) < 1e-12
+
+    gp = TorchGradientProvider(trained_mlp, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    gp.prepare_products(batch)
+    assert gp._factor_cache[id(batch.x)][3] is not None
+    monkeypatch.setattr(gp, "_hvp", lambda *a: pytest.fail("took the autodiff path"))
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    # no room: nothing is computed, products still right
+    monkeypatch.setattr(_torch_linear, "FACTOR_CACHE_BYTES", 0)
+    fresh = TorchGradientProvider(trained_mlp, F.cross_entropy)
+    fresh.prepare_products(batch)
+    assert all(entry[3] is None for entry in fresh._factor_cache.values())
+    assert rel_err(fresh.hvp(batch, v), v @ ref) < 1e-12
+
+
 # -- 6. K-FAC factors ----------------------------------------------------------------
 
 

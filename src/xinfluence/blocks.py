@@ -183,5 +183,8 @@ class SubsetGradients(GradientProvider):
         d = self.base.hessian_diagonal(batch)
         return None if d is None else self._take(d)
 
+    def prepare_products(self, batch: Batch) -> None:
+        self.base.prepare_products(batch)  # products go through the base provider
+
     def prepare_batch(self, batch: Batch) -> Batch:
         return self.base.prepare_batch(batch)

@@ -80,6 +80,11 @@ class Dataset:
         return out
 
     @property
+    def cached(self) -> bool:
+        """Whether the prepared batches are kept (every pass yields the same objects)."""
+        return bool(self._cache)
+
+    @property
     def n_samples(self) -> int:
         if self._n is None:
             for _ in self:
@@ -132,6 +137,18 @@ class Curvature(ABC):
         return _xp.check_finite(
             _xp.scale_owned(total, 1 / n, xp=self.xp), xp=self.xp, what="the curvature product"
         )
+
+    def prepare_products(self) -> None:
+        """Tell the provider that :meth:`matmat` will pass over the data many times
+        (iterative solvers call this once): with the batches kept in memory, it
+        may precompute per-batch quantities for its products. Streamed data
+        (batches made anew on every pass) gets no hint."""
+        if self.data.n_samples and self.data.cached:
+            for batch in self.data:
+                self._prepare_batch_products(batch)
+
+    def _prepare_batch_products(self, batch: Batch) -> None:  # noqa: B027 (optional hook)
+        """Per-batch hint of :meth:`prepare_products` (default: none)."""
 
     def dense(self) -> Array:
         """The dense curvature ``C``, ``(P, P)``."""
@@ -191,6 +208,9 @@ class HessianCurvature(Curvature):
 
     def _batch_matmat(self, batch: Batch, v: Array) -> Array:
         return self.gp.hvp(batch, v)
+
+    def _prepare_batch_products(self, batch: Batch) -> None:
+        self.gp.prepare_products(batch)
 
     def _batch_dense(self, batch: Batch) -> Array:
         return self.gp.hessian(batch)

@@ -446,6 +446,7 @@ class ArnoldiInfluence(_CurvatureInfluence):
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
     ) -> Operator:
         curvature = self._curvature(gp, data)
+        curvature.prepare_products()  # Lanczos: one pass per Krylov vector
         krylov = self.krylov_dimension
         eig = lanczos(
             curvature.matmat,

@@ -228,6 +228,8 @@ class CgOperator(Operator):
         self.curvature = curvature
         self.regularization = float(regularization)
         self.options = options = options or CgOptions()
+        if _sketch is None:  # a new operator, not one re-regularized: it will iterate
+            curvature.prepare_products()
         preconditioner, seed = options.preconditioner, options.seed
         preconditioner_rank = options.preconditioner_rank
         self.last_result: SolverResult | None = None
@@ -438,6 +440,8 @@ class LissaOperator(Operator):
         self.options = options = options or LissaOptions()
         scale, batch_size = options.scale, options.batch_size
         self._top = _top
+        if batch_size is None and _top is None:  # full-data iterations, new operator
+            curvature.prepare_products()
         if scale is None:
             scale = (self._top_estimate() + self.regularization) * (2.0 if batch_size else 1.0)
         if not scale > 0:

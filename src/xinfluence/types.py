@@ -198,6 +198,12 @@ class GradientProvider(ABC):
         provider cannot give it cheaply (then a Hutchinson estimate is used)."""
         return None
 
+    def prepare_products(self, batch: Batch) -> None:  # noqa: B027 (optional hook)
+        """Hint: :meth:`hvp` will be called on this (prepared, kept) batch many
+        times, e.g. by an iterative solver. A provider may precompute what makes
+        those products cheaper; the default does nothing. The numbers must not
+        depend on whether this was called."""
+
     def prepare_batch(self, batch: Batch) -> Batch:
         """Validate a batch for this provider and bring it to the parameters' dtype.
 

@@ -117,7 +117,9 @@ class TorchGradientProvider(GradientProvider):
     quantities instead of nested autodiff (same numbers, 2-3 times faster; see
     :meth:`hessian`). For products, those quantities are kept per batch while
     the batch is alive and the parameters unchanged (at most 256 MiB per
-    provider), so repeated passes over cached data (CG, Lanczos) reuse them.
+    provider), so repeated passes over cached data (CG, Lanczos) reuse them;
+    the iterative solvers announce such passes (:meth:`prepare_products`), so
+    that the quantities are ready for the first product.
 
     For EK-FAC, :meth:`kfac_layers` and :meth:`kfac_factors` expose the inputs
     and output gradients of the model's ``nn.Linear`` layers.
@@ -431,6 +433,13 @@ class TorchGradientProvider(GradientProvider):
             return self.chunk_size
         return max(1, _PAIRS_PER_CHUNK // max(n_samples, 1))
 
+    def prepare_products(self, batch: Batch) -> None:
+        """Compute and keep the batch's layer factors now (``nn.Linear`` models,
+        within the cache budget), so that the first product is already a
+        structured one; see :meth:`hvp`."""
+        if batch.x.shape[0] > 0:
+            self._structured_factors(batch, 0, reuse=True)
+
     def hvp(self, batch: Batch, v: Tensor) -> Tensor:
         v = self._check_vectors(v, "v")
         if batch.x.shape[0] > 0 and v.shape[0] > 0:
@@ -524,9 +533,12 @@ class TorchGradientProvider(GradientProvider):
             return None
         return h if self._structure_holds(batch, lambda v: v @ h) else None
 
-    def _structured_factors(self, batch: Batch, n_vectors: int) -> _lin.LinearFactors | None:
+    def _structured_factors(
+        self, batch: Batch, n_vectors: int, *, reuse: bool = False
+    ) -> _lin.LinearFactors | None:
         """The batch's layer factors for products (kept while the batch lives and
-        the parameters are unchanged), or ``None`` for the general path."""
+        the parameters are unchanged), or ``None`` for the general path.
+        ``reuse``: the caller said the batch comes back (:meth:`prepare_products`)."""
         layout = self._linear_layout()
         x, y = batch.x, batch.y
         if layout is None or layout.factor_elements(x.shape[0]) > _lin.FACTOR_ELEMENTS:
@@ -541,13 +553,15 @@ class TorchGradientProvider(GradientProvider):
             return hit[3]
         # The factors cost about as much as 3 S products (S = sum of layer
         # widths), a structured product less than half a general one: worth it
-        # for many vectors at once, or for a batch that comes back (cached data).
+        # for many vectors at once, or for a batch that comes back (announced by
+        # prepare_products, or seen before: cached data).
         worth_once = n_vectors >= 8 * layout.width
-        if not worth_once and hit is None:
+        if not (worth_once or reuse) and hit is None:
             self._remember(x, (y, versions, None, 0))
             return None
         size = layout.factor_elements(x.shape[0]) * x.element_size()
-        kept = sum(entry[4] for entry in self._factor_cache.values())
+        # bytes kept for other batches (stale factors of this one are replaced)
+        kept = sum(entry[4] for entry in self._factor_cache.values() if entry[0]() is not x)
         fits = kept + size <= _lin.FACTOR_CACHE_BYTES
         if not (worth_once or fits):
             return None

@@ -128,11 +128,11 @@ def block_cg(
 
     def directions(r: Array, active: Array, previous: tuple[Array, Array, Array] | None) -> Array:
         """New search directions from the active residuals, A-orthogonal to the
-        previous ones ``(S, S A, S A S^T)``."""
+        previous ones ``(S, S A, chol(S A S^T))``."""
         z = xp.where(active[:, None], apply_m(r), xp.zeros_like(r))
         if previous is not None:
-            s, q, g = previous
-            coef = xp.matrix_transpose(xp.linalg.solve(g, q @ xp.matrix_transpose(z)))
+            s, q, factor = previous
+            coef = xp.matrix_transpose(_xp.cho_solve(factor, q @ xp.matrix_transpose(z), xp=xp))
             z = _xp.add_matmul(z, coef, s, alpha=-1.0, xp=xp)
         return _orthonormal_rows(z, xp=xp, drop=drop_tol)
 
@@ -149,7 +149,8 @@ def block_cg(
         while not done_host.all() and iterations < maxiter and s.shape[0] > 0:
             q = apply_a(s)  # (r, P)
             g = _xp.symmetrize(s @ xp.matrix_transpose(q), xp=xp)
-            if _xp.cholesky_or_none(g, xp=xp) is None:
+            factor = _xp.cholesky_or_none(g, xp=xp)
+            if factor is None:
                 # S has orthonormal rows: an eigenvalue of S A S^T is a Rayleigh
                 # quotient of A, so a negative one proves A indefinite.
                 lowest = float(np.min(_xp.to_numpy(xp.linalg.eigvalsh(g))))
@@ -159,7 +160,7 @@ def block_cg(
                     "not positive definite; add (more) regularization, at least "
                     f"{max(-lowest, 0.0):.3e} more (A + lambda I)"
                 )
-            c = xp.matrix_transpose(xp.linalg.solve(g, s @ xp.matrix_transpose(r)))  # (K, r)
+            c = xp.matrix_transpose(_xp.cho_solve(factor, s @ xp.matrix_transpose(r), xp=xp))
             c = xp.where(active[:, None], c, xp.zeros_like(c))
             x = _xp.add_matmul(x, c, s, alpha=1.0, xp=xp)
             r = _xp.add_matmul(r, c, q, alpha=-1.0, xp=xp)
@@ -173,7 +174,7 @@ def block_cg(
             done_host = done_host | (norms <= tol_host)
             active = _xp.from_numpy(~done_host, dtype=xp.bool, device=_xp.device_of(b), xp=xp)
             if not done_host.all():
-                s = directions(r, active, (s, q, g))
+                s = directions(r, active, (s, q, factor))
         true_residual = b - apply_a(x) if iterations or x0 is not None else b
         residual_norms = np.asarray(_xp.to_numpy(row_norms(true_residual, xp=xp)), dtype=np.float64)
         converged = residual_norms <= tol_host
