@@ -393,8 +393,9 @@ class _Hinted(SoftmaxRegressionGradients):
 @pytest.mark.parametrize("cache", [True, False])
 def test_iterative_solvers_hint_kept_batches_only(cache):
     """CG, Arnoldi and full-data LiSSA announce that they will pass over the
-    kept batches many times; one-pass and sampled methods, and streamed data
-    (nothing kept), give no hint. The hint does not change the numbers."""
+    kept batches many times; the one-pass sketch, LiSSA on sampled batches with
+    a given scale (no Lanczos estimate), and streamed data (nothing kept) give
+    no hint. The hint does not change the numbers."""
     from xinfluence.curvature import Dataset, HessianCurvature
     from xinfluence.types import iter_batches
 

@@ -263,10 +263,12 @@ def to_numpy(x: Array, /) -> np.ndarray:
         return x.detach().cpu().numpy()
     if array_api_compat.is_cupy_array(x):
         return x.get()
-    if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(x)):
+    if isinstance(x, np.ndarray):
+        return x
+    xp = array_api_compat.array_namespace(x)
+    if array_api_compat.is_array_api_strict_namespace(xp):
         # its extra devices refuse numpy conversion: go through the default one
-        xp = array_api_compat.array_namespace(x)
-        return np.asarray(xp.asarray(x, device=xp.Device("CPU_DEVICE")))
+        x = x.to_device(xp.Device("CPU_DEVICE"))
     return np.asarray(x)
 
 

@@ -228,8 +228,7 @@ class CgOperator(Operator):
         self.curvature = curvature
         self.regularization = float(regularization)
         self.options = options = options or CgOptions()
-        if _sketch is None:  # a new operator, not one re-regularized: it will iterate
-            curvature.prepare_products()
+        curvature.prepare_products()  # every solve passes over the data repeatedly
         preconditioner, seed = options.preconditioner, options.seed
         preconditioner_rank = options.preconditioner_rank
         self.last_result: SolverResult | None = None
@@ -440,7 +439,8 @@ class LissaOperator(Operator):
         self.options = options = options or LissaOptions()
         scale, batch_size = options.scale, options.batch_size
         self._top = _top
-        if batch_size is None and _top is None:  # full-data iterations, new operator
+        if batch_size is None or scale is None:
+            # repeated full-data passes: the iterations, or the Lanczos scale estimate
             curvature.prepare_products()
         if scale is None:
             scale = (self._top_estimate() + self.regularization) * (2.0 if batch_size else 1.0)
