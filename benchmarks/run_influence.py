@@ -233,12 +233,19 @@ def small_rows() -> list[Row]:
     return rows
 
 
+_OURS = {"gauss_newton": "empirical_fisher"}
+
+
 def _nystroem_row(rank: int, so: str) -> Row:
     note = "pyDVL's Gauss-Newton average is mis-weighted (see README)" if so != "hessian" else ""
     return Row(
         "nystroem",
         f"Nyström sketch rank {rank}, {so.replace('_', '-')}",
-        {"cls": "NystroemSketchInfluence", "params": dict(rank=rank, second_order=so)},
+        {
+            "cls": "NystroemSketchInfluence",
+            # pyDVL's GAUSS_NEWTON is mean g g^T: our "empirical_fisher"
+            "params": dict(rank=rank, second_order=_OURS.get(so, so)),
+        },
         {
             "id": f"nystroem{rank}_{so}",
             "method": "nystroem",

@@ -107,7 +107,7 @@ def test_gauss_newton_and_self_influence(xp, to_xp, problem):
     gt = grads(xt, yt, w, b)
     expected = gt @ np.linalg.inv(gn + REG * np.eye(gn.shape[0])) @ gt.T
     gp = LinearRegressionGradients(to_xp(w), to_xp(b))
-    infl = xi.DirectInfluence(gp, regularization=REG, second_order="gauss_newton")
+    infl = xi.DirectInfluence(gp, regularization=REG, second_order="empirical_fisher")
     infl.fit([(to_xp(x[s]), to_xp(y[s])) for s in split(N_TRAIN, [7, 13, 5])])
     got = infl.influences(to_xp(xt), to_xp(yt))  # x=None: test points against themselves
     assert rel_err(got, expected) <= 1e-10

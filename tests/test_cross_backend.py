@@ -109,7 +109,7 @@ def _jax_conv(a):
 
 @pytest.mark.parametrize("mode", ["up", "perturbation"])
 @pytest.mark.parametrize("structure", ["full", "layer"])
-@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+@pytest.mark.parametrize("second_order", ["hessian", "empirical_fisher"])
 def test_network_torch_equals_jax(data, networks, mode, structure, second_order):
     x, y = data
     torch_gp, jax_gp = networks

@@ -191,7 +191,7 @@ def _reference_influences(net, curvature_blocks, gn=False):
 
 @pytest.mark.parametrize(
     "block_structure, second_order",
-    [("full", "hessian"), ("layer", "hessian"), ("full", "gauss_newton")],
+    [("full", "hessian"), ("layer", "hessian"), ("full", "empirical_fisher")],
 )
 def test_direct_influence_matches_dense(net, block_structure, second_order):
     gp = net["gp"]
@@ -199,7 +199,7 @@ def test_direct_influence_matches_dense(net, block_structure, second_order):
     blocks = (
         [slice(0, p)] if block_structure == "full" else list(_layer_slices(net["params"]).values())
     )
-    up_ref, pert_ref = _reference_influences(net, blocks, gn=second_order == "gauss_newton")
+    up_ref, pert_ref = _reference_influences(net, blocks, gn=second_order == "empirical_fisher")
 
     infl = xi.DirectInfluence(
         gp, regularization=REG, block_structure=block_structure, second_order=second_order

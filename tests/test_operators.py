@@ -180,7 +180,7 @@ def _scores(model, case, mode="up"):
     return model.influences(xte, yte, xtr, ytr, mode=mode)
 
 
-@pytest.mark.parametrize("second_order", ["hessian", "gauss_newton"])
+@pytest.mark.parametrize("second_order", ["hessian", "empirical_fisher"])
 @pytest.mark.parametrize("structure", ["full", "layer"])
 @pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
 def test_cg_matches_direct(case, second_order, structure, preconditioner):
@@ -268,7 +268,7 @@ def test_arnoldi_rank_k_equals_exact_top_k(case, woodbury):
 def test_nystroem_full_rank_on_gauss_newton(case):
     gp, batches, *_ = case
     p = gp.n_parameters
-    kw = dict(regularization=1e-3, second_order="gauss_newton")
+    kw = dict(regularization=1e-3, second_order="empirical_fisher")
     model = xi.NystroemSketchInfluence(gp, rank=p, **kw).fit(batches)
     assert rel_err(_scores(model, case), _scores(_direct(case, **kw), case)) <= 1e-6
 
@@ -276,7 +276,7 @@ def test_nystroem_full_rank_on_gauss_newton(case):
 def test_nystroem_low_rank_is_the_woodbury_inverse_of_its_sketch(case):
     gp, batches, *_ = case
     model = xi.NystroemSketchInfluence(
-        gp, regularization=1e-2, rank=5, second_order="gauss_newton"
+        gp, regularization=1e-2, rank=5, second_order="empirical_fisher"
     ).fit(batches)
     op = model._mapper.composable_block_dict["full"].op
     u, lam = to_numpy(op.eigenvectors), to_numpy(op.eigenvalues)
@@ -285,7 +285,7 @@ def test_nystroem_low_rank_is_the_woodbury_inverse_of_its_sketch(case):
     expected = gt @ np.linalg.solve(c + 1e-2 * np.eye(len(c)), g.T)
     assert rel_err(_scores(model, case), expected) <= 1e-8
     # and the sketch is a good rank-5 approximation of the Gauss-Newton matrix
-    gn = _dense_curvature(case, "gauss_newton")
+    gn = _dense_curvature(case, "empirical_fisher")
     best = np.sort(np.linalg.eigvalsh(gn))[::-1]
     err = np.linalg.norm(gn - c, 2)
     assert err <= 10 * best[5] + 1e-12
@@ -293,16 +293,16 @@ def test_nystroem_low_rank_is_the_woodbury_inverse_of_its_sketch(case):
 
 def test_lissa_well_damped(case):
     gp, batches, *_ = case
-    kw = dict(regularization=1e-1, second_order="gauss_newton")
+    kw = dict(regularization=1e-1, second_order="empirical_fisher")
     model = xi.LissaInfluence(gp, maxiter=5000, rtol=1e-7, **kw).fit(batches)
     assert rel_err(_scores(model, case), _scores(_direct(case, **kw), case)) <= 1e-3
 
 
 def test_lissa_diverges_with_too_small_scale(case):
     gp, batches, *_ = case
-    top = np.max(np.linalg.eigvalsh(_dense_curvature(case, "gauss_newton")))
+    top = np.max(np.linalg.eigvalsh(_dense_curvature(case, "empirical_fisher")))
     model = xi.LissaInfluence(
-        gp, regularization=1e-2, second_order="gauss_newton", scale=top / 10, maxiter=2000
+        gp, regularization=1e-2, second_order="empirical_fisher", scale=top / 10, maxiter=2000
     ).fit(batches)
     with pytest.raises(xi.DivergenceError, match="raise scale"):
         _scores(model, case)
@@ -319,7 +319,7 @@ def test_datainf_matches_dense_formula(case):
     assert rel_err(_scores(model, case), expected) <= 1e-8
     with pytest.raises(ValueError, match="regularization > 0"):
         xi.InverseHarmonicMeanInfluence(gp, regularization=0.0)
-    with pytest.raises(ValueError, match="gauss_newton"):
+    with pytest.raises(ValueError, match="empirical_fisher"):
         xi.InverseHarmonicMeanInfluence(gp, regularization=reg, second_order="hessian")
 
 
@@ -365,7 +365,7 @@ def test_ekfac_correlates_with_layerwise_gauss_newton(case, backend_name):
     reg = 1e-3
     model = xi.EkfacInfluence(gp, regularization=reg).fit(batches)
     got = to_numpy(_scores(model, case)).ravel()
-    direct = _direct(case, reg, block_structure=_layer_blocks(gp), second_order="gauss_newton")
+    direct = _direct(case, reg, block_structure=_layer_blocks(gp), second_order="empirical_fisher")
     expected = to_numpy(_scores(direct, case)).ravel()
     pearson = np.corrcoef(got, expected)[0, 1]
     print(f"EK-FAC vs layer-wise Gauss-Newton Direct ({backend_name}): pearson {pearson:.4f}")

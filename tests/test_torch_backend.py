@@ -247,7 +247,7 @@ def test_mse_loss_matches_autograd():
 
 @pytest.mark.parametrize(
     "block_structure, second_order",
-    [("full", "hessian"), ("layer", "hessian"), ("full", "gauss_newton")],
+    [("full", "hessian"), ("layer", "hessian"), ("full", "empirical_fisher")],
 )
 def test_direct_matches_dense(trained_mlp, data, block_structure, second_order):
     x, y, x_test, y_test = data
@@ -677,7 +677,7 @@ def test_float32_model_returns_float32():
     ):
         assert isinstance(out, torch.Tensor)
         assert out.dtype == torch.float32 and out.device == gp.device
-    infl = DirectInfluence(gp, regularization=0.1, second_order="gauss_newton").fit(batch)
+    infl = DirectInfluence(gp, regularization=0.1, second_order="empirical_fisher").fit(batch)
     assert infl.influences(batch.x, batch.y).dtype == torch.float32
     with pytest.raises(TypeError, match="dtype"):
         gp.prepare_batch(Batch(torch.randn(6, 5, dtype=F64), batch.y))

@@ -126,7 +126,7 @@ METHODS = {
     "cg_jacobi": (xi.CgInfluence, {"rtol": 1e-11, "preconditioner": "jacobi"}),
     "lissa": (xi.LissaInfluence, {"maxiter": 60, "scale": 8.0, "rtol": 0.0, "batch_size": 20}),
     "arnoldi": (xi.ArnoldiInfluence, {"rank": 12}),
-    "nystroem_gn": (xi.NystroemSketchInfluence, {"rank": 12, "second_order": "gauss_newton"}),
+    "nystroem_gn": (xi.NystroemSketchInfluence, {"rank": 12, "second_order": "empirical_fisher"}),
     "datainf": (xi.InverseHarmonicMeanInfluence, {}),
     "ekfac": (xi.EkfacInfluence, {"update_diagonal": True}),
 }

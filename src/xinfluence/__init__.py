@@ -8,6 +8,7 @@ framework.
 
 from __future__ import annotations
 
+from ._config import memory_budget, memory_budget_scope, set_memory_budget
 from .errors import (
     DivergenceError,
     NamespaceMismatchError,
@@ -66,4 +67,7 @@ __all__ = [
     "Operator",
     "OperatorGradientComposition",
     "XinfluenceError",
+    "memory_budget",
+    "memory_budget_scope",
+    "set_memory_budget",
 ]

@@ -21,12 +21,12 @@ __all__ = [
     "Dataset",
     "Curvature",
     "HessianCurvature",
-    "GaussNewtonCurvature",
+    "EmpiricalFisherCurvature",
     "SecondOrder",
     "make_curvature",
 ]
 
-SecondOrder = Literal["hessian", "gauss_newton"]
+SecondOrder = Literal["hessian", "gauss_newton", "empirical_fisher"]
 
 
 @final
@@ -220,7 +220,7 @@ class HessianCurvature(Curvature):
 
 
 @final
-class GaussNewtonCurvature(Curvature):
+class EmpiricalFisherCurvature(Curvature):
     """``G = (1/n) sum_i g_i g_i^T`` with ``g_i`` the per-sample gradients.
 
     Positive semi-definite by construction.
@@ -240,9 +240,15 @@ class GaussNewtonCurvature(Curvature):
 
 
 def make_curvature(second_order: str, gp: GradientProvider, data: Dataset) -> Curvature:
-    """The curvature named by ``second_order`` (``"hessian"`` or ``"gauss_newton"``)."""
+    """The curvature named by ``second_order``: ``"hessian"``, ``"gauss_newton"``
+    (``mean_i J_i^T H_out,i J_i``) or ``"empirical_fisher"`` (``mean_i g_i g_i^T``)."""
     if second_order == "hessian":
         return HessianCurvature(gp, data)
+    if second_order == "empirical_fisher":
+        return EmpiricalFisherCurvature(gp, data)
     if second_order == "gauss_newton":
-        return GaussNewtonCurvature(gp, data)
-    raise ValueError(f"second_order must be 'hessian' or 'gauss_newton', got {second_order!r}")
+        raise NotImplementedError("second_order='gauss_newton' is not implemented yet")
+    raise ValueError(
+        "second_order must be 'hessian', 'gauss_newton' or 'empirical_fisher', "
+        f"got {second_order!r}"
+    )

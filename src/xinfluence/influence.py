@@ -5,7 +5,7 @@ keyword-only options; ``fit`` builds one operator per block, queries map the
 spec's compositions over the blocks.
 
 Conventions: with ``H`` the Hessian of the mean training loss (or
-``mean g g^T`` for ``second_order="gauss_newton"``) and ``lambda`` the block's
+``mean g g^T`` for ``second_order="empirical_fisher"``) and ``lambda`` the block's
 regularization,
 
 * up: ``I[t, j] = g_t^T (H + lambda I)^-1 g_j``, shape ``(N_test, N)``; removing
@@ -88,9 +88,10 @@ class ComposableInfluence(ABC):
                 "expected a GradientProvider as first argument, got "
                 f"{type(gradient_provider).__name__}"
             )
-        if second_order not in ("hessian", "gauss_newton"):
+        if second_order not in ("hessian", "gauss_newton", "empirical_fisher"):
             raise ValueError(
-                f"second_order must be 'hessian' or 'gauss_newton', got {second_order!r}"
+                "second_order must be 'hessian', 'gauss_newton' or 'empirical_fisher', "
+                f"got {second_order!r}"
             )
         self.gradient_provider = gradient_provider
         self.blocks = resolve_block_structure(gradient_provider, block_structure)
@@ -474,7 +475,7 @@ class NystroemSketchInfluence(_CurvatureInfluence):
     and the exact inverse of the damped sketch by Woodbury:
     ``U diag(1 / (lambda_i + mu)) U^T + (I - U U^T) / mu``.
 
-    Needs a positive semi-definite curvature (``second_order="gauss_newton"``,
+    Needs a positive semi-definite curvature (``second_order="empirical_fisher"``,
     or a convex loss) and ``regularization > 0`` below full rank.
     """
 
@@ -522,7 +523,7 @@ class InverseHarmonicMeanInfluence(ComposableInfluence):
     """DataInf (Kwon et al. 2024): ``(H + lambda I)^-1`` replaced by the mean of the
     per-sample inverses ``mean_i (g_i g_i^T + lambda I)^-1``, applied in closed
     form by Sherman-Morrison. Needs ``regularization > 0``; it is built from
-    gradients only, so ``second_order`` must be ``"gauss_newton"`` (the default
+    gradients only, so ``second_order`` must be ``"empirical_fisher"`` (the default
     here).
     """
 
@@ -533,12 +534,12 @@ class InverseHarmonicMeanInfluence(ComposableInfluence):
         *,
         regularization: Regularization = 0.0,
         block_structure: BlockStructure = "full",
-        second_order: str = "gauss_newton",
+        second_order: str = "empirical_fisher",
     ):
-        if second_order != "gauss_newton":
+        if second_order != "empirical_fisher":
             raise ValueError(
                 "InverseHarmonicMeanInfluence is built from per-sample gradients only: "
-                f"second_order must be 'gauss_newton', got {second_order!r}"
+                f"second_order must be 'empirical_fisher', got {second_order!r}"
             )
         super().__init__(
             gradient_provider,
@@ -582,7 +583,7 @@ class EkfacInfluence(ComposableInfluence):
         *,
         regularization: Regularization = 0.0,
         block_structure: BlockStructure = "layer",
-        second_order: str = "gauss_newton",
+        second_order: str = "empirical_fisher",
         update_diagonal: bool = True,
     ):
         gp = gradient_provider
@@ -596,10 +597,10 @@ class EkfacInfluence(ComposableInfluence):
                 "EkfacInfluence works on dense-layer blocks only: block_structure must be "
                 f"'layer', got {block_structure!r}"
             )
-        if second_order != "gauss_newton":
+        if second_order != "empirical_fisher":
             raise ValueError(
                 "EK-FAC approximates the Gauss-Newton curvature mean g g^T: second_order "
-                f"must be 'gauss_newton', got {second_order!r}"
+                f"must be 'empirical_fisher', got {second_order!r}"
             )
         layers = gp.kfac_layers()
         covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
