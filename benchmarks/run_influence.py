@@ -225,7 +225,11 @@ def small_rows() -> list[Row]:
         Row(
             "ekfac",
             "EK-FAC (update_diagonal)",
-            {"cls": "EkfacInfluence", "params": dict(update_diagonal=True)},
+            {
+                "cls": "EkfacInfluence",
+                # the curvature the note names (the default is now "gauss_newton")
+                "params": dict(update_diagonal=True, second_order="empirical_fisher"),
+            },
             {"id": "ekfac", "method": "ekfac", "params": dict(update_diagonal=True)},
             "different curvatures: ours empirical Fisher, pyDVL a label-free pseudo-Fisher",
         ),
@@ -284,7 +288,11 @@ def large_rows() -> list[Row]:
         Row(
             "ekfac",
             "EK-FAC (update_diagonal)",
-            {"cls": "EkfacInfluence", "params": dict(update_diagonal=True)},
+            {
+                "cls": "EkfacInfluence",
+                # the curvature the note names (the default is now "gauss_newton")
+                "params": dict(update_diagonal=True, second_order="empirical_fisher"),
+            },
             {"id": "ekfac", "method": "ekfac", "params": dict(update_diagonal=True)},
             "different curvatures: ours empirical Fisher, pyDVL a label-free pseudo-Fisher",
         ),

@@ -331,7 +331,7 @@ def test_ekfac_curvature_equals_dense_construction(case):
     """With update_diagonal, the EK-FAC curvature of each layer is
     B diag(mean_n (B^T g_n)^2) B^T, B the Kronecker eigenbasis (built here)."""
     gp, batches, xtr, ytr, *_ = case
-    model = xi.EkfacInfluence(gp, regularization=1e-3).fit(batches)
+    model = xi.EkfacInfluence(gp, regularization=1e-3, second_order="empirical_fisher").fit(batches)
     for comp in model._mapper.composable_block_dict.values():
         op = comp.op
         q_s, q_a = to_numpy(op.q_s), to_numpy(op.q_a)
@@ -363,7 +363,7 @@ def test_ekfac_correlates_with_layerwise_gauss_newton(case, backend_name):
     # small damping: at 1e-2 the damped curvatures of this well-fit model are both
     # close to 1e-2 I, and the comparison would say little
     reg = 1e-3
-    model = xi.EkfacInfluence(gp, regularization=reg).fit(batches)
+    model = xi.EkfacInfluence(gp, regularization=reg, second_order="empirical_fisher").fit(batches)
     got = to_numpy(_scores(model, case)).ravel()
     direct = _direct(case, reg, block_structure=_layer_blocks(gp), second_order="empirical_fisher")
     expected = to_numpy(_scores(direct, case)).ravel()

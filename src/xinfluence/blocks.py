@@ -186,5 +186,17 @@ class SubsetGradients(GradientProvider):
     def prepare_products(self, batch: Batch) -> None:
         self.base.prepare_products(batch)  # products go through the base provider
 
+    # -- generalized Gauss-Newton: the diagonal block G[S, S] of the base's
+    @property
+    def supports_gauss_newton(self) -> bool:
+        return self.base.supports_gauss_newton
+
+    def ggn_matmat(self, batch: Batch, v: Array) -> Array:
+        return self._take(self.base.ggn_matmat(batch, self._embed(v)))
+
+    def ggn_diagonal(self, batch: Batch) -> Array | None:
+        d = self.base.ggn_diagonal(batch)
+        return None if d is None else self._take(d)
+
     def prepare_batch(self, batch: Batch) -> Batch:
         return self.base.prepare_batch(batch)

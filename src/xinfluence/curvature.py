@@ -22,6 +22,7 @@ __all__ = [
     "Curvature",
     "HessianCurvature",
     "EmpiricalFisherCurvature",
+    "GaussNewtonCurvature",
     "SecondOrder",
     "make_curvature",
 ]
@@ -239,6 +240,34 @@ class EmpiricalFisherCurvature(Curvature):
         return self.xp.mean(grads * grads, axis=0)
 
 
+@final
+class GaussNewtonCurvature(Curvature):
+    """The generalized Gauss-Newton matrix ``G = (1/n) sum_i J_i^T H_i J_i``.
+
+    ``J_i = d out_i / d theta`` is the Jacobian of sample ``i``'s model output and
+    ``H_i = d^2 l / d out^2`` the Hessian of its loss with respect to that
+    output, through the provider's :meth:`~GradientProvider.ggn_matmat`. It
+    drops the term of the Hessian that holds the model's second derivatives, so
+    it is positive semi-definite whenever the loss is convex in the output
+    (squared error, cross-entropy), and equals the Hessian for generalized
+    linear models with canonical links.
+    """
+
+    def __init__(self, gp: GradientProvider, data: Dataset):
+        if not gp.supports_gauss_newton:
+            raise NotImplementedError(gp._no_output_message())
+        super().__init__(gp, data)
+
+    def _batch_matmat(self, batch: Batch, v: Array) -> Array:
+        return self.gp.ggn_matmat(batch, v)
+
+    def _batch_dense(self, batch: Batch) -> Array:
+        return self.gp.ggn(batch)
+
+    def _batch_diagonal(self, batch: Batch) -> Array | None:
+        return self.gp.ggn_diagonal(batch)
+
+
 def make_curvature(second_order: str, gp: GradientProvider, data: Dataset) -> Curvature:
     """The curvature named by ``second_order``: ``"hessian"``, ``"gauss_newton"``
     (``mean_i J_i^T H_out,i J_i``) or ``"empirical_fisher"`` (``mean_i g_i g_i^T``)."""
@@ -247,7 +276,7 @@ def make_curvature(second_order: str, gp: GradientProvider, data: Dataset) -> Cu
     if second_order == "empirical_fisher":
         return EmpiricalFisherCurvature(gp, data)
     if second_order == "gauss_newton":
-        raise NotImplementedError("second_order='gauss_newton' is not implemented yet")
+        return GaussNewtonCurvature(gp, data)
     raise ValueError(
         "second_order must be 'hessian', 'gauss_newton' or 'empirical_fisher', "
         f"got {second_order!r}"

@@ -74,6 +74,9 @@ class ComposableInfluence(ABC):
     validation) lives here.
     """
 
+    # whether second_order matters (IdentityInfluence has no curvature)
+    _uses_curvature = True
+
     def __init__(
         self,
         gradient_provider: GradientProvider,
@@ -93,6 +96,12 @@ class ComposableInfluence(ABC):
                 "second_order must be 'hessian', 'gauss_newton' or 'empirical_fisher', "
                 f"got {second_order!r}"
             )
+        if (
+            second_order == "gauss_newton"
+            and self._uses_curvature
+            and not gradient_provider.supports_gauss_newton
+        ):
+            raise NotImplementedError(gradient_provider._no_output_message())
         self.gradient_provider = gradient_provider
         self.blocks = resolve_block_structure(gradient_provider, block_structure)
         self.regularization = resolve_regularization(regularization, self.blocks)
@@ -281,6 +290,8 @@ class IdentityInfluence(ComposableInfluence):
 
     ``regularization`` and ``second_order`` have no effect.
     """
+
+    _uses_curvature = False
 
     def _create_operator(
         self, block: str, gp: GradientProvider, data: Dataset, regularization: float
@@ -561,19 +572,35 @@ class InverseHarmonicMeanInfluence(ComposableInfluence):
 
 @final
 class EkfacInfluence(ComposableInfluence):
-    """EK-FAC: per dense layer, the Gauss-Newton block ``mean g g^T`` in the
-    Kronecker eigenbasis of the layer's input and output-gradient covariances,
-    with eigenvalues corrected on the data (``update_diagonal=True``) or taken
-    as products of the factors' eigenvalues (plain K-FAC).
+    """EK-FAC (George et al. 2018): per dense layer, the layer's block of the
+    curvature in the Kronecker eigenbasis of its input and output-gradient
+    covariances, with eigenvalues corrected on the data (``update_diagonal=True``)
+    or taken as products of the factors' eigenvalues (plain K-FAC).
+
+    ``second_order`` names the curvature whose layer blocks are approximated:
+
+    * ``"gauss_newton"`` (default): the generalized Gauss-Newton matrix
+      ``mean_i J_i^T H_i J_i``. Its layer block is exactly
+      ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``, with ``a_i`` the layer's
+      input and ``s_ic`` the ``c``-th column of a square root ``H_i = L_i L_i^T``
+      of the loss Hessian on the model output, back-propagated to the layer's
+      output (``M`` pseudo-gradients per sample, ``M`` the output size); needs a
+      loss convex in the output and the provider's ``kfac_ggn_factors``;
+    * ``"empirical_fisher"``: ``mean_i g_i g_i^T``, one true gradient
+      ``s_i = d l_i / d z`` per sample (the behaviour before 0.2).
+
+    With ``update_diagonal`` the eigenvalues are the exact diagonal of the
+    layer's curvature block in the Kronecker eigenbasis.
 
     The provider must offer the Kronecker factors: ``kfac_layers()`` (layer ->
     ``(weight name, bias name or None)``) and ``kfac_factors(batch)`` (layer ->
-    inputs ``a`` ``(N, I)`` and output gradients ``s`` ``(N, O)``), as the torch
-    provider does for ``nn.Linear`` layers, the jax provider for declared dense
-    layers and the array-API GLMs for their one layer. Blocks are the layers;
-    every parameter must belong to one (freeze or restrict the others).
-    ``fit`` makes one pass over the data for the factors and, with
-    ``update_diagonal``, a second one for the eigenvalues.
+    inputs ``a`` ``(N, I)`` and output gradients ``s`` ``(N, O)``), plus
+    ``kfac_ggn_factors(batch)`` (``s`` ``(N, C, O)``) for the Gauss-Newton
+    curvature, as the torch provider does for ``nn.Linear`` layers, the jax
+    provider for declared dense layers and the array-API GLMs for their one
+    layer. Blocks are the layers; every parameter must belong to one (freeze or
+    restrict the others). ``fit`` makes one pass over the data for the factors
+    and, with ``update_diagonal``, a second one for the eigenvalues.
     """
 
     def __init__(
@@ -583,7 +610,7 @@ class EkfacInfluence(ComposableInfluence):
         *,
         regularization: Regularization = 0.0,
         block_structure: BlockStructure = "layer",
-        second_order: str = "empirical_fisher",
+        second_order: str = "gauss_newton",
         update_diagonal: bool = True,
     ):
         gp = gradient_provider
@@ -597,10 +624,16 @@ class EkfacInfluence(ComposableInfluence):
                 "EkfacInfluence works on dense-layer blocks only: block_structure must be "
                 f"'layer', got {block_structure!r}"
             )
-        if second_order != "empirical_fisher":
+        if second_order not in ("gauss_newton", "empirical_fisher"):
             raise ValueError(
-                "EK-FAC approximates the Gauss-Newton curvature mean g g^T: second_order "
-                f"must be 'empirical_fisher', got {second_order!r}"
+                "EK-FAC approximates a positive semi-definite curvature: second_order must be "
+                f"'gauss_newton' or 'empirical_fisher', got {second_order!r}"
+            )
+        if second_order == "gauss_newton" and not callable(getattr(gp, "kfac_ggn_factors", None)):
+            raise TypeError(
+                f"EkfacInfluence with second_order='gauss_newton' needs a provider with "
+                f"kfac_ggn_factors(); {type(gp).__name__} has none (pass "
+                "second_order='empirical_fisher' to use its kfac_factors)"
             )
         layers = gp.kfac_layers()
         covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
@@ -639,11 +672,20 @@ class EkfacInfluence(ComposableInfluence):
             ones = xp.ones((a.shape[0], 1), dtype=a.dtype, device=_xp.device_of(a))
             return xp.concat([a, ones], axis=1)
 
+        def layer_factors(batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
+            """Layer -> inputs ``(N, I)`` and (pseudo-)gradients ``(N, C, O)``."""
+            if self.second_order == "gauss_newton":
+                return gp.kfac_ggn_factors(batch)  # type: ignore[attr-defined]
+            return OrderedDict(
+                (k, (a, s[:, None, :])) for k, (a, s) in factors.kfac_factors(batch).items()
+            )
+
         cov: dict[str, list[Array]] = {}
         n = 0
         for batch in dataset:
-            for layer, (a, s) in factors.kfac_factors(batch).items():
+            for layer, (a, s) in layer_factors(batch).items():
                 a = augmented(layer, a)
+                s = xp.reshape(s, (-1, s.shape[-1]))  # all C columns of all samples
                 terms = [xp.matrix_transpose(a) @ a, xp.matrix_transpose(s) @ s]
                 cov[layer] = (
                     terms if layer not in cov else [c + t for c, t in zip(cov[layer], terms)]
@@ -659,10 +701,12 @@ class EkfacInfluence(ComposableInfluence):
         if self.update_diagonal:
             corrected: dict[str, Array] = {}
             for batch in dataset:
-                for layer, (a, s) in factors.kfac_factors(batch).items():
+                for layer, (a, s) in layer_factors(batch).items():
                     q_s, q_a, _ = bases[layer]
                     a_rot, s_rot = augmented(layer, a) @ q_a, s @ q_s
-                    term = xp.matrix_transpose(s_rot * s_rot) @ (a_rot * a_rot)
+                    # Lambda[o, i] = mean_n sum_c (Q_S^T s_nc)[o]^2 (Q_A^T a_n)[i]^2
+                    s_sq = xp.sum(s_rot * s_rot, axis=1)
+                    term = xp.matrix_transpose(s_sq) @ (a_rot * a_rot)
                     corrected[layer] = term if layer not in corrected else corrected[layer] + term
             bases = {k: (q_s, q_a, corrected[k] / n) for k, (q_s, q_a, _) in bases.items()}
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()

@@ -198,6 +198,61 @@ class GradientProvider(ABC):
         provider cannot give it cheaply (then a Hutchinson estimate is used)."""
         return None
 
+    # -- generalized Gauss-Newton (optional) ---------------------------------
+    @property
+    def supports_gauss_newton(self) -> bool:
+        """Whether :meth:`ggn_matmat` is available (the provider sees the model
+        output ``out_i`` and the loss as a function of it)."""
+        return False
+
+    def ggn_matmat(self, batch: Batch, v: Array) -> Array:
+        """Generalized Gauss-Newton matrix of the batch's *mean* loss applied to each
+        row of ``v``: ``(K, P) -> (K, P)``.
+
+        ``G_b = (1/N) sum_i J_i^T H_i J_i`` with ``J_i = d out_i / d theta``
+        (``(M, P)``, ``M`` the size of one sample's model output) and
+        ``H_i = d^2 l / d out^2`` at ``out_i`` (``(M, M)``). Positive
+        semi-definite when the loss is convex in the output; equal to the
+        Hessian for generalized linear models with canonical links.
+
+        Raises:
+            NotImplementedError: the provider has no model output (the default).
+        """
+        raise NotImplementedError(self._no_output_message())
+
+    def _no_output_message(self) -> str:
+        return (
+            f"this provider has no model output: {type(self).__name__} only sees the "
+            "per-sample loss, so it cannot form the Gauss-Newton matrix J^T H_out J; use "
+            "second_order='hessian' or 'empirical_fisher', or a provider of the model and "
+            "its loss (torch, jax, or the array-API linear models)"
+        )
+
+    def ggn(self, batch: Batch) -> Array:
+        """Dense Gauss-Newton matrix of the batch's mean loss, ``(P, P)``.
+
+        The default applies :meth:`ggn_matmat` to chunks of the identity, each
+        chunk sized from :func:`xinfluence.memory_budget`.
+        """
+        if not self.supports_gauss_newton:
+            raise NotImplementedError(self._no_output_message())
+        from ._config import memory_budget
+
+        xp, p = self.xp, self.n_parameters
+        itemsize = int(getattr(self.dtype, "itemsize", 8))
+        # a chunk holds the unit vectors, their products and about N copies of
+        # an output-sized intermediate per vector; count 4 P per vector
+        step = max(1, min(p, memory_budget() // max(1, 4 * p * itemsize)))
+        eye = _xp.eye(p, dtype=self.dtype, device=self.device, xp=xp)
+        parts = [self.ggn_matmat(batch, eye[lo : lo + step, :]) for lo in range(0, p, step)]
+        g = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        return _xp.symmetrize(g, xp=xp)
+
+    def ggn_diagonal(self, batch: Batch) -> Array | None:
+        """Exact diagonal of the batch-mean Gauss-Newton matrix, ``(P,)``, or None where
+        the provider cannot give it cheaply (then a Hutchinson estimate is used)."""
+        return None
+
     def prepare_products(self, batch: Batch) -> None:  # noqa: B027 (optional hook)
         """Hint: :meth:`hvp` will be called on this (prepared, kept) batch many
         times, e.g. by an iterative solver. A provider may precompute what makes
@@ -225,7 +280,16 @@ class GradientProvider(ABC):
 @runtime_checkable
 class KroneckerFactorProvider(Protocol):
     """Optional provider capability for EK-FAC: dense layers whose per-sample
-    weight gradient is the outer product ``s_n a_n^T``."""
+    weight gradient is the outer product ``s_n a_n^T``.
+
+    For ``second_order="gauss_newton"`` a provider also offers
+    ``kfac_ggn_factors(batch)``: layer -> inputs ``a`` ``(N, I)`` and
+    pseudo-gradients ``s`` ``(N, C, O)``, the columns ``c`` of a square root
+    ``H_i = L_i L_i^T`` of the loss Hessian on the model output, back-propagated
+    to the layer's outputs (``s_ic = J_{out <- z}^T L_i[:, c]``), so that the
+    layer's Gauss-Newton block is ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``
+    exactly.
+    """
 
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
         """Layer name -> (weight parameter name, bias parameter name or None)."""

@@ -217,6 +217,94 @@ class _GeneralizedLinearModel(_ArrayParams):
         db = xp.sum(c_diag, axis=1) / n
         return self._join(dw[None, ...], db[None, :])[0, :]
 
+    # -- generalized Gauss-Newton -------------------------------------------
+    # Built from the explicit output Jacobian J_n (O, P) and the dense output
+    # Hessian H_n (O, O) of each loss, not from the Hessian code above (which
+    # applies the loss curvature to J v without forming either): for these
+    # canonical-link losses G equals the Hessian, and the tests check that
+    # the two independent constructions agree.
+    @property
+    def supports_gauss_newton(self) -> bool:
+        return True
+
+    @abstractmethod
+    def _output_hessian(self, z: Array) -> Array:
+        """``H_n = d^2 l / dz^2`` per sample, dense: ``(N, O, O)``."""
+
+    @abstractmethod
+    def _output_hessian_root(self, z: Array) -> Array:
+        """``L_n`` with ``H_n = L_n L_n^T``: ``(N, O, C)``."""
+
+    def _output_jacobian(self, x: Array) -> Array:
+        """``J_n = dz_n / dtheta`` in the flat order: ``(N, O, P)``;
+        ``J_n[o, (o', i)] = [o = o'] x_n[i]`` and ``J_n[o, b_o'] = [o = o']``."""
+        xp = self.xp
+        n, o = x.shape[0], self.n_out
+        eye = _xp.eye(o, dtype=self.dtype, device=self.device, xp=xp)
+        jw = xp.reshape(eye[None, :, :, None] * x[:, None, None, :], (n, o, o * self.n_in))
+        if self.bias is None:
+            return jw
+        return xp.concat([jw, xp.broadcast_to(eye[None, :, :], (n, o, o))], axis=2)
+
+    def _ggn_chunks(self, n: int) -> list[slice]:
+        """Sample chunks whose Jacobians (3 arrays of ``O x P`` per sample) fit the
+        memory budget."""
+        from .._config import memory_budget
+
+        itemsize = int(getattr(self.dtype, "itemsize", 8))
+        per_sample = 3 * self.n_out * self.n_parameters * itemsize
+        step = max(1, memory_budget() // max(1, per_sample))
+        return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+    def _ggn_parts(self, x: Array) -> list[tuple[Array, Array]]:
+        """``(J, H J)`` flattened to ``(n O, P)`` for each chunk of samples."""
+        xp = self.xp
+        out = []
+        for sl in self._ggn_chunks(x.shape[0]):
+            xs = x[sl, ...]
+            jac = self._output_jacobian(xs)  # (n, O, P)
+            hj = self._output_hessian(self._z(xs)) @ jac
+            rows = jac.shape[0] * self.n_out
+            out.append((xp.reshape(jac, (rows, self.n_parameters)), xp.reshape(hj, (rows, -1))))
+        return out
+
+    def ggn_matmat(self, batch: Batch, v: Array) -> Array:
+        xp = self.xp
+        if v.ndim != 2 or v.shape[1] != self.n_parameters:
+            raise ValueError(f"expected v of shape (K, {self.n_parameters}), got {tuple(v.shape)}")
+        total = None
+        for jac, hj in self._ggn_parts(batch.x):
+            # v J^T H J, with H J formed once per chunk
+            term = (v @ xp.matrix_transpose(jac)) @ hj
+            total = term if total is None else total + term
+        assert total is not None
+        return total / batch.x.shape[0]
+
+    def ggn(self, batch: Batch) -> Array:
+        xp = self.xp
+        total = None
+        for jac, hj in self._ggn_parts(batch.x):
+            term = xp.matrix_transpose(jac) @ hj
+            total = term if total is None else total + term
+        assert total is not None
+        return _xp.symmetrize(total / batch.x.shape[0], xp=xp)
+
+    def ggn_diagonal(self, batch: Batch) -> Array:
+        xp = self.xp
+        total = None
+        for jac, hj in self._ggn_parts(batch.x):
+            term = xp.sum(jac * hj, axis=0)
+            total = term if total is None else total + term
+        assert total is not None
+        return total / batch.x.shape[0]
+
+    def kfac_ggn_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
+        """Inputs ``a = x`` ``(N, I)`` and the Gauss-Newton pseudo-gradients at the
+        output ``s[n, c] = L_n[:, c]`` ``(N, C, O)`` with ``H_n = L_n L_n^T``
+        (the output is the layer's own output)."""
+        root = self._output_hessian_root(self._z(batch.x))  # (N, O, C)
+        return OrderedDict(linear=(batch.x, self.xp.permute_dims(root, (0, 2, 1))))
+
 
 @final
 class LinearRegressionGradients(_GeneralizedLinearModel):
@@ -241,6 +329,16 @@ class LinearRegressionGradients(_GeneralizedLinearModel):
 
     def _loss(self, z: Array, y: Array) -> Array:
         return self.xp.mean((z - y) ** 2, axis=1)
+
+    def _output_hessian(self, z: Array) -> Array:
+        # d^2/dz^2 mean_o (z_o - y_o)^2 = (2 / O) I
+        eye = _xp.eye(self.n_out, dtype=self.dtype, device=self.device, xp=self.xp)
+        return self.xp.broadcast_to((2 / self.n_out) * eye[None, :, :], (z.shape[0], *eye.shape))
+
+    def _output_hessian_root(self, z: Array) -> Array:
+        eye = _xp.eye(self.n_out, dtype=self.dtype, device=self.device, xp=self.xp)
+        root = math.sqrt(2 / self.n_out) * eye
+        return self.xp.broadcast_to(root[None, :, :], (z.shape[0], *eye.shape))
 
 
 @final
@@ -286,6 +384,14 @@ class LogisticRegressionGradients(_GeneralizedLinearModel):
         out = xp.maximum(z, 0) - z * y + xp.log1p(xp.exp(-xp.abs(z)))
         return out[:, 0]
 
+    def _output_hessian(self, z: Array) -> Array:
+        # d^2/dz^2 (softplus(z) - y z) = p (1 - p), p = sigmoid(z)
+        p = self._sigmoid(z)
+        return (p * (1 - p))[:, :, None]
+
+    def _output_hessian_root(self, z: Array) -> Array:
+        return self.xp.sqrt(self._output_hessian(z))
+
 
 @final
 class SoftmaxRegressionGradients(_GeneralizedLinearModel):
@@ -321,6 +427,19 @@ class SoftmaxRegressionGradients(_GeneralizedLinearModel):
         m = xp.max(z, axis=1, keepdims=True)
         lse = xp.log(xp.sum(xp.exp(z - m), axis=1)) + m[:, 0]
         return lse - xp.sum(z * self._onehot(y), axis=1)
+
+    def _output_hessian(self, z: Array) -> Array:
+        # d^2/dz^2 (logsumexp(z) - z_y) = diag(p) - p p^T, p = softmax(z)
+        p = self._probs(z)
+        eye = _xp.eye(self.n_out, dtype=self.dtype, device=self.device, xp=self.xp)
+        return eye[None, :, :] * p[:, None, :] - p[:, :, None] * p[:, None, :]
+
+    def _output_hessian_root(self, z: Array) -> Array:
+        # L = diag(sqrt p) - p sqrt(p)^T: L L^T = diag(p) - 2 p p^T + p p^T (sum p = 1)
+        p = self._probs(z)
+        r = self.xp.sqrt(p)
+        eye = _xp.eye(self.n_out, dtype=self.dtype, device=self.device, xp=self.xp)
+        return eye[None, :, :] * r[:, None, :] - p[:, :, None] * r[:, None, :]
 
 
 @final

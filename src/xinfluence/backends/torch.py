@@ -38,7 +38,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -664,6 +664,188 @@ class TorchGradientProvider(GradientProvider):
         for layer, s in zip(layers, grads, strict=True):
             a, delta = store[layer]
             result[layer] = (a, torch.zeros_like(delta) if s is None else s.detach())
+        return result
+
+    # -- generalized Gauss-Newton -------------------------------------------------
+    # G = (1/N) sum_i J_i^T H_i J_i with J_i = d out_i / d theta (the model output
+    # of sample i, from _forward) and H_i = d^2 l_i / d out_i^2 (the loss on the
+    # output, as _output_losses applies it).
+    @property
+    def supports_gauss_newton(self) -> bool:
+        return True
+
+    def _output_hessians(self, out: Tensor, y: Tensor) -> Tensor:
+        """``H_i = d^2 l / d out^2`` at each sample's output, ``(N, M, M)`` with ``M``
+        the size of one output (reverse over reverse: forward-mode rules of some
+        losses, mse_loss among them, are unreliable)."""
+        n, m = out.shape[0], out[0].numel()
+
+        def sample_loss(o: Tensor, t: Tensor) -> Tensor:
+            return self.loss(o.unsqueeze(0), t.unsqueeze(0))
+
+        h = vmap(jacrev(jacrev(sample_loss)))(out.detach(), y)
+        return h.reshape(n, m, m)
+
+    def _output_hessian_root(self, out: Tensor, y: Tensor) -> Tensor:
+        """``L_i`` with ``H_i = L_i L_i^T``, ``(N, M, M)``, from an eigendecomposition.
+
+        Raises:
+            ValueError: the loss is not convex in the output (an eigenvalue of
+                some ``H_i`` below ``-1e-10`` times the largest).
+        """
+        h = self._output_hessians(out, y)
+        lam, vec = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
+        top = lam.abs().amax().clamp_min(torch.finfo(lam.dtype).tiny)
+        if bool(torch.any(lam < -1e-10 * top)):
+            raise ValueError(
+                "the loss Hessian on the model output has negative eigenvalues "
+                f"(smallest {float(lam.min()):.3e}): the loss is not convex in the output, so "
+                "the Gauss-Newton matrix has no factorisation into pseudo-gradients; use "
+                "second_order='empirical_fisher' for EK-FAC"
+            )
+        return vec * lam.clamp_min(0).sqrt()[:, None, :]
+
+    def ggn_matmat(self, batch: Batch, v: Tensor) -> Tensor:
+        """``V G`` for the batch's mean loss: ``J v`` by a forward-mode product through
+        the model (``forward_ad=False``: by the transpose of a reverse product),
+        ``H_i`` applied by a reverse-over-reverse product of the loss on the
+        output, ``J^T`` by one reverse product; vectorised over chunks of rows."""
+        v = self._check_vectors(v, "v")
+        x, y = batch.x, batch.y
+        n = x.shape[0]
+        if n == 0 or v.shape[0] == 0:
+            return self._zeros(*v.shape)
+        active = self._active
+
+        def out_fn(params: Params) -> Tensor:
+            return self._forward(params, x)
+
+        out, pullback = vjp(out_fn, active)[:2]
+        out = out.detach()
+
+        def grad_out(o: Tensor) -> Tensor:
+            return grad(lambda oo: self._output_losses(oo, y).sum())(o)
+
+        hess_pull = vjp(grad_out, out)[1]  # H_i is symmetric: its vjp is H_i u
+
+        if self.forward_ad:
+
+            def push(t: Params) -> Tensor:
+                return jvp(out_fn, (active,), (t,))[1]
+
+        else:
+            # J v as the vjp of the linear map u -> J^T u
+            transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1]
+
+            def push(t: Params) -> Tensor:
+                return transpose(t)[0]
+
+        def one(t: Params) -> Params:
+            return pullback(hess_pull(push(t))[0] / n)[0]
+
+        if v.shape[0] == 1:
+            single = one({k: t[0] for k, t in self._unflatten(v).items()})
+            return self._flatten({k: t[None] for k, t in single.items()}, (1,))
+        res = vmap(one, chunk_size=self._chunk(n))(self._unflatten(v))
+        return self._flatten(res, (v.shape[0],))
+
+    def _ggn_jacobians(self, batch: Batch) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(J, H J)`` as ``(n M, P)`` for chunks of samples (per-sample Jacobians by
+        reverse mode, ``M`` cotangents per sample), sized from the memory budget."""
+        from .._config import memory_budget
+
+        x, y = batch.x, batch.y
+        active, p = self._active, self.n_parameters
+
+        def sample_out(params: Params, xi: Tensor) -> Tensor:
+            return self._forward(params, xi.unsqueeze(0))[0]
+
+        jac_fn = vmap(jacrev(sample_out), in_dims=(None, 0))
+        with torch.no_grad():
+            m = self._forward(active, x[:1])[0].numel()
+        step = max(1, memory_budget() // max(1, 4 * m * p * x.element_size()))
+        for lo in range(0, x.shape[0], step):
+            xs, ys = x[lo : lo + step], y[lo : lo + step]
+            k = xs.shape[0]
+            per_param = {name: t.reshape(k * m, -1) for name, t in jac_fn(active, xs).items()}
+            jac = self._flatten(per_param, (k * m,)).reshape(k, m, p)
+            with torch.no_grad():
+                out = self._forward(active, xs)
+            hj = torch.bmm(self._output_hessians(out, ys), jac)
+            yield jac.reshape(k * m, p), hj.reshape(k * m, p)
+
+    def ggn(self, batch: Batch) -> Tensor:
+        """Dense Gauss-Newton matrix ``(1/N) sum_i J_i^T H_i J_i``, ``(P, P)``, from
+        per-sample output Jacobians (chunked by :func:`xinfluence.memory_budget`)."""
+        p = self.n_parameters
+        g = self._zeros(p, p)
+        for jac, hj in self._ggn_jacobians(batch):
+            g.addmm_(jac.T, hj)
+        g /= max(batch.x.shape[0], 1)
+        return (g + g.T) / 2
+
+    def ggn_diagonal(self, batch: Batch) -> Tensor:
+        d = self._zeros(self.n_parameters)
+        for jac, hj in self._ggn_jacobians(batch):
+            d += (jac * hj).sum(0)
+        return d / max(batch.x.shape[0], 1)
+
+    def kfac_ggn_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
+        """Gauss-Newton factors of each layer in :meth:`kfac_layers`: layer ->
+        ``(a, s)`` with ``a`` the layer inputs ``(N, in)`` and ``s`` ``(N, M, out)``
+        the columns of ``L_i`` (``H_i = L_i L_i^T``, the loss Hessian on the model
+        output) back-propagated to the layer's output: ``s[i, c] = J_{out <- z}^T
+        L_i[:, c]``. Then the layer's Gauss-Newton block is
+        ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``."""
+        layers = self._linear_modules()
+        x, y = batch.x, batch.y
+        if not layers or x.shape[0] == 0:
+            return OrderedDict(
+                (k, (self._zeros(0, m.in_features), self._zeros(0, 1, m.out_features)))
+                for k, (m, _, _) in layers.items()
+            )
+        store: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def make_hook(layer: str) -> Callable[..., Tensor]:
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+                if layer in store or len(inputs) != 1 or inputs[0].ndim != 2:
+                    raise ValueError(
+                        f"kfac_ggn_factors: layer {layer!r} must be applied once per forward "
+                        "pass, to one positional 2-D input (N, features)"
+                    )
+                delta = torch.zeros_like(output, requires_grad=True)
+                store[layer] = (inputs[0].detach(), delta)
+                return output + delta
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(k)) for k, (m, _, _) in layers.items()]
+        try:
+            with torch.enable_grad():
+                out = self._forward(self._active, x)
+                missing = [k for k in layers if k not in store]
+                if missing:
+                    raise ValueError(f"kfac_ggn_factors: layers {missing} were not called")
+                root = self._output_hessian_root(out, y)  # (N, M, C)
+                deltas = [store[k][1] for k in layers]
+                n_cols = root.shape[2]
+                cols: list[tuple[Tensor | None, ...]] = []
+                for c in range(n_cols):
+                    cot = root[:, :, c].reshape(out.shape)
+                    cols.append(
+                        torch.autograd.grad(
+                            out, deltas, cot, retain_graph=c + 1 < n_cols, allow_unused=True
+                        )
+                    )
+        finally:
+            for h in handles:
+                h.remove()
+        result: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        for j, layer in enumerate(layers):
+            a, delta = store[layer]
+            s = [col[j] for col in cols]
+            s_all = [torch.zeros_like(delta) if t is None else t for t in s]
+            result[layer] = (a, torch.stack(s_all, dim=1).detach())
         return result
 
     def __repr__(self) -> str:
