@@ -715,6 +715,12 @@ class TorchGradientProvider(GradientProvider):
         n = x.shape[0]
         if n == 0 or v.shape[0] == 0:
             return self._zeros(*v.shape)
+        kept = self._kept_ggn_jacobian(batch)
+        if kept is not None:
+            jac, h = kept  # (n M, P), (n, M, M)
+            m = h.shape[1]
+            u = (v @ jac.T).reshape(v.shape[0], n, m).permute(1, 2, 0)  # (n, M, K)
+            return (torch.bmm(h, u).reshape(n * m, -1).T @ jac) / n
         active = self._active
 
         def out_fn(params: Params) -> Tensor:
@@ -750,8 +756,9 @@ class TorchGradientProvider(GradientProvider):
         return self._flatten(res, (v.shape[0],))
 
     def _ggn_jacobians(self, batch: Batch) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(J, H J)`` as ``(n M, P)`` for chunks of samples (per-sample Jacobians by
-        reverse mode, ``M`` cotangents per sample), sized from the memory budget."""
+        """``(J, H)`` for chunks of ``k`` samples: the per-sample output Jacobians
+        ``(k, M, P)`` (reverse mode, ``M`` cotangents per sample) and the loss
+        Hessians on the output ``(k, M, M)``, chunks sized from the memory budget."""
         from .._config import memory_budget
 
         x, y = batch.x, batch.y
@@ -771,23 +778,57 @@ class TorchGradientProvider(GradientProvider):
             jac = self._flatten(per_param, (k * m,)).reshape(k, m, p)
             with torch.no_grad():
                 out = self._forward(active, xs)
-            hj = torch.bmm(self._output_hessians(out, ys), jac)
-            yield jac.reshape(k * m, p), hj.reshape(k * m, p)
+            yield jac, self._output_hessians(out, ys)
+
+    def _kept_ggn_jacobian(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
+        """The batch's ``(J (n M, P), H (n, M, M))`` when it comes back (the same
+        ``x`` and ``y`` objects, unchanged parameters): kept from its second use
+        on, within :func:`xinfluence.memory_budget` / 4 for all batches together,
+        so that the products of CG, Lanczos and LiSSA are two matrix products."""
+        from .._config import memory_budget
+
+        x, y = batch.x, batch.y
+        cache: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_ggn_cache", {})
+        versions = tuple(t._version for t in self._trainable.values()) + tuple(
+            t._version for t in self._constants.values()
+        )
+        hit = cache.get(id(x))
+        if hit is not None and (hit[0]() is not x or hit[1] is not y or hit[2] != versions):
+            hit = None
+        if hit is not None and hit[3] is not None:
+            return hit[3]
+        key = id(x)
+        if key not in cache:  # forget the entry when x is freed
+            weakref.finalize(x, cache.pop, key, None)
+        if hit is None:  # first use: remember the batch only
+            cache[key] = (weakref.ref(x), y, versions, None, 0)
+            return None
+        with torch.no_grad():
+            m = self._forward(self._active, x[:1])[0].numel()
+        size = x.shape[0] * m * (self.n_parameters + m) * x.element_size()
+        others = sum(e[4] for k, e in cache.items() if k != key)
+        if others + size > memory_budget() // 4:
+            return None
+        parts = list(self._ggn_jacobians(batch))
+        jac = torch.cat([j for j, _ in parts]).reshape(-1, self.n_parameters)
+        h = torch.cat([hh for _, hh in parts])
+        cache[key] = (weakref.ref(x), y, versions, (jac, h), size)
+        return jac, h
 
     def ggn(self, batch: Batch) -> Tensor:
         """Dense Gauss-Newton matrix ``(1/N) sum_i J_i^T H_i J_i``, ``(P, P)``, from
         per-sample output Jacobians (chunked by :func:`xinfluence.memory_budget`)."""
         p = self.n_parameters
         g = self._zeros(p, p)
-        for jac, hj in self._ggn_jacobians(batch):
-            g.addmm_(jac.T, hj)
+        for jac, h in self._ggn_jacobians(batch):
+            g.addmm_(jac.reshape(-1, p).T, torch.bmm(h, jac).reshape(-1, p))
         g /= max(batch.x.shape[0], 1)
         return (g + g.T) / 2
 
     def ggn_diagonal(self, batch: Batch) -> Tensor:
         d = self._zeros(self.n_parameters)
-        for jac, hj in self._ggn_jacobians(batch):
-            d += (jac * hj).sum(0)
+        for jac, h in self._ggn_jacobians(batch):
+            d += (jac * torch.bmm(h, jac)).sum((0, 1))
         return d / max(batch.x.shape[0], 1)
 
     def kfac_ggn_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
