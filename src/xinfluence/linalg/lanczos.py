@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_extra as xpx
@@ -12,7 +13,7 @@ from .._xp import Array, Namespace
 from ._results import EigenResult
 from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace
 
-__all__ = ["lanczos"]
+__all__ = ["lanczos", "positive_definite_shift"]
 
 
 def lanczos(
@@ -160,3 +161,66 @@ def _orthogonalize(w: Array, basis: Array, /, *, xp: Namespace) -> tuple[Array, 
     h2 = basis @ w
     w = w - h2 @ basis
     return w, h1 + h2
+
+
+def positive_definite_shift(
+    matmat: MatMat,
+    size: int,
+    /,
+    *,
+    xp: Namespace,
+    dtype: Any,
+    device: Any = None,
+    seed: int = 0,
+    krylov_dimension: int = 64,
+) -> tuple[float, float]:
+    r"""A shift ``mu >= 0`` that makes the symmetric ``A + mu I`` positive definite.
+
+    For advice after a solver met a non-positive curvature: the Rayleigh quotient
+    it met is only an upper bound on the smallest eigenvalue, so suggesting it
+    undershoots. Here a Lanczos run (``krylov_dimension`` single-vector products)
+    gives the leftmost Ritz value ``theta`` and its residual ``rho``: an eigenvalue
+    lies in ``[theta - rho, theta + rho]``, and the leftmost Ritz value converges
+    to ``lambda_min`` first, so ``ell = theta - rho`` estimates a lower bound. The
+    shift is ``mu = 1.5 max(-ell, 0) + 1e-6 |A|``, rounded up to two significant
+    digits, then checked by a second Lanczos run from another random start on
+    ``A + mu I`` (a Krylov space is shift-invariant, so only a new start vector
+    is a new test); ``mu`` is doubled until that check finds no non-positive
+    Ritz value (three times at most).
+
+    Returns:
+        ``(ell, mu)``: the estimate of the smallest eigenvalue and the shift.
+    """
+    m = min(int(size), int(krylov_dimension))
+
+    def leftmost(op: MatMat, start: int) -> tuple[float, float, float]:
+        eig = lanczos(
+            op, size, rank=m, krylov_dimension=m, seed=start, xp=xp, dtype=dtype, device=device
+        )
+        theta = np.asarray(_xp.to_numpy(eig.eigenvalues), dtype=np.float64)
+        rho = np.zeros_like(theta) if eig.residual_norms is None else eig.residual_norms
+        i = int(np.argmin(theta))
+        return float(theta[i]), float(rho[i]), float(np.max(np.abs(theta)))
+
+    theta, rho, top = leftmost(matmat, seed)
+    ell = theta - rho
+    mu = _round_up(1.5 * max(-ell, 0.0) + 1e-6 * top)
+    for attempt in range(3):
+
+        def shifted(v: Array, mu: float = mu) -> Array:
+            return matmat(v) + mu * v
+
+        check, _, _ = leftmost(shifted, seed + 1 + attempt)
+        if check > 0:
+            break
+        mu = _round_up(2 * mu + max(-check, 0.0))
+    return ell, mu
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits (so that printing it with
+    ``:.1e`` does not round a sufficient shift down)."""
+    if not value > 0:
+        return 0.0
+    exponent = math.floor(math.log10(value)) - 1
+    return math.ceil(value / 10.0**exponent) * 10.0**exponent
