@@ -29,7 +29,7 @@ from .linalg import (
     lanczos,
     nystroem,
 )
-from .linalg._util import default_rtol
+from .linalg._util import default_rtol, round_up_2
 from .linalg.cg import OnFailure
 from .linalg.lanczos import positive_definite_shift
 from .types import (
@@ -72,15 +72,6 @@ class IdentityOperator(Operator):
 
     def with_regularization(self, regularization: float) -> IdentityOperator:
         return self
-
-
-def _round_up_2(value: float) -> float:
-    """``value`` rounded up to two significant digits (printing it cannot round a
-    sufficient regularization down)."""
-    if not value > 0:
-        return 0.0
-    exponent = math.floor(math.log10(value)) - 1
-    return math.ceil(value / 10.0**exponent * (1 - 1e-12)) * 10.0**exponent
 
 
 def _not_pd_error(curvature: Array, regularization: float, block: str) -> NotPositiveDefiniteError:
@@ -204,6 +195,9 @@ class CgOptions:
             raise ValueError(
                 f"rtol and atol must be finite and >= 0, got {self.rtol!r}, {self.atol!r}"
             )
+        object.__setattr__(self, "atol", float(self.atol))
+        if self.rtol is not None:
+            object.__setattr__(self, "rtol", float(self.rtol))
         if self.preconditioner_rank < 1:
             raise ValueError(f"preconditioner_rank must be >= 1, got {self.preconditioner_rank}")
         _check_on_failure(self.on_failure)
@@ -240,6 +234,10 @@ class LissaOptions:
         if not (_is_int(self.maxiter) and self.maxiter >= 1):
             raise ValueError(f"maxiter must be an int >= 1, got {self.maxiter!r}")
         _check_on_failure(self.on_failure)
+        # numpy scalars would leak into array arithmetic (array-api-strict refuses them)
+        for name in ("scale", "dampen", "rtol"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
 
 
 def _is_real(value: Any) -> bool:
@@ -365,7 +363,7 @@ class CgOperator(Operator):
             lowest, shift = positive_definite_shift(
                 _damped(c, reg), c.size, xp=c.xp, dtype=c.dtype, device=c.device
             )
-        suggestion = _round_up_2(reg + shift)
+        suggestion = round_up_2(reg + shift)
         error = NotPositiveDefiniteError(
             f"{what}: the curvature plus regularization {reg:g} is not positive definite "
             f"(its smallest eigenvalue is about {lowest:.3e}, by Lanczos); use "

@@ -142,3 +142,13 @@ def stall_reason(
         f"{backward:.1e}): the operator's products are not accurate (or not symmetric) to "
         "rtol; loosen rtol, add regularization, or check the operator"
     )
+
+
+def round_up_2(value: float) -> float:
+    """``value`` rounded up to two significant digits, exactly as it prints with
+    ``:.2g`` (a printed sufficient regularization is never rounded down)."""
+    if not value > 0:
+        return 0.0
+    exponent = math.floor(math.log10(value)) - 1
+    mantissa = math.ceil(value / 10.0**exponent * (1 - 1e-12))
+    return float(f"{mantissa}e{exponent}")
