@@ -11,6 +11,8 @@ __all__ = [
     "NotConvergedError",
     "NotConvergedWarning",
     "DivergenceError",
+    "user_stacklevel",
+    "warn",
 ]
 
 
@@ -44,3 +46,31 @@ class DivergenceError(XinfluenceError, FloatingPointError):
 
 class NotConvergedWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function
+    name the first frame outside the xinfluence package (the user's call).
+
+    Library call depths vary (a solver under an operator under a model under a
+    block mapper), so a fixed ``stacklevel`` points at a library line from some
+    entry points; this walks the stack instead.
+    """
+    import os
+    import sys
+    import types
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame: types.FrameType | None = sys._getframe(1)  # the caller of warnings.warn
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's call (see :func:`user_stacklevel`)."""
+    import warnings
+
+    warnings.warn(message, category, stacklevel=user_stacklevel())

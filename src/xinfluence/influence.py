@@ -319,10 +319,18 @@ class CgInfluence(_CurvatureInfluence):
     stop: ``|r| <= max(rtol |b|, atol)``.
 
     Args:
-        rtol, atol: tolerances of each solve.
+        rtol, atol: tolerances of each solve. ``rtol=None`` (default) depends on
+            the dtype: 1e-7 in float64, ``sqrt(eps)`` = 3.45e-4 in float32. The
+            relative error of a solution is at most ``rtol * cond(H + lambda I)``;
+            below about ``eps * cond`` (float64: 2.2e-16, float32: 1.2e-7 times
+            the condition number) no solve in that dtype can go.
         maxiter: iteration cap (default ``10 P``); non-convergence warns with
             :class:`~xinfluence.errors.NotConvergedWarning` (or raises with
-            ``on_failure="raise"``).
+            ``on_failure="raise"``), saying whether the solve ran out of
+            iterations or stalled at the dtype's precision floor. A curvature
+            that is not positive definite raises
+            :class:`~xinfluence.errors.NotPositiveDefiniteError` with a
+            regularization that suffices (from a Lanczos bound).
         preconditioner: None, ``"jacobi"`` or ``"nystroem"`` (rank
             ``preconditioner_rank``, seeded by ``seed``).
     """
@@ -335,7 +343,7 @@ class CgInfluence(_CurvatureInfluence):
         regularization: Regularization = 0.0,
         block_structure: BlockStructure = "full",
         second_order: str = "hessian",
-        rtol: float = 1e-7,
+        rtol: float | None = None,
         atol: float = 0.0,
         maxiter: int | None = None,
         preconditioner: str | None = None,
@@ -377,6 +385,16 @@ class LissaInfluence(_CurvatureInfluence):
     regularization (doubled with sampled batches), so it converges without
     tuning; a diverging iteration raises
     :class:`~xinfluence.errors.DivergenceError` naming the scale to use.
+
+    It stops when ``|g - (H + mu I) x| <= rtol |g|`` for every right-hand side
+    ``g``, with ``mu = lambda + dampen * scale``; ``rtol=None`` (default) is 1e-6
+    in float64 and ``sqrt(eps)`` in float32, and the relative error of ``x`` is
+    at most ``rtol * cond(H + mu I)``. On the full data the residual is exact at
+    every iteration (it is the step); with ``batch_size`` the full-data residual
+    is computed every ``ceil(n / batch_size)`` iterations. Not reaching ``rtol``
+    in ``maxiter`` iterations warns with
+    :class:`~xinfluence.errors.NotConvergedWarning` and the residual reached.
+    ``scale`` must be finite and positive, ``dampen`` in ``[0, 1)``.
     """
 
     def __init__(
@@ -390,7 +408,7 @@ class LissaInfluence(_CurvatureInfluence):
         maxiter: int = 1000,
         scale: float | None = None,
         dampen: float = 0.0,
-        rtol: float = 1e-4,
+        rtol: float | None = None,
         batch_size: int | None = None,
         seed: int = 0,
         on_failure: str = "warn",

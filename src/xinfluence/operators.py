@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, final
@@ -17,6 +17,7 @@ from .errors import (
     NotConvergedError,
     NotConvergedWarning,
     NotPositiveDefiniteError,
+    warn,
 )
 from .linalg import (
     EigenResult,
@@ -28,7 +29,9 @@ from .linalg import (
     lanczos,
     nystroem,
 )
+from .linalg._util import default_rtol, round_up_2
 from .linalg.cg import OnFailure
+from .linalg.lanczos import positive_definite_shift
 from .types import (
     Batch,
     BilinearForm,
@@ -80,7 +83,8 @@ def _not_pd_error(curvature: Array, regularization: float, block: str) -> NotPos
     return NotPositiveDefiniteError(
         f"the regularised curvature{where} is not positive definite: the curvature's "
         f"smallest eigenvalue is {lo:.3e} (largest {hi:.3e}) and regularization is "
-        f"{regularization:g}; use a regularization of about {suggestion:.1e} or larger"
+        f"{regularization:g}; use a regularization of about {suggestion:.1e} or larger, or a "
+        "positive semi-definite curvature: second_order='gauss_newton' or 'empirical_fisher'"
     )
 
 
@@ -154,11 +158,21 @@ def _check_on_failure(on_failure: str) -> None:
         raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
 
 
+#: CgInfluence's default relative residual tolerance in float64.
+CG_FLOAT64_RTOL = 1e-7
+#: LissaInfluence's default relative residual tolerance in float64.
+LISSA_FLOAT64_RTOL = 1e-6
+
+
 @dataclass(frozen=True)
 class CgOptions:
-    """Options of :class:`CgOperator` (see :class:`~xinfluence.CgInfluence`)."""
+    """Options of :class:`CgOperator` (see :class:`~xinfluence.CgInfluence`).
 
-    rtol: float = 1e-7
+    ``rtol=None`` is the dtype's default: :data:`CG_FLOAT64_RTOL` in float64,
+    ``sqrt(eps)`` in narrower dtypes (float32: 3.45e-4).
+    """
+
+    rtol: float | None = None
     atol: float = 0.0
     maxiter: int | None = None
     preconditioner: str | None = None
@@ -174,8 +188,16 @@ class CgOptions:
             raise ValueError(
                 f"preconditioner must be None, 'jacobi' or 'nystroem', got {self.preconditioner!r}"
             )
-        if self.rtol < 0 or self.atol < 0:
-            raise ValueError(f"rtol and atol must be >= 0, got {self.rtol}, {self.atol}")
+        rtol = 0.0 if self.rtol is None else self.rtol
+        if not (_is_real(rtol) and _is_real(self.atol)) or not (
+            math.isfinite(rtol) and math.isfinite(self.atol) and rtol >= 0 and self.atol >= 0
+        ):
+            raise ValueError(
+                f"rtol and atol must be finite and >= 0, got {self.rtol!r}, {self.atol!r}"
+            )
+        object.__setattr__(self, "atol", float(self.atol))
+        if self.rtol is not None:
+            object.__setattr__(self, "rtol", float(self.rtol))
         if self.preconditioner_rank < 1:
             raise ValueError(f"preconditioner_rank must be >= 1, got {self.preconditioner_rank}")
         _check_on_failure(self.on_failure)
@@ -188,21 +210,49 @@ class LissaOptions:
     maxiter: int = 1000
     scale: float | None = None
     dampen: float = 0.0
-    rtol: float = 1e-4
+    rtol: float | None = None
     batch_size: int | None = None
     seed: int = 0
     on_failure: str = "warn"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.dampen < 1:
-            raise ValueError(f"dampen must be in [0, 1), got {self.dampen}")
-        if self.scale is not None and not self.scale > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size}")
-        if self.maxiter < 1:
-            raise ValueError(f"maxiter must be >= 1, got {self.maxiter}")
+        if not (_is_real(self.dampen) and 0 <= self.dampen < 1):
+            raise ValueError(f"dampen must be a real number in [0, 1), got {self.dampen!r}")
+        if self.scale is not None and not (
+            _is_real(self.scale) and math.isfinite(self.scale) and self.scale > 0
+        ):
+            raise ValueError(
+                f"scale must be a finite number > 0 (or None for the Lanczos estimate), "
+                f"got {self.scale!r}"
+            )
+        if self.rtol is not None and not (
+            _is_real(self.rtol) and math.isfinite(self.rtol) and self.rtol >= 0
+        ):
+            raise ValueError(f"rtol must be a finite number >= 0 or None, got {self.rtol!r}")
+        if self.batch_size is not None and not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {self.batch_size!r}")
+        if not (_is_int(self.maxiter) and self.maxiter >= 1):
+            raise ValueError(f"maxiter must be an int >= 1, got {self.maxiter!r}")
         _check_on_failure(self.on_failure)
+        # numpy scalars would leak into array arithmetic (array-api-strict refuses them)
+        for name in ("scale", "dampen", "rtol"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+
+def _is_real(value: Any) -> bool:
+    """A real scalar (Python, numpy or 0-d array), not a bool and not NaN."""
+    if isinstance(value, bool):
+        return False
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return False
+    return not math.isnan(value)
+
+
+def _is_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
 @final
@@ -243,15 +293,18 @@ class CgOperator(Operator):
             # Sketch the damped operator: a Hessian near a minimum can have small
             # negative eigenvalues that the regularization lifts; the eigenvalues
             # of C are those of C + lambda I less lambda.
-            damped = nystroem(
-                _damped(curvature, self.regularization),
-                curvature.size,
-                rank=min(preconditioner_rank, curvature.size),
-                seed=seed,
-                xp=curvature.xp,
-                dtype=curvature.dtype,
-                device=curvature.device,
-            )
+            try:
+                damped = nystroem(
+                    _damped(curvature, self.regularization),
+                    curvature.size,
+                    rank=min(preconditioner_rank, curvature.size),
+                    seed=seed,
+                    xp=curvature.xp,
+                    dtype=curvature.dtype,
+                    device=curvature.device,
+                )
+            except NotPositiveDefiniteError as error:
+                raise self._not_positive_definite(str(error)) from error
             _sketch = EigenResult(damped.eigenvalues - self.regularization, damped.eigenvectors)
         self._sketch = _sketch
         self._preconditioner: Callable[[Array], Array] | None = None
@@ -266,20 +319,60 @@ class CgOperator(Operator):
     def input_size(self) -> int:
         return self.curvature.size
 
+    @property
+    def rtol(self) -> float:
+        """The relative residual tolerance in use (``options.rtol`` or the dtype's default)."""
+        if self.options.rtol is not None:
+            return float(self.options.rtol)
+        c = self.curvature
+        return default_rtol(c.dtype, xp=c.xp, float64_rtol=CG_FLOAT64_RTOL)
+
     def _apply(self, t: Array) -> Array:
         o = self.options
         solve = block_cg if o.solver == "block" else cg
-        result = solve(
-            _damped(self.curvature, self.regularization),
-            t,
-            rtol=o.rtol,
-            atol=o.atol,
-            maxiter=o.maxiter,
-            preconditioner=self._preconditioner,
-            on_failure=o.on_failure,
-        )
+        try:
+            result = solve(
+                _damped(self.curvature, self.regularization),
+                t,
+                rtol=self.rtol,
+                atol=o.atol,
+                maxiter=o.maxiter,
+                preconditioner=self._preconditioner,
+                on_failure=o.on_failure,
+            )
+        except NotPositiveDefiniteError as error:
+            shift = getattr(error, "suggested_shift", None)
+            if shift is None:  # the preconditioner, not the curvature
+                raise
+            raise self._not_positive_definite(
+                str(error).split(": the operator")[0],
+                getattr(error, "smallest_eigenvalue", None),
+                shift,
+            ) from error
         self.last_result = result
         return result.solution
+
+    def _not_positive_definite(
+        self, what: str, lowest: float | None = None, shift: float | None = None
+    ) -> NotPositiveDefiniteError:
+        """The error for a damped curvature that is not positive definite, with a
+        regularization that suffices (a Lanczos bound, verified; see
+        :func:`~xinfluence.linalg.lanczos.positive_definite_shift`)."""
+        c, reg = self.curvature, self.regularization
+        if shift is None:
+            lowest, shift = positive_definite_shift(
+                _damped(c, reg), c.size, xp=c.xp, dtype=c.dtype, device=c.device
+            )
+        suggestion = round_up_2(reg + shift)
+        error = NotPositiveDefiniteError(
+            f"{what}: the curvature plus regularization {reg:g} is not positive definite "
+            f"(its smallest eigenvalue is about {lowest:.3e}, by Lanczos); use "
+            f"regularization={suggestion:.2g} or more, or a positive semi-definite "
+            "curvature: second_order='gauss_newton' or 'empirical_fisher'"
+        )
+        error.smallest_eigenvalue = lowest  # type: ignore[attr-defined]
+        error.suggested_regularization = suggestion  # type: ignore[attr-defined]
+        return error
 
     def with_regularization(self, regularization: float) -> CgOperator:
         return CgOperator(self.curvature, regularization, self.options, _sketch=self._sketch)
@@ -419,11 +512,25 @@ class LissaOperator(Operator):
     Iterates ``h <- b + (1 - dampen) h - (C_S + lambda I) h / scale`` from
     ``h = b``, with ``C_S`` the curvature of a sample of ``batch_size`` training
     points (all of them when ``batch_size`` is None, which makes it a
-    deterministic Richardson iteration), and returns ``h / scale``. It
-    converges to ``(C + lambda I)^-1 b`` when ``dampen = 0`` and
-    ``scale > lambda_max(C + lambda I) / 2``; the default scale is the Lanczos
+    deterministic Richardson iteration), and returns ``x = h / scale``. Its
+    fixed point solves ``(C + mu I) x = b`` with ``mu = lambda + dampen * scale``
+    (``dampen`` adds regularization); it converges when
+    ``scale > lambda_max(C + mu I) / 2``. The default scale is the Lanczos
     estimate of ``lambda_max(C) + lambda`` (times 2 with sampled batches).
-    Stops when the largest relative change of a row falls below ``rtol``.
+
+    Stopping rule: the residual ``|b - (C + mu I) x| <= rtol |b|`` for every row
+    (``rtol=None``: 1e-6 in float64, ``sqrt(eps)`` in narrower dtypes), so the
+    relative error of ``x`` is at most ``rtol * cond(C + mu I)``. On the full
+    data the residual of the previous iterate is the step itself,
+    ``b - (C + mu I) h / scale = h_new - h``, and is checked at every iteration
+    at no extra cost. With sampled batches the step only estimates it (with the
+    sample's curvature), so the full-data residual is computed every
+    ``ceil(n / batch_size)`` iterations (one extra pass over the data per epoch of
+    samples, at most doubling the cost); sampled LiSSA fluctuates at a noise
+    floor set by the batch size, which may lie above ``rtol``. If ``maxiter``
+    iterations end above ``rtol``, :class:`~xinfluence.errors.NotConvergedWarning`
+    (or :class:`~xinfluence.errors.NotConvergedError` with ``on_failure="raise"``)
+    reports the residual reached.
     """
 
     def __init__(
@@ -444,20 +551,31 @@ class LissaOperator(Operator):
             curvature.prepare_products()
         if scale is None:
             scale = (self._top_estimate() + self.regularization) * (2.0 if batch_size else 1.0)
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
         self.scale = float(scale)
         self.iterations = 0
+        #: host (K,) relative residuals |b - (C + mu I) x| / |b| of the last application
+        self.last_relative_residuals: np.ndarray | None = None
 
     @property
     def input_size(self) -> int:
         return self.curvature.size
 
-    def _sampler(self) -> Callable[[Array], Array]:
-        """Curvature products on the full data, or on seeded random samples."""
+    @property
+    def rtol(self) -> float:
+        """The residual tolerance in use (``options.rtol`` or the dtype's default)."""
+        if self.options.rtol is not None:
+            return float(self.options.rtol)
+        c = self.curvature
+        return default_rtol(c.dtype, xp=c.xp, float64_rtol=LISSA_FLOAT64_RTOL)
+
+    def _sampler(self) -> tuple[Callable[[Array], Array], int]:
+        """Curvature products on the full data, or on seeded random samples; and the
+        number of iterations between full-data residual checks."""
         batch_size = self.options.batch_size
         if batch_size is None:
-            return self.curvature.matmat
+            return self.curvature.matmat, 1
         data = list(self.curvature.data)
         xp = self.curvature.xp
         x = xp.concat([b.x for b in data], axis=0)
@@ -476,19 +594,25 @@ class LissaOperator(Operator):
             batch = Batch(xp.take(x, idx, axis=0), xp.take(y, idx, axis=0))
             return curvature.batch_matmat(batch, v)
 
-        return matmat
+        return matmat, max(1, math.ceil(n / batch_size))
 
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
         o = self.options
-        matmat = self._sampler()
+        matmat, cadence = self._sampler()
+        sampled = o.batch_size is not None
         reg, scale, keep = self.regularization, self.scale, 1.0 - o.dampen
-        b_norm = _xp.to_numpy(xp.linalg.vector_norm(t, axis=1))
+        rtol = self.rtol
+        b_norm = np.asarray(_xp.to_numpy(xp.linalg.vector_norm(t, axis=1)), dtype=np.float64)
+        tol = rtol * b_norm
         limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
         h = t
-        change = np.inf
+        best = t  # the iterate with the smallest known worst relative residual
+        best_ratio = np.inf
+        best_residuals: np.ndarray | None = None
         for it in range(1, o.maxiter + 1):
-            new = t + keep * h - (matmat(h) + reg * h) / scale
+            product = matmat(h) + reg * h
+            new = t + keep * h - product / scale
             norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
             if not np.all(np.isfinite(norms)) or np.any(norms > limit):
                 raise DivergenceError(
@@ -498,21 +622,52 @@ class LissaOperator(Operator):
                     f"is not positive definite; raise scale (for example to "
                     f"{2 * self._top_estimate() + reg:.4g}) or the regularization"
                 )
-            diff = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
-            change = float(np.max(diff / np.maximum(norms, 1e-300)))
+            known = False
+            if not sampled:
+                # b - (C + mu I) h / scale = new - h: the exact residual of x = h / scale
+                residuals = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
+                known = True
+            elif it % cadence == 0:
+                full = self.curvature.matmat(h) + reg * h
+                r = t - o.dampen * h - full / scale
+                residuals = _xp.to_numpy(xp.linalg.vector_norm(r, axis=1))
+                known = True
+            if known:
+                residuals = np.asarray(residuals, dtype=np.float64)
+                ratio = float(np.max(residuals / np.maximum(tol, 1e-300)))
+                if ratio < best_ratio:
+                    best, best_ratio, best_residuals = h, ratio, residuals
+                if np.all(residuals <= tol):
+                    break
             h = new
-            if change < o.rtol:
-                break
         self.iterations = it
-        if change >= o.rtol and o.on_failure != "ignore":
+        if best_residuals is None:  # never measured: measure the last iterate
+            full = self.curvature.matmat(h) + reg * h
+            best = h
+            best_residuals = np.asarray(
+                _xp.to_numpy(xp.linalg.vector_norm(t - o.dampen * h - full / scale, axis=1)),
+                dtype=np.float64,
+            )
+        relative = best_residuals / np.maximum(b_norm, 1e-300)
+        self.last_relative_residuals = relative
+        if np.any(best_residuals > tol) and o.on_failure != "ignore":
+            where = (
+                "on the full data"
+                if not sampled
+                else f"of the full data, checked every {cadence} sampled iterations; sampled "
+                "LiSSA fluctuates at a noise floor set by batch_size, which a larger "
+                "batch_size (or None, the full data) lowers"
+            )
             msg = (
-                f"LiSSA did not reach rtol={o.rtol:g} in {o.maxiter} iterations "
-                f"(last relative change {change:.3e}); raise maxiter or the regularization"
+                f"LiSSA did not reach |b - (C + mu I) x| <= rtol |b| (rtol={rtol:g}) in "
+                f"{o.maxiter} iterations: the largest relative residual is "
+                f"{float(np.max(relative)):.3e} ({where}); raise maxiter or the "
+                "regularization, or use CgInfluence"
             )
             if o.on_failure == "raise":
                 raise NotConvergedError(msg)
-            warnings.warn(msg, NotConvergedWarning, stacklevel=4)
-        return h / scale
+            warn(msg, NotConvergedWarning)
+        return best / scale
 
     def _top_estimate(self) -> float:
         """Lanczos estimate of the largest-magnitude eigenvalue of ``C`` (cached)."""

@@ -86,6 +86,7 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from .. import _xp
 from .._xp import Array, Namespace
+from ..errors import user_stacklevel
 from ..types import Batch, GradientProvider
 
 __all__ = ["JaxGradientProvider"]
@@ -145,7 +146,7 @@ class _Model:
                     f"parameter {name!r} of dtype {leaf.dtype} became {converted.dtype} in jax; "
                     'enable float64 with jax.config.update("jax_enable_x64", True) first',
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
             leaves.append(converted)
         dtype = leaves[0].dtype

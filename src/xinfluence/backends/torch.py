@@ -47,6 +47,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import _xp
 from .._xp import Namespace
+from ..errors import user_stacklevel
 from ..types import Batch, GradientProvider
 from . import _torch_linear as _lin
 
@@ -174,7 +175,7 @@ class TorchGradientProvider(GradientProvider):
                 "the model is in training mode and has BatchNorm or Dropout layers; "
                 "per-sample derivatives need model.eval()",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         first = next(iter(trainable.values()))
         self.model = model

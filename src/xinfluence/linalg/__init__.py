@@ -9,6 +9,8 @@ its inputs (or of the ``xp``, ``dtype``, ``device`` it is given).
   systems with many right-hand sides.
 - :func:`cg`: batched independent conjugate gradients for SPD systems.
 - :func:`lanczos`: the eigenpairs of largest magnitude of a symmetric operator.
+- :func:`block_lanczos`: the same by block Lanczos (one ``matmat`` per block of
+  vectors), extended until the Ritz residuals converge.
 - :func:`nystroem`: randomized Nyström low-rank approximation of a PSD operator.
 - :class:`JacobiPreconditioner`, :class:`NystroemPreconditioner`,
   :func:`hutchinson_diagonal`: preconditioners for :func:`cg`.
@@ -17,7 +19,7 @@ its inputs (or of the ``xp``, ``dtype``, ``device`` it is given).
 from ._results import EigenResult, SolverResult
 from .block_cg import block_cg
 from .cg import cg
-from .lanczos import lanczos
+from .lanczos import block_lanczos, lanczos
 from .nystroem import nystroem
 from .preconditioners import JacobiPreconditioner, NystroemPreconditioner, hutchinson_diagonal
 
@@ -27,6 +29,7 @@ __all__ = [
     "NystroemPreconditioner",
     "SolverResult",
     "block_cg",
+    "block_lanczos",
     "cg",
     "hutchinson_diagonal",
     "lanczos",

@@ -50,6 +50,10 @@ class EigenResult:
         residual_norms: ``(rank,)`` host float64 array of estimates of
             ``|A u_i - lambda_i u_i|`` where the method provides them
             (:func:`~xinfluence.linalg.lanczos`: the Ritz residuals), else None.
+        converged: whether every residual met the eigensolver's tolerance
+            (:func:`~xinfluence.linalg.block_lanczos`), else None.
+        krylov_dimension: the dimension of the Krylov space used, where known.
+        matmat_calls: the number of ``matmat`` calls made, where known.
 
     ``eigenvalues`` and ``eigenvectors`` live in the namespace, device and dtype
     the eigensolver was asked for.
@@ -58,6 +62,9 @@ class EigenResult:
     eigenvalues: Array
     eigenvectors: Array
     residual_norms: np.ndarray | None = None
+    converged: bool | None = None
+    krylov_dimension: int | None = None
+    matmat_calls: int | None = None
 
     @property
     def rank(self) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
@@ -13,36 +12,71 @@ from ..errors import (
     NonFiniteError,
     NotConvergedError,
     NotConvergedWarning,
-    NotPositiveDefiniteError,
+    warn,
 )
 from ._results import SolverResult
-from ._util import MatMat, apply_operator, check_solver_args, full_like, row_norms
-from .cg import OnFailure
+from ._util import (
+    MatMat,
+    apply_operator,
+    check_solver_args,
+    full_like,
+    row_norms,
+    stall_reason,
+)
+from .cg import OnFailure, not_positive_definite
 
 __all__ = ["block_cg"]
 
 _MAX_RESTARTS = 3
 
 
+def _gram_eigh(gram: Array, /, *, xp: Namespace) -> tuple[Array, Array, np.ndarray]:
+    """``eigh`` of a small Gram matrix: ``(lam, u, lam on the host)``, ascending.
+
+    A Gram matrix of many nearly dependent rows has a cluster of eigenvalues at
+    rounding level, on which some backends' ``eigh`` fails to converge (torch on
+    float32 with 100 rows of a 5-dimensional space); such a matrix is then
+    decomposed on the host in float64, where LAPACK's ``syevd`` handles it.
+    """
+    try:
+        lam, u = xp.linalg.eigh(gram)
+        lam_host = np.asarray(_xp.to_numpy(lam), dtype=np.float64)
+        if np.all(np.isfinite(lam_host)):
+            return lam, u, lam_host
+    except Exception:  # noqa: BLE001 - every backend names its LinAlgError differently
+        pass
+    lam_host, u_host = np.linalg.eigh(np.asarray(_xp.to_numpy(gram), dtype=np.float64))
+    device = _xp.device_of(gram)
+    return (
+        _xp.from_numpy(lam_host, dtype=gram.dtype, device=device, xp=xp),
+        _xp.from_numpy(u_host, dtype=gram.dtype, device=device, xp=xp),
+        lam_host,
+    )
+
+
 def _orthonormal_rows(w: Array, /, *, xp: Namespace, drop: float) -> Array:
     """Orthonormal rows spanning the rows of ``w`` (K, P), near-dependent ones dropped.
 
     Rows are normalised first, so that a nearly converged column (a short
-    residual) is not mistaken for a dependent one. Gram-matrix orthogonalisation
-    leaves rows orthonormal to about ``eps * lam_max / lam_min`` of the kept Gram
-    eigenvalues; a second pass (as CholeskyQR2) runs when that exceeds ``1e4 eps``.
+    residual) is not mistaken for a dependent one. The Gram matrix ``W W^T``
+    (K, K) is decomposed; directions whose eigenvalue is below ``drop`` times the
+    largest, or below the rounding level ``10 K eps`` of the dtype (with
+    ``K > P`` rows at most ``P`` are independent, the rest is rounding noise), are
+    deflated. Gram-matrix orthogonalisation leaves rows orthonormal to about
+    ``eps * lam_max / lam_min`` of the kept eigenvalues; a second pass (as
+    CholeskyQR2) runs when that exceeds ``1e4 eps``.
     """
     norms = row_norms(w, xp=xp)
     keep = norms > 0
     w = w / xp.where(keep, norms, xp.ones_like(norms))[:, None]
+    noise = 10 * int(w.shape[0]) * _xp.finfo_eps(w.dtype, xp=xp)
     for first in (True, False):
         gram = _xp.symmetrize(w @ xp.matrix_transpose(w), xp=xp)
-        lam, u = xp.linalg.eigh(gram)
-        lam_host = _xp.to_numpy(lam)
+        lam, u, lam_host = _gram_eigh(gram, xp=xp)
         top = float(lam_host[-1]) if lam_host.size else 0.0
         if not top > 0:
             return w[:0, :]
-        cut = drop * top if first else 0.5 * top
+        cut = max(drop, noise) * top if first else 0.5 * top
         idx = np.flatnonzero(lam_host > cut)
         if idx.size == 0:
             return w[:0, :]
@@ -59,7 +93,7 @@ def block_cg(
     b: Array,
     /,
     *,
-    rtol: float = 1e-8,
+    rtol: float | None = None,
     atol: float = 0.0,
     maxiter: int | None = None,
     preconditioner: MatMat | None = None,
@@ -100,7 +134,9 @@ def block_cg(
         NotPositiveDefiniteError: ``S A S^T`` is not positive definite.
         NonFiniteError: NaN or inf from the operator or the preconditioner.
     """
-    xp, maxiter = check_solver_args(b, rtol=rtol, atol=atol, maxiter=maxiter, on_failure=on_failure)
+    xp, rtol, maxiter = check_solver_args(
+        b, rtol=rtol, atol=atol, maxiter=maxiter, on_failure=on_failure
+    )
     n_rows = int(b.shape[0])
 
     def apply_a(v: Array) -> Array:
@@ -138,6 +174,7 @@ def block_cg(
 
     iterations = 0
     restarts = 0
+    operator_norm = 0.0
     last_excess = math.inf
     while True:
         norms = _xp.to_numpy(row_norms(r, xp=xp))
@@ -148,17 +185,22 @@ def block_cg(
         s = directions(r, active, None) if not done_host.all() else b[:0, :]
         while not done_host.all() and iterations < maxiter and s.shape[0] > 0:
             q = apply_a(s)  # (r, P)
+            # rows of S are unit vectors: |A s| is a lower bound on |A| (for the warning)
+            operator_norm = max(operator_norm, float(xp.max(row_norms(q, xp=xp))))
             g = _xp.symmetrize(s @ xp.matrix_transpose(q), xp=xp)
             factor = _xp.cholesky_or_none(g, xp=xp)
             if factor is None:
                 # S has orthonormal rows: an eigenvalue of S A S^T is a Rayleigh
-                # quotient of A, so a negative one proves A indefinite.
+                # quotient of A, so a non-positive one proves A not positive definite;
+                # it only bounds the smallest eigenvalue from above, so the advice
+                # comes from a Lanczos bound instead.
                 lowest = float(np.min(_xp.to_numpy(xp.linalg.eigvalsh(g))))
-                raise NotPositiveDefiniteError(
-                    f"block conjugate gradients broke down at iteration {iterations + 1}: the "
-                    f"operator has a direction v with v^T A v / v^T v = {lowest:.3e}, so it is "
-                    "not positive definite; add (more) regularization, at least "
-                    f"{max(-lowest, 0.0):.3e} more (A + lambda I)"
+                raise not_positive_definite(
+                    f"block conjugate gradients broke down at iteration {iterations + 1}: "
+                    f"a direction v has v^T A v / v^T v = {lowest:.3e}",
+                    matmat,
+                    b,
+                    xp=xp,
                 )
             c = xp.matrix_transpose(_xp.cho_solve(factor, s @ xp.matrix_transpose(r), xp=xp))
             c = xp.where(active[:, None], c, xp.zeros_like(c))
@@ -193,14 +235,23 @@ def block_cg(
         solution=x, residual_norms=residual_norms, iterations=iterations, converged=converged
     )
     if not result.all_converged and on_failure != "ignore":
-        n_bad = int(np.sum(~converged))
+        bad = ~converged
+        reason = stall_reason(
+            residual_norms[bad],
+            np.asarray(_xp.to_numpy(row_norms(x, xp=xp)), dtype=np.float64)[bad],
+            np.asarray(_xp.to_numpy(row_norms(b, xp=xp)), dtype=np.float64)[bad],
+            operator_norm=operator_norm,
+            eps=_xp.finfo_eps(b.dtype, xp=xp),
+            size=int(b.shape[1]),
+            iterations=iterations,
+            maxiter=maxiter,
+        )
         message = (
-            f"block conjugate gradients did not converge for {n_bad} of {n_rows} right-hand "
-            f"sides after {iterations} iterations (maxiter={maxiter}); largest residual norm "
-            f"{float(np.max(residual_norms[~converged])):.3e} (rtol={rtol:g}, atol={atol:g}); "
-            "increase maxiter, loosen the tolerance, add regularization or use a preconditioner"
+            f"block conjugate gradients did not converge for {int(np.sum(bad))} of {n_rows} "
+            f"right-hand sides: largest residual norm {float(np.max(residual_norms[bad])):.3e} "
+            f"(rtol={rtol:g}, atol={atol:g}); {reason}"
         )
         if on_failure == "raise":
             raise NotConvergedError(message)
-        warnings.warn(message, NotConvergedWarning, stacklevel=2)
+        warn(message, NotConvergedWarning)
     return result

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import numpy as np
 
 from .. import _xp
-from .._xp import Array
+from .._xp import Array, Namespace
 from ..errors import (
     NonFiniteError,
     NotConvergedError,
     NotConvergedWarning,
     NotPositiveDefiniteError,
+    warn,
 )
 from ._results import SolverResult
-from ._util import MatMat, apply_operator, check_solver_args, full_like, row_norms
+from ._util import (
+    MatMat,
+    apply_operator,
+    check_solver_args,
+    full_like,
+    row_norms,
+    stall_reason,
+)
 
 __all__ = ["cg"]
 
@@ -38,7 +45,7 @@ def cg(
     b: Array,
     /,
     *,
-    rtol: float = 1e-8,
+    rtol: float | None = None,
     atol: float = 0.0,
     maxiter: int | None = None,
     preconditioner: MatMat | None = None,
@@ -71,7 +78,12 @@ def cg(
     Args:
         matmat: ``(K, P) -> (K, P)``, the rows of its input multiplied by ``A``.
         b: ``(K, P)`` right-hand sides as rows (a real floating array).
-        rtol: relative tolerance on the residual norm of each row.
+        rtol: relative tolerance on the residual norm of each row; None (default)
+            means 1e-8 in float64 and ``sqrt(eps)`` in narrower dtypes (float32:
+            3.45e-4). The relative error of a row's solution is at most ``rtol``
+            times the condition number of ``A``; no dtype gets below about
+            ``eps`` times it (float32: 1.2e-7, float64: 2.2e-16), so a float32
+            solve with float64's tolerance would stall at that floor.
         atol: absolute tolerance on the residual norm of each row.
         maxiter: maximum number of iterations; default ``10 * P``.
         preconditioner: ``None`` or ``(K, P) -> (K, P)`` applying an SPD
@@ -92,7 +104,9 @@ def cg(
             ``r^T M r <= 0`` (the preconditioner is not positive definite).
         NonFiniteError: the operator or preconditioner produced NaN or inf.
     """
-    xp, maxiter = check_solver_args(b, rtol=rtol, atol=atol, maxiter=maxiter, on_failure=on_failure)
+    xp, rtol, maxiter = check_solver_args(
+        b, rtol=rtol, atol=atol, maxiter=maxiter, on_failure=on_failure
+    )
     n_rows = int(b.shape[0])
 
     def apply_a(v: Array) -> Array:
@@ -125,6 +139,7 @@ def cg(
 
     iterations = 0
     replacements = 0
+    operator_norm = 0.0
     last_excess = math.inf
     tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
     flags = _xp.to_numpy(xp.stack([xp.all(done), xp.any(~done & (rz <= 0))]))
@@ -136,6 +151,14 @@ def cg(
             active = ~done
             ap = apply_a(p)
             pap = xp.linalg.vecdot(p, ap)
+            # |A p| / |p| over the active rows: a lower bound on |A| for the
+            # precision-floor test of the warning
+            p_norm = row_norms(p, xp=xp)
+            ratio = xp.where(
+                active & (p_norm > 0),
+                row_norms(ap, xp=xp) / xp.where(p_norm > 0, p_norm, xp.ones_like(p_norm)),
+                xp.zeros_like(p_norm),
+            )
             bad_a = active & (pap <= 0)
             step = active & ~bad_a
             alpha = xp.where(step, rz / xp.where(step, pap, xp.ones_like(pap)), xp.zeros_like(pap))
@@ -157,24 +180,31 @@ def cg(
             flags = _xp.to_numpy(
                 xp.stack(
                     [
-                        xp.all(done),
-                        xp.any(bad_a),
-                        xp.any(bad_m),
-                        xp.any(~xp.isfinite(pap)) | xp.any(~xp.isfinite(rz_new)),
+                        xp.astype(xp.all(done), b.dtype),
+                        xp.astype(xp.any(bad_a), b.dtype),
+                        xp.astype(xp.any(bad_m), b.dtype),
+                        xp.astype(
+                            xp.any(~xp.isfinite(pap)) | xp.any(~xp.isfinite(rz_new)), b.dtype
+                        ),
+                        xp.max(ratio),
                     ]
                 )
             )
-            all_done, indefinite_a, indefinite_m, nonfinite = (bool(f) for f in flags)
+            all_done, indefinite_a, indefinite_m, nonfinite = (bool(f) for f in flags[:4])
+            if np.isfinite(flags[4]):
+                operator_norm = max(operator_norm, float(flags[4]))
             if nonfinite:
                 raise NonFiniteError(
                     f"conjugate gradients produced NaN or inf at iteration {iterations}: "
                     "check the operator and the preconditioner"
                 )
             if indefinite_a:
-                raise NotPositiveDefiniteError(
-                    f"conjugate gradients broke down at iteration {iterations}: p^T A p <= 0 for "
-                    "some search direction p, so the operator is not positive definite; "
-                    "add (more) regularization, e.g. A + lambda I with lambda > 0"
+                raise not_positive_definite(
+                    f"conjugate gradients broke down at iteration {iterations}: p^T A p <= 0 "
+                    "for some search direction p",
+                    matmat,
+                    b,
+                    xp=xp,
                 )
             if indefinite_m:
                 raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=iterations))
@@ -210,15 +240,52 @@ def cg(
         converged=converged,
     )
     if not result.all_converged and on_failure != "ignore":
-        n_bad = int(np.sum(~converged))
-        worst = float(np.max(residual_norms[~converged]))
+        bad = ~converged
+        reason = stall_reason(
+            residual_norms[bad],
+            np.asarray(_xp.to_numpy(row_norms(x, xp=xp)), dtype=np.float64)[bad],
+            np.asarray(_xp.to_numpy(row_norms(b, xp=xp)), dtype=np.float64)[bad],
+            operator_norm=operator_norm,
+            eps=_xp.finfo_eps(b.dtype, xp=xp),
+            size=int(b.shape[1]),
+            iterations=iterations,
+            maxiter=maxiter,
+        )
         message = (
-            f"conjugate gradients did not converge for {n_bad} of {n_rows} right-hand sides "
-            f"after {iterations} iterations (maxiter={maxiter}); largest residual norm "
-            f"{worst:.3e} (rtol={rtol:g}, atol={atol:g}); increase maxiter, loosen the "
-            "tolerance, add regularization or use a preconditioner"
+            f"conjugate gradients did not converge for {int(np.sum(bad))} of {n_rows} "
+            f"right-hand sides: largest residual norm {float(np.max(residual_norms[bad])):.3e} "
+            f"(rtol={rtol:g}, atol={atol:g}); {reason}"
         )
         if on_failure == "raise":
             raise NotConvergedError(message)
-        warnings.warn(message, NotConvergedWarning, stacklevel=2)
+        warn(message, NotConvergedWarning)
     return result
+
+
+def not_positive_definite(
+    what: str, matmat: MatMat, b: Array, /, *, xp: Namespace
+) -> NotPositiveDefiniteError:
+    """The error for a solver that met a direction of non-positive curvature, with a
+    shift that suffices (:func:`~xinfluence.linalg.lanczos.positive_definite_shift`:
+    a short Lanczos run, verified) rather than the Rayleigh quotient met, which
+    only bounds the smallest eigenvalue from above and undershoots.
+
+    The error carries ``smallest_eigenvalue`` (the estimate) and ``suggested_shift``.
+    """
+    from .lanczos import positive_definite_shift
+
+    lowest, shift = positive_definite_shift(
+        lambda v: apply_operator(matmat, v, xp=xp, what="matmat"),
+        int(b.shape[1]),
+        xp=xp,
+        dtype=b.dtype,
+        device=_xp.device_of(b),
+    )
+    error = NotPositiveDefiniteError(
+        f"{what}: the operator is not positive definite (its smallest eigenvalue is about "
+        f"{lowest:.3e} by Lanczos); add at least {shift:.2g} more regularization "
+        f"(A + mu I with mu >= {shift:.2g}), or make it positive semi-definite"
+    )
+    error.smallest_eigenvalue = lowest  # type: ignore[attr-defined]
+    error.suggested_shift = shift  # type: ignore[attr-defined]
+    return error

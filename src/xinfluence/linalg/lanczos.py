@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_extra as xpx
@@ -10,9 +11,9 @@ import numpy as np
 from .. import _xp
 from .._xp import Array, Namespace
 from ._results import EigenResult
-from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace
+from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace, round_up_2
 
-__all__ = ["lanczos"]
+__all__ = ["block_lanczos", "lanczos", "positive_definite_shift"]
 
 
 def lanczos(
@@ -160,3 +161,263 @@ def _orthogonalize(w: Array, basis: Array, /, *, xp: Namespace) -> tuple[Array, 
     h2 = basis @ w
     w = w - h2 @ basis
     return w, h1 + h2
+
+
+def positive_definite_shift(
+    matmat: MatMat,
+    size: int,
+    /,
+    *,
+    xp: Namespace,
+    dtype: Any,
+    device: Any = None,
+    seed: int = 0,
+    krylov_dimension: int = 64,
+) -> tuple[float, float]:
+    r"""A shift ``mu >= 0`` that makes the symmetric ``A + mu I`` positive definite.
+
+    For advice after a solver met a non-positive curvature: the Rayleigh quotient
+    it met is only an upper bound on the smallest eigenvalue, so suggesting it
+    undershoots. Here a Lanczos run (``krylov_dimension`` single-vector products)
+    gives the leftmost Ritz value ``theta`` and its residual ``rho``: an eigenvalue
+    lies in ``[theta - rho, theta + rho]``, and the leftmost Ritz value converges
+    to ``lambda_min`` first, so ``ell = theta - rho`` estimates a lower bound. The
+    shift is ``mu = 1.5 max(-ell, 0) + 1e-6 |A|``, rounded up to two significant
+    digits, then checked by a second Lanczos run from another random start on
+    ``A + mu I`` (a Krylov space is shift-invariant, so only a new start vector
+    is a new test); ``mu`` is doubled until that check finds no non-positive
+    Ritz value (three times at most).
+
+    Returns:
+        ``(ell, mu)``: the estimate of the smallest eigenvalue and the shift.
+    """
+    m = min(int(size), int(krylov_dimension))
+
+    def leftmost(op: MatMat, start: int) -> tuple[float, float, float]:
+        eig = lanczos(
+            op, size, rank=m, krylov_dimension=m, seed=start, xp=xp, dtype=dtype, device=device
+        )
+        theta = np.asarray(_xp.to_numpy(eig.eigenvalues), dtype=np.float64)
+        rho = np.zeros_like(theta) if eig.residual_norms is None else eig.residual_norms
+        i = int(np.argmin(theta))
+        return float(theta[i]), float(rho[i]), float(np.max(np.abs(theta)))
+
+    theta, rho, top = leftmost(matmat, seed)
+    ell = theta - rho
+    mu = round_up_2(1.5 * max(-ell, 0.0) + 1e-6 * top)
+    for attempt in range(3):
+
+        def shifted(v: Array, mu: float = mu) -> Array:
+            return matmat(v) + mu * v
+
+        check, _, _ = leftmost(shifted, seed + 1 + attempt)
+        if check > 0:
+            break
+        mu = round_up_2(2 * mu + max(-check, 0.0))
+    return ell, mu
+
+
+def block_lanczos(
+    matmat: MatMat,
+    size: int,
+    /,
+    *,
+    rank: int,
+    block_size: int | None = None,
+    krylov_dimension: int | None = None,
+    tol: float = 1e-6,
+    seed: int | np.random.Generator | None = 0,
+    xp: Namespace,
+    dtype: Any,
+    device: Any = None,
+    on_failure: str = "warn",
+) -> EigenResult:
+    r"""The ``rank`` eigenpairs of largest magnitude of a symmetric operator, by block
+    Lanczos with full re-orthogonalisation and a convergence check.
+
+    Each step applies ``matmat`` once to a block of ``b = block_size`` orthonormal
+    vectors (a curvature product is far cheaper per vector with many vectors at
+    once) and extends the orthonormal basis ``Q`` of the block Krylov space
+    ``span{Q_0, A Q_0, A^2 Q_0, ...}`` (``Q_0``: ``b`` Gaussian vectors, seeded):
+
+    .. math::
+        A Q_j^T = Q_{j-1}^T B_j^T + Q_j^T A_j + Q_{j+1}^T B_{j+1},
+
+    with ``A_j = Q_j A Q_j^T`` and ``B_{j+1}`` from a QR factorisation of the new
+    block after projecting out all previous blocks twice. ``B_{j+1}`` is made rank
+    revealing by an SVD of the small ``R`` factor: directions with singular value
+    below ``10 sqrt(P) eps |A|`` are deflated (an invariant subspace) and replaced
+    by random vectors orthogonal to ``Q``, so repeated eigenvalues are found with
+    their multiplicity up to ``b`` (a single-vector Krylov method sees one copy).
+
+    After every step the Ritz pairs ``(theta_i, Q^T s_i)`` of the block
+    tridiagonal ``T = Q A Q^T`` (host, float64) are checked: the residual of a
+    Ritz pair is ``|A u_i - theta_i u_i| = |B_{j+1} s_i^{last}|`` (``s_i^{last}``:
+    the last block of ``s_i``). The iteration stops once the ``rank`` pairs of
+    largest ``|theta|`` all have ``residual <= tol max|theta|``, or when the
+    basis reaches ``krylov_dimension`` vectors; then, unconverged, it warns
+    (:class:`~xinfluence.errors.NotConvergedWarning`) with the residuals.
+
+    Args:
+        matmat: ``(K, P) -> (K, P)``, the rows of its input multiplied by the
+            symmetric ``A`` (called with ``K = block_size``).
+        size: ``P``.
+        rank: number of eigenpairs, ``1 <= rank <= P``.
+        block_size: ``b``, default ``rank``; at least the multiplicity of the
+            eigenvalues sought.
+        krylov_dimension: the budget, the largest basis size; default
+            ``min(P, max(10 rank, 100), the memory budget)`` (the basis takes
+            ``krylov_dimension P`` floats; see :func:`xinfluence.memory_budget`).
+        tol: relative residual tolerance of the Ritz pairs (at least ``50 eps``).
+            Eigenvalues are then accurate to about ``tol^2 |A|^2 / gap`` and
+            eigenvectors to ``tol |A| / gap``.
+        seed: seed (or numpy ``Generator``) for the start block and the refills.
+        xp, dtype, device: namespace, real floating dtype and device.
+        on_failure: ``"warn"``, ``"raise"`` (:class:`~xinfluence.errors.NotConvergedError`)
+            or ``"ignore"`` when the budget ends before convergence.
+
+    Returns:
+        :class:`EigenResult` with ``eigenvalues`` (rank,) by descending magnitude,
+        ``eigenvectors`` (P, rank), ``residual_norms`` (rank,), ``converged``,
+        ``krylov_dimension`` and ``matmat_calls``.
+    """
+    from .._config import memory_budget
+    from ..errors import NotConvergedError, NotConvergedWarning, warn
+
+    size = check_positive_int(size, "size")
+    rank = check_positive_int(rank, "rank")
+    xp = resolve_namespace(xp, dtype, device)
+    if rank > size:
+        raise ValueError(f"rank must be <= size, got rank={rank} > size={size}")
+    b = rank if block_size is None else check_positive_int(block_size, "block_size")
+    b = min(b, size)
+    eps = _xp.finfo_eps(dtype, xp=xp)
+    if krylov_dimension is None:
+        itemsize = 8 if eps < 1e-10 else 4
+        affordable = max(memory_budget() // (2 * size * itemsize), 2 * b)
+        krylov_dimension = min(size, max(10 * rank, 100), affordable)
+    m_max = min(check_positive_int(krylov_dimension, "krylov_dimension"), size)
+    if m_max < rank:
+        raise ValueError(
+            f"krylov_dimension must be >= rank, got krylov_dimension={m_max} < rank={rank}"
+        )
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    if on_failure not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+    tol_eff = max(float(tol), 50 * eps)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    def project(w: Array, basis: Array | None) -> tuple[Array, Array | None]:
+        """``w`` less its components along the rows of ``basis``, twice; the removed
+        coefficients ``w basis^T`` (summed over both passes)."""
+        if basis is None:
+            return w, None
+        c1 = w @ xp.matrix_transpose(basis)
+        w = w - c1 @ basis
+        c2 = w @ xp.matrix_transpose(basis)
+        return w - c2 @ basis, c1 + c2
+
+    def orthonormal(w: Array) -> tuple[Array, np.ndarray]:
+        """Rows ``Q`` (k, P) orthonormal and host ``R`` (k, k) with ``w = R^T Q``."""
+        q, r = xp.linalg.qr(xp.matrix_transpose(w))
+        return xp.matrix_transpose(q), np.asarray(_xp.to_numpy(r), dtype=np.float64)
+
+    def random_rows(k: int, basis: Array | None) -> Array:
+        v = _xp.random_normal((k, size), seed=rng, dtype=dtype, device=device, xp=xp)
+        v, _ = project(v, basis)
+        return orthonormal(v)[0]
+
+    block = random_rows(b, None)
+    basis: Array | None = None
+    blocks_t: list[tuple[int, int, np.ndarray]] = []  # (row offset, col offset, block) of T
+    offsets: list[int] = []
+    dim = 0
+    calls = 0
+    scale = 0.0
+    coupling: np.ndarray | None = None  # B_{j+1}, (r_{j+1}, r_j)
+    while True:
+        r_j = int(block.shape[0])
+        offsets.append(dim)
+        basis = block if basis is None else xp.concat([basis, block], axis=0)
+        dim += r_j
+        w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
+        calls += 1
+        w, coef = project(w, basis)
+        assert coef is not None
+        a_j = np.asarray(_xp.to_numpy(coef[:, dim - r_j : dim]), dtype=np.float64)
+        a_j = 0.5 * (a_j + a_j.T)
+        blocks_t.append((dim - r_j, dim - r_j, a_j))
+        scale = max(scale, float(np.max(np.abs(np.linalg.eigvalsh(a_j)))) if r_j else 0.0)
+        room = size - dim
+        coupling = None
+        new_block = None
+        if room > 0:
+            q, r = orthonormal(w)  # w = r^T q, (r_j, P)
+            u, sv, vt = np.linalg.svd(r)
+            scale = max(scale, float(sv[0]) if sv.size else 0.0)
+            keep = sv > 10 * math.sqrt(size) * eps * max(scale, 1e-300)
+            keep[room:] = False
+            u_keep = _xp.from_numpy(
+                np.ascontiguousarray(u[:, keep]), dtype=dtype, device=device, xp=xp
+            )
+            kept = xp.matrix_transpose(u_keep) @ q  # (k, P), rows orthonormal
+            b_kept = sv[keep, None] * vt[keep, :]  # (k, r_j): w = b_kept^T kept + small
+            if kept.shape[0] > 0:  # clean: the kept rows may carry basis components
+                kept, _ = project(kept, basis)
+                kept, r2 = orthonormal(kept)
+                b_kept = r2 @ b_kept
+            n_fill = min(r_j, room) - int(kept.shape[0])
+            if n_fill > 0:
+                both = basis if kept.shape[0] == 0 else xp.concat([basis, kept], axis=0)
+                fill = random_rows(n_fill, both)
+                kept = xp.concat([kept, fill], axis=0)
+                b_kept = np.concatenate([b_kept, np.zeros((n_fill, r_j))], axis=0)
+            new_block, coupling = kept, b_kept
+        # Ritz pairs of T and their residuals |B_{j+1} s_last|
+        t = np.zeros((dim, dim))
+        for row, col, value in blocks_t:
+            t[row : row + value.shape[0], col : col + value.shape[1]] = value
+            if row != col:
+                t[col : col + value.shape[1], row : row + value.shape[0]] = value.T
+        theta, s = np.linalg.eigh(t)
+        order = np.argsort(-np.abs(theta), kind="stable")[: min(rank, dim)]
+        if coupling is None:
+            residuals = np.zeros(order.size)
+        else:
+            residuals = np.linalg.norm(coupling @ s[dim - r_j :, order], axis=0)
+        top = float(np.max(np.abs(theta))) if theta.size else 0.0
+        converged = order.size == rank and bool(np.all(residuals <= tol_eff * max(top, 1e-300)))
+        if converged or new_block is None or dim + int(new_block.shape[0]) > m_max:
+            break
+        assert coupling is not None
+        blocks_t.append((dim, dim - r_j, coupling))
+        block = new_block
+
+    if order.size < rank:  # pragma: no cover - dim >= rank by construction
+        raise AssertionError("block Lanczos ended below rank")
+    s_top = _xp.from_numpy(np.ascontiguousarray(s[:, order]), dtype=dtype, device=device, xp=xp)
+    eigenvectors = xp.matrix_transpose(basis) @ s_top
+    eigenvalues = _xp.from_numpy(theta[order], dtype=dtype, device=device, xp=xp)
+    if not converged and on_failure != "ignore":
+        relative = residuals / max(top, 1e-300)
+        message = (
+            f"block Lanczos: the top {rank} Ritz pairs did not converge within a Krylov "
+            f"space of dimension {dim} (krylov_dimension={m_max}, block_size={b}): largest "
+            f"relative residual |A u - theta u| / |A| = {float(np.max(relative)):.2e} > "
+            f"tol={tol_eff:.1e} (worst pairs: "
+            f"{', '.join(f'{v:.1e}' for v in np.sort(relative)[::-1][:5])}); the eigenpairs "
+            "and what is computed from them are approximate: raise krylov_dimension or "
+            "block_size, or lower rank"
+        )
+        if on_failure == "raise":
+            raise NotConvergedError(message)
+        warn(message, NotConvergedWarning)
+    return EigenResult(
+        eigenvalues=eigenvalues,
+        eigenvectors=eigenvectors,
+        residual_norms=residuals,
+        converged=converged,
+        krylov_dimension=dim,
+        matmat_calls=calls,
+    )
