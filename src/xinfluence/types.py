@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from . import _xp
+from ._state import PicklableState
 from ._xp import Array, Namespace
 
 __all__ = [
@@ -86,13 +87,16 @@ def _length(a: Array, name: str) -> int:
     return int(n)
 
 
-class GradientProvider(ABC):
+class GradientProvider(PicklableState, ABC):
     """Per-sample derivatives of the per-sample loss ``l(theta; x_i, y_i)``.
 
     A provider holds the model parameters ``theta`` (a flat vector of ``P``
     entries, the parameters' flattenings concatenated in :attr:`parameter_names`
     order) and computes derivatives for one :class:`Batch` at a time. Results
     are arrays of the parameters' namespace, dtype and device.
+
+    Providers pickle and deep-copy (the namespace is stored by name); user
+    functions they hold must be module-level functions for the standard pickler.
     """
 
     # -- the model -------------------------------------------------------
@@ -272,8 +276,10 @@ def contract(left: Array, right: Array, /, *, xp: Namespace) -> Array:
     return xp.reshape(left @ xp.matrix_transpose(flat), (left.shape[0], *lead))
 
 
-class Operator(ABC):
-    """A linear operator on parameter space, applied along the trailing dimension."""
+class Operator(PicklableState, ABC):
+    """A linear operator on parameter space, applied along the trailing dimension.
+
+    Operators pickle and deep-copy (a namespace they hold is stored by name)."""
 
     @property
     @abstractmethod

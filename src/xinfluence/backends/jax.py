@@ -85,6 +85,7 @@ import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from .. import _xp
+from .._state import PicklableState, check_picklable_function
 from .._xp import Array, Namespace
 from ..types import Batch, GradientProvider
 
@@ -109,9 +110,19 @@ def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(_key_name(k) for k in path)
 
 
-class _Model:
+class _Model(PicklableState):
     """What every restriction of one provider shares: the function, the leaves,
     the names, the dense-layer declarations and the input-shape cache."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the user's functions must pickle by name; compiled functions are rebuilt
+        check_picklable_function(self.apply_fn, "apply_fn")
+        check_picklable_function(self.loss, "the loss")
+        for layer, (_, _, _, features) in self.dense.items():
+            check_picklable_function(features, f"the features function of layer {layer!r}")
+        state = super().__getstate__()
+        state.update(_kfac_fn=None, restricted={})
+        return state
 
     def __init__(
         self,
@@ -327,6 +338,12 @@ class JaxGradientProvider(GradientProvider):
             None if input_shape is None else tuple(input_shape),
         )
         self._setup(model, tuple(range(len(model.names))))
+
+    def __getstate__(self) -> dict[str, Any]:  # the jitted functions are rebuilt on load
+        return {"_model": self._model, "_active": self._active}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["_model"], state["_active"])
 
     @classmethod
     def _restricted(cls, model: _Model, active: tuple[int, ...]) -> JaxGradientProvider:

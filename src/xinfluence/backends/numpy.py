@@ -27,6 +27,7 @@ from typing import Any, final
 import array_api_extra as xpx
 
 from .. import _xp
+from .._state import check_picklable_function
 from .._xp import Array, Namespace
 from ..types import Batch, GradientProvider
 
@@ -364,6 +365,10 @@ class FiniteDifferenceGradients(_ArrayParams):
         eps = _xp.finfo_eps(self.dtype, xp=xp)
         self._h1 = step if step is not None else eps ** (1 / 3)
         self._h2 = step if step is not None else eps ** (1 / 4)
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable_function(self.loss_fn, "loss_fn")
+        return super().__getstate__()
 
     def check_input_shape(self, batch: Batch) -> None:
         if self.input_shape is not None and tuple(batch.x.shape[1:]) != self.input_shape:

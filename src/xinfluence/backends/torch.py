@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import _xp
+from .._state import check_picklable_function
 from .._xp import Namespace
 from ..types import Batch, GradientProvider
 from . import _torch_linear as _lin
@@ -190,6 +191,32 @@ class TorchGradientProvider(GradientProvider):
         self._constants = constants
         self._checked: set[tuple[Any, ...]] = set()  # shared with restrictions
         self._set_active(tuple(trainable))
+
+    # -- pickling: tensors are re-read from the model (they are views of its
+    # parameters), caches start empty; copy.copy (restrict) shares everything.
+    def __copy__(self) -> TorchGradientProvider:
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable_function(self.loss, "the loss")
+        keep = ("model", "loss", "input_shape", "chunk_size", "forward_ad", "cast_inputs")
+        state = {k: self.__dict__[k] for k in (*keep, "_names", "_checked")}
+        state["_trainable_names"] = tuple(self._trainable)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        trainable_names = state.pop("_trainable_names")
+        active = state.pop("_names")
+        self.__dict__.update(state)
+        params = dict(self.model.named_parameters())
+        self._trainable = OrderedDict((n, params[n].detach()) for n in trainable_names)
+        self._constants = {n: p.detach() for n, p in params.items() if n not in trainable_names}
+        self._constants.update((n, b.detach()) for n, b in self.model.named_buffers())
+        first = next(iter(self._trainable.values()))
+        self._xp_ns, self._dtype, self._device = _xp.namespace(first), first.dtype, first.device
+        self._set_active(active)
 
     def _set_active(self, names: tuple[str, ...]) -> None:
         self._names = names
