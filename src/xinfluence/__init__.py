@@ -17,6 +17,7 @@ from .errors import (
     NotConvergedWarning,
     NotFittedError,
     NotPositiveDefiniteError,
+    StaleFitError,
     XinfluenceError,
 )
 from .influence import (
@@ -66,6 +67,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Operator",
     "OperatorGradientComposition",
+    "StaleFitError",
     "XinfluenceError",
     "memory_budget",
     "memory_budget_scope",

@@ -11,14 +11,29 @@ lambda into one that says what to do.
 from __future__ import annotations
 
 import copy
+import hashlib
 import pickle
 import sys
 import types
+from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 from . import _xp
 
-__all__ = ["PicklableState", "check_picklable_function"]
+__all__ = ["PicklableState", "check_picklable_function", "fingerprint"]
+
+
+def fingerprint(named: Iterable[tuple[str, Any]], /) -> str:
+    """SHA-256 (hex) of named arrays: names, shapes, dtypes and bytes. Any array
+    (moved to the host); a numpy array of raw bytes stands for itself."""
+    h = hashlib.sha256()
+    for name, a in named:
+        host = np.ascontiguousarray(_xp.to_numpy(a))
+        h.update(f"{name}|{host.shape}|{host.dtype.str};".encode())
+        h.update(host.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
 
 
 class PicklableState:

@@ -133,6 +133,12 @@ class SubsetGradients(GradientProvider):
         shapes = self.base.parameter_shapes
         return OrderedDict((n, shapes[n]) for n in self._names)
 
+    def parameter_fingerprint(self) -> str | None:
+        return self.base.parameter_fingerprint()
+
+    def parameter_version(self) -> Any:
+        return self.base.parameter_version()
+
     def restrict(self, names: Sequence[str]) -> SubsetGradients:
         unknown = [n for n in names if n not in self._names]
         if unknown:

@@ -11,6 +11,7 @@ __all__ = [
     "NotConvergedError",
     "NotConvergedWarning",
     "DivergenceError",
+    "StaleFitError",
 ]
 
 
@@ -40,6 +41,11 @@ class NotConvergedError(XinfluenceError, RuntimeError):
 
 class DivergenceError(XinfluenceError, FloatingPointError):
     """An iteration diverged (for example LiSSA with too small a scale)."""
+
+
+class StaleFitError(XinfluenceError, RuntimeError):
+    """The model's parameters changed after ``fit`` (an optimizer step, say): the
+    fitted curvature no longer belongs to them. Refit."""
 
 
 class NotConvergedWarning(UserWarning):

@@ -19,13 +19,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, final
+from typing import Any, TypeVar, final
 
 from . import _xp
+from ._state import PicklableState
 from ._xp import Array
 from .blocks import resolve_block_structure, resolve_regularization
 from .curvature import Curvature, Dataset, make_curvature
-from .errors import NotFittedError
+from .errors import NotFittedError, StaleFitError
 from .linalg import lanczos, nystroem
 from .linalg.cg import OnFailure
 from .operators import (
@@ -64,15 +65,56 @@ __all__ = [
 
 BlockStructure = str | Mapping[str, Sequence[str]]
 Regularization = float | Mapping[str, float]
+_M = TypeVar("_M", bound="ComposableInfluence")
 
 
-class ComposableInfluence(ABC):
+class ComposableInfluence(PicklableState, ABC):
     """An influence model assembled from per-block operator-gradient compositions.
 
     Subclasses say how to build the operator of one block in
     :meth:`_create_operator`; everything else (data handling, blocks, modes,
     validation) lives here.
+
+    The parameters are frozen at ``fit``: a query after they changed (an
+    optimizer step, ``load_state_dict``) raises
+    :class:`~xinfluence.errors.StaleFitError`. Fitted models pickle and
+    deep-copy; :meth:`save` and :meth:`load` write and read the fitted state
+    without pickle.
     """
+
+    _init_kwargs: dict[str, Any]
+    _fit_version: Any
+
+    def __new__(cls: type[_M], *args: Any, **kwargs: Any) -> _M:
+        # the keyword options, for save(): load() calls the constructor with them
+        self = super().__new__(cls)
+        self._init_kwargs = dict(kwargs)
+        return self
+
+    # Setting the fitted mapper (in fit, or a subclass's fit) records the
+    # parameters' version, which every query compares.
+    @property
+    def _mapper(self) -> BlockMapper | None:
+        return self.__dict__.get("_fitted")
+
+    @_mapper.setter
+    def _mapper(self, mapper: BlockMapper | None) -> None:
+        self._fitted = mapper
+        self._fit_version = None if mapper is None else self.gradient_provider.parameter_version()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._mapper is not None:  # torch version counters restart in a copy
+            self._fit_version = self.gradient_provider.parameter_version()
+
+    def _check_fresh(self) -> None:
+        if self.gradient_provider.parameter_version() != self._fit_version:
+            raise StaleFitError(
+                f"the model's parameters changed after {type(self).__name__}.fit (an optimizer "
+                "step or load_state_dict, say): the fitted curvature belongs to the old "
+                "parameters and the gradients would come from the new ones. Call fit(data) "
+                "again (or build the provider from a copy of the model to keep training it)"
+            )
 
     def __init__(
         self,
@@ -97,7 +139,7 @@ class ComposableInfluence(ABC):
         self.blocks = resolve_block_structure(gradient_provider, block_structure)
         self.regularization = resolve_regularization(regularization, self.blocks)
         self.second_order = second_order
-        self._mapper: BlockMapper | None = None
+        self._mapper = None
         self._data: Dataset | None = None
 
     # -- fitting -----------------------------------------------------------
@@ -137,12 +179,17 @@ class ComposableInfluence(ABC):
         over the data, the others are rebuilt from the fitted data."""
         new = resolve_regularization(regularization, self.blocks)
         if self._mapper is not None:
-            assert self._data is not None
+            self._check_fresh()
             for block, comp in self._mapper.composable_block_dict.items():
                 if new[block] == self.regularization[block]:
                     continue
                 op = comp.op.with_regularization(new[block])
                 if op is None:
+                    if self._data is None:
+                        raise ValueError(
+                            f"block {block!r} needs the training data to change its "
+                            "regularization, and this model has none: fit it again"
+                        )
                     op = self._create_operator(
                         block, comp.gp, self._data.with_provider(comp.gp), new[block]
                     )
@@ -154,6 +201,7 @@ class ComposableInfluence(ABC):
     def _fitted_mapper(self) -> BlockMapper:
         if self._mapper is None:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(data) first")
+        self._check_fresh()
         return self._mapper
 
     def _batch(self, x: Any, y: Any, what: str) -> Batch:

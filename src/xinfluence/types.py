@@ -147,6 +147,19 @@ class GradientProvider(PicklableState, ABC):
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(self.parameter_shapes)
 
+    def parameter_fingerprint(self) -> str | None:
+        """SHA-256 of the values the derivatives depend on (parameters, and buffers
+        where the model has them), or None where the provider cannot say. Saved
+        with a fitted model and checked on load."""
+        return None
+
+    def parameter_version(self) -> Any:
+        """A cheap token that changes whenever the parameters change: a fitted
+        model compares it at every query and raises
+        :class:`~xinfluence.errors.StaleFitError` on a change. Default: the
+        fingerprint (None: no check)."""
+        return self.parameter_fingerprint()
+
     @property
     def parameter_slices(self) -> OrderedDict[str, slice]:
         """Slice of the flat parameter vector that each parameter occupies."""

@@ -85,7 +85,7 @@ import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from .. import _xp
-from .._state import PicklableState, check_picklable_function
+from .._state import PicklableState, check_picklable_function, fingerprint
 from .._xp import Array, Namespace
 from ..types import Batch, GradientProvider
 
@@ -444,6 +444,15 @@ class JaxGradientProvider(GradientProvider):
     def parameter_shapes(self) -> OrderedDict[str, tuple[int, ...]]:
         m = self._model
         return OrderedDict((m.names[i], m.shapes[i]) for i in self._active)
+
+    def parameter_fingerprint(self) -> str:
+        """SHA-256 of every leaf (active or held fixed)."""
+        m = self._model
+        return fingerprint(zip(m.names, m.leaves))
+
+    def parameter_version(self) -> int:
+        """Constant: the provider holds its own jax arrays, which are immutable."""
+        return 0
 
     @property
     def params(self) -> Any:

@@ -27,7 +27,7 @@ from typing import Any, final
 import array_api_extra as xpx
 
 from .. import _xp
-from .._state import check_picklable_function
+from .._state import check_picklable_function, fingerprint
 from .._xp import Array, Namespace
 from ..types import Batch, GradientProvider
 
@@ -62,6 +62,13 @@ class _ArrayParams(GradientProvider):
         self._params: OrderedDict[str, Array] = OrderedDict(params)
         self._dtype = dtype
         self._device = _xp.device_of(arrays[0])
+
+    def _used_params(self) -> Mapping[str, Array]:
+        """The arrays the derivatives read (mutable for most namespaces)."""
+        return self._params
+
+    def parameter_fingerprint(self) -> str:
+        return fingerprint(self._used_params().items())
 
     @property
     def xp(self) -> Namespace:
@@ -369,6 +376,9 @@ class FiniteDifferenceGradients(_ArrayParams):
     def __getstate__(self) -> dict[str, Any]:
         check_picklable_function(self.loss_fn, "loss_fn")
         return super().__getstate__()
+
+    def _used_params(self) -> Mapping[str, Array]:
+        return self._unflatten(self._theta)  # a copy made at construction
 
     def check_input_shape(self, batch: Batch) -> None:
         if self.input_shape is not None and tuple(batch.x.shape[1:]) != self.input_shape:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import _xp
-from .._state import check_picklable_function
+from .._state import check_picklable_function, fingerprint
 from .._xp import Namespace
 from ..types import Batch, GradientProvider
 from . import _torch_linear as _lin
@@ -217,6 +217,20 @@ class TorchGradientProvider(GradientProvider):
         first = next(iter(self._trainable.values()))
         self._xp_ns, self._dtype, self._device = _xp.namespace(first), first.dtype, first.device
         self._set_active(active)
+
+    def parameter_version(self) -> tuple[int, ...]:
+        """Version counters of the parameters and buffers (in-place updates bump them)."""
+        return tuple(t._version for t in self._trainable.values()) + tuple(
+            t._version for t in self._constants.values()
+        )
+
+    def parameter_fingerprint(self) -> str:
+        """SHA-256 of the trainable parameters, then the frozen ones and buffers."""
+        tensors = [*self._trainable.items(), *sorted(self._constants.items())]
+        return fingerprint(
+            (f"{n}|{tuple(t.shape)}|{t.dtype}", t.detach().reshape(-1).view(torch.uint8))
+            for n, t in tensors
+        )
 
     def _set_active(self, names: tuple[str, ...]) -> None:
         self._names = names
@@ -570,9 +584,7 @@ class TorchGradientProvider(GradientProvider):
         x, y = batch.x, batch.y
         if layout is None or layout.factor_elements(x.shape[0]) > _lin.FACTOR_ELEMENTS:
             return None
-        versions = tuple(t._version for t in self._trainable.values()) + tuple(
-            t._version for t in self._constants.values()
-        )
+        versions = self.parameter_version()
         hit = self._factor_cache.get(id(x))
         if hit is not None and hit[0]() is not x:
             hit = None
