@@ -234,3 +234,166 @@ def test_jax_lambda_apply_fn_names_the_fix(backend_name):
     back = pickle.loads(cloudpickle.dumps(gp))
     batch = gp.prepare_batch(xi.Batch(x, y))
     assert _same(back.flat_grads(batch), gp.flat_grads(batch))
+
+
+# -- save / load without pickle, in a fresh process ------------------------------
+
+SAVED = ["direct", "direct-blocks", "arnoldi", "nystroem", "ekfac", "datainf", "cg", "lissa"]
+
+_CHILD = """
+import sys
+import numpy as np
+import xinfluence as xi
+from xinfluence._xp import from_numpy, to_numpy
+from xinfluence.backends.numpy import SoftmaxRegressionGradients
+
+backend, folder, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+if backend == "numpy":
+    import array_api_compat.numpy as xp
+elif backend == "array_api_strict":
+    import array_api_strict as xp
+elif backend == "torch":
+    import torch
+    torch.set_num_threads(1)
+    import array_api_compat.torch as xp
+elif backend == "jax":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as xp
+inputs = np.load(folder + "/inputs.npz")
+def conv(a):
+    a = inputs[a]
+    return from_numpy(a, dtype=xp.int64 if a.dtype.kind == "i" else xp.float64, device=None, xp=xp)
+gp = SoftmaxRegressionGradients(conv("w"), conv("b"))
+x, y = conv("x"), conv("y")
+for name in names:
+    infl = xi.load(folder + "/" + name + ".npz", gp)
+    np.save(folder + "/" + name + ".out.npy", to_numpy(infl.influences(x[:4, ...], y[:4], x, y)))
+"""
+
+
+def test_saved_models_reload_bit_for_bit_in_a_fresh_process(
+    xp, to_xp, backend_name, device, tmp_path
+):
+    import subprocess
+    import sys
+
+    if device is not None:
+        pytest.skip("the child process uses the default device")
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(3, 4)), rng.normal(size=3)
+    x_np, y_np = rng.normal(size=(37, 4)), rng.integers(0, 3, size=37)
+    np.savez(tmp_path / "inputs.npz", w=w, b=b, x=x_np, y=y_np)
+    gp = SoftmaxRegressionGradients(to_xp(w), to_xp(b))
+    x, y = to_xp(x_np), to_xp(y_np)
+    expected = {}
+    for name in SAVED:
+        infl = MODELS[name](gp).fit(_batches(x, y))
+        expected[name] = to_numpy(infl.influences(x[:4, ...], y[:4], x, y))
+        infl.save(tmp_path / f"{name}.npz")
+        with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as archive:
+            assert "__metadata__" in archive.files  # readable without pickle
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    run = subprocess.run(
+        [sys.executable, str(script), backend_name, str(tmp_path), ",".join(SAVED)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in SAVED:
+        got = np.load(tmp_path / f"{name}.out.npy")
+        assert np.array_equal(got, expected[name]), name
+
+
+def test_load_checks_the_provider(xp, to_xp, tmp_path):
+    gp, x, y = _softmax_problem(to_xp)
+    infl = xi.DirectInfluence(gp, regularization=1e-3, block_structure="parameter").fit((x, y))
+    path = tmp_path / "direct.npz"
+    infl.save(path)
+    rng = np.random.default_rng(5)
+    other = SoftmaxRegressionGradients(to_xp(rng.normal(size=(3, 4))), to_xp(rng.normal(size=3)))
+    with pytest.raises(xi.StaleFitError, match="differ from those the saved model was fitted on"):
+        xi.load(path, other)
+    with pytest.warns(UserWarning, match="differ"):
+        xi.DirectInfluence.load(path, other, on_mismatch="warn")
+    narrow = SoftmaxRegressionGradients(to_xp(rng.normal(size=(3, 5))), to_xp(rng.normal(size=3)))
+    with pytest.raises(ValueError, match=r"weight: saved \(3, 4\), provider \(3, 5\)"):
+        xi.load(path, narrow)
+    no_bias = SoftmaxRegressionGradients(to_xp(rng.normal(size=(3, 4))))
+    xi.DirectInfluence(no_bias, regularization=1e-3).fit((x, y)).save(tmp_path / "nb.npz")
+    with pytest.raises(ValueError, match="bias: not in the file"):
+        xi.load(tmp_path / "nb.npz", gp)
+    with pytest.raises(TypeError, match="holds a DirectInfluence, not a CgInfluence"):
+        xi.CgInfluence.load(path, gp)
+    loaded = xi.DirectInfluence.load(path, gp)
+    assert _same(
+        loaded.influences(x[:4, ...], y[:4], x, y), infl.influences(x[:4, ...], y[:4], x, y)
+    )
+    assert loaded.regularization == infl.regularization
+    # a loaded Direct model changes its damping without data
+    assert _same(
+        loaded.with_regularization(1e-2).influences(x[:4, ...], y[:4], x, y),
+        infl.with_regularization(1e-2).influences(x[:4, ...], y[:4], x, y),
+    )
+    with pytest.raises(xi.NotFittedError):
+        xi.DirectInfluence(gp).save(tmp_path / "nothing.npz")
+
+
+_TORCH_CHILD = """
+import sys
+import numpy as np
+import torch
+import xinfluence as xi
+from xinfluence.backends.torch import TorchGradientProvider
+
+torch.set_num_threads(1)
+folder, names = sys.argv[1], sys.argv[2].split(",")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+data = np.load(folder + "/data.npz")
+x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+for name in names:
+    infl = xi.load(folder + "/" + name + ".npz", gp)
+    np.save(folder + "/" + name + ".out.npy", infl.influences(x[:4], y[:4], x, y).numpy())
+"""
+
+TORCH_SAVED = {
+    "direct": lambda gp: xi.DirectInfluence(gp, regularization=1.0, block_structure="layer"),
+    "arnoldi": lambda gp: xi.ArnoldiInfluence(gp, regularization=1.0, rank=6),
+    "nystroem": lambda gp: xi.NystroemSketchInfluence(
+        gp, regularization=1e-2, rank=6, second_order="empirical_fisher"
+    ),
+    "ekfac": lambda gp: xi.EkfacInfluence(gp, regularization=1e-2),
+    "datainf": lambda gp: xi.InverseHarmonicMeanInfluence(gp, regularization=1e-2),
+}
+
+
+def test_torch_models_reload_bit_for_bit_in_a_fresh_process(backend_name, tmp_path):
+    _only_on(backend_name, "torch")
+    import subprocess
+    import sys
+
+    torch, model, x, y = _torch_problem()
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    np.savez(tmp_path / "data.npz", x=x.numpy(), y=y.numpy())
+    gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+    expected = {}
+    for name, make in TORCH_SAVED.items():
+        infl = make(gp).fit(_batches(x, y, (11, 18)))
+        expected[name] = infl.influences(x[:4], y[:4], x, y).numpy()
+        infl.save(tmp_path / f"{name}.npz")
+    script = tmp_path / "child.py"
+    script.write_text(_TORCH_CHILD)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), ",".join(TORCH_SAVED)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in TORCH_SAVED:
+        assert np.array_equal(np.load(tmp_path / f"{name}.out.npy"), expected[name]), name

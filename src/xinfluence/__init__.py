@@ -43,6 +43,13 @@ from .types import (
 
 __version__ = "0.1.0"
 
+
+def load(path: str, gradient_provider: GradientProvider, /, *, on_mismatch: str = "raise"):
+    """Read any influence model written by ``model.save(path)``, for ``gradient_provider``;
+    see :meth:`ComposableInfluence.load`."""
+    return ComposableInfluence.load(path, gradient_provider, on_mismatch=on_mismatch)
+
+
 __all__ = [
     "ArnoldiInfluence",
     "EkfacInfluence",
@@ -69,6 +76,7 @@ __all__ = [
     "OperatorGradientComposition",
     "StaleFitError",
     "XinfluenceError",
+    "load",
     "memory_budget",
     "memory_budget_scope",
     "set_memory_budget",

@@ -16,6 +16,7 @@ regularization,
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -288,6 +289,56 @@ class ComposableInfluence(PicklableState, ABC):
     ) -> Array:
         """Sum of :meth:`influences_from_factors_by_block` over the blocks."""
         return _sum(self.influences_from_factors_by_block(factors, x, y, mode))
+
+    # -- saving ----------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted state to ``path`` as one ``.npz`` file, without pickle.
+
+        Saved: the options, blocks and regularizations, the parameter names,
+        shapes, dtype and a SHA-256 fingerprint of their values, and each block's
+        operator: the dense curvature and its Cholesky factor (Direct),
+        eigenpairs (Arnoldi, Nyström), Kronecker bases and eigenvalues (EK-FAC).
+        Models that solve at query time from the training data (CG, LiSSA,
+        DataInf) save that data (the prepared batches), so the file holds the
+        training set. Load with :meth:`load` or :func:`xinfluence.load`.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            StaleFitError: the parameters changed since ``fit``.
+        """
+        from . import _io
+
+        _io.save(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        on_mismatch: str = "raise",
+    ) -> ComposableInfluence:
+        """Read a model written by :meth:`save`, for ``gradient_provider`` (the model
+        with the parameters it was fitted on). It answers queries as the saved
+        model did, bit for bit on the same backend and device.
+
+        Args:
+            path: the file written by :meth:`save`.
+            gradient_provider: a provider of the same parameters (names, shapes,
+                dtype) as the saved one.
+            on_mismatch: what to do when the parameter values differ from the
+                saved fingerprint: ``"raise"`` (default), ``"warn"`` or ``"ignore"``.
+
+        Raises:
+            ValueError: not a saved model, or parameter names, shapes or dtype differ.
+            TypeError: the file holds another model class than ``cls``.
+            StaleFitError: the parameter values differ (``on_mismatch="raise"``).
+        """
+        from . import _io
+
+        expected = None if cls is ComposableInfluence else cls
+        return _io.load(path, gradient_provider, expected=expected, on_mismatch=on_mismatch)
 
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "not fitted"
