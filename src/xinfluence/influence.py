@@ -22,12 +22,14 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, final
 
+import numpy as np
+
 from . import _xp
 from ._state import PicklableState
 from ._xp import Array
 from .blocks import resolve_block_structure, resolve_regularization
 from .curvature import Curvature, Dataset, make_curvature
-from .errors import NotFittedError, StaleFitError
+from .errors import NonFiniteError, NotFittedError, StaleFitError
 from .linalg import lanczos, nystroem
 from .linalg.cg import OnFailure
 from .operators import (
@@ -158,7 +160,11 @@ class ComposableInfluence(PicklableState, ABC):
         """Fit the curvature on ``data``: a Batch, an ``(x, y)`` pair, or an iterable
         of those (a torch DataLoader, say). Averages are over samples."""
         dataset = Dataset(iter_batches(data), self.gradient_provider)
-        if dataset.n_samples == 0:
+        n = 0
+        for batch in dataset:  # NaN losses would give finite but meaningless curvatures
+            self._check_losses(batch, "the training data passed to fit", offset=n)
+            n += len(batch)
+        if n == 0:
             raise ValueError("cannot fit on an empty dataset")
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for block, names in self.blocks.items():
@@ -208,13 +214,38 @@ class ComposableInfluence(PicklableState, ABC):
     def _batch(self, x: Any, y: Any, what: str) -> Batch:
         if x is None or y is None:
             raise ValueError(f"{what}: x and y must be given together")
-        return self.gradient_provider.prepare_batch(Batch(x, y))
+        batch = self.gradient_provider.prepare_batch(Batch(x, y))
+        self._check_losses(batch, what)
+        return batch
+
+    def _check_losses(self, batch: Batch, what: str, *, offset: int = 0) -> None:
+        """:class:`NonFiniteError` naming the samples whose loss is NaN or inf."""
+        gp = self.gradient_provider
+        losses = gp.per_sample_losses(batch)
+        if losses is None or not _xp.any_nonfinite(losses, xp=gp.xp):
+            return
+        bad = np.flatnonzero(~np.isfinite(_xp.to_numpy(losses))) + offset
+        raise NonFiniteError(
+            f"{what}: the loss is NaN or inf at sample(s) {_indices(bad)} (a class label "
+            "out of range for the model's outputs, say, or an input the model cannot take); "
+            "their gradients (and a curvature fitted on them) would be meaningless. Fix or drop "
+            "those samples"
+        )
 
     def _finite(self, results: OrderedDict[str, Array], what: str) -> OrderedDict[str, Array]:
         xp = self.gradient_provider.xp
         for block, value in results.items():
-            _xp.check_finite(
-                value, xp=xp, what=f"{what} of block {block!r} (gradients or curvature gave NaN)"
+            if not _xp.any_nonfinite(value, xp=xp):
+                continue
+            bad = ~np.isfinite(_xp.to_numpy(value))
+            rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+            where = f"first-argument sample(s) {_indices(rows)}"
+            if what == "influences" and bad.ndim >= 2:
+                cols = np.flatnonzero(bad.reshape(*bad.shape[:2], -1).any(axis=(0, 2)))
+                where = f"test point(s) {_indices(rows)} and training point(s) {_indices(cols)}"
+            raise NonFiniteError(
+                f"{what} of block {block!r} contain NaN or inf at {where}: their gradients "
+                "or the fitted curvature are not finite"
             )
         return results
 
@@ -346,6 +377,11 @@ class ComposableInfluence(PicklableState, ABC):
             f"{type(self).__name__}(blocks={list(self.blocks)}, "
             f"second_order={self.second_order!r}, {state})"
         )
+
+
+def _indices(idx: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    return f"[{shown}{', ...' if len(idx) > limit else ''}] ({len(idx)} in all)"
 
 
 def _sum(by_block: OrderedDict[str, Array]) -> Array:

@@ -140,6 +140,11 @@ class _Model(PicklableState):
         if not flat:
             raise ValueError("params has no array leaves")
         keys = [_path_keys(path) for path, _ in flat]
+        # flax nnx Variables flatten to ``.../<param>/value``: the layer is two keys up
+        self.wrapped = tuple(
+            bool(path) and isinstance(path[-1], GetAttrKey) and path[-1].name == "value"
+            for path, _ in flat
+        )
         names = ["/".join(k) if k else "root" for k in keys]
         if len(set(names)) != len(names):
             raise ValueError(f"parameter paths joined with '/' are not unique: {names}")
@@ -475,11 +480,14 @@ class JaxGradientProvider(GradientProvider):
         return out
 
     def layer_groups(self) -> OrderedDict[str, list[str]]:
-        """Leaves grouped by their key path without the last key (root leaves: ``"root"``)."""
+        """Leaves grouped by their key path without the last key (root leaves:
+        ``"root"``): ``Dense_0`` for flax linen's ``Dense_0/kernel``, ``layers/0``
+        for equinox's ``layers/0/weight``; the ``value`` attribute of a flax nnx
+        Variable is not a level (``l1/kernel/value`` is in layer ``l1``)."""
         m = self._model
         groups: OrderedDict[str, list[str]] = OrderedDict()
         for i in self._active:
-            keys = m.keys[i]
+            keys = m.keys[i][:-1] if m.wrapped[i] else m.keys[i]
             layer = "/".join(keys[:-1]) if len(keys) > 1 else "root"
             groups.setdefault(layer, []).append(m.names[i])
         return groups
@@ -576,6 +584,9 @@ class JaxGradientProvider(GradientProvider):
     def losses(self, batch: Batch) -> Array:
         """Per-sample losses ``(N,)``."""
         return self._jit_losses(self._theta, self._fixed, batch.x, batch.y)
+
+    def per_sample_losses(self, batch: Batch) -> Array:
+        return self.losses(batch)
 
     def flat_grads(self, batch: Batch) -> Array:
         return self._jit_grads(self._theta, self._fixed, batch.x, batch.y)

@@ -144,6 +144,9 @@ class _GeneralizedLinearModel(_ArrayParams):
         batch = self.prepare_batch(batch)
         return self._loss(self._z(batch.x), batch.y)
 
+    def per_sample_losses(self, batch: Batch) -> Array:
+        return self._loss(self._z(batch.x), batch.y)
+
     def _split(self, v: Array) -> tuple[Array, Array | None]:
         """Rows of flat vectors ``(K, P)`` -> ``(K, O, I)`` and ``(K, O)`` (or None)."""
         xp = self.xp
@@ -379,6 +382,9 @@ class FiniteDifferenceGradients(_ArrayParams):
 
     def _used_params(self) -> Mapping[str, Array]:
         return self._unflatten(self._theta)  # a copy made at construction
+
+    def per_sample_losses(self, batch: Batch) -> Array:
+        return self._losses(self._theta, batch.x, batch.y)
 
     def check_input_shape(self, batch: Batch) -> None:
         if self.input_shape is not None and tuple(batch.x.shape[1:]) != self.input_shape:

@@ -232,6 +232,10 @@ class TorchGradientProvider(GradientProvider):
             for n, t in tensors
         )
 
+    def per_sample_losses(self, batch: Batch) -> Tensor:
+        with torch.no_grad():
+            return self._losses(self._active, batch.x, batch.y)
+
     def _set_active(self, names: tuple[str, ...]) -> None:
         self._names = names
         active = set(names)
