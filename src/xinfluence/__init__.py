@@ -17,6 +17,7 @@ from .errors import (
     NotConvergedWarning,
     NotFittedError,
     NotPositiveDefiniteError,
+    StaleFitError,
     XinfluenceError,
 )
 from .influence import (
@@ -42,6 +43,13 @@ from .types import (
 
 __version__ = "0.1.0"
 
+
+def load(path: str, gradient_provider: GradientProvider, /, *, on_mismatch: str = "raise"):
+    """Read any influence model written by ``model.save(path)``, for ``gradient_provider``;
+    see :meth:`ComposableInfluence.load`."""
+    return ComposableInfluence.load(path, gradient_provider, on_mismatch=on_mismatch)
+
+
 __all__ = [
     "ArnoldiInfluence",
     "EkfacInfluence",
@@ -66,7 +74,9 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Operator",
     "OperatorGradientComposition",
+    "StaleFitError",
     "XinfluenceError",
+    "load",
     "memory_budget",
     "memory_budget_scope",
     "set_memory_budget",

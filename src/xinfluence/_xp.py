@@ -9,7 +9,8 @@ namespace keyword-only, and return arrays of the namespace they were given.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
@@ -25,6 +26,9 @@ __all__ = [
     "Namespace",
     "namespace",
     "namespace_name",
+    "namespace_from_name",
+    "portable_state",
+    "restore_state",
     "same_namespace",
     "compiles_per_shape",
     "check_namespace",
@@ -63,6 +67,81 @@ def namespace_name(xp: Namespace) -> str:
         if check(xp):
             return name
     return getattr(xp, "__name__", repr(xp))
+
+
+# The module that :func:`namespace` returns for each library, by short name.
+_NAMESPACE_MODULES = {
+    "numpy": "array_api_compat.numpy",
+    "cupy": "array_api_compat.cupy",
+    "torch": "array_api_compat.torch",
+    "jax": "jax.numpy",
+    "dask": "array_api_compat.dask.array",
+    "array_api_strict": "array_api_strict",
+}
+
+
+def namespace_from_name(name: str) -> Namespace:
+    """The namespace :func:`namespace` gives for arrays of library ``name``
+    (a :func:`namespace_name`): lets pickles store the namespace, a module, by name."""
+    try:
+        module = _NAMESPACE_MODULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown array namespace {name!r}; expected one of {sorted(_NAMESPACE_MODULES)}"
+        ) from None
+    return importlib.import_module(module)
+
+
+class _NamespaceRef(NamedTuple):
+    """A namespace stored by name in a pickle."""
+
+    name: str
+
+
+class _JaxDeviceRef(NamedTuple):
+    """A jax device (not picklable) stored by platform and id."""
+
+    platform: str
+    id: int
+
+
+def _is_namespace(value: Any) -> bool:
+    return (
+        type(value).__name__ == "module"
+        and namespace_name(value) in _NAMESPACE_MODULES
+        and namespace_from_name(namespace_name(value)) is value
+    )
+
+
+def portable_state(state: dict[str, Any], /) -> dict[str, Any]:
+    """Copy of an object's ``__dict__`` for pickling: array namespaces (modules) and
+    jax devices, which cannot be pickled, become references by name."""
+    out = dict(state)
+    for key, value in state.items():
+        if _is_namespace(value):
+            out[key] = _NamespaceRef(namespace_name(value))
+        elif type(value).__module__.startswith("jaxlib") and type(value).__name__ == "Device":
+            out[key] = _JaxDeviceRef(str(value.platform), int(value.id))
+    return out
+
+
+def restore_state(state: dict[str, Any], /) -> dict[str, Any]:
+    """Inverse of :func:`portable_state`. A jax device that this process lacks
+    becomes the default device (where jax puts unpickled arrays)."""
+    out = dict(state)
+    for key, value in state.items():
+        if isinstance(value, _NamespaceRef):
+            out[key] = namespace_from_name(value.name)
+        elif isinstance(value, _JaxDeviceRef):
+            import jax
+
+            try:
+                candidates = jax.devices(value.platform)
+            except RuntimeError:  # no such backend here
+                candidates = []
+            match = [d for d in candidates if d.id == value.id]
+            out[key] = match[0] if match else jax.devices()[0]
+    return out
 
 
 def compiles_per_shape(xp: Namespace) -> bool:

@@ -8,16 +8,22 @@ block-diagonal, and influences are sums of per-block influences.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
+import numpy as np
+
 from ._xp import Array, Namespace
 from .types import Batch, GradientProvider
 
-__all__ = ["SubsetGradients", "resolve_block_structure", "resolve_regularization"]
+__all__ = ["IGNORE", "SubsetGradients", "resolve_block_structure", "resolve_regularization"]
 
 BLOCK_STRUCTURES = ("full", "layer", "parameter")
+#: Block name of a ``block_structure`` dict whose parameters are left out of the
+#: curvature and of the influences (held fixed), on purpose.
+IGNORE = "ignore"
 
 
 def resolve_block_structure(
@@ -25,7 +31,16 @@ def resolve_block_structure(
 ) -> OrderedDict[str, tuple[str, ...]]:
     """``"full"`` (one block named ``"full"``), ``"layer"``, ``"parameter"`` or a
     dict ``block name -> parameter names``, as an ordered dict of parameter tuples
-    (each in the provider's parameter order)."""
+    (each in the provider's parameter order).
+
+    A dict must place every parameter of the provider in exactly one block; the
+    parameters listed under the block ``"ignore"`` are left out of the curvature
+    and of the influences (as if frozen).
+
+    Raises:
+        ValueError: an unknown structure or parameter, a parameter in no block or
+            in two, a block without parameters.
+    """
     names = gp.parameter_names
     if isinstance(block_structure, str):
         if block_structure == "full":
@@ -62,19 +77,51 @@ def resolve_block_structure(
                     f"parameters are {list(names)}"
                 )
             if m in seen:
-                raise ValueError(f"parameter {m!r} is in two blocks: {seen[m]!r} and {block!r}")
+                where = f"twice in block {block!r}" if seen[m] == block else "in two blocks"
+                raise ValueError(
+                    f"parameter {m!r} is {where}: {seen[m]!r} and {block!r}; every parameter "
+                    "must be in exactly one block"
+                )
             seen[m] = block
-        out[block] = tuple(n for n in names if n in set(members))
+        if block != IGNORE:
+            out[block] = tuple(n for n in names if n in set(members))
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(
+            f"block_structure leaves out the parameters {missing}: every trainable parameter "
+            f"must be in exactly one block. To leave parameters out of the curvature and the "
+            f"influences on purpose, list them under the block {IGNORE!r}"
+        )
+    if not out:
+        raise ValueError(f"block_structure puts every parameter in {IGNORE!r}: nothing is left")
     return out
 
 
 def _check_reg(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"regularization{where} must be a float >= 0, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"regularization{where} must be a finite float >= 0, got {value!r}")
-    return value
+    """Any real scalar >= 0: a Python or numpy number, or a 0-d array of any namespace."""
+    expected = f"regularization{where} must be a finite float >= 0"
+    dtype = str(getattr(value, "dtype", ""))  # numpy scalars, arrays of any namespace
+    if isinstance(value, (bool, np.bool_)) or "bool" in dtype:
+        raise TypeError(f"{expected}, got the boolean {value!r}")
+    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        raise TypeError(f"{expected}, got the complex number {value!r}")
+    if not isinstance(value, numbers.Real):
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            raise TypeError(f"{expected} (a Python or numpy number, or a 0-d array), got {value!r}")
+        if tuple(shape) != ():
+            raise TypeError(f"{expected}, got an array of shape {tuple(shape)}; pass a scalar")
+        if "complex" in dtype:
+            raise TypeError(f"{expected}, got a complex array {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{expected}, got {value!r}") from exc
+    if math.isnan(number):
+        raise ValueError(f"{expected}, got NaN")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{expected}, got {number!r}")
+    return number
 
 
 def resolve_regularization(
@@ -132,6 +179,15 @@ class SubsetGradients(GradientProvider):
     def parameter_shapes(self) -> OrderedDict[str, tuple[int, ...]]:
         shapes = self.base.parameter_shapes
         return OrderedDict((n, shapes[n]) for n in self._names)
+
+    def parameter_fingerprint(self) -> str | None:
+        return self.base.parameter_fingerprint()
+
+    def per_sample_losses(self, batch: Batch) -> Array | None:
+        return self.base.per_sample_losses(batch)
+
+    def parameter_version(self) -> Any:
+        return self.base.parameter_version()
 
     def restrict(self, names: Sequence[str]) -> SubsetGradients:
         unknown = [n for n in names if n not in self._names]

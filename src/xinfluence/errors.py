@@ -13,6 +13,7 @@ __all__ = [
     "DivergenceError",
     "user_stacklevel",
     "warn",
+    "StaleFitError",
 ]
 
 
@@ -42,6 +43,11 @@ class NotConvergedError(XinfluenceError, RuntimeError):
 
 class DivergenceError(XinfluenceError, FloatingPointError):
     """An iteration diverged (for example LiSSA with too small a scale)."""
+
+
+class StaleFitError(XinfluenceError, RuntimeError):
+    """The model's parameters changed after ``fit`` (an optimizer step, say): the
+    fitted curvature no longer belongs to them. Refit."""
 
 
 class NotConvergedWarning(UserWarning):

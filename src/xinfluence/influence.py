@@ -16,16 +16,20 @@ regularization,
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, final
+from typing import Any, TypeVar, final
+
+import numpy as np
 
 from . import _xp
+from ._state import PicklableState
 from ._xp import Array
 from .blocks import resolve_block_structure, resolve_regularization
 from .curvature import Curvature, Dataset, make_curvature
-from .errors import NotFittedError
+from .errors import NonFiniteError, NotFittedError, StaleFitError
 from .linalg import lanczos, nystroem
 from .linalg.cg import OnFailure
 from .operators import (
@@ -64,18 +68,58 @@ __all__ = [
 
 BlockStructure = str | Mapping[str, Sequence[str]]
 Regularization = float | Mapping[str, float]
+_M = TypeVar("_M", bound="ComposableInfluence")
 
 
-class ComposableInfluence(ABC):
+class ComposableInfluence(PicklableState, ABC):
     """An influence model assembled from per-block operator-gradient compositions.
 
     Subclasses say how to build the operator of one block in
     :meth:`_create_operator`; everything else (data handling, blocks, modes,
     validation) lives here.
+
+    The parameters are frozen at ``fit``: a query after they changed (an
+    optimizer step, ``load_state_dict``) raises
+    :class:`~xinfluence.errors.StaleFitError`. Fitted models pickle and
+    deep-copy; :meth:`save` and :meth:`load` write and read the fitted state
+    without pickle.
     """
 
     # whether second_order matters (IdentityInfluence has no curvature)
     _uses_curvature = True
+    _init_kwargs: dict[str, Any]
+    _fit_version: Any
+
+    def __new__(cls: type[_M], *args: Any, **kwargs: Any) -> _M:
+        # the keyword options, for save(): load() calls the constructor with them
+        self = super().__new__(cls)
+        self._init_kwargs = dict(kwargs)
+        return self
+
+    # Setting the fitted mapper (in fit, or a subclass's fit) records the
+    # parameters' version, which every query compares.
+    @property
+    def _mapper(self) -> BlockMapper | None:
+        return self.__dict__.get("_fitted")
+
+    @_mapper.setter
+    def _mapper(self, mapper: BlockMapper | None) -> None:
+        self._fitted = mapper
+        self._fit_version = None if mapper is None else self.gradient_provider.parameter_version()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._mapper is not None:  # torch version counters restart in a copy
+            self._fit_version = self.gradient_provider.parameter_version()
+
+    def _check_fresh(self) -> None:
+        if self.gradient_provider.parameter_version() != self._fit_version:
+            raise StaleFitError(
+                f"the model's parameters changed after {type(self).__name__}.fit (an optimizer "
+                "step or load_state_dict, say): the fitted curvature belongs to the old "
+                "parameters and the gradients would come from the new ones. Call fit(data) "
+                "again (or build the provider from a copy of the model to keep training it)"
+            )
 
     def __init__(
         self,
@@ -106,7 +150,7 @@ class ComposableInfluence(ABC):
         self.blocks = resolve_block_structure(gradient_provider, block_structure)
         self.regularization = resolve_regularization(regularization, self.blocks)
         self.second_order = second_order
-        self._mapper: BlockMapper | None = None
+        self._mapper = None
         self._data: Dataset | None = None
 
     # -- fitting -----------------------------------------------------------
@@ -124,7 +168,11 @@ class ComposableInfluence(ABC):
         """Fit the curvature on ``data``: a Batch, an ``(x, y)`` pair, or an iterable
         of those (a torch DataLoader, say). Averages are over samples."""
         dataset = Dataset(iter_batches(data), self.gradient_provider)
-        if dataset.n_samples == 0:
+        n = 0
+        for batch in dataset:  # NaN losses would give finite but meaningless curvatures
+            self._check_losses(batch, "the training data passed to fit", offset=n)
+            n += len(batch)
+        if n == 0:
             raise ValueError("cannot fit on an empty dataset")
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for block, names in self.blocks.items():
@@ -146,12 +194,17 @@ class ComposableInfluence(ABC):
         over the data, the others are rebuilt from the fitted data."""
         new = resolve_regularization(regularization, self.blocks)
         if self._mapper is not None:
-            assert self._data is not None
+            self._check_fresh()
             for block, comp in self._mapper.composable_block_dict.items():
                 if new[block] == self.regularization[block]:
                     continue
                 op = comp.op.with_regularization(new[block])
                 if op is None:
+                    if self._data is None:
+                        raise ValueError(
+                            f"block {block!r} needs the training data to change its "
+                            "regularization, and this model has none: fit it again"
+                        )
                     op = self._create_operator(
                         block, comp.gp, self._data.with_provider(comp.gp), new[block]
                     )
@@ -163,18 +216,44 @@ class ComposableInfluence(ABC):
     def _fitted_mapper(self) -> BlockMapper:
         if self._mapper is None:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(data) first")
+        self._check_fresh()
         return self._mapper
 
     def _batch(self, x: Any, y: Any, what: str) -> Batch:
         if x is None or y is None:
             raise ValueError(f"{what}: x and y must be given together")
-        return self.gradient_provider.prepare_batch(Batch(x, y))
+        batch = self.gradient_provider.prepare_batch(Batch(x, y))
+        self._check_losses(batch, what)
+        return batch
+
+    def _check_losses(self, batch: Batch, what: str, *, offset: int = 0) -> None:
+        """:class:`NonFiniteError` naming the samples whose loss is NaN or inf."""
+        gp = self.gradient_provider
+        losses = gp.per_sample_losses(batch)
+        if losses is None or not _xp.any_nonfinite(losses, xp=gp.xp):
+            return
+        bad = np.flatnonzero(~np.isfinite(_xp.to_numpy(losses))) + offset
+        raise NonFiniteError(
+            f"{what}: the loss is NaN or inf at sample(s) {_indices(bad)} (a class label "
+            "out of range for the model's outputs, say, or an input the model cannot take); "
+            "their gradients (and a curvature fitted on them) would be meaningless. Fix or drop "
+            "those samples"
+        )
 
     def _finite(self, results: OrderedDict[str, Array], what: str) -> OrderedDict[str, Array]:
         xp = self.gradient_provider.xp
         for block, value in results.items():
-            _xp.check_finite(
-                value, xp=xp, what=f"{what} of block {block!r} (gradients or curvature gave NaN)"
+            if not _xp.any_nonfinite(value, xp=xp):
+                continue
+            bad = ~np.isfinite(_xp.to_numpy(value))
+            rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
+            where = f"first-argument sample(s) {_indices(rows)}"
+            if what == "influences" and bad.ndim >= 2:
+                cols = np.flatnonzero(bad.reshape(*bad.shape[:2], -1).any(axis=(0, 2)))
+                where = f"test point(s) {_indices(rows)} and training point(s) {_indices(cols)}"
+            raise NonFiniteError(
+                f"{what} of block {block!r} contain NaN or inf at {where}: their gradients "
+                "or the fitted curvature are not finite"
             )
         return results
 
@@ -250,12 +329,67 @@ class ComposableInfluence(ABC):
         """Sum of :meth:`influences_from_factors_by_block` over the blocks."""
         return _sum(self.influences_from_factors_by_block(factors, x, y, mode))
 
+    # -- saving ----------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted state to ``path`` as one ``.npz`` file, without pickle.
+
+        Saved: the options, blocks and regularizations, the parameter names,
+        shapes, dtype and a SHA-256 fingerprint of their values, and each block's
+        operator: the dense curvature and its Cholesky factor (Direct),
+        eigenpairs (Arnoldi, Nyström), Kronecker bases and eigenvalues (EK-FAC).
+        Models that solve at query time from the training data (CG, LiSSA,
+        DataInf) save that data (the prepared batches), so the file holds the
+        training set. Load with :meth:`load` or :func:`xinfluence.load`.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            StaleFitError: the parameters changed since ``fit``.
+        """
+        from . import _io
+
+        _io.save(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        on_mismatch: str = "raise",
+    ) -> ComposableInfluence:
+        """Read a model written by :meth:`save`, for ``gradient_provider`` (the model
+        with the parameters it was fitted on). It answers queries as the saved
+        model did, bit for bit on the same backend and device.
+
+        Args:
+            path: the file written by :meth:`save`.
+            gradient_provider: a provider of the same parameters (names, shapes,
+                dtype) as the saved one.
+            on_mismatch: what to do when the parameter values differ from the
+                saved fingerprint: ``"raise"`` (default), ``"warn"`` or ``"ignore"``.
+
+        Raises:
+            ValueError: not a saved model, or parameter names, shapes or dtype differ.
+            TypeError: the file holds another model class than ``cls``.
+            StaleFitError: the parameter values differ (``on_mismatch="raise"``).
+        """
+        from . import _io
+
+        expected = None if cls is ComposableInfluence else cls
+        return _io.load(path, gradient_provider, expected=expected, on_mismatch=on_mismatch)
+
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "not fitted"
         return (
             f"{type(self).__name__}(blocks={list(self.blocks)}, "
             f"second_order={self.second_order!r}, {state})"
         )
+
+
+def _indices(idx: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    return f"[{shown}{', ...' if len(idx) > limit else ''}] ({len(idx)} in all)"
 
 
 def _sum(by_block: OrderedDict[str, Array]) -> Array:

@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from . import _xp
+from ._state import PicklableState
 from ._xp import Array, Namespace
 
 __all__ = [
@@ -66,6 +67,8 @@ class Batch:
     y: Array
 
     def __post_init__(self) -> None:
+        if isinstance(self.y, (list, tuple)):  # targets typed in by hand
+            object.__setattr__(self, "y", _targets_like(self.x, self.y))
         nx, ny = _length(self.x, "x"), _length(self.y, "y")
         if nx != ny:
             raise ValueError(
@@ -74,6 +77,25 @@ class Batch:
 
     def __len__(self) -> int:
         return _length(self.x, "x")
+
+
+def _targets_like(x: Array, y: Sequence[Any]) -> Array:
+    """A list or tuple of targets as an array of ``x``'s namespace and device:
+    int64 for integers (class labels), float64 for real numbers."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"expected x to be an array, got {type(x).__name__}")
+    import numpy as np
+
+    host = np.asarray(y)
+    kinds = {"i": "int64", "u": "int64", "b": "bool", "f": "float64"}
+    if host.dtype.kind not in kinds:
+        raise TypeError(
+            f"expected y as an array, or a list of numbers (class labels or real targets), "
+            f"got a list of {host.dtype}"
+        )
+    xp = _xp.namespace(x)
+    dtype = getattr(xp, kinds[host.dtype.kind])
+    return _xp.from_numpy(host, dtype=dtype, device=_xp.device_of(x), xp=xp)
 
 
 def _length(a: Array, name: str) -> int:
@@ -86,13 +108,16 @@ def _length(a: Array, name: str) -> int:
     return int(n)
 
 
-class GradientProvider(ABC):
+class GradientProvider(PicklableState, ABC):
     """Per-sample derivatives of the per-sample loss ``l(theta; x_i, y_i)``.
 
     A provider holds the model parameters ``theta`` (a flat vector of ``P``
     entries, the parameters' flattenings concatenated in :attr:`parameter_names`
     order) and computes derivatives for one :class:`Batch` at a time. Results
     are arrays of the parameters' namespace, dtype and device.
+
+    Providers pickle and deep-copy (the namespace is stored by name); user
+    functions they hold must be module-level functions for the standard pickler.
     """
 
     # -- the model -------------------------------------------------------
@@ -142,6 +167,19 @@ class GradientProvider(ABC):
     @property
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(self.parameter_shapes)
+
+    def parameter_fingerprint(self) -> str | None:
+        """SHA-256 of the values the derivatives depend on (parameters, and buffers
+        where the model has them), or None where the provider cannot say. Saved
+        with a fitted model and checked on load."""
+        return None
+
+    def parameter_version(self) -> Any:
+        """A cheap token that changes whenever the parameters change: a fitted
+        model compares it at every query and raises
+        :class:`~xinfluence.errors.StaleFitError` on a change. Default: the
+        fingerprint (None: no check)."""
+        return self.parameter_fingerprint()
 
     @property
     def parameter_slices(self) -> OrderedDict[str, slice]:
@@ -253,6 +291,12 @@ class GradientProvider(ABC):
         the provider cannot give it cheaply (then a Hutchinson estimate is used)."""
         return None
 
+    def per_sample_losses(self, batch: Batch) -> Array | None:
+        """Per-sample losses ``(N,)`` of a prepared batch, or None where the provider
+        cannot give them. Fitted models check them for NaN and inf (a label out of
+        range, say) at ``fit`` and at every query."""
+        return None
+
     def prepare_products(self, batch: Batch) -> None:  # noqa: B027 (optional hook)
         """Hint: :meth:`hvp` will be called on this (prepared, kept) batch many
         times, e.g. by an iterative solver. A provider may precompute what makes
@@ -336,8 +380,10 @@ def contract(left: Array, right: Array, /, *, xp: Namespace) -> Array:
     return xp.reshape(left @ xp.matrix_transpose(flat), (left.shape[0], *lead))
 
 
-class Operator(ABC):
-    """A linear operator on parameter space, applied along the trailing dimension."""
+class Operator(PicklableState, ABC):
+    """A linear operator on parameter space, applied along the trailing dimension.
+
+    Operators pickle and deep-copy (a namespace they hold is stored by name)."""
 
     @property
     @abstractmethod
@@ -512,10 +558,14 @@ def iter_batches(data: Any) -> Iterable[Batch]:
 
 
 def _is_pair(obj: Any) -> bool:
+    """``(x, y)`` with array ``x`` and array, list or tuple ``y``."""
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        return False
+    x, y = obj
     return (
-        isinstance(obj, (tuple, list))
-        and len(obj) == 2
-        and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in obj)
+        hasattr(x, "shape")
+        and hasattr(x, "dtype")
+        and (hasattr(y, "shape") and hasattr(y, "dtype") or isinstance(y, (list, tuple)))
     )
 
 
@@ -535,8 +585,9 @@ class _BatchIterable:
                 yield Batch(item[0], item[1])
             else:
                 raise TypeError(
-                    f"expected every element to be a Batch or an (x, y) pair of arrays, "
-                    f"got {type(item)}"
+                    "expected the data to be a Batch, an (x, y) pair (x an array, y an array "
+                    f"or a list of targets), or an iterable of those; got an element of type "
+                    f"{type(item).__name__}"
                 )
         if empty:
             raise ValueError("the data holds no batches")

@@ -85,6 +85,7 @@ import jax.numpy as jnp
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from .. import _xp
+from .._state import PicklableState, check_picklable_function, fingerprint
 from .._xp import Array, Namespace
 from ..errors import user_stacklevel
 from ..types import Batch, GradientProvider
@@ -110,9 +111,19 @@ def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(_key_name(k) for k in path)
 
 
-class _Model:
+class _Model(PicklableState):
     """What every restriction of one provider shares: the function, the leaves,
     the names, the dense-layer declarations and the input-shape cache."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the user's functions must pickle by name; compiled functions are rebuilt
+        check_picklable_function(self.apply_fn, "apply_fn")
+        check_picklable_function(self.loss, "the loss")
+        for layer, (_, _, _, features) in self.dense.items():
+            check_picklable_function(features, f"the features function of layer {layer!r}")
+        state = super().__getstate__()
+        state.update(_kfac_fn=None, restricted={})
+        return state
 
     def __init__(
         self,
@@ -130,6 +141,11 @@ class _Model:
         if not flat:
             raise ValueError("params has no array leaves")
         keys = [_path_keys(path) for path, _ in flat]
+        # flax nnx Variables flatten to ``.../<param>/value``: the layer is two keys up
+        self.wrapped = tuple(
+            bool(path) and isinstance(path[-1], GetAttrKey) and path[-1].name == "value"
+            for path, _ in flat
+        )
         names = ["/".join(k) if k else "root" for k in keys]
         if len(set(names)) != len(names):
             raise ValueError(f"parameter paths joined with '/' are not unique: {names}")
@@ -329,6 +345,12 @@ class JaxGradientProvider(GradientProvider):
         )
         self._setup(model, tuple(range(len(model.names))))
 
+    def __getstate__(self) -> dict[str, Any]:  # the jitted functions are rebuilt on load
+        return {"_model": self._model, "_active": self._active}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["_model"], state["_active"])
+
     @classmethod
     def _restricted(cls, model: _Model, active: tuple[int, ...]) -> JaxGradientProvider:
         self = cls.__new__(cls)
@@ -429,6 +451,15 @@ class JaxGradientProvider(GradientProvider):
         m = self._model
         return OrderedDict((m.names[i], m.shapes[i]) for i in self._active)
 
+    def parameter_fingerprint(self) -> str:
+        """SHA-256 of every leaf (active or held fixed)."""
+        m = self._model
+        return fingerprint(zip(m.names, m.leaves))
+
+    def parameter_version(self) -> int:
+        """Constant: the provider holds its own jax arrays, which are immutable."""
+        return 0
+
     @property
     def params(self) -> Any:
         """The parameter pytree the provider was built with."""
@@ -450,11 +481,14 @@ class JaxGradientProvider(GradientProvider):
         return out
 
     def layer_groups(self) -> OrderedDict[str, list[str]]:
-        """Leaves grouped by their key path without the last key (root leaves: ``"root"``)."""
+        """Leaves grouped by their key path without the last key (root leaves:
+        ``"root"``): ``Dense_0`` for flax linen's ``Dense_0/kernel``, ``layers/0``
+        for equinox's ``layers/0/weight``; the ``value`` attribute of a flax nnx
+        Variable is not a level (``l1/kernel/value`` is in layer ``l1``)."""
         m = self._model
         groups: OrderedDict[str, list[str]] = OrderedDict()
         for i in self._active:
-            keys = m.keys[i]
+            keys = m.keys[i][:-1] if m.wrapped[i] else m.keys[i]
             layer = "/".join(keys[:-1]) if len(keys) > 1 else "root"
             groups.setdefault(layer, []).append(m.names[i])
         return groups
@@ -551,6 +585,9 @@ class JaxGradientProvider(GradientProvider):
     def losses(self, batch: Batch) -> Array:
         """Per-sample losses ``(N,)``."""
         return self._jit_losses(self._theta, self._fixed, batch.x, batch.y)
+
+    def per_sample_losses(self, batch: Batch) -> Array:
+        return self.losses(batch)
 
     def flat_grads(self, batch: Batch) -> Array:
         return self._jit_grads(self._theta, self._fixed, batch.x, batch.y)

@@ -27,6 +27,7 @@ from typing import Any, final
 import array_api_extra as xpx
 
 from .. import _xp
+from .._state import check_picklable_function, fingerprint
 from .._xp import Array, Namespace
 from ..types import Batch, GradientProvider
 
@@ -61,6 +62,13 @@ class _ArrayParams(GradientProvider):
         self._params: OrderedDict[str, Array] = OrderedDict(params)
         self._dtype = dtype
         self._device = _xp.device_of(arrays[0])
+
+    def _used_params(self) -> Mapping[str, Array]:
+        """The arrays the derivatives read (mutable for most namespaces)."""
+        return self._params
+
+    def parameter_fingerprint(self) -> str:
+        return fingerprint(self._used_params().items())
 
     @property
     def xp(self) -> Namespace:
@@ -134,6 +142,9 @@ class _GeneralizedLinearModel(_ArrayParams):
     def loss(self, batch: Batch) -> Array:
         """Per-sample losses ``(N,)`` (handy for checks and leave-one-out tests)."""
         batch = self.prepare_batch(batch)
+        return self._loss(self._z(batch.x), batch.y)
+
+    def per_sample_losses(self, batch: Batch) -> Array:
         return self._loss(self._z(batch.x), batch.y)
 
     def _split(self, v: Array) -> tuple[Array, Array | None]:
@@ -483,6 +494,16 @@ class FiniteDifferenceGradients(_ArrayParams):
         eps = _xp.finfo_eps(self.dtype, xp=xp)
         self._h1 = step if step is not None else eps ** (1 / 3)
         self._h2 = step if step is not None else eps ** (1 / 4)
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable_function(self.loss_fn, "loss_fn")
+        return super().__getstate__()
+
+    def _used_params(self) -> Mapping[str, Array]:
+        return self._unflatten(self._theta)  # a copy made at construction
+
+    def per_sample_losses(self, batch: Batch) -> Array:
+        return self._losses(self._theta, batch.x, batch.y)
 
     def check_input_shape(self, batch: Batch) -> None:
         if self.input_shape is not None and tuple(batch.x.shape[1:]) != self.input_shape:

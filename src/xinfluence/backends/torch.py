@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import _xp
+from .._state import check_picklable_function, fingerprint
 from .._xp import Namespace
 from ..errors import user_stacklevel
 from ..types import Batch, GradientProvider
@@ -191,6 +192,50 @@ class TorchGradientProvider(GradientProvider):
         self._constants = constants
         self._checked: set[tuple[Any, ...]] = set()  # shared with restrictions
         self._set_active(tuple(trainable))
+
+    # -- pickling: tensors are re-read from the model (they are views of its
+    # parameters), caches start empty; copy.copy (restrict) shares everything.
+    def __copy__(self) -> TorchGradientProvider:
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable_function(self.loss, "the loss")
+        keep = ("model", "loss", "input_shape", "chunk_size", "forward_ad", "cast_inputs")
+        state = {k: self.__dict__[k] for k in (*keep, "_names", "_checked")}
+        state["_trainable_names"] = tuple(self._trainable)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        trainable_names = state.pop("_trainable_names")
+        active = state.pop("_names")
+        self.__dict__.update(state)
+        params = dict(self.model.named_parameters())
+        self._trainable = OrderedDict((n, params[n].detach()) for n in trainable_names)
+        self._constants = {n: p.detach() for n, p in params.items() if n not in trainable_names}
+        self._constants.update((n, b.detach()) for n, b in self.model.named_buffers())
+        first = next(iter(self._trainable.values()))
+        self._xp_ns, self._dtype, self._device = _xp.namespace(first), first.dtype, first.device
+        self._set_active(active)
+
+    def parameter_version(self) -> tuple[int, ...]:
+        """Version counters of the parameters and buffers (in-place updates bump them)."""
+        return tuple(t._version for t in self._trainable.values()) + tuple(
+            t._version for t in self._constants.values()
+        )
+
+    def parameter_fingerprint(self) -> str:
+        """SHA-256 of the trainable parameters, then the frozen ones and buffers."""
+        tensors = [*self._trainable.items(), *sorted(self._constants.items())]
+        return fingerprint(
+            (f"{n}|{tuple(t.shape)}|{t.dtype}", t.detach().reshape(-1).view(torch.uint8))
+            for n, t in tensors
+        )
+
+    def per_sample_losses(self, batch: Batch) -> Tensor:
+        with torch.no_grad():
+            return self._losses(self._active, batch.x, batch.y)
 
     def _set_active(self, names: tuple[str, ...]) -> None:
         self._names = names
@@ -544,9 +589,7 @@ class TorchGradientProvider(GradientProvider):
         x, y = batch.x, batch.y
         if layout is None or layout.factor_elements(x.shape[0]) > _lin.FACTOR_ELEMENTS:
             return None
-        versions = tuple(t._version for t in self._trainable.values()) + tuple(
-            t._version for t in self._constants.values()
-        )
+        versions = self.parameter_version()
         hit = self._factor_cache.get(id(x))
         if hit is not None and hit[0]() is not x:
             hit = None

@@ -1,0 +1,324 @@
+"""Saving and loading fitted influence models without pickle.
+
+A file is one ``.npz`` archive (numpy's zip of ``.npy`` arrays, read with
+``allow_pickle=False``) holding
+
+* ``__metadata__``: UTF-8 JSON with the format version, the model's class and
+  constructor options, the block structure and regularizations, the parameter
+  names, shapes, dtype and SHA-256 fingerprint, and per block the operator's
+  kind and scalar fields;
+* the arrays of each block's operator (dense curvature and Cholesky factor,
+  eigenpairs, EK-FAC bases and eigenvalues), as ``block{i}/{field}``;
+* for models that solve at query time from the training data (CG, LiSSA,
+  DataInf), the prepared training batches ``data{j}/x`` and ``data{j}/y``: their
+  operators are rebuilt from that data and the saved options on load (CG's
+  preconditioner and LiSSA's scale estimate are recomputed; both are seeded).
+
+Nothing in a file is executed: loading reads arrays and JSON, instantiates
+only the classes named in :data:`_MODELS` and :data:`_STATE_OPERATORS`, and
+takes the gradient provider (the model) from the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _xp
+from .operators import (
+    CgOperator,
+    DirectOperator,
+    EkfacOperator,
+    IdentityOperator,
+    InverseHarmonicMeanOperator,
+    LissaOperator,
+    LowRankOperator,
+)
+from .types import Batch, GradientProvider, OperatorGradientComposition
+
+if TYPE_CHECKING:
+    from .influence import ComposableInfluence
+
+__all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "xinfluence.fitted-model"
+FORMAT_VERSION = 1
+
+# Operators whose state (arrays and scalars) is the whole fitted state.
+_STATE_OPERATORS: dict[str, Any] = {
+    "direct": DirectOperator,
+    "low_rank": LowRankOperator,
+    "ekfac": EkfacOperator,
+    "identity": IdentityOperator,
+}
+# Operators that keep the training data and solve at query time.
+_DATA_OPERATORS = (CgOperator, LissaOperator, InverseHarmonicMeanOperator)
+
+
+def _models() -> dict[str, type]:
+    from . import influence
+
+    return {
+        name: getattr(influence, name)
+        for name in influence.__all__
+        if name != "ComposableInfluence"
+    }
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+        return float(value)
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"cannot save an option of type {type(value).__name__}: {value!r}")
+
+
+def _encode_scalar(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, slice):
+        return {"slice": [value.start, value.stop, value.step]}
+    if isinstance(value, _xp._NamespaceRef):
+        return {"namespace": value.name}
+    raise TypeError(
+        f"cannot save {where} of type {type(value).__name__}: only arrays and scalars are "
+        "saved (please report this: an operator gained state that save does not know)"
+    )
+
+
+def _decode_scalar(value: Any, xp: Any) -> Any:
+    if isinstance(value, dict) and "slice" in value:
+        return slice(*value["slice"])
+    if isinstance(value, dict) and "namespace" in value:
+        return xp  # the caller's provider decides the namespace, not the file
+    return value
+
+
+def _is_array(value: Any) -> bool:
+    import array_api_compat
+
+    return bool(array_api_compat.is_array_api_obj(value)) and not isinstance(value, np.generic)
+
+
+def _host(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(_xp.to_numpy(a))
+
+
+def _to_provider(a: np.ndarray, gp: GradientProvider) -> Any:
+    xp = gp.xp
+    dtype = getattr(xp, a.dtype.name, None)
+    if dtype is None:
+        raise ValueError(f"the file holds an array of dtype {a.dtype}, which {xp} lacks")
+    return _xp.from_numpy(a, dtype=dtype, device=gp.device, xp=xp)
+
+
+def _parameters(gp: GradientProvider) -> dict[str, Any]:
+    return {
+        "names": list(gp.parameter_names),
+        "shapes": [list(s) for s in gp.parameter_shapes.values()],
+        "dtype": str(_host(_xp.eye(1, dtype=gp.dtype, device=gp.device, xp=gp.xp)).dtype),
+        "fingerprint": gp.parameter_fingerprint(),
+    }
+
+
+def save(model: ComposableInfluence, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s fitted state to ``path`` (see the module docstring)."""
+    mapper = model._fitted_mapper()  # NotFittedError, StaleFitError
+    gp = model.gradient_provider
+    arrays: dict[str, np.ndarray] = {}
+    blocks: list[dict[str, Any]] = []
+    needs_data = False
+    for i, (block, comp) in enumerate(mapper.composable_block_dict.items()):
+        op = comp.op
+        kind = next((k for k, c in _STATE_OPERATORS.items() if type(op) is c), None)
+        if kind is not None:
+            scalars: dict[str, Any] = {}
+            fields: list[str] = []
+            transposed: list[str] = []
+            for key, value in op.__getstate__().items():
+                if _is_array(value):
+                    host = _xp.to_numpy(value)
+                    # keep a transposed view transposed: products with it then take
+                    # the same BLAS path after loading (bit-for-bit results)
+                    if host.ndim == 2 and host.flags.f_contiguous and not host.flags.c_contiguous:
+                        host = host.T
+                        transposed.append(key)
+                    arrays[f"block{i}/{key}"] = np.ascontiguousarray(host)
+                    fields.append(key)
+                else:
+                    scalars[key] = _encode_scalar(value, f"{type(op).__name__}.{key}")
+            blocks.append(
+                {
+                    "name": block,
+                    "kind": kind,
+                    "arrays": fields,
+                    "transposed": transposed,
+                    "scalars": scalars,
+                }
+            )
+        elif isinstance(op, _DATA_OPERATORS):
+            needs_data = True
+            blocks.append({"name": block, "kind": "from_data"})
+        else:
+            raise NotImplementedError(
+                f"{type(model).__name__}.save does not know the operator "
+                f"{type(op).__name__} of block {block!r}; saving supports Direct, Arnoldi, "
+                "Nyström, EK-FAC, Identity, and (with their training data) CG, LiSSA and "
+                "DataInf models. Pickle the model instead, or refit it after loading"
+            )
+    n_batches = 0
+    if needs_data:
+        assert model._data is not None
+        for j, batch in enumerate(model._data):
+            arrays[f"data{j}/x"] = _host(batch.x)
+            arrays[f"data{j}/y"] = _host(batch.y)
+            n_batches = j + 1
+    from . import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "xinfluence_version": __version__,
+        "class": type(model).__name__,
+        "options": model._init_kwargs,
+        "second_order": model.second_order,
+        "blocks": {k: list(v) for k, v in model.blocks.items()},
+        "regularization": dict(model.regularization),
+        "parameters": _parameters(gp),
+        "namespace": _xp.namespace_name(gp.xp),
+        "operators": blocks,
+        "data_batches": n_batches,
+    }
+    text = json.dumps(metadata, default=_json_default)
+    arrays["__metadata__"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    with open(os.fspath(path), "wb") as f:  # np.savez(path) would append ".npz"
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    with np.load(os.fspath(path), allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    raw = arrays.pop("__metadata__", None)
+    if raw is None:
+        raise ValueError(f"{os.fspath(path)!r} is not a saved xinfluence model (no metadata)")
+    metadata = json.loads(bytes(raw).decode("utf-8"))
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a saved xinfluence model")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has format version {metadata.get('format_version')}; "
+            f"this xinfluence reads version {FORMAT_VERSION}"
+        )
+    return metadata, arrays
+
+
+def _check_parameters(saved: dict[str, Any], gp: GradientProvider, on_mismatch: str) -> None:
+    mine = _parameters(gp)
+    if mine["names"] != saved["names"] or mine["shapes"] != saved["shapes"]:
+        have = dict(zip(mine["names"], mine["shapes"]))
+        problems = [
+            f"{n}: saved {tuple(s)}, provider " + (str(tuple(have[n])) if n in have else "has none")
+            for n, s in zip(saved["names"], saved["shapes"])
+            if have.get(n) != s
+        ]
+        problems += [f"{n}: not in the file" for n in have if n not in saved["names"]]
+        raise ValueError(
+            "the gradient provider does not match the saved model: "
+            + ("; ".join(problems) or "the parameter order differs")
+        )
+    if mine["dtype"] != saved["dtype"]:
+        raise ValueError(
+            f"the saved model was fitted in {saved['dtype']}, the provider's parameters are "
+            f"{mine['dtype']}"
+        )
+    if saved["fingerprint"] is None or mine["fingerprint"] is None:
+        return
+    if saved["fingerprint"] != mine["fingerprint"] and on_mismatch != "ignore":
+        message = (
+            "the provider's parameter values differ from those the saved model was fitted on "
+            "(SHA-256 fingerprints differ): its influences would mix the saved curvature with "
+            "other gradients. Load the weights the model was fitted with, or refit"
+        )
+        if on_mismatch == "raise":
+            from .errors import StaleFitError
+
+            raise StaleFitError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def load(
+    path: str | os.PathLike[str],
+    gradient_provider: GradientProvider,
+    *,
+    expected: type | None = None,
+    on_mismatch: str = "raise",
+) -> ComposableInfluence:
+    """Read a model saved by :func:`save`, for ``gradient_provider`` (see
+    :meth:`~xinfluence.ComposableInfluence.load`)."""
+    if on_mismatch not in ("raise", "warn", "ignore"):
+        raise ValueError(f"on_mismatch must be 'raise', 'warn' or 'ignore', got {on_mismatch!r}")
+    if not isinstance(gradient_provider, GradientProvider):
+        raise TypeError(
+            "expected a GradientProvider as second argument, got "
+            f"{type(gradient_provider).__name__}"
+        )
+    metadata, arrays = _read(path)
+    models = _models()
+    cls = models.get(metadata["class"])
+    if cls is None:
+        raise ValueError(f"unknown model class {metadata['class']!r} in {os.fspath(path)!r}")
+    if expected is not None and not issubclass(cls, expected):
+        raise TypeError(
+            f"{os.fspath(path)!r} holds a {cls.__name__}, not a {expected.__name__}; "
+            "use xinfluence.load to load any model"
+        )
+    gp = gradient_provider
+    _check_parameters(metadata["parameters"], gp, on_mismatch)
+    model = cls(gp, **metadata["options"])
+    blocks = {k: tuple(v) for k, v in metadata["blocks"].items()}
+    if blocks != dict(model.blocks):
+        raise ValueError(
+            f"the saved blocks {list(blocks)} differ from those the options give here "
+            f"({list(model.blocks)})"
+        )
+    model.regularization = OrderedDict((k, float(v)) for k, v in metadata["regularization"].items())
+    data = None
+    if metadata["data_batches"]:
+        from .curvature import Dataset
+
+        batches = [
+            Batch(_to_provider(arrays[f"data{j}/x"], gp), _to_provider(arrays[f"data{j}/y"], gp))
+            for j in range(metadata["data_batches"])
+        ]
+        data = Dataset(batches, gp)
+    comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
+    for i, entry in enumerate(metadata["operators"]):
+        block = entry["name"]
+        block_gp = model._block_provider(model.blocks[block])
+        if entry["kind"] == "from_data":
+            assert data is not None
+            op = model._create_operator(
+                block, block_gp, data.with_provider(block_gp), model.regularization[block]
+            )
+        else:
+            op_cls = _STATE_OPERATORS[entry["kind"]]
+            state = {k: _decode_scalar(v, gp.xp) for k, v in entry["scalars"].items()}
+            for key in entry["arrays"]:
+                state[key] = _to_provider(arrays[f"block{i}/{key}"], gp)
+                if key in entry["transposed"]:
+                    state[key] = gp.xp.matrix_transpose(state[key])
+            op = op_cls.__new__(op_cls)
+            op.__setstate__(state)
+        comps[block] = OperatorGradientComposition(op, block_gp)
+    from .types import BlockMapper
+
+    model._data = data
+    model._mapper = BlockMapper(comps)
+    return model
