@@ -34,12 +34,14 @@ Importing :mod:`xinfluence` does not import torch; importing this module does.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +68,41 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _PAIRS_PER_CHUNK = 2**16
+
+# One re-entrant lock per nn.Module, shared by every provider wrapping it (and
+# their restrictions). ``functional_call`` swaps the module's parameters while it
+# runs, the structured path and ``kfac_factors`` register forward hooks on its
+# layers, and torch.func's transforms over one module are not thread-safe, so
+# derivative calls on one module run one at a time.
+_MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+# Forward-mode AD levels are global to the process: two threads in ``jvp`` at
+# once (on any modules) break each other's dual tensors. Always taken after a
+# module lock, never before one.
+_FORWARD_AD_LOCK = threading.RLock()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _module_lock(module: nn.Module) -> threading.RLock:
+    with _MODULE_LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(module)
+        if lock is None:
+            lock = _MODULE_LOCKS[module] = threading.RLock()
+        return lock
+
+
+def _serialised(method: _F) -> _F:
+    """Run ``method`` under the lock of the provider's module."""
+
+    @functools.wraps(method)
+    def locked(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
+        with _module_lock(self.model):
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
 
 _STOCHASTIC_OR_BATCH_COUPLED = (
     nn.modules.batchnorm._BatchNorm,
@@ -145,13 +182,15 @@ class TorchGradientProvider(GradientProvider):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         trainable: OrderedDict[str, Tensor] = OrderedDict()
         constants: dict[str, Tensor] = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                trainable[name] = p.detach()
-            else:
-                constants[name] = p.detach()
-        for name, b in model.named_buffers():
-            constants[name] = b.detach()
+        # under the module's lock: another provider's call swaps the parameters
+        with _module_lock(model):
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    trainable[name] = p.detach()
+                else:
+                    constants[name] = p.detach()
+            for name, b in model.named_buffers():
+                constants[name] = b.detach()
         if not trainable:
             raise ValueError("the model has no parameter that requires grad")
         dtypes = {p.dtype for p in trainable.values()}
@@ -255,6 +294,7 @@ class TorchGradientProvider(GradientProvider):
             dims = ", ".join(map(str, ("N", *self.input_shape)))
             raise ValueError(f"expected x of shape ({dims}), got {tuple(batch.x.shape)}")
 
+    @_serialised
     def prepare_batch(self, batch: Batch) -> Batch:
         """Check namespace, finiteness, device and shape; detach; cast ``x`` (and
         floating ``y``) to the parameters' dtype. Integer targets are kept."""
@@ -361,12 +401,14 @@ class TorchGradientProvider(GradientProvider):
         return torch.zeros(shape, dtype=self._dtype, device=self._device)
 
     # -- derivatives ----------------------------------------------------------
+    @_serialised
     def loss_values(self, batch: Batch) -> Tensor:
         """Per-sample losses ``(N,)`` (for checks and leave-one-out tests)."""
         batch = self.prepare_batch(batch)
         with torch.no_grad():
             return self._losses(self._active, batch.x, batch.y)
 
+    @_serialised
     def flat_grads(self, batch: Batch) -> Tensor:
         x, y = batch.x, batch.y
         if x.shape[0] == 0:
@@ -374,6 +416,7 @@ class TorchGradientProvider(GradientProvider):
         g = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self._active, x, y)
         return self._flatten(g, (x.shape[0],))
 
+    @_serialised
     def flat_mixed_grads(self, batch: Batch) -> Tensor:
         x, y = batch.x, batch.y
         n, dims, p = x.shape[0], tuple(x.shape[1:]), self.n_parameters
@@ -406,9 +449,11 @@ class TorchGradientProvider(GradientProvider):
 
                 return jacrev(flat_grad)(xi).reshape(p, d).transpose(0, 1)
 
-        out = vmap(one)(x, y)  # (N, d, P)
+        with _FORWARD_AD_LOCK:
+            out = vmap(one)(x, y)  # (N, d, P)
         return out.reshape(n, *dims, p)
 
+    @_serialised
     def jacobian_prod(self, batch: Batch, g: Tensor) -> Tensor:
         g = self._check_vectors(g, "g")
         x, y = batch.x, batch.y
@@ -424,7 +469,8 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Tensor:  # (N,)
             return jvp(losses, (active,), (t,))[1]
 
-        return vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(g)).T
+        with _FORWARD_AD_LOCK:
+            return vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(g)).T
 
     def _chunk(self, n_samples: int) -> int:
         """Vectors per vectorised chunk: ``chunk_size``, or about ``2**16`` sample-vector
@@ -433,6 +479,7 @@ class TorchGradientProvider(GradientProvider):
             return self.chunk_size
         return max(1, _PAIRS_PER_CHUNK // max(n_samples, 1))
 
+    @_serialised
     def prepare_products(self, batch: Batch) -> None:
         """Compute and keep the batch's layer factors now (``nn.Linear`` models,
         within the cache budget), so that the first product is already a
@@ -440,6 +487,7 @@ class TorchGradientProvider(GradientProvider):
         if batch.x.shape[0] > 0:
             self._structured_factors(batch, 0, reuse=True)
 
+    @_serialised
     def hvp(self, batch: Batch, v: Tensor) -> Tensor:
         v = self._check_vectors(v, "v")
         if batch.x.shape[0] > 0 and v.shape[0] > 0:
@@ -472,6 +520,7 @@ class TorchGradientProvider(GradientProvider):
         out = vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(v))
         return self._flatten(out, (v.shape[0],))
 
+    @_serialised
     def hessian(self, batch: Batch) -> Tensor:
         """Dense Hessian of the batch's mean loss, ``(P, P)``.
 
@@ -527,7 +576,8 @@ class TorchGradientProvider(GradientProvider):
         if layout is None:
             return None
         try:
-            h = _lin.linear_hessian(self, layout, batch, self._workspace)
+            with _FORWARD_AD_LOCK:
+                h = _lin.linear_hessian(self, layout, batch, self._workspace)
         except _lin.NotLinearStructured:
             self._linear_structure = False
             return None
@@ -566,7 +616,8 @@ class TorchGradientProvider(GradientProvider):
         if not (worth_once or fits):
             return None
         try:
-            f = _lin.linear_factors(self, layout, x, y, x.shape[0])
+            with _FORWARD_AD_LOCK:
+                f = _lin.linear_factors(self, layout, x, y, x.shape[0])
         except _lin.NotLinearStructured:
             self._linear_structure = False
             return None
@@ -602,6 +653,7 @@ class TorchGradientProvider(GradientProvider):
         one Kronecker product)."""
         return OrderedDict((k, (w, b)) for k, (_, w, b) in self._linear_modules().items())
 
+    @_serialised
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Per-sample Kronecker factors of each layer in :meth:`kfac_layers`.
 
