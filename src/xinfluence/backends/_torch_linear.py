@@ -239,6 +239,9 @@ def linear_hessian(gp: Any, layout: LinearLayout, batch: Batch, ws: Workspace) -
         *(cols[k] * cols[k2] + n_out[k] * cols[k2] + n_out[k2] * cols[k] for k, k2 in pairs),
     )
     chunk = max(1, min(n_total, CHUNK_ELEMENTS // per_sample))
+    # scratch in the parameters' dtype: x may be integer or of another precision
+    # (cast_inputs=False, a model that converts its inputs)
+    like = torch.empty(0, dtype=gp.dtype, device=gp.device)
     gauss: dict[tuple[str, str], Tensor] = {}  # [(a b), (p q)]: (out out', c c')
     cross: dict[tuple[str, str], Tensor] = {}  # C_LL' as [(p b), (a q)]: (in out', out c')
 
@@ -253,11 +256,11 @@ def linear_hessian(gp: Any, layout: LinearLayout, batch: Batch, ws: Workspace) -
         f = linear_factors(gp, layout, x[lo : lo + chunk], y[lo : lo + chunk], n_total)
         n = f.delta[names[0]].shape[0]
         for k, k2 in pairs:
-            outer = ws.get("outer", (n, cols[k], cols[k2]), x)
+            outer = ws.get("outer", (n, cols[k], cols[k2]), like)
             torch.mul(f.atil[k][:, :, None], f.atil[k2][:, None, :], out=outer)
             accumulate(gauss, "gauss", (k, k2), f.phi[(k, k2)].view(n, -1), outer.view(n, -1))
         for (k, k2), jac in f.jac.items():
-            rhs = ws.get("rhs", (n, n_out[k], cols[k2]), x)
+            rhs = ws.get("rhs", (n, n_out[k], cols[k2]), like)
             torch.mul(f.delta[k][:, :, None], f.atil[k2][:, None, :], out=rhs)
             accumulate(cross, "cross", (k, k2), jac.view(n, -1), rhs.view(n, -1))
 
@@ -399,7 +402,10 @@ def linear_param_layers(
     """``nn.Linear`` modules holding parameters in ``active``: module name
     (``"root"`` for the model itself) -> ``(module, weight name or None, bias name
     or None)`` (``None``: not in ``active``). A layer with an active parameter
-    that another module shares (tied weights) is left out."""
+    that another module shares (tied weights) is left out, and so is a layer
+    whose parameters do not have the shapes its ``in_features`` and
+    ``out_features`` declare (a replaced ``weight``): its derivatives then take
+    the general path."""
     uses: dict[int, int] = {}
     for module in model.modules():
         for p in module._parameters.values():
@@ -407,7 +413,7 @@ def linear_param_layers(
                 uses[id(p)] = uses.get(id(p), 0) + 1
     out: OrderedDict[str, tuple[nn.Linear, str | None, str | None]] = OrderedDict()
     for mod_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or not _declared_shapes(module):
             continue
         prefix = f"{mod_name}." if mod_name else ""
         found: list[str | None] = []
@@ -421,3 +427,14 @@ def linear_param_layers(
         if not tied and (found[0] is not None or found[1] is not None):
             out[mod_name or "root"] = (module, found[0], found[1])
     return out
+
+
+def _declared_shapes(module: nn.Linear) -> bool:
+    """Whether the layer's weight and bias have the shapes its attributes declare."""
+    shape = (module.out_features, module.in_features)
+    weight, bias = module.weight, module.bias
+    return (
+        isinstance(weight, Tensor)
+        and tuple(weight.shape) == shape
+        and (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == shape[:1]))
+    )

@@ -33,17 +33,21 @@ Importing :mod:`xinfluence` does not import torch; importing this module does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import _xp
 from .._state import check_picklable_function, fingerprint
@@ -69,10 +73,82 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _PAIRS_PER_CHUNK = 2**16
 
-_STOCHASTIC_OR_BATCH_COUPLED = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.dropout._DropoutNd,
-)
+# One re-entrant lock per nn.Module, shared by every provider wrapping it (and
+# their restrictions). ``functional_call`` swaps the module's parameters while it
+# runs, the structured path and ``kfac_factors`` register forward hooks on its
+# layers, and torch.func's transforms over one module are not thread-safe, so
+# derivative calls on one module run one at a time.
+_MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+# Forward-mode AD levels are global to the process: two threads in ``jvp`` at
+# once (on any modules) break each other's dual tensors. Always taken after a
+# module lock, never before one.
+_FORWARD_AD_LOCK = threading.RLock()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _MathAttention:
+    """Selects torch's math attention kernel while any provider call runs.
+
+    The fused CPU kernel (flash attention) has no second derivatives, so Hessian
+    products of a ``TransformerEncoder`` fail under the default. The kernel flags
+    are global to the process, so concurrent calls count their entries: the
+    first sets the flags, the last one out restores the caller's."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._users = 0
+        self._context: contextlib.AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> None:
+        with self._guard:
+            if self._users == 0:
+                context = sdpa_kernel(SDPBackend.MATH)
+                context.__enter__()
+                self._context = context
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._guard:
+            self._users -= 1
+            if self._users == 0 and self._context is not None:
+                context, self._context = self._context, None
+                context.__exit__(None, None, None)
+
+
+_MATH_ATTENTION = _MathAttention()
+
+
+def _module_lock(module: nn.Module) -> threading.RLock:
+    with _MODULE_LOCKS_GUARD:
+        lock = _MODULE_LOCKS.get(module)
+        if lock is None:
+            lock = _MODULE_LOCKS[module] = threading.RLock()
+        return lock
+
+
+def _serialised(method: _F) -> _F:
+    """Run ``method`` under the lock of the provider's module, after checking that
+    the model is in eval mode (it may have been switched since construction)."""
+
+    @functools.wraps(method)
+    def locked(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
+        with _module_lock(self.model), _MATH_ATTENTION:
+            self._check_eval_mode()
+            try:
+                return method(self, *args, **kwargs)
+            except RuntimeError as exc:
+                if "randomness" not in str(exc):
+                    raise
+                raise RuntimeError(
+                    f"the model draws random numbers inside a vectorised derivative "
+                    f"({_first_line(exc)}); put it in eval mode (model.eval()) so that "
+                    "dropout and other random layers are off"
+                ) from exc
+
+    return locked  # type: ignore[return-value]
 
 
 class TorchGradientProvider(GradientProvider):
@@ -83,7 +159,8 @@ class TorchGradientProvider(GradientProvider):
     model:
         An ``nn.Module`` mapping a batch ``x`` of shape ``(N, *D)`` to outputs
         ``(N, ...)``. Its trainable parameters (``requires_grad=True``) must share
-        one floating dtype and one device. They are read at construction as
+        one floating dtype (float32 or float64; float16 and bfloat16 models are
+        refused: use ``model.float()``) and one device. They are read at construction as
         detached views, so in-place updates (optimizer steps, ``load_state_dict``)
         are seen; build a new provider after ``model.to(...)``.
     loss:
@@ -108,6 +185,22 @@ class TorchGradientProvider(GradientProvider):
         Cast integer inputs and floating inputs of lower precision to the
         parameters' dtype (default). ``False`` passes ``x`` unchanged (for models
         taking integer ids; ``flat_mixed_grads`` then needs floating ``x``).
+    output_fn:
+        Optional ``output_fn(model(x)) -> Tensor`` applied to the model's output
+        before the loss, for models that return a tuple, a dict or an output
+        object (HuggingFace style): ``output_fn=lambda out: out["logits"]`` or
+        ``lambda out: out[0]``. It must act on every sample independently.
+
+    The model must be in eval mode whenever it is queried: a query while a
+    BatchNorm or Dropout layer is in training mode raises a ``ValueError``
+    (batch statistics couple the samples, dropout makes the derivatives random).
+
+    Thread safety: the provider's calls on one module (through any number of
+    providers) run one at a time, under a lock per module, and forward-mode
+    products (``jvp``, whose levels torch keeps per process) one at a time across
+    all modules, so that concurrent queries give the serial results. Other code
+    that runs or changes the module at the same time (training in another
+    thread) is not synchronised.
 
     Shapes: ``flat_grads`` ``(N, P)``; ``flat_mixed_grads`` ``(N, *D, P)``;
     ``jacobian_prod(batch, g)`` with ``g`` ``(K, P)`` gives ``(N, K)`` without
@@ -136,6 +229,7 @@ class TorchGradientProvider(GradientProvider):
         chunk_size: int | None = None,
         forward_ad: bool = True,
         cast_inputs: bool = True,
+        output_fn: Callable[[Any], Tensor] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,13 +241,15 @@ class TorchGradientProvider(GradientProvider):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         trainable: OrderedDict[str, Tensor] = OrderedDict()
         constants: dict[str, Tensor] = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                trainable[name] = p.detach()
-            else:
-                constants[name] = p.detach()
-        for name, b in model.named_buffers():
-            constants[name] = b.detach()
+        # under the module's lock: another provider's call swaps the parameters
+        with _module_lock(model):
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    trainable[name] = p.detach()
+                else:
+                    constants[name] = p.detach()
+            for name, b in model.named_buffers():
+                constants[name] = b.detach()
         if not trainable:
             raise ValueError("the model has no parameter that requires grad")
         dtypes = {p.dtype for p in trainable.values()}
@@ -164,17 +260,30 @@ class TorchGradientProvider(GradientProvider):
         dtype = dtypes.pop()
         if not dtype.is_floating_point:
             raise TypeError(f"trainable parameters must be real floating, got {dtype}")
+        if dtype in (torch.float16, torch.bfloat16):
+            # 8 (bfloat16) or 11 (float16) significant bits cannot resolve a
+            # curvature's spectrum, and torch has no Cholesky or eigh for them
+            raise TypeError(
+                f"the model's parameters are {dtype}: influence functions need float32 or "
+                "float64 (half precision has no Cholesky or eigendecomposition in torch and "
+                "too few digits for the curvature); convert a copy of the model with "
+                "model.float() (or model.double()) and build the provider on it"
+            )
         devices = {p.device for p in trainable.values()}
         if len(devices) != 1:
             raise ValueError(
                 f"all trainable parameters must be on one device, got {sorted(map(str, devices))}"
             )
-        if model.training and any(
-            isinstance(m, _STOCHASTIC_OR_BATCH_COUPLED) for m in model.modules()
-        ):
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(
+                "output_fn must be callable: output_fn(model_output) -> the tensor the loss "
+                f"takes, got {type(output_fn).__name__}"
+            )
+        if _training_layers(model):
             warnings.warn(
                 "the model is in training mode and has BatchNorm or Dropout layers; "
-                "per-sample derivatives need model.eval()",
+                "per-sample derivatives need model.eval() (queries in training mode "
+                "raise an error)",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -185,6 +294,7 @@ class TorchGradientProvider(GradientProvider):
         self.chunk_size = chunk_size
         self.forward_ad = bool(forward_ad)
         self.cast_inputs = bool(cast_inputs)
+        self.output_fn = output_fn
         self._xp_ns = _xp.namespace(first)
         self._dtype = dtype
         self._device = first.device
@@ -301,6 +411,7 @@ class TorchGradientProvider(GradientProvider):
             dims = ", ".join(map(str, ("N", *self.input_shape)))
             raise ValueError(f"expected x of shape ({dims}), got {tuple(batch.x.shape)}")
 
+    @_serialised
     def prepare_batch(self, batch: Batch) -> Batch:
         """Check namespace, finiteness, device and shape; detach; cast ``x`` (and
         floating ``y``) to the parameters' dtype. Integer targets are kept."""
@@ -312,47 +423,92 @@ class TorchGradientProvider(GradientProvider):
                     f"expected {what} on the model's device {self._device}, got {what} on "
                     f"{a.device}; move the data with .to({str(self._device)!r})"
                 )
+        x_dtype = x.dtype
         if self.cast_inputs:
             x = _xp.as_float(x, dtype=self._dtype, xp=self.xp, what="x")
         if y.is_floating_point():
             y = _xp.as_float(y, dtype=self._dtype, xp=self.xp, what="y")
-        self._probe(x, y)
+        self._probe(x, y, x_dtype)
         return Batch(x, y)
 
-    def _probe(self, x: Tensor, y: Tensor) -> None:
-        """Run model and loss on one sample for each new input signature."""
+    def _check_eval_mode(self) -> None:
+        training = _training_layers(self.model)
+        if training:
+            raise ValueError(
+                f"the model is in training mode with layers that couple samples or draw "
+                f"random numbers ({', '.join(training)}): per-sample derivatives need "
+                "model.eval()"
+            )
+
+    def _probe(self, x: Tensor, y: Tensor, x_dtype: torch.dtype) -> None:
+        """Run model and loss on one sample for each new input signature, and say
+        what went wrong: the model's own exception, with the likely cause."""
         key = (tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype)
         if key in self._checked or x.shape[0] == 0:
             return
         with torch.no_grad():
             try:
-                out = self._forward(self._active, x[:1])
-            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-                raise ValueError(
-                    f"expected x of shape {self._expected_x()}, got x of shape "
-                    f"{tuple(x.shape)}, which the model rejects: {_first_line(exc)}"
-                ) from exc
+                raw = functional_call(self.model, {**self._fixed, **self._active}, (x[:1],))
+            except Exception as exc:
+                raise ValueError(self._model_error(x, x_dtype, exc)) from exc
+            out = raw
+            if self.output_fn is not None:
+                try:
+                    out = self.output_fn(raw)
+                except Exception as exc:
+                    raise ValueError(
+                        f"output_fn failed on the model's output ({_describe(raw)}): "
+                        f"{type(exc).__name__}: {_first_line(exc)}"
+                    ) from exc
+            if not isinstance(out, Tensor):
+                if self.output_fn is None:
+                    raise TypeError(
+                        f"the model returns {_describe(raw)}, not a tensor; pass output_fn= to "
+                        "select the tensor the loss takes, e.g. output_fn=lambda out: out[0] "
+                        'or output_fn=lambda out: out["logits"]'
+                    )
+                raise TypeError(f"output_fn must return a tensor, got {_describe(out)}")
             try:
                 value = self.loss(out, y[:1])
-            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            except Exception as exc:
                 raise ValueError(
                     f"the loss rejects targets y of shape {tuple(y.shape)} (dtype {y.dtype}) "
                     f"for model outputs of shape (N, {', '.join(map(str, out.shape[1:]))}): "
-                    f"{_first_line(exc)}"
+                    f"{type(exc).__name__}: {_first_line(exc)}"
                 ) from exc
-        if value.ndim != 0:
+        if not isinstance(value, Tensor) or value.ndim != 0:
             raise ValueError(
-                f"loss(output, target) must return a scalar (mean reduction), got shape "
-                f"{tuple(value.shape)}"
+                f"loss(output, target) must return a scalar tensor (mean reduction), got "
+                f"{_describe(value)}"
             )
         self._checked.add(key)
+
+    def _model_error(self, x: Tensor, x_dtype: torch.dtype, exc: Exception) -> str:
+        """The message for a model that fails on one sample of ``x``."""
+        cast = f"{x_dtype}, cast to {x.dtype}" if x.dtype != x_dtype else f"{x.dtype}"
+        text = (
+            f"the model raised {type(exc).__name__} on one sample of x (shape "
+            f"{tuple(x.shape)}, dtype {cast}): {_first_line(exc)}"
+        )
+        if x.dtype != x_dtype and not x_dtype.is_floating_point:
+            return (
+                f"{text}. x holds integers, which the provider casts to {x.dtype}; for token "
+                "ids (nn.Embedding) or other integer inputs pass cast_inputs=False"
+            )
+        if not self.cast_inputs and x.dtype != self._dtype:
+            return (
+                f"{text}. With cast_inputs=False, x keeps its dtype {x.dtype} while the "
+                f"parameters are {self._dtype}; pass cast_inputs=True or cast x yourself"
+            )
+        return f"expected x of shape {self._expected_x()}, got x of shape {tuple(x.shape)}: {text}"
 
     def _expected_x(self) -> str:
         if self.input_shape is not None:
             return "(" + ", ".join(map(str, ("N", *self.input_shape))) + ")"
         for m in self.model.modules():
-            if isinstance(m, nn.Linear):
-                return f"(N, ..., {m.in_features}) (the first nn.Linear has {m.in_features} inputs)"
+            if isinstance(m, nn.Linear) and m.weight.ndim == 2:
+                n_in = m.weight.shape[1]
+                return f"(N, ..., {n_in}) (the first nn.Linear has {n_in} inputs)"
             if isinstance(m, nn.modules.conv._ConvNd):
                 c = m.in_channels
                 return f"(N, {c}, ...) (the first convolution has {c} input channels)"
@@ -360,7 +516,8 @@ class TorchGradientProvider(GradientProvider):
 
     # -- functional pieces ----------------------------------------------------
     def _forward(self, active: Params, x: Tensor) -> Tensor:
-        return functional_call(self.model, {**self._fixed, **active}, (x,))
+        out = functional_call(self.model, {**self._fixed, **active}, (x,))
+        return out if self.output_fn is None else self.output_fn(out)
 
     def _sample_loss(self, active: Params, x: Tensor, y: Tensor) -> Tensor:
         """``l(theta; x_i, y_i)`` for one unbatched sample."""
@@ -407,12 +564,14 @@ class TorchGradientProvider(GradientProvider):
         return torch.zeros(shape, dtype=self._dtype, device=self._device)
 
     # -- derivatives ----------------------------------------------------------
+    @_serialised
     def loss_values(self, batch: Batch) -> Tensor:
         """Per-sample losses ``(N,)`` (for checks and leave-one-out tests)."""
         batch = self.prepare_batch(batch)
         with torch.no_grad():
             return self._losses(self._active, batch.x, batch.y)
 
+    @_serialised
     def flat_grads(self, batch: Batch) -> Tensor:
         x, y = batch.x, batch.y
         if x.shape[0] == 0:
@@ -420,6 +579,7 @@ class TorchGradientProvider(GradientProvider):
         g = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self._active, x, y)
         return self._flatten(g, (x.shape[0],))
 
+    @_serialised
     def flat_mixed_grads(self, batch: Batch) -> Tensor:
         x, y = batch.x, batch.y
         n, dims, p = x.shape[0], tuple(x.shape[1:]), self.n_parameters
@@ -452,9 +612,11 @@ class TorchGradientProvider(GradientProvider):
 
                 return jacrev(flat_grad)(xi).reshape(p, d).transpose(0, 1)
 
-        out = vmap(one)(x, y)  # (N, d, P)
+        with _FORWARD_AD_LOCK:
+            out = vmap(one)(x, y)  # (N, d, P)
         return out.reshape(n, *dims, p)
 
+    @_serialised
     def jacobian_prod(self, batch: Batch, g: Tensor) -> Tensor:
         g = self._check_vectors(g, "g")
         x, y = batch.x, batch.y
@@ -470,7 +632,8 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Tensor:  # (N,)
             return jvp(losses, (active,), (t,))[1]
 
-        return vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(g)).T
+        with _FORWARD_AD_LOCK:
+            return vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(g)).T
 
     def _chunk(self, n_samples: int) -> int:
         """Vectors per vectorised chunk: ``chunk_size``, or about ``2**16`` sample-vector
@@ -479,6 +642,7 @@ class TorchGradientProvider(GradientProvider):
             return self.chunk_size
         return max(1, _PAIRS_PER_CHUNK // max(n_samples, 1))
 
+    @_serialised
     def prepare_products(self, batch: Batch) -> None:
         """Compute and keep the batch's layer factors now (``nn.Linear`` models,
         within the cache budget), so that the first product is already a
@@ -486,6 +650,7 @@ class TorchGradientProvider(GradientProvider):
         if batch.x.shape[0] > 0:
             self._structured_factors(batch, 0, reuse=True)
 
+    @_serialised
     def hvp(self, batch: Batch, v: Tensor) -> Tensor:
         v = self._check_vectors(v, "v")
         if batch.x.shape[0] > 0 and v.shape[0] > 0:
@@ -518,6 +683,7 @@ class TorchGradientProvider(GradientProvider):
         out = vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(v))
         return self._flatten(out, (v.shape[0],))
 
+    @_serialised
     def hessian(self, batch: Batch) -> Tensor:
         """Dense Hessian of the batch's mean loss, ``(P, P)``.
 
@@ -573,7 +739,8 @@ class TorchGradientProvider(GradientProvider):
         if layout is None:
             return None
         try:
-            h = _lin.linear_hessian(self, layout, batch, self._workspace)
+            with _FORWARD_AD_LOCK:
+                h = _lin.linear_hessian(self, layout, batch, self._workspace)
         except _lin.NotLinearStructured:
             self._linear_structure = False
             return None
@@ -603,14 +770,15 @@ class TorchGradientProvider(GradientProvider):
         if not (worth_once or reuse) and hit is None:
             self._remember(x, (y, versions, None, 0))
             return None
-        size = layout.factor_elements(x.shape[0]) * x.element_size()
+        size = layout.factor_elements(x.shape[0]) * self._dtype.itemsize
         # bytes kept for other batches (stale factors of this one are replaced)
         kept = sum(entry[4] for entry in self._factor_cache.values() if entry[0]() is not x)
         fits = kept + size <= _lin.FACTOR_CACHE_BYTES
         if not (worth_once or fits):
             return None
         try:
-            f = _lin.linear_factors(self, layout, x, y, x.shape[0])
+            with _FORWARD_AD_LOCK:
+                f = _lin.linear_factors(self, layout, x, y, x.shape[0])
         except _lin.NotLinearStructured:
             self._linear_structure = False
             return None
@@ -646,6 +814,7 @@ class TorchGradientProvider(GradientProvider):
         one Kronecker product)."""
         return OrderedDict((k, (w, b)) for k, (_, w, b) in self._linear_modules().items())
 
+    @_serialised
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Per-sample Kronecker factors of each layer in :meth:`kfac_layers`.
 
@@ -943,3 +1112,27 @@ class TorchGradientProvider(GradientProvider):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _training_layers(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm and Dropout layers (p > 0) in training mode."""
+    out = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+        ):
+            out.append(f"{name or 'the model'!r} ({type(m).__name__})")
+    return out
+
+
+def _describe(obj: Any) -> str:
+    """``a tuple of 2``, ``a dict with keys ['logits']``, ``a Tensor of shape (3,)``."""
+    if isinstance(obj, Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return f"a {type(obj).__name__} with keys {list(obj)[:8]}"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {len(obj)} elements"
+    return f"a {type(obj).__name__}"
