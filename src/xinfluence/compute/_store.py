@@ -7,9 +7,10 @@ Layout of a store (a zarr group, a local directory by default)::
     values                the result, chunked exactly like the blocks, so each
                           block is one zarr chunk (written atomically by the
                           local store: a temporary file, then a rename)
-    probe                 the model's factors of the first test point (and the
-                          gradient of the first training point): other
-                          parameters or another fit give other numbers
+    probe_test            the model's factors of the first test point: other
+                          parameters, another fit or other test data give
+                          other numbers
+    probe_train           the gradient of the first training point
     done/<i>.<j>          one empty group per finished block, written after
                           its values; its attributes hold the digests of the
                           block's test and training data
@@ -114,20 +115,19 @@ class BlockStore:
             self.done[(i, j)] = dict(done[name].attrs)
         self.values = group["values"] if "values" in group else None
 
-    def check_probe(self, probe: np.ndarray) -> None:
+    def check_probe(self, name: str, probe: np.ndarray, meaning: str) -> None:
+        """Store ``probe`` under ``name``, or compare it with the stored one."""
         g = self.group
-        if "probe" not in g:
-            g.create_array("probe", data=probe)
+        if name not in g:
+            g.create_array(name, data=probe)
             return
-        stored = np.asarray(g["probe"][...])
+        stored = np.asarray(g[name][...])
         scale = max(float(np.linalg.norm(stored)), 1e-300)
         if stored.shape != probe.shape or not (
             float(np.linalg.norm(stored - probe)) <= PROBE_RTOL * scale
         ):
             raise StoreMismatchError(
-                "the store was written by a model with other parameters or another fit "
-                "(its factors of the first test point differ): use a new store, or "
-                "overwrite=True"
+                f"the store was written with {meaning}: use a new store, or overwrite=True"
             )
 
     def check_done(self, i: int, j: int, test_digest: str, train_digest: str) -> bool:

@@ -401,7 +401,20 @@ class LazyInfluences:
             "train_rows": plan.train_rows if self.kind != "factors" else None,
         }
         bs = _store.open_store(store, fingerprint, overwrite=overwrite)
-        bs.check_probe(self._probe(test, first_train, mapper))
+        probe_test, probe_train = self._probe(test, first_train, mapper)
+        bs.check_probe(
+            "probe_test",
+            probe_test,
+            "another model, other parameters, another fit or other test data (the factors "
+            "of the first test point differ)",
+        )
+        if probe_train is not None:
+            bs.check_probe(
+                "probe_train",
+                probe_train,
+                "other training data or other parameters (the gradient of the first "
+                "training point differs)",
+            )
         # digests of the current test chunk and of the training chunk just checked:
         # _blocks calls skip() right before it computes a block
         last: dict[str, Any] = {"i": -1, "test": "", "train": ""}
@@ -439,28 +452,28 @@ class LazyInfluences:
         )
         return bs.finish(shape)
 
-    def _probe(self, test: Any, first_train: Batch | None, mapper: Any) -> Any:
+    def _probe(self, test: Any, first_train: Batch | None, mapper: Any) -> tuple[Any, Any]:
         """Factors of the first test point (or the given first factor row), and the
         gradient of the first training point: the store's check of the model."""
         import numpy as np
 
         gp = self.calc.model.gradient_provider
         xp = gp.xp
-        parts = []
         if self.kind == "from_factors":
             if isinstance(test, Mapping):
-                parts.append(_concat_blocks({k: v[:1, ...] for k, v in test.items()}, xp))
+                row = _concat_blocks({k: v[:1, ...] for k, v in test.items()}, xp)
             else:
-                parts.append(test[:1, ...])
+                row = test[:1, ...]
         else:
             first, _ = _peek(test, "influences (test points)")
             first = gp.prepare_batch(first)
             one = Batch(first.x[:1, ...], first.y[:1, ...])
-            parts.append(_concat_blocks(mapper.transformed_grads(one), xp))
+            row = _concat_blocks(mapper.transformed_grads(one), xp)
+        train = None
         if first_train is not None:
             one = Batch(first_train.x[:1, ...], first_train.y[:1, ...])
-            parts.append(gp.flat_grads(one))
-        return np.concatenate([np.ravel(_xp.to_numpy(p)) for p in parts])
+            train = np.ravel(_xp.to_numpy(gp.flat_grads(one)))
+        return np.ravel(_xp.to_numpy(row)), train
 
 
 def _digest_test(tchunk: Any) -> str:
