@@ -32,6 +32,8 @@ __all__ = ["ChunkPlan", "plan_chunks", "rebatch", "as_batches", "chunked_interac
 #: Arrays of ``(n, P)`` one test sample costs at once: its gradients, its factors
 #: and an iterative solver's work vectors (block CG keeps about four).
 _TEST_COPIES = 6
+#: Largest test chunk when the number of test points is not known in advance.
+MAX_TEST_ROWS = 8192
 
 
 def model_budget(model: Any) -> int:
@@ -56,13 +58,17 @@ def plan_chunks(
     budget: int,
     test_rows: int | None = None,
     train_rows: int | None = None,
+    n_test: int | None = None,
 ) -> ChunkPlan:
     """Chunk sizes for one query on batches shaped like ``sample``.
 
     Per test sample: ``bytes_per_sample`` plus ``_TEST_COPIES * P * itemsize``;
     per training sample: ``bytes_per_sample`` (times ``prod(D)`` for the mixed
     derivatives of the perturbation mode) plus its column of the output block.
-    Explicit ``test_rows`` / ``train_rows`` win over the budget.
+    Explicit ``test_rows`` / ``train_rows`` win over the budget. The test chunk
+    is at most ``n_test`` rows (the number of test points, where known; else at
+    most :data:`MAX_TEST_ROWS`), so that the output block of a few test points
+    does not starve the training chunk.
     """
     itemsize = int(getattr(gp.dtype, "itemsize", 8) or 8)
     p = gp.n_parameters
@@ -72,6 +78,7 @@ def plan_chunks(
     per_sample = max(int(gp.bytes_per_sample(sample)), p * itemsize)
     if test_rows is None:
         test_rows = max(1, (budget // 2) // (per_sample + _TEST_COPIES * p * itemsize))
+        test_rows = min(test_rows, n_test if n_test is not None else MAX_TEST_ROWS)
     if train_rows is None:
         per_train = per_sample * trailing + test_rows * trailing * itemsize
         train_rows = max(1, (budget // 2) // per_train)
@@ -176,7 +183,7 @@ def chunked_interactions(
     once per test chunk and contracted with each training chunk."""
     gp = model.gradient_provider
     xp = gp.xp
-    plan = plan_chunks(gp, left, mode, budget=model_budget(model))
+    plan = plan_chunks(gp, left, mode, budget=model_budget(model), n_test=max(len(left), 1))
     if right is None:
         right_batches: Iterable[Batch] = [left]
     else:
@@ -213,7 +220,9 @@ def chunked_factors(
 ) -> OrderedDict[str, Array]:
     """Per-block influence factors of ``batch``, in test chunks sized by the budget."""
     gp = model.gradient_provider
-    plan = plan_chunks(gp, batch, InfluenceMode.Up, budget=model_budget(model))
+    plan = plan_chunks(
+        gp, batch, InfluenceMode.Up, budget=model_budget(model), n_test=max(len(batch), 1)
+    )
     if len(batch) <= plan.test_rows:
         return mapper.transformed_grads(batch)
     parts: OrderedDict[str, list[Array]] = OrderedDict(
