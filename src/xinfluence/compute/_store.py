@@ -69,7 +69,9 @@ def model_options(model: Any) -> dict[str, Any]:
     options), as stored in a fingerprint."""
     opts = {}
     for key, value in sorted(vars(model).items()):
-        if key in _NOT_OPTIONS:
+        # public settings and the solver options; other private state (caches,
+        # version counters) may differ between processes for the same model
+        if key in _NOT_OPTIONS or (key.startswith("_") and key != "_options"):
             continue
         plain = _plain(value)
         if plain is not None or value is None:
