@@ -10,6 +10,7 @@ from typing import Any, final
 import numpy as np
 
 from . import _xp
+from ._progress import Reporter
 from ._xp import Array
 from .curvature import Curvature, Dataset
 from .errors import (
@@ -610,6 +611,7 @@ class LissaOperator(Operator):
         best = t  # the iterate with the smallest known worst relative residual
         best_ratio = np.inf
         best_residuals: np.ndarray | None = None
+        progress = Reporter("LiSSA", o.maxiter)
         for it in range(1, o.maxiter + 1):
             product = matmat(h) + reg * h
             new = t + keep * h - product / scale
@@ -640,6 +642,8 @@ class LissaOperator(Operator):
                 if np.all(residuals <= tol):
                     break
             h = new
+            if progress.due():
+                progress.report(it, f"best relative residual / rtol {best_ratio:.3e}")
         self.iterations = it
         if best_residuals is None:  # never measured: measure the last iterate
             full = self.curvature.matmat(h) + reg * h

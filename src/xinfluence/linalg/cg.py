@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from .. import _xp
+from .._progress import Reporter
 from .._xp import Array, Namespace
 from ..errors import (
     NonFiniteError,
@@ -146,6 +147,7 @@ def cg(
     all_done = bool(flags[0])
     if bool(flags[1]):
         raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=0))
+    progress = Reporter("CG", maxiter)
     while True:
         while not all_done and iterations < maxiter:
             active = ~done
@@ -193,6 +195,9 @@ def cg(
             all_done, indefinite_a, indefinite_m, nonfinite = (bool(f) for f in flags[:4])
             if np.isfinite(flags[4]):
                 operator_norm = max(operator_norm, float(flags[4]))
+            if progress.due():
+                worst = float(_xp.to_numpy(xp.max(row_norms(r, xp=xp))))
+                progress.report(iterations, f"largest residual {worst:.3e}")
             if nonfinite:
                 raise NonFiniteError(
                     f"conjugate gradients produced NaN or inf at iteration {iterations}: "
