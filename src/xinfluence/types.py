@@ -225,7 +225,8 @@ class GradientProvider(ABC):
 @runtime_checkable
 class KroneckerFactorProvider(Protocol):
     """Optional provider capability for EK-FAC: dense layers whose per-sample
-    weight gradient is the outer product ``s_n a_n^T``."""
+    weight gradient is the outer product ``s_n a_n^T``, or convolutions whose
+    per-sample weight gradient is ``sum_t s_nt a_nt^T`` over output positions."""
 
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
         """Layer name -> (weight parameter name, bias parameter name or None)."""
@@ -233,7 +234,8 @@ class KroneckerFactorProvider(Protocol):
 
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
         """Layer name -> inputs ``a`` ``(N, I)`` and per-sample loss gradients
-        ``s`` ``(N, O)`` at the layer's outputs."""
+        ``s`` ``(N, O)`` at the layer's outputs; for a convolution, per output
+        position: patches ``a`` ``(N, T, I)`` and gradients ``s`` ``(N, T, O)``."""
         ...
 
 

@@ -48,6 +48,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from .. import _xp
 from .._xp import Namespace
 from ..types import Batch, GradientProvider
+from . import _torch_conv as _conv
 from . import _torch_linear as _lin
 
 __all__ = ["TorchGradientProvider"]
@@ -586,38 +587,48 @@ class TorchGradientProvider(GradientProvider):
         self._factor_cache[key] = (weakref.ref(x), *entry)
 
     # -- EK-FAC support -------------------------------------------------------
-    def _linear_modules(self) -> OrderedDict[str, tuple[nn.Linear, str, str | None]]:
-        """The ``nn.Linear`` layers whose weight is a parameter of this provider."""
+    def _kfac_modules(self) -> OrderedDict[str, tuple[nn.Module, str, str | None]]:
+        """The ``nn.Linear`` and supported ``nn.Conv2d`` layers whose weight is a
+        parameter of this provider, in module order."""
+        layers: dict[str, tuple[nn.Module, str | None, str | None]] = {
+            **_lin.linear_param_layers(self.model, self._active),
+            **_conv.conv_param_layers(self.model, self._active),
+        }
+        order = {name or "root": i for i, (name, _) in enumerate(self.model.named_modules())}
         return OrderedDict(
             (k, (m, w, b))
-            for k, (m, w, b) in _lin.linear_param_layers(self.model, self._active).items()
+            for k, (m, w, b) in sorted(layers.items(), key=lambda kv: order[kv[0]])
             if w is not None
         )
 
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
-        """The ``nn.Linear`` layers whose weight is a parameter of this provider:
-        layer name (module name, ``"root"`` for the model itself) -> ``(weight
-        name, bias name or None)``. A frozen bias is ``None``; layers whose weight
-        or bias is tied to another module are left out (their gradients are not
-        one Kronecker product)."""
-        return OrderedDict((k, (w, b)) for k, (_, w, b) in self._linear_modules().items())
+        """The ``nn.Linear`` and ``nn.Conv2d`` layers whose weight is a parameter of
+        this provider: layer name (module name, ``"root"`` for the model itself) ->
+        ``(weight name, bias name or None)``. A frozen bias is ``None``; layers
+        whose weight or bias is tied to another module are left out (their
+        gradients are not one Kronecker product), and so are convolutions with
+        ``groups > 1`` or a padding mode other than zeros."""
+        return OrderedDict((k, (w, b)) for k, (_, w, b) in self._kfac_modules().items())
 
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Per-sample Kronecker factors of each layer in :meth:`kfac_layers`.
 
-        Returns layer name -> ``(a, s)`` with ``a`` the layer inputs ``(N, in)``
-        and ``s = d l_n / d out_n`` the gradient of the per-sample loss with
-        respect to the layer's output ``(N, out)``, so that the per-sample weight
-        gradient is ``outer(s_n, a_n)`` and the bias gradient ``s_n``. Only
-        layers applied once per forward pass to 2-D inputs are supported. The
+        Returns layer name -> ``(a, s)``. For ``nn.Linear``: ``a`` the layer
+        inputs ``(N, in)`` and ``s = d l_n / d out_n`` the gradient of the
+        per-sample loss with respect to the layer's output ``(N, out)``, so that
+        the per-sample weight gradient is ``outer(s_n, a_n)`` and the bias
+        gradient ``s_n``. For ``nn.Conv2d``: ``a`` the unfolded input patches
+        ``(N, T, C*kh*kw)`` and ``s`` the output gradients ``(N, T, O)`` at the
+        ``T`` output positions, so that the weight gradient (flattened to
+        ``(O, C*kh*kw)``) is ``s_n^T a_n`` and the bias gradient ``sum_t s_nt``.
+        Linear layers must be applied once per forward pass to 2-D inputs. The
         model runs once on the whole batch (eval mode: samples independent).
         """
-        layers = self._linear_modules()
+        layers = self._kfac_modules()
         x, y = batch.x, batch.y
         if not layers or x.shape[0] == 0:
             return OrderedDict(
-                (k, (self._zeros(0, m.in_features), self._zeros(0, m.out_features)))
-                for k, (m, _, _) in layers.items()
+                (k, _empty_factors(m, self._zeros)) for k, (m, _, _) in layers.items()
             )
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -633,7 +644,9 @@ class TorchGradientProvider(GradientProvider):
                         "only positional argument (keyword inputs do not reach forward hooks)"
                     )
                 a = inputs[0]
-                if a.ndim != 2:
+                if isinstance(module, nn.Conv2d):
+                    a = _conv.unfold_input(module, a)
+                elif a.ndim != 2:
                     raise ValueError(
                         f"kfac_factors supports 2-D layer inputs (N, features) only; layer "
                         f"{layer!r} got shape {tuple(a.shape)}"
@@ -663,7 +676,8 @@ class TorchGradientProvider(GradientProvider):
         result: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         for layer, s in zip(layers, grads, strict=True):
             a, delta = store[layer]
-            result[layer] = (a, torch.zeros_like(delta) if s is None else s.detach())
+            s = torch.zeros_like(delta) if s is None else s.detach()
+            result[layer] = (a, _conv.output_grads(s) if s.ndim == 4 else s)
         return result
 
     def __repr__(self) -> str:
@@ -671,6 +685,15 @@ class TorchGradientProvider(GradientProvider):
             f"TorchGradientProvider({type(self.model).__name__}, P={self.n_parameters}, "
             f"dtype={self._dtype}, device={self._device})"
         )
+
+
+def _empty_factors(module: nn.Module, zeros: Callable[..., Tensor]) -> tuple[Tensor, Tensor]:
+    """Factors of an empty batch for one layer of :meth:`TorchGradientProvider.kfac_factors`."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return zeros(0, 0, module.in_channels * kh * kw), zeros(0, 0, module.out_channels)
+    assert isinstance(module, nn.Linear)
+    return zeros(0, module.in_features), zeros(0, module.out_features)
 
 
 def _first_line(exc: BaseException) -> str:
