@@ -8,6 +8,7 @@ gradients from running the two halves of an ``nn.Sequential`` by hand.
 
 from __future__ import annotations
 
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,6 +18,7 @@ from torch import nn  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
 from xinfluence import Batch  # noqa: E402
+from xinfluence.backends import torch as torch_backend  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
 
 F64 = torch.float64
@@ -275,3 +277,57 @@ def test_conv_covering_the_image_equals_a_linear_layer():
         infl = xi.EkfacInfluence(gp, regularization=1e-3).fit([(x[:5], y[:5]), (x[5:], y[5:])])
         scores.append(infl.influences(x[:3], y[:3], x, y))
     assert rel_err(scores[0], scores[1]) < 1e-10
+
+
+# -- memory-aware chunking -----------------------------------------------------------
+
+
+def activation_bytes(model: nn.Sequential, x) -> int:
+    """One sample's input and every layer's output, in bytes, layer by layer."""
+    h, total = x[:1], x[:1].numel()
+    with torch.no_grad():
+        for layer in model:
+            h = layer(h)
+            total += h.numel()
+    return total * 8
+
+
+def test_chunks_follow_the_memory_budget(monkeypatch):
+    model = small_cnn("stride")
+    x, y = data(10)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    v = torch.randn(13, gp.n_parameters, dtype=F64)
+    ref_h = gp.hvp(batch, v)
+    ref_j = gp.jacobian_prod(batch, v)
+    ref_g = gp.flat_grads(batch)
+
+    calls: list[int | None] = []
+    real_vmap = torch_backend.vmap
+
+    def counting_vmap(fn, *args, chunk_size=None, **kwargs):
+        if chunk_size is not None:  # the per-sample loss over outputs is not chunked
+            calls.append(chunk_size)
+        return real_vmap(fn, *args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "vmap", counting_vmap)
+    act, p = activation_bytes(model, x), gp.n_parameters
+    assert gp._activation_bytes(x) == act
+    per_vector = 10 * act * torch_backend._PRODUCT_ACTIVATION_COPIES + 2 * p * 8
+    per_sample = act * torch_backend._GRAD_ACTIVATION_COPIES + 2 * p * 8
+    budget = 4 * per_vector + 7
+    with xi.memory_budget_scope(budget):
+        h = gp.hvp(batch, v)
+        assert calls == [4]  # 13 vectors in 4 chunks
+        calls.clear()
+        assert rel_err(gp.jacobian_prod(batch, v), ref_j) < 1e-12
+        assert calls == [4]
+    assert rel_err(h, ref_h) < 1e-12
+    with xi.memory_budget_scope(3 * per_sample + 1):
+        calls.clear()
+        assert rel_err(gp.flat_grads(batch), ref_g) < 1e-12
+        assert calls == [3]  # 10 samples in 4 chunks
+    with xi.memory_budget_scope(1):  # below one vector: one at a time, still right
+        calls.clear()
+        assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
+        assert calls == [1]

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .. import _xp
+from .._config import memory_budget
 from .._xp import Namespace
 from ..types import Batch, GradientProvider
 from . import _torch_conv as _conv
@@ -67,6 +68,12 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _PAIRS_PER_CHUNK = 2**16
+# Copies of a sample's activations that one (sample, vector) pair of a vectorised
+# product holds at its peak (values, tangents, cotangents and their tangents,
+# temporaries), and that one sample of the per-sample gradients holds; calibrated
+# by peak-memory measurements (benchmarks/run_large_models.py).
+_PRODUCT_ACTIVATION_COPIES = 6
+_GRAD_ACTIVATION_COPIES = 4
 
 _STOCHASTIC_OR_BATCH_COUPLED = (
     nn.modules.batchnorm._BatchNorm,
@@ -93,8 +100,11 @@ class TorchGradientProvider(GradientProvider):
         each new shape is checked by running the model on one sample.
     chunk_size:
         Vectors per vectorised chunk in the products over ``K`` vectors
-        (``jacobian_prod``, ``hvp``, ``hessian``). Default: about ``2**16 / N``,
-        which bounds the intermediates (``chunk x N x layer width``).
+        (``jacobian_prod``, ``hvp``, ``hessian``). Default: as many as
+        :func:`xinfluence.memory_budget` holds, counting the activations of the
+        ``N`` samples for each vector (measured once per input shape by a
+        forward pass on one sample), and at most about ``2**16 / N``. The
+        per-sample gradients are chunked over samples by the same budget.
     forward_ad:
         Use forward-mode products (``jvp``) for ``jacobian_prod`` and
         ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
@@ -190,6 +200,7 @@ class TorchGradientProvider(GradientProvider):
         self._trainable = trainable
         self._constants = constants
         self._checked: set[tuple[Any, ...]] = set()  # shared with restrictions
+        self._activation_cache: dict[tuple[Any, ...], int] = {}  # shared with restrictions
         self._set_active(tuple(trainable))
 
     def _set_active(self, names: tuple[str, ...]) -> None:
@@ -372,7 +383,9 @@ class TorchGradientProvider(GradientProvider):
         x, y = batch.x, batch.y
         if x.shape[0] == 0:
             return self._zeros(0, self.n_parameters)
-        g = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self._active, x, y)
+        g = vmap(grad(self._sample_loss), in_dims=(None, 0, 0), chunk_size=self._sample_chunk(x))(
+            self._active, x, y
+        )
         return self._flatten(g, (x.shape[0],))
 
     def flat_mixed_grads(self, batch: Batch) -> Tensor:
@@ -425,14 +438,58 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Tensor:  # (N,)
             return jvp(losses, (active,), (t,))[1]
 
-        return vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(g)).T
+        return vmap(one, chunk_size=self._chunk(x))(self._unflatten(g)).T
 
-    def _chunk(self, n_samples: int) -> int:
-        """Vectors per vectorised chunk: ``chunk_size``, or about ``2**16`` sample-vector
-        pairs (intermediates of size chunk x N x width stay cache- and memory-friendly)."""
+    def _chunk(self, x: Tensor) -> int:
+        """Vectors per vectorised chunk over the batch ``x``: ``chunk_size``, or as
+        many as the memory budget holds, counting for each vector the
+        activations of all samples (:meth:`_activation_bytes`, times
+        ``_PRODUCT_ACTIVATION_COPIES``) and two parameter-sized rows, and at most
+        about ``2**16`` sample-vector pairs (larger chunks gain no speed)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1, _PAIRS_PER_CHUNK // max(n_samples, 1))
+        n = max(int(x.shape[0]), 1)
+        per_vector = (
+            n * self._activation_bytes(x) * _PRODUCT_ACTIVATION_COPIES
+            + 2 * self.n_parameters * x.element_size()
+        )
+        return max(1, min(_PAIRS_PER_CHUNK // n, memory_budget() // per_vector))
+
+    def _sample_chunk(self, x: Tensor) -> int:
+        """Samples per vectorised chunk of the per-sample gradients: as many as the
+        memory budget holds (each sample's activations times
+        ``_GRAD_ACTIVATION_COPIES``, and its gradient row twice)."""
+        per_sample = (
+            self._activation_bytes(x) * _GRAD_ACTIVATION_COPIES
+            + 2 * self.n_parameters * x.element_size()
+        )
+        return max(1, memory_budget() // per_sample)
+
+    def _activation_bytes(self, x: Tensor) -> int:
+        """Bytes of one sample's activations: its input and the outputs of every
+        leaf module, measured by one forward pass on one sample with hooks (once
+        per input shape and dtype)."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        cached = self._activation_cache.get(key)
+        if cached is not None:
+            return cached
+        total = [x[:1].numel() * x.element_size()]
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            for t in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(t, Tensor):
+                    total[0] += t.numel() * t.element_size()
+
+        leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                self._forward(self._active, x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        self._activation_cache[key] = total[0]
+        return total[0]
 
     def prepare_products(self, batch: Batch) -> None:
         """Compute and keep the batch's layer factors now (``nn.Linear`` models,
@@ -470,7 +527,7 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Params:
             return pullback(t)[0]
 
-        out = vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(v))
+        out = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
         return self._flatten(out, (v.shape[0],))
 
     def hessian(self, batch: Batch) -> Tensor:
@@ -484,7 +541,7 @@ class TorchGradientProvider(GradientProvider):
         that fails the check takes the general path.
 
         The general path: reverse-over-reverse products with the identity,
-        vectorised in chunks (``chunk_size``, or about ``2**16 / N`` rows).
+        vectorised in chunks (``chunk_size``, or sized by the memory budget).
         """
         if batch.x.shape[0] > 0:
             h = self._structured_hessian(batch)
