@@ -8,6 +8,7 @@ gradients from running the two halves of an ``nn.Sequential`` by hand.
 
 from __future__ import annotations
 
+import math
 
 import pytest
 
@@ -18,6 +19,7 @@ from torch import nn  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
 from xinfluence import Batch  # noqa: E402
+from xinfluence.backends import _torch_conv  # noqa: E402
 from xinfluence.backends import torch as torch_backend  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
 
@@ -304,25 +306,44 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
 
     calls: list[int | None] = []
     real_vmap = torch_backend.vmap
+    real_chunk = _torch_conv._sequential_hvp_chunk
 
     def counting_vmap(fn, *args, chunk_size=None, **kwargs):
         if chunk_size is not None:  # the per-sample loss over outputs is not chunked
             calls.append(chunk_size)
         return real_vmap(fn, *args, chunk_size=chunk_size, **kwargs)
 
+    def counting_chunk(layout, losses, zs, gs, patches, y, v, out):
+        calls.append(v.shape[0])
+        return real_chunk(layout, losses, zs, gs, patches, y, v, out)
+
     monkeypatch.setattr(torch_backend, "vmap", counting_vmap)
+    monkeypatch.setattr(_torch_conv, "_sequential_hvp_chunk", counting_chunk)
     act, p = activation_bytes(model, x), gp.n_parameters
     assert gp._activation_bytes(x) == act
+    # the structured products: layer outputs six times, conv patches twice
+    patches = 0
+    h = x[:1]
+    with torch.no_grad():
+        for layer in model:
+            out = layer(h)
+            if isinstance(layer, nn.Conv2d):
+                kh, kw = layer.kernel_size
+                patches += layer.in_channels * kh * kw * out.shape[2] * out.shape[3]
+            h = out
+    seq_vector = 10 * 8 * (x[:1].numel() + 2 * patches + 6 * (act // 8 - x[:1].numel()))
+    with xi.memory_budget_scope(5 * seq_vector + 3):
+        assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
+        assert calls == [5, 5, 3]
     per_vector = 10 * act * torch_backend._PRODUCT_ACTIVATION_COPIES + 2 * p * 8
     per_sample = act * torch_backend._GRAD_ACTIVATION_COPIES + 2 * p * 8
-    budget = 4 * per_vector + 7
-    with xi.memory_budget_scope(budget):
-        h = gp.hvp(batch, v)
-        assert calls == [4]  # 13 vectors in 4 chunks
+    with xi.memory_budget_scope(4 * per_vector + 7):
         calls.clear()
         assert rel_err(gp.jacobian_prod(batch, v), ref_j) < 1e-12
+        assert calls == [4]  # 13 vectors in 4 vmap chunks
+        calls.clear()
+        assert rel_err(gp._hvp(batch, v), ref_h) < 1e-12  # the general path
         assert calls == [4]
-    assert rel_err(h, ref_h) < 1e-12
     with xi.memory_budget_scope(3 * per_sample + 1):
         calls.clear()
         assert rel_err(gp.flat_grads(batch), ref_g) < 1e-12
@@ -330,4 +351,59 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
     with xi.memory_budget_scope(1):  # below one vector: one at a time, still right
         calls.clear()
         assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
-        assert calls == [1]
+        assert calls == [1] * 13
+
+
+# -- exact Hessian products of sequential CNNs -----------------------------------------
+
+
+def ref_hessian(model, x, y):
+    """Dense Hessian of the batch's mean loss by torch.autograd.functional.hessian."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat(
+        [p.detach().reshape(-1) for _, p in model.named_parameters() if p.requires_grad]
+    )
+
+    def mean_loss(theta):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes):
+            size = math.prod(shape)
+            params[name] = theta[start : start + size].reshape(shape)
+            start += size
+        out = torch.func.functional_call(model, params, (x,))
+        return F.cross_entropy(out, y)
+
+    return torch.autograd.functional.hessian(mean_loss, flat)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cnn_hessian_products_match_autodiff(variant):
+    model = small_cnn(variant)
+    x, y = data(7)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, x, y)
+    v = torch.randn(5, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(2))
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._conv_structure is True  # the structured path ran
+    assert rel_err(gp.hessian(batch), ref) < 1e-12
+    with xi.memory_budget_scope(1):  # one vector per chunk
+        assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+
+
+def test_cnn_hessian_products_with_frozen_layers():
+    model = small_cnn("plain")
+    model[0].weight.requires_grad_(False)
+    model[6].bias.requires_grad_(False)
+    x, y = data(5)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, x, y)
+    v = torch.randn(3, gp.n_parameters, dtype=F64)
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._conv_structure is True
+    sub = gp.restrict(["2.weight"])
+    idx = gp.parameter_slices["2.weight"]
+    w = torch.randn(2, sub.n_parameters, dtype=F64)
+    assert rel_err(sub.hvp(sub.prepare_batch(Batch(x, y)), w), w @ ref[idx, idx]) < 1e-12

@@ -217,6 +217,10 @@ class TorchGradientProvider(GradientProvider):
         # id(x) -> (weakref to x, y, parameter versions, factors or None, bytes)
         self._factor_cache: dict[int, tuple[Any, ...]] = {}
         self._workspace = _lin.Workspace()
+        # Products of sequential convolutional networks (``_torch_conv``): None
+        # until checked, then whether the structured path holds.
+        self._conv_structure: bool | None = None
+        self._conv_layout: _conv.SequentialLayout | None = None
 
     # -- the model ------------------------------------------------------------
     @property
@@ -504,7 +508,46 @@ class TorchGradientProvider(GradientProvider):
             factors = self._structured_factors(batch, v.shape[0])
             if factors is not None and self._layout is not None:
                 return _lin.linear_hvp(self._layout, factors, v, self._workspace)
+            structured = self._sequential_hvp(batch, v)
+            if structured is not None:
+                return structured
         return self._hvp(batch, v)
+
+    def _sequential_hvp(self, batch: Batch, v: Tensor) -> Tensor | None:
+        """``V H`` by the per-layer forward-over-reverse products of
+        :mod:`xinfluence.backends._torch_conv` for an ``nn.Sequential`` with
+        convolutions, or ``None`` for the general path. The first use is checked
+        against one autodiff product."""
+        if self._conv_structure is False or not self.forward_ad:
+            return None
+        if self._conv_layout is None:
+            try:
+                self._conv_layout = _conv.SequentialLayout.build(
+                    self.model, self._active, self.parameter_slices
+                )
+            except _conv.NotSequentialStructured:
+                self._conv_structure = False
+                return None
+        layout, x, y = self._conv_layout, batch.x, batch.y
+        per_vector = x.shape[0] * _conv.sequential_vector_bytes(layout, x)
+        chunk = self.chunk_size or max(1, memory_budget() // max(per_vector, 1))
+
+        def matmat(w: Tensor) -> Tensor:
+            return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
+
+        if self._conv_structure is None:
+            gen = torch.Generator(device=self._device).manual_seed(0)
+            probe = torch.randn(
+                1, self.n_parameters, generator=gen, dtype=self._dtype, device=self._device
+            )
+            ref = self._hvp(batch, probe)
+            err = torch.linalg.vector_norm(matmat(probe) - ref) / torch.linalg.vector_norm(
+                ref
+            ).clamp_min(torch.finfo(self._dtype).tiny)
+            self._conv_structure = bool(err <= max(1e-6, 1e4 * torch.finfo(self._dtype).eps))
+            if not self._conv_structure:
+                return None
+        return matmat(v)
 
     def _hvp(self, batch: Batch, v: Tensor) -> Tensor:
         """``V H`` by reverse-over-reverse products (``H`` is symmetric, so its
@@ -549,7 +592,9 @@ class TorchGradientProvider(GradientProvider):
                 return h
         p = self.n_parameters
         eye = torch.eye(p, dtype=self._dtype, device=self._device)
-        h = self._hvp(batch, eye)
+        h = self._sequential_hvp(batch, eye) if batch.x.shape[0] > 0 else None
+        if h is None:
+            h = self._hvp(batch, eye)
         return (h + h.T) / 2
 
     def _linear_layout(self) -> _lin.LinearLayout | None:
