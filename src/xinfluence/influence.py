@@ -25,8 +25,9 @@ from typing import Any, TypeVar, final
 import numpy as np
 
 from . import _chunking, _xp
+from ._config import memory_budget
 from ._state import PicklableState
-from ._xp import Array
+from ._xp import Array, Namespace
 from .blocks import resolve_block_structure, resolve_regularization
 from .curvature import Curvature, Dataset, make_curvature
 from .errors import NonFiniteError, NotFittedError, StaleFitError
@@ -740,6 +741,21 @@ class InverseHarmonicMeanInfluence(ComposableInfluence):
         return InverseHarmonicMeanOperator(gp, data, regularization)
 
 
+def _rotated_gradient_squares(s_rot: Array, a_rot: Array, *, xp: Namespace) -> Array:
+    """``sum_n (s_n^T a_n)**2`` ``(O, I)`` for ``s_rot`` ``(N, T, O)`` and ``a_rot``
+    ``(N, T, I)`` (the rotated per-sample gradients of a convolution), over
+    chunks of samples so that the ``(chunk, O, I)`` gradients fit the memory
+    budget."""
+    n, o, i = s_rot.shape[0], s_rot.shape[2], a_rot.shape[2]
+    per_sample = 2 * o * i * (xp.finfo(s_rot.dtype).bits // 8)
+    step = max(1, min(n, memory_budget() // max(per_sample, 1)))
+    total = xp.zeros((o, i), dtype=s_rot.dtype, device=_xp.device_of(s_rot))
+    for lo in range(0, n, step):
+        g = xp.matrix_transpose(s_rot[lo : lo + step]) @ a_rot[lo : lo + step]
+        total = total + xp.sum(g * g, axis=0)
+    return total
+
+
 @final
 class EkfacInfluence(ComposableInfluence):
     """EK-FAC (George et al. 2018): per dense layer, the layer's block of the
@@ -771,6 +787,18 @@ class EkfacInfluence(ComposableInfluence):
     layer. Blocks are the layers; every parameter must belong to one (freeze or
     restrict the others). ``fit`` makes one pass over the data for the factors
     and, with ``update_diagonal``, a second one for the eigenvalues.
+    inputs ``a`` ``(N, I)`` and output gradients ``s`` ``(N, O)``), as the torch
+    provider does for ``nn.Linear`` layers, the jax provider for declared dense
+    layers and the array-API GLMs for their one layer. Blocks are the layers;
+    every parameter must belong to one (freeze or restrict the others).
+
+    Convolutions (the torch provider's ``nn.Conv2d`` layers) give their factors
+    per output position, ``a`` ``(N, T, I)`` and ``s`` ``(N, T, O)``; their
+    factors follow KFC (Grosse & Martens 2016): ``A = mean_n sum_t a_nt a_nt^T``,
+    ``S = mean_n (1/T) sum_t s_nt s_nt^T``, and the corrected eigenvalues are
+    ``mean_n (Q_S^T G_n Q_A)**2`` with the exact per-sample gradients
+    ``G_n = sum_t s_nt a_nt^T`` (summed over the ``C`` pseudo-gradients
+    ``s_nct`` for the Gauss-Newton curvature).
     """
 
     def __init__(
@@ -839,24 +867,38 @@ class EkfacInfluence(ComposableInfluence):
         def augmented(layer: str, a: Array) -> Array:
             if layers[layer][1] is None:
                 return a
-            ones = xp.ones((a.shape[0], 1), dtype=a.dtype, device=_xp.device_of(a))
-            return xp.concat([a, ones], axis=1)
+            ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=_xp.device_of(a))
+            return xp.concat([a, ones], axis=-1)
 
+        # Dense layers give a (N, I), s (N, C, O); convolutions (KFC) the patches
+        # and output gradients at T positions, a (N, T, I), s (N, C, T, O), with
+        # the per-sample weight gradients sum_t s_nct a_nt^T: A = mean_n sum_t a a^T,
+        # S = mean_n (1/T) sum_{c,t} s s^T. C = 1 for the empirical Fisher.
         def layer_factors(batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
-            """Layer -> inputs ``(N, I)`` and (pseudo-)gradients ``(N, C, O)``."""
             if self.second_order == "gauss_newton":
-                return gp.kfac_ggn_factors(batch)  # type: ignore[attr-defined]
-            return OrderedDict(
-                (k, (a, s[:, None, :])) for k, (a, s) in factors.kfac_factors(batch).items()
-            )
+                out = gp.kfac_ggn_factors(batch)  # type: ignore[attr-defined]
+            else:
+                out = OrderedDict(
+                    (k, (a, s[:, None, ...])) for k, (a, s) in factors.kfac_factors(batch).items()
+                )
+            missing = [k for k in layers if k not in out]
+            if missing:
+                raise ValueError(
+                    f"EkfacInfluence: the provider gave no factors for layers {missing} "
+                    f"(second_order={self.second_order!r}); use second_order="
+                    "'empirical_fisher' for them"
+                )
+            return out
 
         cov: dict[str, list[Array]] = {}
         n = 0
         for batch in dataset:
             for layer, (a, s) in layer_factors(batch).items():
                 a = augmented(layer, a)
-                s = xp.reshape(s, (-1, s.shape[-1]))  # all C columns of all samples
-                terms = [xp.matrix_transpose(a) @ a, xp.matrix_transpose(s) @ s]
+                positions = 1 if a.ndim == 2 else int(a.shape[1])
+                a2 = xp.reshape(a, (-1, a.shape[-1]))
+                s2 = xp.reshape(s, (-1, s.shape[-1]))  # all C columns (and T positions)
+                terms = [xp.matrix_transpose(a2) @ a2, xp.matrix_transpose(s2) @ s2 / positions]
                 cov[layer] = (
                     terms if layer not in cov else [c + t for c, t in zip(cov[layer], terms)]
                 )
@@ -874,9 +916,14 @@ class EkfacInfluence(ComposableInfluence):
                 for layer, (a, s) in layer_factors(batch).items():
                     q_s, q_a, _ = bases[layer]
                     a_rot, s_rot = augmented(layer, a) @ q_a, s @ q_s
-                    # Lambda[o, i] = mean_n sum_c (Q_S^T s_nc)[o]^2 (Q_A^T a_n)[i]^2
-                    s_sq = xp.sum(s_rot * s_rot, axis=1)
-                    term = xp.matrix_transpose(s_sq) @ (a_rot * a_rot)
+                    if a.ndim == 2:
+                        # Lambda[o, i] = mean_n sum_c (Q_S^T s_nc)[o]^2 (Q_A^T a_n)[i]^2
+                        s_sq = xp.sum(s_rot * s_rot, axis=1)
+                        term = xp.matrix_transpose(s_sq) @ (a_rot * a_rot)
+                    else:
+                        term = _rotated_gradient_squares(s_rot[:, 0, ...], a_rot, xp=xp)
+                        for c in range(1, s_rot.shape[1]):
+                            term = term + _rotated_gradient_squares(s_rot[:, c, ...], a_rot, xp=xp)
                     corrected[layer] = term if layer not in corrected else corrected[layer] + term
             bases = {k: (q_s, q_a, corrected[k] / n) for k, (q_s, q_a, _) in bases.items()}
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()

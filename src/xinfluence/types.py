@@ -337,7 +337,8 @@ class GradientProvider(PicklableState, ABC):
 @runtime_checkable
 class KroneckerFactorProvider(Protocol):
     """Optional provider capability for EK-FAC: dense layers whose per-sample
-    weight gradient is the outer product ``s_n a_n^T``.
+    weight gradient is the outer product ``s_n a_n^T``, or convolutions whose
+    per-sample weight gradient is ``sum_t s_nt a_nt^T`` over output positions.
 
     For ``second_order="gauss_newton"`` a provider also offers
     ``kfac_ggn_factors(batch)``: layer -> inputs ``a`` ``(N, I)`` and
@@ -354,7 +355,8 @@ class KroneckerFactorProvider(Protocol):
 
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
         """Layer name -> inputs ``a`` ``(N, I)`` and per-sample loss gradients
-        ``s`` ``(N, O)`` at the layer's outputs."""
+        ``s`` ``(N, O)`` at the layer's outputs; for a convolution, per output
+        position: patches ``a`` ``(N, T, I)`` and gradients ``s`` ``(N, T, O)``."""
         ...
 
 

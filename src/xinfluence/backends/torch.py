@@ -50,10 +50,12 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import _xp
+from .._config import memory_budget
 from .._state import check_picklable_function, fingerprint
 from .._xp import Namespace
 from ..errors import user_stacklevel
 from ..types import Batch, GradientProvider
+from . import _torch_conv as _conv
 from . import _torch_linear as _lin
 
 __all__ = ["TorchGradientProvider"]
@@ -72,6 +74,12 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _PAIRS_PER_CHUNK = 2**16
+# Copies of a sample's activations that one (sample, vector) pair of a vectorised
+# product holds at its peak (values, tangents, cotangents and their tangents,
+# temporaries), and that one sample of the per-sample gradients holds; calibrated
+# by peak-memory measurements (benchmarks/run_large_models.py).
+_PRODUCT_ACTIVATION_COPIES = 6
+_GRAD_ACTIVATION_COPIES = 4
 
 # One re-entrant lock per nn.Module, shared by every provider wrapping it (and
 # their restrictions). ``functional_call`` swaps the module's parameters while it
@@ -171,8 +179,11 @@ class TorchGradientProvider(GradientProvider):
         each new shape is checked by running the model on one sample.
     chunk_size:
         Vectors per vectorised chunk in the products over ``K`` vectors
-        (``jacobian_prod``, ``hvp``, ``hessian``). Default: about ``2**16 / N``,
-        which bounds the intermediates (``chunk x N x layer width``).
+        (``jacobian_prod``, ``hvp``, ``hessian``). Default: as many as
+        :func:`xinfluence.memory_budget` holds, counting the activations of the
+        ``N`` samples for each vector (measured once per input shape by a
+        forward pass on one sample), and at most about ``2**16 / N``. The
+        per-sample gradients are chunked over samples by the same budget.
     forward_ad:
         Use forward-mode products (``jvp``) for ``jacobian_prod`` and
         ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
@@ -301,6 +312,7 @@ class TorchGradientProvider(GradientProvider):
         self._trainable = trainable
         self._constants = constants
         self._checked: set[tuple[Any, ...]] = set()  # shared with restrictions
+        self._activation_cache: dict[tuple[Any, ...], int] = {}  # shared with restrictions
         self._set_active(tuple(trainable))
 
     # -- pickling: tensors are re-read from the model (they are views of its
@@ -343,6 +355,7 @@ class TorchGradientProvider(GradientProvider):
             for n, t in tensors
         )
 
+    @_serialised
     def per_sample_losses(self, batch: Batch) -> Tensor:
         with torch.no_grad():
             return self._losses(self._active, batch.x, batch.y)
@@ -361,6 +374,10 @@ class TorchGradientProvider(GradientProvider):
         # id(x) -> (weakref to x, y, parameter versions, factors or None, bytes)
         self._factor_cache: dict[int, tuple[Any, ...]] = {}
         self._workspace = _lin.Workspace()
+        # Products of sequential convolutional networks (``_torch_conv``): None
+        # until checked, then whether the structured path holds.
+        self._conv_structure: bool | None = None
+        self._conv_layout: _conv.SequentialLayout | None = None
 
     # -- the model ------------------------------------------------------------
     @property
@@ -576,7 +593,9 @@ class TorchGradientProvider(GradientProvider):
         x, y = batch.x, batch.y
         if x.shape[0] == 0:
             return self._zeros(0, self.n_parameters)
-        g = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self._active, x, y)
+        g = vmap(grad(self._sample_loss), in_dims=(None, 0, 0), chunk_size=self._sample_chunk(x))(
+            self._active, x, y
+        )
         return self._flatten(g, (x.shape[0],))
 
     @_serialised
@@ -633,14 +652,58 @@ class TorchGradientProvider(GradientProvider):
             return jvp(losses, (active,), (t,))[1]
 
         with _FORWARD_AD_LOCK:
-            return vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(g)).T
+            return vmap(one, chunk_size=self._chunk(x))(self._unflatten(g)).T
 
-    def _chunk(self, n_samples: int) -> int:
-        """Vectors per vectorised chunk: ``chunk_size``, or about ``2**16`` sample-vector
-        pairs (intermediates of size chunk x N x width stay cache- and memory-friendly)."""
+    def _chunk(self, x: Tensor) -> int:
+        """Vectors per vectorised chunk over the batch ``x``: ``chunk_size``, or as
+        many as the memory budget holds, counting for each vector the
+        activations of all samples (:meth:`_activation_bytes`, times
+        ``_PRODUCT_ACTIVATION_COPIES``) and two parameter-sized rows, and at most
+        about ``2**16`` sample-vector pairs (larger chunks gain no speed)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1, _PAIRS_PER_CHUNK // max(n_samples, 1))
+        n = max(int(x.shape[0]), 1)
+        per_vector = (
+            n * self._activation_bytes(x) * _PRODUCT_ACTIVATION_COPIES
+            + 2 * self.n_parameters * x.element_size()
+        )
+        return max(1, min(_PAIRS_PER_CHUNK // n, memory_budget() // per_vector))
+
+    def _sample_chunk(self, x: Tensor) -> int:
+        """Samples per vectorised chunk of the per-sample gradients: as many as the
+        memory budget holds (each sample's activations times
+        ``_GRAD_ACTIVATION_COPIES``, and its gradient row twice)."""
+        per_sample = (
+            self._activation_bytes(x) * _GRAD_ACTIVATION_COPIES
+            + 2 * self.n_parameters * x.element_size()
+        )
+        return max(1, memory_budget() // per_sample)
+
+    def _activation_bytes(self, x: Tensor) -> int:
+        """Bytes of one sample's activations: its input and the outputs of every
+        leaf module, measured by one forward pass on one sample with hooks (once
+        per input shape and dtype)."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        cached = self._activation_cache.get(key)
+        if cached is not None:
+            return cached
+        total = [x[:1].numel() * x.element_size()]
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            for t in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(t, Tensor):
+                    total[0] += t.numel() * t.element_size()
+
+        leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                self._forward(self._active, x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        self._activation_cache[key] = total[0]
+        return total[0]
 
     @_serialised
     def prepare_products(self, batch: Batch) -> None:
@@ -657,7 +720,46 @@ class TorchGradientProvider(GradientProvider):
             factors = self._structured_factors(batch, v.shape[0])
             if factors is not None and self._layout is not None:
                 return _lin.linear_hvp(self._layout, factors, v, self._workspace)
+            structured = self._sequential_hvp(batch, v)
+            if structured is not None:
+                return structured
         return self._hvp(batch, v)
+
+    def _sequential_hvp(self, batch: Batch, v: Tensor) -> Tensor | None:
+        """``V H`` by the per-layer forward-over-reverse products of
+        :mod:`xinfluence.backends._torch_conv` for an ``nn.Sequential`` with
+        convolutions, or ``None`` for the general path. The first use is checked
+        against one autodiff product."""
+        if self._conv_structure is False or not self.forward_ad:
+            return None
+        if self._conv_layout is None:
+            try:
+                self._conv_layout = _conv.SequentialLayout.build(
+                    self.model, self._active, self.parameter_slices
+                )
+            except _conv.NotSequentialStructured:
+                self._conv_structure = False
+                return None
+        layout, x, y = self._conv_layout, batch.x, batch.y
+        per_vector = x.shape[0] * _conv.sequential_vector_bytes(layout, x)
+        chunk = self.chunk_size or max(1, memory_budget() // max(per_vector, 1))
+
+        def matmat(w: Tensor) -> Tensor:
+            return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
+
+        if self._conv_structure is None:
+            gen = torch.Generator(device=self._device).manual_seed(0)
+            probe = torch.randn(
+                1, self.n_parameters, generator=gen, dtype=self._dtype, device=self._device
+            )
+            ref = self._hvp(batch, probe)
+            err = torch.linalg.vector_norm(matmat(probe) - ref) / torch.linalg.vector_norm(
+                ref
+            ).clamp_min(torch.finfo(self._dtype).tiny)
+            self._conv_structure = bool(err <= max(1e-6, 1e4 * torch.finfo(self._dtype).eps))
+            if not self._conv_structure:
+                return None
+        return matmat(v)
 
     def _hvp(self, batch: Batch, v: Tensor) -> Tensor:
         """``V H`` by reverse-over-reverse products (``H`` is symmetric, so its
@@ -680,7 +782,7 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Params:
             return pullback(t)[0]
 
-        out = vmap(one, chunk_size=self._chunk(x.shape[0]))(self._unflatten(v))
+        out = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
         return self._flatten(out, (v.shape[0],))
 
     @_serialised
@@ -695,7 +797,7 @@ class TorchGradientProvider(GradientProvider):
         that fails the check takes the general path.
 
         The general path: reverse-over-reverse products with the identity,
-        vectorised in chunks (``chunk_size``, or about ``2**16 / N`` rows).
+        vectorised in chunks (``chunk_size``, or sized by the memory budget).
         """
         if batch.x.shape[0] > 0:
             h = self._structured_hessian(batch)
@@ -703,7 +805,9 @@ class TorchGradientProvider(GradientProvider):
                 return h
         p = self.n_parameters
         eye = torch.eye(p, dtype=self._dtype, device=self._device)
-        h = self._hvp(batch, eye)
+        h = self._sequential_hvp(batch, eye) if batch.x.shape[0] > 0 else None
+        if h is None:
+            h = self._hvp(batch, eye)
         return (h + h.T) / 2
 
     def _linear_layout(self) -> _lin.LinearLayout | None:
@@ -798,39 +902,49 @@ class TorchGradientProvider(GradientProvider):
         self._factor_cache[key] = (weakref.ref(x), *entry)
 
     # -- EK-FAC support -------------------------------------------------------
-    def _linear_modules(self) -> OrderedDict[str, tuple[nn.Linear, str, str | None]]:
-        """The ``nn.Linear`` layers whose weight is a parameter of this provider."""
+    def _kfac_modules(self) -> OrderedDict[str, tuple[nn.Module, str, str | None]]:
+        """The ``nn.Linear`` and supported ``nn.Conv2d`` layers whose weight is a
+        parameter of this provider, in module order."""
+        layers: dict[str, tuple[nn.Module, str | None, str | None]] = {
+            **_lin.linear_param_layers(self.model, self._active),
+            **_conv.conv_param_layers(self.model, self._active),
+        }
+        order = {name or "root": i for i, (name, _) in enumerate(self.model.named_modules())}
         return OrderedDict(
             (k, (m, w, b))
-            for k, (m, w, b) in _lin.linear_param_layers(self.model, self._active).items()
+            for k, (m, w, b) in sorted(layers.items(), key=lambda kv: order[kv[0]])
             if w is not None
         )
 
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
-        """The ``nn.Linear`` layers whose weight is a parameter of this provider:
-        layer name (module name, ``"root"`` for the model itself) -> ``(weight
-        name, bias name or None)``. A frozen bias is ``None``; layers whose weight
-        or bias is tied to another module are left out (their gradients are not
-        one Kronecker product)."""
-        return OrderedDict((k, (w, b)) for k, (_, w, b) in self._linear_modules().items())
+        """The ``nn.Linear`` and ``nn.Conv2d`` layers whose weight is a parameter of
+        this provider: layer name (module name, ``"root"`` for the model itself) ->
+        ``(weight name, bias name or None)``. A frozen bias is ``None``; layers
+        whose weight or bias is tied to another module are left out (their
+        gradients are not one Kronecker product), and so are convolutions with
+        ``groups > 1`` or a padding mode other than zeros."""
+        return OrderedDict((k, (w, b)) for k, (_, w, b) in self._kfac_modules().items())
 
     @_serialised
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Per-sample Kronecker factors of each layer in :meth:`kfac_layers`.
 
-        Returns layer name -> ``(a, s)`` with ``a`` the layer inputs ``(N, in)``
-        and ``s = d l_n / d out_n`` the gradient of the per-sample loss with
-        respect to the layer's output ``(N, out)``, so that the per-sample weight
-        gradient is ``outer(s_n, a_n)`` and the bias gradient ``s_n``. Only
-        layers applied once per forward pass to 2-D inputs are supported. The
+        Returns layer name -> ``(a, s)``. For ``nn.Linear``: ``a`` the layer
+        inputs ``(N, in)`` and ``s = d l_n / d out_n`` the gradient of the
+        per-sample loss with respect to the layer's output ``(N, out)``, so that
+        the per-sample weight gradient is ``outer(s_n, a_n)`` and the bias
+        gradient ``s_n``. For ``nn.Conv2d``: ``a`` the unfolded input patches
+        ``(N, T, C*kh*kw)`` and ``s`` the output gradients ``(N, T, O)`` at the
+        ``T`` output positions, so that the weight gradient (flattened to
+        ``(O, C*kh*kw)``) is ``s_n^T a_n`` and the bias gradient ``sum_t s_nt``.
+        Linear layers must be applied once per forward pass to 2-D inputs. The
         model runs once on the whole batch (eval mode: samples independent).
         """
-        layers = self._linear_modules()
+        layers = self._kfac_modules()
         x, y = batch.x, batch.y
         if not layers or x.shape[0] == 0:
             return OrderedDict(
-                (k, (self._zeros(0, m.in_features), self._zeros(0, m.out_features)))
-                for k, (m, _, _) in layers.items()
+                (k, _empty_factors(m, self._zeros)) for k, (m, _, _) in layers.items()
             )
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -846,7 +960,9 @@ class TorchGradientProvider(GradientProvider):
                         "only positional argument (keyword inputs do not reach forward hooks)"
                     )
                 a = inputs[0]
-                if a.ndim != 2:
+                if isinstance(module, nn.Conv2d):
+                    a = _conv.unfold_input(module, a)
+                elif a.ndim != 2:
                     raise ValueError(
                         f"kfac_factors supports 2-D layer inputs (N, features) only; layer "
                         f"{layer!r} got shape {tuple(a.shape)}"
@@ -876,7 +992,8 @@ class TorchGradientProvider(GradientProvider):
         result: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         for layer, s in zip(layers, grads, strict=True):
             a, delta = store[layer]
-            result[layer] = (a, torch.zeros_like(delta) if s is None else s.detach())
+            s = torch.zeros_like(delta) if s is None else s.detach()
+            result[layer] = (a, _conv.output_grads(s) if s.ndim == 4 else s)
         return result
 
     # -- generalized Gauss-Newton -------------------------------------------------
@@ -918,6 +1035,7 @@ class TorchGradientProvider(GradientProvider):
             )
         return vec * lam.clamp_min(0).sqrt()[:, None, :]
 
+    @_serialised
     def ggn_matmat(self, batch: Batch, v: Tensor) -> Tensor:
         """``V G`` for the batch's mean loss: ``J v`` by a forward-mode product through
         the model (``forward_ad=False``: by the transpose of a reverse product),
@@ -965,7 +1083,8 @@ class TorchGradientProvider(GradientProvider):
         if v.shape[0] == 1:
             single = one({k: t[0] for k, t in self._unflatten(v).items()})
             return self._flatten({k: t[None] for k, t in single.items()}, (1,))
-        res = vmap(one, chunk_size=self._chunk(n))(self._unflatten(v))
+        with _FORWARD_AD_LOCK:
+            res = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
         return self._flatten(res, (v.shape[0],))
 
     def _ggn_jacobians(self, batch: Batch) -> Iterator[tuple[Tensor, Tensor]]:
@@ -1028,6 +1147,7 @@ class TorchGradientProvider(GradientProvider):
         cache[key] = (weakref.ref(x), y, versions, (jac, h), size)
         return jac, h
 
+    @_serialised
     def ggn(self, batch: Batch) -> Tensor:
         """Dense Gauss-Newton matrix ``(1/N) sum_i J_i^T H_i J_i``, ``(P, P)``, from
         per-sample output Jacobians (chunked by :func:`xinfluence.memory_budget`)."""
@@ -1038,37 +1158,49 @@ class TorchGradientProvider(GradientProvider):
         g /= max(batch.x.shape[0], 1)
         return (g + g.T) / 2
 
+    @_serialised
     def ggn_diagonal(self, batch: Batch) -> Tensor:
         d = self._zeros(self.n_parameters)
         for jac, h in self._ggn_jacobians(batch):
             d += (jac * torch.bmm(h, jac)).sum((0, 1))
         return d / max(batch.x.shape[0], 1)
 
+    @_serialised
     def kfac_ggn_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Gauss-Newton factors of each layer in :meth:`kfac_layers`: layer ->
         ``(a, s)`` with ``a`` the layer inputs ``(N, in)`` and ``s`` ``(N, M, out)``
         the columns of ``L_i`` (``H_i = L_i L_i^T``, the loss Hessian on the model
         output) back-propagated to the layer's output: ``s[i, c] = J_{out <- z}^T
         L_i[:, c]``. Then the layer's Gauss-Newton block is
-        ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``."""
-        layers = self._linear_modules()
+        ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``. Convolutions give the
+        unfolded patches ``(N, T, in)`` and ``s`` ``(N, M, T, O)``."""
+        layers = self._kfac_modules()
         x, y = batch.x, batch.y
         if not layers or x.shape[0] == 0:
-            return OrderedDict(
-                (k, (self._zeros(0, m.in_features), self._zeros(0, 1, m.out_features)))
-                for k, (m, _, _) in layers.items()
-            )
+            out: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+            for k, (m, _, _) in layers.items():
+                a, s = _empty_factors(m, self._zeros)
+                out[k] = (a, s[:, None, ...])
+            return out
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
         def make_hook(layer: str) -> Callable[..., Tensor]:
             def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-                if layer in store or len(inputs) != 1 or inputs[0].ndim != 2:
+                if layer in store or len(inputs) != 1:
                     raise ValueError(
                         f"kfac_ggn_factors: layer {layer!r} must be applied once per forward "
-                        "pass, to one positional 2-D input (N, features)"
+                        "pass, with its input as the only positional argument"
+                    )
+                a = inputs[0]
+                if isinstance(module, nn.Conv2d):
+                    a = _conv.unfold_input(module, a)
+                elif a.ndim != 2:
+                    raise ValueError(
+                        f"kfac_ggn_factors supports 2-D layer inputs (N, features) only; layer "
+                        f"{layer!r} got shape {tuple(a.shape)}"
                     )
                 delta = torch.zeros_like(output, requires_grad=True)
-                store[layer] = (inputs[0].detach(), delta)
+                store[layer] = (a.detach(), delta)
                 return output + delta
 
             return hook
@@ -1076,19 +1208,19 @@ class TorchGradientProvider(GradientProvider):
         handles = [m.register_forward_hook(make_hook(k)) for k, (m, _, _) in layers.items()]
         try:
             with torch.enable_grad():
-                out = self._forward(self._active, x)
+                out_ = self._forward(self._active, x)
                 missing = [k for k in layers if k not in store]
                 if missing:
                     raise ValueError(f"kfac_ggn_factors: layers {missing} were not called")
-                root = self._output_hessian_root(out, y)  # (N, M, C)
+                root = self._output_hessian_root(out_, y)  # (N, M, C)
                 deltas = [store[k][1] for k in layers]
                 n_cols = root.shape[2]
                 cols: list[tuple[Tensor | None, ...]] = []
                 for c in range(n_cols):
-                    cot = root[:, :, c].reshape(out.shape)
+                    cot = root[:, :, c].reshape(out_.shape)
                     cols.append(
                         torch.autograd.grad(
-                            out, deltas, cot, retain_graph=c + 1 < n_cols, allow_unused=True
+                            out_, deltas, cot, retain_graph=c + 1 < n_cols, allow_unused=True
                         )
                     )
         finally:
@@ -1097,9 +1229,10 @@ class TorchGradientProvider(GradientProvider):
         result: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         for j, layer in enumerate(layers):
             a, delta = store[layer]
-            s = [col[j] for col in cols]
-            s_all = [torch.zeros_like(delta) if t is None else t for t in s]
-            result[layer] = (a, torch.stack(s_all, dim=1).detach())
+            s_all = [torch.zeros_like(delta) if col[j] is None else col[j] for col in cols]
+            # dense (N, out) -> (N, C, out); conv (N, O, H, W) -> (N, C, T, O)
+            s_cols = [_conv.output_grads(t) if t.ndim == 4 else t for t in s_all]
+            result[layer] = (a, torch.stack(s_cols, dim=1).detach())
         return result
 
     def __repr__(self) -> str:
@@ -1107,6 +1240,15 @@ class TorchGradientProvider(GradientProvider):
             f"TorchGradientProvider({type(self.model).__name__}, P={self.n_parameters}, "
             f"dtype={self._dtype}, device={self._device})"
         )
+
+
+def _empty_factors(module: nn.Module, zeros: Callable[..., Tensor]) -> tuple[Tensor, Tensor]:
+    """Factors of an empty batch for one layer of :meth:`TorchGradientProvider.kfac_factors`."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return zeros(0, 0, module.in_channels * kh * kw), zeros(0, 0, module.out_channels)
+    assert isinstance(module, nn.Linear)
+    return zeros(0, module.in_features), zeros(0, module.out_features)
 
 
 def _first_line(exc: BaseException) -> str:

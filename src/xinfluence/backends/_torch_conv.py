@@ -1,0 +1,399 @@
+"""Per-sample layer quantities of ``nn.Conv2d`` layers (Grosse & Martens 2016, "KFC").
+
+A ``Conv2d`` with ``groups=1`` and zero padding is a dense layer applied at every
+output position ``t`` (``T = H_out * W_out`` of them) to the unfolded input
+patch: with ``a_nt`` the patch of sample ``n`` at position ``t`` (``C * kh * kw``
+entries, in the order of :func:`torch.nn.functional.unfold`, which is the
+row-major order of the weight ``(O, C, kh, kw)`` flattened to ``(O, C*kh*kw)``)
+and ``s_nt = d l_n / d out_n[:, t]`` ``(O,)``,
+
+    ``grad_W l_n = sum_t s_nt a_nt^T``  ``(O, C*kh*kw)``,   ``grad_b l_n = sum_t s_nt``.
+
+K-FAC for such a layer (KFC) approximates the layer's block of ``mean_n g_n g_n^T``
+by ``Gamma (x) Omega`` with ``Omega = mean_n sum_t ã_nt ã_nt^T`` (``ã`` the patch
+with a trailing 1 when the layer has a bias) and
+``Gamma = mean_n (1/T) sum_t s_nt s_nt^T``; EK-FAC keeps the eigenbases of the two
+factors and corrects the eigenvalues on the data
+(:class:`~xinfluence.influence.EkfacInfluence`).
+
+This module holds what is specific to convolutions: which layers qualify, and
+the unfolded inputs and output gradients in the ``(N, T, features)`` layout
+that EK-FAC takes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp
+from torch.nn.grad import conv2d_input
+
+__all__ = [
+    "conv_supported",
+    "unfold_input",
+    "output_grads",
+    "conv_param_layers",
+    "SequentialLayout",
+    "sequential_hvp",
+]
+
+
+def _padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """The explicit zero padding of ``module``, or ``None`` where unfold cannot
+    express it (``padding="same"`` with an odd total padding)."""
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        out: list[int] = []
+        for k, d in zip(module.kernel_size, module.dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            out.append(total // 2)
+        return (out[0], out[1])
+    return (int(pad[0]), int(pad[1]))
+
+
+def conv_supported(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Conv2d`` that unfold describes exactly:
+    ``groups=1``, ``padding_mode="zeros"`` and a padding unfold can express."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and _padding(module) is not None
+    )
+
+
+def unfold_input(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The input patches of ``x`` ``(N, C, H, W)``: ``(N, T, C*kh*kw)``."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"expected a Conv2d input of shape (N, C, H, W), got {tuple(x.shape)} "
+            "(unbatched inputs are not supported)"
+        )
+    pad = _padding(module)
+    assert pad is not None  # conv_supported was checked
+    cols = torch.nn.functional.unfold(
+        x,
+        module.kernel_size,
+        dilation=module.dilation,
+        padding=pad,
+        stride=module.stride,
+    )
+    return cols.transpose(1, 2)
+
+
+def output_grads(grad_out: Tensor) -> Tensor:
+    """``(N, O, H_out, W_out)`` output gradients as ``(N, T, O)``."""
+    return grad_out.flatten(2).transpose(1, 2)
+
+
+def conv_param_layers(
+    model: nn.Module, active: dict[str, Tensor]
+) -> OrderedDict[str, tuple[nn.Conv2d, str | None, str | None]]:
+    """Supported ``nn.Conv2d`` modules (:func:`conv_supported`) holding parameters
+    in ``active``: module name (``"root"`` for the model itself) -> ``(module,
+    weight name or None, bias name or None)``. Layers with a tied active
+    parameter are left out."""
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+    out: OrderedDict[str, tuple[nn.Conv2d, str | None, str | None]] = OrderedDict()
+    for mod_name, module in model.named_modules():
+        if not conv_supported(module):
+            continue
+        assert isinstance(module, nn.Conv2d)
+        prefix = f"{mod_name}." if mod_name else ""
+        found: list[str | None] = []
+        tied = False
+        for attr in ("weight", "bias"):
+            p = getattr(module, attr)
+            name = prefix + attr
+            is_active = p is not None and name in active
+            tied = tied or (is_active and uses[id(p)] > 1)
+            found.append(name if is_active else None)
+        if not tied and (found[0] is not None or found[1] is not None):
+            out[mod_name or "root"] = (module, found[0], found[1])
+    return out
+
+
+# -- exact Hessian-vector products of sequential convolutional networks -----------
+#
+# Forward-over-reverse differentiation written out per layer, for an
+# ``nn.Sequential`` of supported ``Conv2d``, ``Linear`` and parameter-free
+# layers (activations, pooling, flatten): the ``K`` vectors are folded into the
+# batch dimension, so that each layer costs a few large convolutions and matrix
+# products instead of ``vmap``-transformed autodiff. With ``z_l`` the layer
+# outputs, ``g_l = d phi / d z_l`` (``phi`` the batch's mean loss) and dots the
+# derivatives along a vector ``v``:
+#
+# * forward: ``z'_l = W z'_{l-1} + V z_{l-1} (+ v_b)`` for a layer with weight
+#   ``W`` and tangent ``V``; ``z'_l = f'(z_{l-1}) z'_{l-1}`` for a parameter-free
+#   ``f`` (by ``torch.func.jvp``);
+# * backward: ``g'_L = (d^2 phi / d z_L^2) z'_L``; ``g'_{l-1} = W^T g'_l + V^T g_l``,
+#   or the tangent of ``f``'s vector-Jacobian product (``jvp`` of ``vjp``);
+# * ``(H v)_W = sum_n g'_l z_{l-1}^T + g_l z'_{l-1}^T`` (patches for a
+#   convolution), ``(H v)_b = sum_n g'_l``.
+
+
+class NotSequentialStructured(Exception):
+    """The model is not a sequence of layers this path handles."""
+
+
+@dataclass(frozen=True)
+class SequentialLayout:
+    """The layers of an ``nn.Sequential`` and, for each, its weight and bias
+    slices in the provider's flat vector (``None``: absent or not trainable)."""
+
+    modules: list[nn.Module]
+    weight: list[slice | None]
+    bias: list[slice | None]
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, active: dict[str, Tensor], slices: OrderedDict[str, slice]
+    ) -> SequentialLayout:
+        """Raises :class:`NotSequentialStructured` unless ``model`` is an
+        ``nn.Sequential`` of supported convolutions (at least one), ``nn.Linear``
+        layers and parameter-free modules, with every active parameter a
+        layer's weight or bias and no parameter shared."""
+        if not isinstance(model, nn.Sequential):
+            raise NotSequentialStructured("not an nn.Sequential")
+        modules, weight, bias, covered, seen = [], [], [], set(), set()
+        for name, module in model.named_children():
+            own = dict(module.named_parameters())
+            if isinstance(module, nn.Linear) or conv_supported(module):
+                pieces = []
+                for attr in ("weight", "bias"):
+                    full = f"{name}.{attr}"
+                    p = getattr(module, attr)
+                    if p is not None and id(p) in seen:
+                        raise NotSequentialStructured("shared parameter")
+                    if p is not None:
+                        seen.add(id(p))
+                    pieces.append(slices[full] if full in active else None)
+                    if full in active:
+                        covered.add(full)
+                weight.append(pieces[0])
+                bias.append(pieces[1])
+            elif own or any(True for _ in module.buffers()):
+                raise NotSequentialStructured(f"layer {name} has parameters or buffers")
+            else:
+                weight.append(None)
+                bias.append(None)
+            modules.append(module)
+        if covered != set(active) or not any(isinstance(m, nn.Conv2d) for m in modules):
+            raise NotSequentialStructured("parameters outside the layers, or no convolution")
+        return cls(modules, weight, bias)
+
+
+def _fold(t: Tensor) -> Tensor:
+    """``(K, N, ...)`` -> ``(K*N, ...)``."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _expand(t: Tensor, k: int) -> Tensor:
+    """``(N, ...)`` -> ``(K*N, ...)`` (a copy, K times)."""
+    return t.unsqueeze(0).expand(k, *t.shape).reshape(k * t.shape[0], *t.shape[1:])
+
+
+def _geometry(module: Any) -> dict[str, Any]:
+    """Kernel size, dilation, padding and stride of a supported convolution."""
+    return {
+        "kernel_size": module.kernel_size,
+        "dilation": module.dilation,
+        "padding": _padding(module),
+        "stride": module.stride,
+    }
+
+
+def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, C*kh*kw, T)``."""
+    return torch.nn.functional.unfold(x, **_geometry(module))
+
+
+def sequential_vector_bytes(layout: SequentialLayout, x: Tensor) -> int:
+    """Bytes one vector of :func:`sequential_hvp` holds per sample: every layer's
+    output about six times (values, tangents, cotangents, temporaries) and each
+    convolution's input patches twice."""
+    total = x[:1].numel()
+    h = x[:1]
+    with torch.no_grad():
+        for module in layout.modules:
+            if isinstance(module, nn.Conv2d):
+                total += 2 * _conv_patches(module, h).numel()
+            h = module(h)
+            total += 6 * h.numel()
+    return total * x.element_size()
+
+
+def sequential_hvp(
+    layout: SequentialLayout,
+    losses: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    v: Tensor,
+    chunk: int,
+) -> Tensor:
+    """``V H`` ``(K, P)`` for ``v`` ``(K, P)``: the Hessian of the mean over the
+    batch of ``losses(output, y)`` (per-sample losses ``(N,)``), ``chunk``
+    vectors at a time."""
+    n = x.shape[0]
+    modules = layout.modules
+    # values z_l and cotangents g_l of the mean loss, by one autograd pass
+    with torch.enable_grad():
+        zs = [x.detach().requires_grad_(True)]
+        for module in modules:
+            zs.append(module(zs[-1]))
+        phi = losses(zs[-1], y).sum() / n
+        gs = list(torch.autograd.grad(phi, zs[1:], allow_unused=True))
+    zs = [z.detach() for z in zs]
+    gs = [torch.zeros_like(z) if g is None else g.detach() for z, g in zip(zs[1:], gs)]
+    patches = [
+        _conv_patches(m, zs[i]) if isinstance(m, nn.Conv2d) else None for i, m in enumerate(modules)
+    ]
+    out = torch.zeros_like(v)
+    with torch.no_grad():  # the torch.func transforms inside still differentiate
+        for lo in range(0, v.shape[0], chunk):
+            _sequential_hvp_chunk(
+                layout, losses, zs, gs, patches, y, v[lo : lo + chunk], out[lo : lo + chunk]
+            )
+    return out
+
+
+def _weight_tangent(module: Any, v: Tensor, sl: slice | None) -> Tensor | None:
+    if sl is None:
+        return None
+    return v[:, sl].reshape(v.shape[0], module.weight.shape[0], -1)  # (K, O, I)
+
+
+def _sequential_hvp_chunk(
+    layout: SequentialLayout,
+    losses: Callable[[Tensor, Tensor], Tensor],
+    zs: list[Tensor],
+    gs: list[Tensor],
+    patches: list[Tensor | None],
+    y: Tensor,
+    v: Tensor,
+    out: Tensor,
+) -> None:
+    k, n = v.shape[0], zs[0].shape[0]
+    modules = layout.modules
+    # forward tangents z'_l, (K, N, ...); None while zero
+    dz: list[Tensor | None] = [None]
+    for i, module in enumerate(modules):
+        z_in, t_in = zs[i], dz[-1]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            vw = _weight_tangent(module, v, layout.weight[i])
+            vb = None if layout.bias[i] is None else v[:, layout.bias[i]]
+            t_out: Tensor | None = None
+            if t_in is not None:
+                t_out = (
+                    module._conv_forward(_fold(t_in), module.weight, None)
+                    if isinstance(module, nn.Conv2d)
+                    else torch.nn.functional.linear(_fold(t_in), module.weight)
+                )
+                t_out = t_out.reshape(k, n, *t_out.shape[1:])
+            if vw is not None:
+                if isinstance(module, nn.Conv2d):
+                    term = torch.einsum("koc,nct->knot", vw, patches[i]).reshape(
+                        k, *zs[i + 1].shape
+                    )
+                else:
+                    term = torch.einsum("koi,n...i->kn...o", vw, z_in)
+                t_out = term if t_out is None else t_out + term
+            if vb is not None:
+                shape = (
+                    (k, 1, -1, 1, 1)
+                    if isinstance(module, nn.Conv2d)
+                    else (k, *([1] * (zs[i + 1].ndim - 1)), -1)
+                )
+                term = vb.reshape(shape).expand(k, *zs[i + 1].shape)
+                t_out = term if t_out is None else t_out + term
+            dz.append(t_out)
+        elif t_in is None:
+            dz.append(None)
+        else:
+            t_out = jvp(module, (_expand(z_in, k),), (_fold(t_in),))[1]
+            dz.append(t_out.reshape(k, n, *t_out.shape[1:]))
+    # backward tangents g'_l, from the loss's second derivative at the output
+    t_last = dz[-1]
+    if t_last is None:  # no trainable parameter
+        return
+    y_rep = _expand(y, k)
+
+    def out_grad(z: Tensor) -> Tensor:
+        return grad(lambda zz: losses(zz, y_rep).sum() / n)(z)
+
+    dg_fold = jvp(out_grad, (_expand(zs[-1], k),), (_fold(t_last),))[1]
+    dg = dg_fold.reshape(k, n, *dg_fold.shape[1:])
+    for i in range(len(modules) - 1, -1, -1):
+        module, z_in, t_in, g_out = modules[i], zs[i], dz[i], gs[i]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            vw = _weight_tangent(module, v, layout.weight[i])
+            is_conv = isinstance(module, nn.Conv2d)
+            if layout.weight[i] is not None:
+                if is_conv:
+                    dgf = dg.reshape(k, n, dg.shape[2], -1)  # (K, N, O, T)
+                    hw = torch.einsum("knot,nct->koc", dgf, patches[i])
+                    if t_in is not None:
+                        tp = _conv_patches(module, _fold(t_in)).reshape(k, n, -1, dgf.shape[-1])
+                        hw = hw + torch.einsum(
+                            "not,knct->koc", g_out.reshape(n, g_out.shape[1], -1), tp
+                        )
+                else:
+                    hw = torch.einsum("kn...o,n...i->koi", dg, z_in)
+                    if t_in is not None:
+                        hw = hw + torch.einsum("n...o,kn...i->koi", g_out, t_in)
+                out[:, layout.weight[i]] = hw.reshape(k, -1)
+            if layout.bias[i] is not None:
+                dims = (
+                    (1, 3, 4)
+                    if is_conv
+                    else tuple(d for d in range(1, dg.ndim) if d != dg.ndim - 1)
+                )
+                out[:, layout.bias[i]] = dg.sum(dim=dims)
+            if i == 0:
+                break
+            # g'_{l-1} = W^T g'_l + V^T g_l
+            if is_conv:
+                in_shape = (k * n, *z_in.shape[1:])
+                geo = _geometry(module)
+                new = conv2d_input(
+                    in_shape,
+                    module.weight,
+                    _fold(dg),
+                    stride=geo["stride"],
+                    padding=geo["padding"],
+                    dilation=geo["dilation"],
+                )
+                if vw is not None:
+                    cols = torch.einsum("koc,not->knct", vw, g_out.reshape(n, g_out.shape[1], -1))
+                    new = new + torch.nn.functional.fold(_fold(cols), tuple(z_in.shape[2:]), **geo)
+                dg = new.reshape(k, n, *z_in.shape[1:])
+            else:
+                new = dg @ module.weight
+                if vw is not None:
+                    new = new + torch.einsum("koi,n...o->kn...i", vw, g_out)
+                dg = new
+        else:
+            if i == 0:
+                break
+            g_rep = _expand(g_out, k)
+            z_rep = _expand(z_in, k)
+            t_fold = torch.zeros_like(z_rep) if t_in is None else _fold(t_in)
+
+            def pull(z: Tensor, g: Tensor, f: nn.Module = module) -> Tensor:
+                return vjp(f, z)[1](g)[0]
+
+            new = jvp(pull, (z_rep, g_rep), (t_fold, _fold(dg)))[1]
+            dg = new.reshape(k, n, *z_in.shape[1:])

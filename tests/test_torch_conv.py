@@ -1,0 +1,409 @@
+"""Conv2d layer quantities of the torch provider (KFC / EK-FAC) and its
+memory-aware chunking, against plain torch autograd and dense definitions.
+
+References never use the provider's hooks: per-sample gradients come from
+``torch.autograd`` on one sample at a time, patches from explicit slicing, output
+gradients from running the two halves of an ``nn.Sequential`` by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import xinfluence as xi  # noqa: E402
+from xinfluence import Batch  # noqa: E402
+from xinfluence.backends import _torch_conv  # noqa: E402
+from xinfluence.backends import torch as torch_backend  # noqa: E402
+from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# conv keyword variants: stride, padding, dilation, no bias, "same" padding
+VARIANTS = {
+    "plain": dict(padding=1),
+    "stride": dict(stride=2, padding=1),
+    "dilation": dict(dilation=2, padding=2),
+    "nobias": dict(padding=0, bias=False),
+    "same": dict(padding="same"),
+}
+
+
+def small_cnn(variant: str, seed: int = 0) -> nn.Sequential:
+    """Two Conv2d, ReLU, max pooling, a Linear head on (2, 7, 7) inputs."""
+    torch.manual_seed(seed)
+    kw = VARIANTS[variant]
+    conv1 = nn.Conv2d(2, 3, 3, **kw)
+    with torch.no_grad():
+        h = conv1(torch.zeros(1, 2, 7, 7)).shape[-1]
+    conv2 = nn.Conv2d(3, 4, 2, padding=1)
+    with torch.no_grad():
+        h2 = conv2(torch.zeros(1, 3, h, h)).shape[-1] // 2
+    model = nn.Sequential(
+        conv1,
+        nn.Tanh(),
+        conv2,
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * h2 * h2, 5),
+    )
+    return model.double().eval()
+
+
+def data(n: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 7, 7, generator=gen, dtype=F64)
+    y = torch.randint(0, 5, (n,), generator=gen)
+    return x, y
+
+
+def ref_grads(model, x, y):
+    """Per-sample gradients ``(N, P)`` by autograd, one sample at a time."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def ref_patches(conv: nn.Conv2d, x):
+    """Unfolded patches ``(N, T, C*kh*kw)`` by explicit slicing."""
+    pad = conv._reversed_padding_repeated_twice if isinstance(conv.padding, str) else None
+    if pad is not None:
+        xp_ = F.pad(x, pad)
+    else:
+        ph, pw = conv.padding
+        xp_ = F.pad(x, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ho = (xp_.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp_.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(ho):
+        for j in range(wo):
+            patch = xp_[:, :, i * sh : i * sh + dh * kh : dh, j * sw : j * sw + dw * kw : dw]
+            rows.append(patch.reshape(x.shape[0], -1))
+    return torch.stack(rows, dim=1)
+
+
+def ref_output_grads(model: nn.Sequential, index: int, x, y):
+    """``d l_n / d out_n`` of layer ``index`` as ``(N, T, O)``, by running the
+    model's two halves by hand."""
+    with torch.no_grad():
+        inner = model[: index + 1](x)
+    inner = inner.detach().requires_grad_(True)
+    losses = torch.stack(
+        [F.cross_entropy(model[index + 1 :](inner[i : i + 1]), y[i : i + 1]) for i in range(len(x))]
+    )
+    (g,) = torch.autograd.grad(losses.sum(), inner)
+    return g.flatten(2).transpose(1, 2), inner.shape[2] * inner.shape[3]
+
+
+# -- per-sample layer quantities -----------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_conv_kfac_factors_match_autodiff(variant):
+    model = small_cnn(variant)
+    x, y = data(6)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    bias = VARIANTS[variant].get("bias", True)
+    assert dict(gp.kfac_layers()) == {
+        "0": ("0.weight", "0.bias" if bias else None),
+        "2": ("2.weight", "2.bias"),
+        "6": ("6.weight", "6.bias"),
+    }
+    batch = gp.prepare_batch(Batch(x, y))
+    grads = ref_grads(model, x, y)
+    slices = gp.parameter_slices
+    factors = gp.kfac_factors(batch)
+    for layer, index in (("0", 0), ("2", 2)):
+        a, s = factors[layer]
+        conv = model[index]
+        with torch.no_grad():
+            conv_in = model[:index](x)
+        assert rel_err(a, ref_patches(conv, conv_in)) < 1e-12
+        s_ref, positions = ref_output_grads(model, index, x, y)
+        assert s.shape == (6, positions, conv.out_channels)
+        assert rel_err(s, s_ref) < 1e-12
+        w, b = gp.kfac_layers()[layer]
+        g_w = (s.transpose(1, 2) @ a).reshape(6, -1)
+        assert rel_err(g_w, grads[:, slices[w]]) < 1e-12
+        if b is not None:
+            assert rel_err(s.sum(1), grads[:, slices[b]]) < 1e-12
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_unsupported_convolutions_are_left_out():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, padding=1, padding_mode="circular"),
+        nn.Flatten(),
+        nn.Linear(27, 2),
+    ).double()
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    assert dict(gp.kfac_layers()) == {"4": ("4.weight", "4.bias")}
+    with pytest.raises(ValueError, match="not covered"):
+        xi.EkfacInfluence(gp)
+    # the general path still gives the right gradients
+    x, y = torch.randn(3, 2, 5, 5, dtype=F64), torch.randint(0, 2, (3,))
+    g = gp.flat_grads(gp.prepare_batch(Batch(x, y)))
+    assert rel_err(g, ref_grads(model, x, y)) < 1e-12
+
+
+# -- EK-FAC on convolutions ----------------------------------------------------------
+
+
+def dense_kfac(model, gp, x, y, layer: str, index: int):
+    """KFC factors and corrected eigenvalues from their definitions."""
+    conv = model[index]
+    with torch.no_grad():
+        conv_in = model[:index](x)
+    a = ref_patches(conv, conv_in)
+    if conv.bias is not None:
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=F64)], dim=2)
+    s, positions = ref_output_grads(model, index, x, y)
+    n = x.shape[0]
+    a_cov = torch.einsum("nti,ntj->ij", a, a) / n
+    s_cov = torch.einsum("nti,ntj->ij", s, s) / (n * positions)
+    grads = ref_grads(model, x, y)
+    w, b = gp.kfac_layers()[layer]
+    g = grads[:, gp.parameter_slices[w]].reshape(n, conv.out_channels, -1)
+    if b is not None:
+        g = torch.cat([g, grads[:, gp.parameter_slices[b]][:, :, None]], dim=2)
+    return a_cov, s_cov, g
+
+
+@pytest.mark.parametrize("variant", ["plain", "stride", "nobias"])
+def test_conv_ekfac_matches_dense_definitions(variant):
+    model = small_cnn(variant)
+    x, y = data(11)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    # uneven batches: every mean is over samples
+    loader = [(x[:4], y[:4]), (x[4:5], y[4:5]), (x[5:], y[5:])]
+    reg = 1e-3
+    infl = xi.EkfacInfluence(gp, regularization=reg).fit(loader)
+    ops = {k: c.op for k, c in infl._mapper.composable_block_dict.items()}
+    for layer, index in (("0", 0), ("2", 2)):
+        a_cov, s_cov, g = dense_kfac(model, gp, x, y, layer, index)
+        op = ops[layer]
+        # the eigenbases diagonalise the dense factors
+        for q, cov in ((op.q_a, a_cov), (op.q_s, s_cov)):
+            d = q.T @ cov @ q
+            off = d - torch.diag(torch.diagonal(d))
+            assert float(off.abs().max() / cov.abs().max()) < 1e-12
+            assert rel_err(q @ torch.diag(torch.diagonal(d)) @ q.T, cov) < 1e-12
+        # corrected eigenvalues: mean_n (Q_S^T G_n Q_A)^2 of the exact gradients
+        lam = ((op.q_s.T @ g @ op.q_a) ** 2).mean(0)
+        assert rel_err(op.eigenvalues, lam) < 1e-12
+    # plain K-FAC: the eigenvalues are products of the factors' eigenvalues
+    kfac = xi.EkfacInfluence(gp, regularization=reg, update_diagonal=False).fit(loader)
+    op = kfac._mapper.composable_block_dict["2"].op
+    a_cov, s_cov, _ = dense_kfac(model, gp, x, y, "2", 2)
+    lam_a = torch.diagonal(op.q_a.T @ a_cov @ op.q_a)
+    lam_s = torch.diagonal(op.q_s.T @ s_cov @ op.q_s)
+    assert rel_err(op.eigenvalues, lam_s[:, None] * lam_a[None, :]) < 1e-12
+
+
+def test_conv_ekfac_influences_from_dense_curvature():
+    """The influences equal g_t^T C^-1 g_j with the EK-FAC curvature built densely
+    from the layer's eigenbases and corrected eigenvalues, summed over layers; and
+    they approximate the exact layer-wise empirical-Fisher influences."""
+    model = small_cnn("plain")
+    x, y = data(20)
+    xt, yt = data(4, seed=5)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    reg = 1e-2
+    infl = xi.EkfacInfluence(gp, regularization=reg).fit([(x[:7], y[:7]), (x[7:], y[7:])])
+    scores = infl.influences(xt, yt, x, y)
+    g_train, g_test = ref_grads(model, x, y), ref_grads(model, xt, yt)
+    expected = torch.zeros(4, 20, dtype=F64)
+    for layer, comp in infl._mapper.composable_block_dict.items():
+        op = comp.op
+        sl = [gp.parameter_slices[n] for n in gp.kfac_layers()[layer] if n is not None]
+        idx = torch.cat([torch.arange(s.start, s.stop) for s in sl])
+        c = op.dense_curvature()
+        expected += g_test[:, idx] @ torch.linalg.solve(
+            c + reg * torch.eye(len(idx), dtype=F64), g_train[:, idx].T
+        )
+    assert rel_err(scores, expected) < 1e-10
+    # exact layer-wise empirical-Fisher Direct: EK-FAC is an approximation
+    blocks = {k: [n for n in v if n is not None] for k, v in gp.kfac_layers().items()}
+    direct = xi.DirectInfluence(
+        gp, regularization=reg, block_structure=blocks, second_order="empirical_fisher"
+    ).fit((x, y))
+    exact = direct.influences(xt, yt, x, y)
+    corr = torch.corrcoef(torch.stack([scores.ravel(), exact.ravel()]))[0, 1]
+    print(
+        f"EK-FAC vs layer-wise Direct: corr {float(corr):.4f}, rel err {rel_err(scores, exact):.3g}"
+    )
+    assert corr > 0.9
+
+
+def test_conv_covering_the_image_equals_a_linear_layer():
+    """A Conv2d whose kernel covers the whole input has one output position: its
+    EK-FAC must equal that of the same weights in an nn.Linear."""
+    torch.manual_seed(3)
+    conv = nn.Sequential(nn.Conv2d(2, 6, 4), nn.Tanh(), nn.Flatten(), nn.Linear(6, 3)).double()
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(32, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        lin[1].weight.copy_(conv[0].weight.reshape(6, -1))
+        lin[1].bias.copy_(conv[0].bias)
+        lin[3].load_state_dict(conv[3].state_dict())
+    x = torch.randn(9, 2, 4, 4, dtype=F64)
+    y = torch.randint(0, 3, (9,))
+    scores = []
+    for model in (conv, lin):
+        gp = TorchGradientProvider(model.eval(), F.cross_entropy)
+        infl = xi.EkfacInfluence(gp, regularization=1e-3).fit([(x[:5], y[:5]), (x[5:], y[5:])])
+        scores.append(infl.influences(x[:3], y[:3], x, y))
+    assert rel_err(scores[0], scores[1]) < 1e-10
+
+
+# -- memory-aware chunking -----------------------------------------------------------
+
+
+def activation_bytes(model: nn.Sequential, x) -> int:
+    """One sample's input and every layer's output, in bytes, layer by layer."""
+    h, total = x[:1], x[:1].numel()
+    with torch.no_grad():
+        for layer in model:
+            h = layer(h)
+            total += h.numel()
+    return total * 8
+
+
+def test_chunks_follow_the_memory_budget(monkeypatch):
+    model = small_cnn("stride")
+    x, y = data(10)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    v = torch.randn(13, gp.n_parameters, dtype=F64)
+    ref_h = gp.hvp(batch, v)
+    ref_j = gp.jacobian_prod(batch, v)
+    ref_g = gp.flat_grads(batch)
+
+    calls: list[int | None] = []
+    real_vmap = torch_backend.vmap
+    real_chunk = _torch_conv._sequential_hvp_chunk
+
+    def counting_vmap(fn, *args, chunk_size=None, **kwargs):
+        if chunk_size is not None:  # the per-sample loss over outputs is not chunked
+            calls.append(chunk_size)
+        return real_vmap(fn, *args, chunk_size=chunk_size, **kwargs)
+
+    def counting_chunk(layout, losses, zs, gs, patches, y, v, out):
+        calls.append(v.shape[0])
+        return real_chunk(layout, losses, zs, gs, patches, y, v, out)
+
+    monkeypatch.setattr(torch_backend, "vmap", counting_vmap)
+    monkeypatch.setattr(_torch_conv, "_sequential_hvp_chunk", counting_chunk)
+    act, p = activation_bytes(model, x), gp.n_parameters
+    assert gp._activation_bytes(x) == act
+    # the structured products: layer outputs six times, conv patches twice
+    patches = 0
+    h = x[:1]
+    with torch.no_grad():
+        for layer in model:
+            out = layer(h)
+            if isinstance(layer, nn.Conv2d):
+                kh, kw = layer.kernel_size
+                patches += layer.in_channels * kh * kw * out.shape[2] * out.shape[3]
+            h = out
+    seq_vector = 10 * 8 * (x[:1].numel() + 2 * patches + 6 * (act // 8 - x[:1].numel()))
+    with xi.memory_budget_scope(5 * seq_vector + 3):
+        assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
+        assert calls == [5, 5, 3]
+    per_vector = 10 * act * torch_backend._PRODUCT_ACTIVATION_COPIES + 2 * p * 8
+    per_sample = act * torch_backend._GRAD_ACTIVATION_COPIES + 2 * p * 8
+    with xi.memory_budget_scope(4 * per_vector + 7):
+        calls.clear()
+        assert rel_err(gp.jacobian_prod(batch, v), ref_j) < 1e-12
+        assert calls == [4]  # 13 vectors in 4 vmap chunks
+        calls.clear()
+        assert rel_err(gp._hvp(batch, v), ref_h) < 1e-12  # the general path
+        assert calls == [4]
+    with xi.memory_budget_scope(3 * per_sample + 1):
+        calls.clear()
+        assert rel_err(gp.flat_grads(batch), ref_g) < 1e-12
+        assert calls == [3]  # 10 samples in 4 chunks
+    with xi.memory_budget_scope(1):  # below one vector: one at a time, still right
+        calls.clear()
+        assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
+        assert calls == [1] * 13
+
+
+# -- exact Hessian products of sequential CNNs -----------------------------------------
+
+
+def ref_hessian(model, x, y):
+    """Dense Hessian of the batch's mean loss by torch.autograd.functional.hessian."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat(
+        [p.detach().reshape(-1) for _, p in model.named_parameters() if p.requires_grad]
+    )
+
+    def mean_loss(theta):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes):
+            size = math.prod(shape)
+            params[name] = theta[start : start + size].reshape(shape)
+            start += size
+        out = torch.func.functional_call(model, params, (x,))
+        return F.cross_entropy(out, y)
+
+    return torch.autograd.functional.hessian(mean_loss, flat)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cnn_hessian_products_match_autodiff(variant):
+    model = small_cnn(variant)
+    x, y = data(7)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, x, y)
+    v = torch.randn(5, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(2))
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._conv_structure is True  # the structured path ran
+    assert rel_err(gp.hessian(batch), ref) < 1e-12
+    with xi.memory_budget_scope(1):  # one vector per chunk
+        assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+
+
+def test_cnn_hessian_products_with_frozen_layers():
+    model = small_cnn("plain")
+    model[0].weight.requires_grad_(False)
+    model[6].bias.requires_grad_(False)
+    x, y = data(5)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, x, y)
+    v = torch.randn(3, gp.n_parameters, dtype=F64)
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._conv_structure is True
+    sub = gp.restrict(["2.weight"])
+    idx = gp.parameter_slices["2.weight"]
+    w = torch.randn(2, sub.n_parameters, dtype=F64)
+    assert rel_err(sub.hvp(sub.prepare_batch(Batch(x, y)), w), w @ ref[idx, idx]) < 1e-12
