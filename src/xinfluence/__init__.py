@@ -30,6 +30,7 @@ from .influence import (
     LissaInfluence,
     NystroemSketchInfluence,
 )
+from .projection import ProjectedInfluence
 from .types import (
     Batch,
     BilinearForm,
@@ -66,6 +67,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Operator",
     "OperatorGradientComposition",
+    "ProjectedInfluence",
     "XinfluenceError",
     "memory_budget",
     "memory_budget_scope",
