@@ -8,6 +8,7 @@ framework.
 
 from __future__ import annotations
 
+from . import evaluate
 from ._config import memory_budget, memory_budget_scope, set_memory_budget
 from .errors import (
     DivergenceError,
@@ -69,6 +70,7 @@ __all__ = [
     "OperatorGradientComposition",
     "ProjectedInfluence",
     "XinfluenceError",
+    "evaluate",
     "memory_budget",
     "memory_budget_scope",
     "set_memory_budget",
