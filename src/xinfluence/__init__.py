@@ -8,6 +8,7 @@ framework.
 
 from __future__ import annotations
 
+from . import evaluate
 from ._config import memory_budget, memory_budget_scope, set_memory_budget
 from .errors import (
     DivergenceError,
@@ -31,6 +32,7 @@ from .influence import (
     LissaInfluence,
     NystroemSketchInfluence,
 )
+from .projection import ProjectedInfluence
 from .types import (
     Batch,
     BilinearForm,
@@ -74,8 +76,10 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Operator",
     "OperatorGradientComposition",
+    "ProjectedInfluence",
     "StaleFitError",
     "XinfluenceError",
+    "evaluate",
     "load",
     "memory_budget",
     "memory_budget_scope",

@@ -1,0 +1,390 @@
+"""How good are the scores? Leave-one-out and the linear datamodeling score (LDS)
+against the user's own retraining, and a one-step Newton leave-one-out estimate.
+
+Both evaluations take
+
+* ``retrain(train_indices) -> model``: trains the user's model on the training
+  points ``train_indices`` (a sorted ``numpy`` integer array into the training
+  set of ``n`` points) and returns whatever ``test_loss`` accepts (a model, a
+  parameter vector, ...). It should train the way the scored model was trained
+  (same objective and regularization, to convergence); warm starts are fine;
+* ``test_loss(model, x_test, y_test) -> (N_test,)``: the per-sample losses of
+  the test points under a retrained model (any array namespace);
+* ``scores``: influence scores ``(N_test, n)`` in xinfluence's convention
+  (removing training point ``j`` changes the loss at ``t`` by about
+  ``scores[t, j] / n``; positive means the point helped), as an array of any
+  namespace, or a fitted influence model together with ``train=(x, y)``.
+
+Retraining runs sequentially, or through ``client``: a ``dask.distributed``
+``Client`` or any :class:`concurrent.futures.Executor` (anything with
+``submit(fn, *args) -> future`` and ``future.result()``). dask is never imported
+here.
+
+Correlations use :mod:`scipy.stats` (scipy is needed for this module's
+functions, not for ``import xinfluence``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _xp
+from ._xp import Array
+from .types import Batch, GradientProvider, iter_batches
+
+__all__ = ["LooResult", "LdsResult", "loo", "lds", "newton_loo"]
+
+Retrain = Callable[[np.ndarray], Any]
+TestLoss = Callable[[Any, Any, Any], Any]
+
+
+def _stats() -> Any:
+    try:
+        import scipy.stats
+    except ImportError as exc:  # pragma: no cover - scipy is in the test extras
+        raise ImportError("xinfluence.evaluate needs scipy: pip install scipy") from exc
+    return scipy.stats
+
+
+def _correlations(predicted: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise Pearson and Spearman correlations; NaN where a row is constant."""
+    stats = _stats()
+    pearson = np.full(len(actual), np.nan)
+    spearman = np.full(len(actual), np.nan)
+    for t, (p, a) in enumerate(zip(predicted, actual)):
+        if np.ptp(p) > 0 and np.ptp(a) > 0:
+            pearson[t] = float(stats.pearsonr(p, a).statistic)
+            spearman[t] = float(stats.spearmanr(p, a).statistic)
+    return pearson, spearman
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.mean(finite)) if finite.size else math.nan
+
+
+@dataclass(frozen=True)
+class LooResult:
+    """Leave-one-out check of influence scores.
+
+    Attributes:
+        indices: the left-out training points ``(m,)``.
+        actual: ``test_loss(retrain(all but j)) - test_loss(retrain(all))``,
+            ``(N_test, m)``.
+        predicted: ``scores[:, indices] / n``, ``(N_test, m)``.
+        pearson, spearman: per test point across the ``m`` points, ``(N_test,)``
+            (NaN where either side is constant).
+        slope: least-squares ``actual ~ slope * predicted`` per test point
+            (1 is a calibrated scale; first-order influence tends to be below
+            the actual effect where leverage is high).
+    """
+
+    indices: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
+    pearson: np.ndarray
+    spearman: np.ndarray
+    slope: np.ndarray = field(repr=False)
+
+    @property
+    def mean_pearson(self) -> float:
+        return _mean(self.pearson)
+
+    @property
+    def mean_spearman(self) -> float:
+        return _mean(self.spearman)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "mean_pearson": self.mean_pearson,
+            "mean_spearman": self.mean_spearman,
+            "median_slope": float(np.nanmedian(self.slope)),
+            "n_removed": float(len(self.indices)),
+            "n_test": float(len(self.actual)),
+        }
+
+
+@dataclass(frozen=True)
+class LdsResult:
+    """Linear datamodeling score of influence scores.
+
+    Attributes:
+        subsets: boolean masks of the training points kept, ``(M, n)``.
+        actual: test losses of the models retrained on each subset, ``(N_test, M)``.
+        predicted: ``sum_{j not in S} scores[t, j] / n``: the predicted change of
+            the test loss from removing the points outside ``S``, ``(N_test, M)``.
+        spearman: per test point across the subsets (the LDS), ``(N_test,)``.
+        pearson: the same with Pearson's correlation.
+    """
+
+    subsets: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
+    spearman: np.ndarray
+    pearson: np.ndarray
+
+    @property
+    def lds(self) -> float:
+        """The mean Spearman correlation over test points (NaN rows left out)."""
+        return _mean(self.spearman)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "lds": self.lds,
+            "mean_pearson": _mean(self.pearson),
+            "n_subsets": float(len(self.subsets)),
+            "n_test": float(len(self.actual)),
+        }
+
+
+def _scores(scores: Any, x_test: Any, y_test: Any, train: tuple[Any, Any] | None) -> np.ndarray:
+    if hasattr(scores, "influences") and hasattr(scores, "is_fitted"):
+        if train is None:
+            raise ValueError(
+                "scores is an influence model: pass train=(x_train, y_train), the "
+                "training set that the indices of retrain refer to"
+            )
+        scores = scores.influences(x_test, y_test, train[0], train[1], mode="up")
+    out = np.asarray(_xp.to_numpy(scores), dtype=np.float64)
+    if out.ndim != 2:
+        raise ValueError(f"expected scores of shape (N_test, n), got {out.shape}")
+    if not np.all(np.isfinite(out)):
+        raise ValueError("scores contain NaN or inf values")
+    return out
+
+
+def _loss_of(retrain: Retrain, test_loss: TestLoss, indices: np.ndarray, x: Any, y: Any) -> Any:
+    """One retraining and the test losses as a float64 host array (runs on a worker)."""
+    losses = np.asarray(_xp.to_numpy(test_loss(retrain(indices), x, y)), dtype=np.float64)
+    return losses.reshape(-1)
+
+
+def _run_all(
+    retrain: Retrain,
+    test_loss: TestLoss,
+    index_sets: Sequence[np.ndarray],
+    x_test: Any,
+    y_test: Any,
+    client: Any,
+    n_test: int,
+) -> np.ndarray:
+    """Losses ``(len(index_sets), N_test)``, sequentially or through ``client``."""
+    if client is None:
+        rows = [_loss_of(retrain, test_loss, idx, x_test, y_test) for idx in index_sets]
+    else:
+        if not hasattr(client, "submit"):
+            raise TypeError(
+                "client must be a dask.distributed Client or a concurrent.futures Executor "
+                f"(with submit), got {type(client).__name__}"
+            )
+        futures = [
+            client.submit(_loss_of, retrain, test_loss, idx, x_test, y_test) for idx in index_sets
+        ]
+        rows = [f.result() for f in futures]
+    for row in rows:
+        if row.shape != (n_test,):
+            raise ValueError(
+                f"test_loss must return one loss per test point, shape ({n_test},); got {row.shape}"
+            )
+        if not np.all(np.isfinite(row)):
+            raise ValueError("test_loss returned NaN or inf for a retrained model")
+    return np.stack(rows)
+
+
+def loo(
+    retrain: Retrain,
+    test_loss: TestLoss,
+    x_test: Any,
+    y_test: Any,
+    scores: Any,
+    *,
+    indices: Sequence[int] | np.ndarray | None = None,
+    train: tuple[Any, Any] | None = None,
+    client: Any = None,
+) -> LooResult:
+    """Compare influence scores with exact leave-one-out retraining.
+
+    For each ``j`` in ``indices`` (default: every training point), retrains on all
+    points but ``j`` and measures ``actual[t, j] = loss_t(theta_-j) -
+    loss_t(theta)``, with ``theta`` from ``retrain`` on all points; the
+    prediction is ``scores[t, j] / n``.
+
+    Args:
+        retrain, test_loss, scores, train, client: see the module docstring.
+        x_test, y_test: the test points, as ``test_loss`` (and an influence model)
+            takes them.
+        indices: the training points to leave out (``m`` retrainings plus one).
+
+    Returns:
+        A :class:`LooResult` with per-test-point Pearson and Spearman correlations.
+    """
+    s = _scores(scores, x_test, y_test, train)
+    n_test, n = s.shape
+    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0 or np.any(idx < 0) or np.any(idx >= n) or len(np.unique(idx)) != idx.size:
+        raise ValueError(f"indices must be distinct training indices in [0, {n}), got {idx}")
+    everything = np.arange(n)
+    sets = [everything] + [np.delete(everything, j) for j in idx]
+    losses = _run_all(retrain, test_loss, sets, x_test, y_test, client, n_test)
+    actual = (losses[1:] - losses[0]).T  # (N_test, m)
+    predicted = s[:, idx] / n
+    pearson, spearman = _correlations(predicted, actual)
+    denom = np.sum(predicted * predicted, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(denom > 0, np.sum(predicted * actual, axis=1) / denom, np.nan)
+    return LooResult(idx, actual, predicted, pearson, spearman, slope)
+
+
+def lds(
+    retrain: Retrain,
+    test_loss: TestLoss,
+    x_test: Any,
+    y_test: Any,
+    scores: Any,
+    *,
+    n_subsets: int = 50,
+    fraction: float = 0.5,
+    seed: int = 0,
+    train: tuple[Any, Any] | None = None,
+    client: Any = None,
+) -> LdsResult:
+    """Linear datamodeling score (Park et al. 2023) of influence scores.
+
+    Draws ``n_subsets`` random subsets ``S`` of ``round(fraction * n)`` training
+    points (``numpy.random.default_rng(seed)``), retrains on each, and for every
+    test point takes the Spearman correlation across subsets between the actual
+    test loss and the additive prediction ``sum_{j not in S} scores[t, j] / n``
+    (the loss change predicted from removing the points outside ``S``; in
+    xinfluence's sign convention a larger sum means a higher loss). The LDS is
+    the mean over test points.
+
+    Args:
+        retrain, test_loss, scores, train, client: see the module docstring.
+        n_subsets: number of subsets (retrainings), at least 3.
+        fraction: share of the training points in each subset, in (0, 1).
+        seed: seed of the subsets.
+
+    Returns:
+        An :class:`LdsResult`; ``.lds`` is the score.
+    """
+    if isinstance(n_subsets, bool) or not isinstance(n_subsets, int) or n_subsets < 3:
+        raise ValueError(f"n_subsets must be an integer >= 3, got {n_subsets!r}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    s = _scores(scores, x_test, y_test, train)
+    n_test, n = s.shape
+    size = int(round(fraction * n))
+    if not 0 < size < n:
+        raise ValueError(f"fraction {fraction} of {n} training points leaves no subset")
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n_subsets, n), dtype=bool)
+    sets = []
+    for m in range(n_subsets):
+        chosen = np.sort(rng.choice(n, size=size, replace=False))
+        masks[m, chosen] = True
+        sets.append(chosen)
+    actual = _run_all(retrain, test_loss, sets, x_test, y_test, client, n_test).T
+    predicted = (s @ (~masks).T.astype(np.float64)) / n  # (N_test, M)
+    pearson, spearman = _correlations(predicted, actual)
+    return LdsResult(masks, actual, predicted, spearman, pearson)
+
+
+def newton_loo(
+    gradient_provider: GradientProvider,
+    train: Any,
+    x_test: Array,
+    y_test: Array,
+    *,
+    regularization: float,
+) -> Array:
+    """One-step Newton leave-one-out estimates for the generalized linear models.
+
+    The model was trained on ``n`` points to the minimum of ``(1/n) sum_i l_i +
+    (lambda / 2) |theta|^2``; removing ``j`` (keeping the ``1/n``) moves the
+    minimum by about one Newton step from ``theta``:
+    ``d_j = (A - h_j / n)^-1 g_j / n`` with ``A = H + lambda I`` and ``h_j =
+    J_j^T C_j J_j`` the per-sample Hessian (``J_j`` the output Jacobian, ``C_j =
+    d^2 l / dz^2``, ``O x O``). First-order influence drops ``h_j / n``. Since
+    ``g_j = J_j^T delta_j``, Woodbury gives, with ``K_j = J_j A^-1 J_j^T``,
+
+    ``g_t^T d_j = (J_j A^-1 g_t)^T (I - C_j K_j / n)^-1 delta_j / n``,
+
+    the leverage-corrected influence: for logistic regression ``I[t, j] / (1 -
+    p_j (1 - p_j) x_j^T A^-1 x_j / n)``. Exact in the parameters for quadratic
+    losses; much closer than first order where the leverage is high.
+
+    Args:
+        gradient_provider: ``LinearRegressionGradients``,
+            ``LogisticRegressionGradients`` or ``SoftmaxRegressionGradients`` at
+            the trained parameters (their per-sample Hessians have rank at most
+            ``O``).
+        train: the training data (a Batch, an ``(x, y)`` pair or an iterable of
+            those), all ``n`` points, in order.
+        x_test, y_test: test points.
+        regularization: ``lambda``, the L2 coefficient of training.
+
+    Returns:
+        ``(N_test, n)`` scores in the influence convention (removing ``j``
+        changes the loss at ``t`` by about ``out[t, j] / n``), of the
+        provider's namespace: ready for :func:`loo` and :func:`lds`.
+
+    Raises:
+        TypeError: for a provider whose per-sample Hessians are not available in
+            this low-rank form.
+    """
+    from .backends.numpy import _GeneralizedLinearModel
+
+    gp = gradient_provider
+    if not isinstance(gp, _GeneralizedLinearModel):
+        raise TypeError(
+            "newton_loo needs a generalized linear model provider (LinearRegressionGradients, "
+            "LogisticRegressionGradients or SoftmaxRegressionGradients), whose per-sample "
+            f"Hessians have rank <= n_out; got {type(gp).__name__}"
+        )
+    if not regularization >= 0:
+        raise ValueError(f"regularization must be >= 0, got {regularization!r}")
+    xp = gp.xp
+    batches = [gp.prepare_batch(b) for b in iter_batches(train)]
+    x = xp.concat([b.x for b in batches], axis=0)
+    y = xp.concat([b.y for b in batches], axis=0)
+    n, o, p = x.shape[0], gp.n_out, gp.n_parameters
+    if n < 2:
+        raise ValueError("newton_loo needs at least two training points")
+    full = Batch(x, y)
+    a = _xp.plus_diagonal(gp.hessian(full), float(regularization), xp=xp)
+    factor = _xp.cholesky_or_none(a, xp=xp)
+    if factor is None:
+        raise ValueError(
+            "H + regularization I is not positive definite: newton_loo needs the "
+            "regularized Hessian of a trained (minimum) model"
+        )
+    test = gp.prepare_batch(Batch(x_test, y_test))
+    f_t = xp.matrix_transpose(
+        _xp.cho_solve(factor, xp.matrix_transpose(gp.flat_grads(test)), xp=xp)
+    )  # A^-1 g_t: (N_test, P)
+    z = gp._z(x)
+    delta = gp._delta(z, y)  # (n, O)
+    eye = _xp.eye(o, dtype=gp.dtype, device=gp.device, xp=xp)
+    units = xp.broadcast_to(eye[:, None, :], (o, n, o))
+    c = xp.permute_dims(gp._curvature_apply(z, units), (1, 2, 0))  # (n, O, O), symmetric
+    # J_j^T e_q: weight row q = x_j, bias q = 1 -> (n, O, P)
+    gw = eye[None, :, :, None] * x[:, None, None, :]  # (n, O, O, I)
+    gb = xp.broadcast_to(eye[None, :, :], (n, o, o))
+    jt = xp.reshape(
+        gp._join(xp.reshape(gw, (n * o, o, gp.n_in)), xp.reshape(gb, (n * o, o))), (n, o, p)
+    )
+    solved = xp.matrix_transpose(
+        _xp.cho_solve(factor, xp.matrix_transpose(xp.reshape(jt, (n * o, p))), xp=xp)
+    )
+    k = jt @ xp.matrix_transpose(xp.reshape(solved, (n, o, p)))  # (n, O, O)
+    m = _xp.eye(o, dtype=gp.dtype, device=gp.device, xp=xp)[None, :, :] - (c @ k) / n
+    w = xp.linalg.solve(m, delta[:, :, None])[:, :, 0]  # (I - C K / n)^-1 delta: (n, O)
+    jf = gp._jv(x, f_t)  # J_j A^-1 g_t: (N_test, n, O)
+    return _xp.check_finite(
+        xp.sum(jf * w[None, :, :], axis=2), xp=xp, what="Newton leave-one-out scores"
+    )

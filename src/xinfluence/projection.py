@@ -1,0 +1,686 @@
+"""Influence through random projections of the per-sample gradients (TRAK / LoGra).
+
+A seeded linear map ``R`` ``(k, P_b)`` sends each block's per-sample gradient
+``g`` to ``R g`` (``k`` numbers). The curvature is taken in the projected space,
+``C_R = mean_i (R g_i)(R g_i)^T`` (the empirical Fisher of the projected
+gradients, as TRAK and LoGra use it; ``second_order="hessian"`` or
+``"gauss_newton"`` give ``R C R^T`` from curvature products instead), a
+``(k, k)`` matrix solved exactly by Cholesky:
+
+``I[t, j] = (R g_t)^T (C_R + lambda I_k)^-1 (R g_j)``.
+
+As an operator on parameter space this is ``B = R^T (C_R + lambda I_k)^-1 R``.
+For an invertible ``R`` (``k = P_b``) and ``lambda = 0`` it is exactly
+``C^-1``; for ``k < P_b`` it is a randomized approximation that improves as
+``k`` grows (Johnson-Lindenstrauss).
+
+Two kinds of maps:
+
+* ``projection="dense"``: i.i.d. Gaussian (``N(0, 1/k)``) or Rademacher
+  (``+-1/sqrt(k)``) entries. The map is never held whole unless it fits the
+  memory budget: it is drawn in tiles of :data:`TILE_COLUMNS` parameter columns,
+  tile ``t`` from the counter-based generator ``Philox(key=seed, counter=(0, 0, t,
+  stream))`` on the host in float64, and applied tile by tile (memory
+  ``O(k x chunk)``). The numbers therefore depend on the seed only: the same on
+  every backend, device, dtype, batch size and memory budget.
+* ``projection="kronecker"`` (LoGra, Choe et al. 2024): for every dense layer
+  with inputs ``a`` ``(N, I)`` (plus a column of ones for the bias) and output
+  gradients ``s`` ``(N, O)``, two small maps ``R_s`` ``(k_out, O)`` and ``R_a``
+  ``(k_in, I + 1)``; the projected gradient of a sample is
+  ``(R_s s) (R_a a)^T`` flattened, i.e. ``(R_s kron R_a)`` applied to the
+  layer's gradient, computed from the provider's ``kfac_factors`` without ever
+  forming per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, final
+
+import numpy as np
+
+from . import _xp
+from ._config import memory_budget
+from ._xp import Array, Namespace
+from .curvature import Dataset, make_curvature
+from .influence import BlockStructure, ComposableInfluence, Regularization
+from .operators import DirectOperator
+from .types import (
+    Batch,
+    BilinearForm,
+    GradientProvider,
+    KroneckerFactorProvider,
+    Operator,
+    OperatorGradientComposition,
+    contract,
+)
+
+__all__ = [
+    "TILE_COLUMNS",
+    "GradientProjection",
+    "DenseProjection",
+    "KroneckerProjection",
+    "ProjectedOperator",
+    "ProjectedInfluence",
+]
+
+#: Parameter columns per independently drawn tile of a dense projection. Fixed,
+#: so that the map does not depend on how it is chunked.
+TILE_COLUMNS = 1024
+
+
+def _stream_id(name: str) -> int:
+    """A stable 32-bit id of a block or layer name (for the generator's counter)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _draw(
+    shape: tuple[int, int], *, seed: int, tile: int, stream: int, distribution: str
+) -> np.ndarray:
+    """Float64 host draw of one tile: ``N(0, 1)`` or ``+-1`` entries, row-major."""
+    rng = np.random.Generator(np.random.Philox(key=seed, counter=[0, 0, tile, stream]))
+    if distribution == "gaussian":
+        return rng.standard_normal(shape)
+    return rng.integers(0, 2, size=shape).astype(np.float64) * 2.0 - 1.0
+
+
+def _itemsize(dtype: Any, /, *, xp: Namespace) -> int:
+    return int(xp.finfo(dtype).bits) // 8
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**128:
+        raise ValueError(f"seed must be an integer in [0, 2**128), got {seed!r}")
+    return int(seed)
+
+
+class GradientProjection(ABC):
+    """A linear map ``R`` from one block's flat parameter space ``(P,)`` to ``(k,)``."""
+
+    def __init__(self, *, xp: Namespace, dtype: Any, device: Any):
+        self.xp, self.dtype, self.device = xp, dtype, device
+
+    @property
+    @abstractmethod
+    def input_size(self) -> int:
+        """``P``: the size of the block's flat parameter vector."""
+
+    @property
+    @abstractmethod
+    def output_size(self) -> int:
+        """``k``: the projected dimension."""
+
+    @abstractmethod
+    def _project(self, v: Array) -> Array:
+        """``v @ R^T`` for ``v`` ``(M, P)``: ``(M, k)``."""
+
+    @abstractmethod
+    def _transpose(self, u: Array) -> Array:
+        """``u @ R`` for ``u`` ``(M, k)``: ``(M, P)``."""
+
+    def project(self, v: Array) -> Array:
+        """``R v`` along the trailing dimension: ``(..., P) -> (..., k)``."""
+        return self._rows(v, self.input_size, self._project)
+
+    def transpose(self, u: Array) -> Array:
+        """``R^T u`` along the trailing dimension: ``(..., k) -> (..., P)``."""
+        return self._rows(u, self.output_size, self._transpose)
+
+    def _rows(self, v: Array, size: int, fn: Any) -> Array:
+        if v.shape[-1] != size:
+            raise ValueError(
+                f"expected a trailing dimension of size {size}, got shape {tuple(v.shape)}"
+            )
+        if v.ndim == 2:
+            return fn(v)
+        lead = tuple(v.shape[:-1])
+        out = fn(self.xp.reshape(v, (math.prod(lead), size)))
+        return self.xp.reshape(out, (*lead, out.shape[-1]))
+
+    def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
+        """Projected per-sample gradients ``R g_i`` of one prepared batch: ``(N, k)``."""
+        return self._project(gp.flat_grads(batch))
+
+    def matrix(self) -> Array:
+        """The dense map ``R`` ``(k, P)`` (for inspection and tests on small blocks)."""
+        eye = _xp.eye(self.output_size, dtype=self.dtype, device=self.device, xp=self.xp)
+        return self._transpose(eye)
+
+
+@final
+class DenseProjection(GradientProjection):
+    """``R`` with i.i.d. entries, ``N(0, 1/k)`` (``"gaussian"``) or ``+-1/sqrt(k)``
+    (``"rademacher"``), so that ``E[R^T R] = I``.
+
+    Tile ``t`` (columns ``t * TILE_COLUMNS`` onwards) comes from
+    ``Philox(key=seed, counter=(0, 0, t, stream))``. The tiles are applied in
+    chunks whose size follows the memory budget; the whole map is kept on the
+    device after its first use when it takes at most half the budget, else it
+    is drawn again on every application.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        k: int,
+        *,
+        seed: int,
+        stream: int = 0,
+        distribution: str = "gaussian",
+        xp: Namespace,
+        dtype: Any,
+        device: Any,
+    ):
+        super().__init__(xp=xp, dtype=dtype, device=device)
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(
+                f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}"
+            )
+        self._p, self._k = int(input_size), int(k)
+        self.seed, self.stream, self.distribution = _check_seed(seed), int(stream), distribution
+        self._full: Array | None = None
+
+    @property
+    def input_size(self) -> int:
+        return self._p
+
+    @property
+    def output_size(self) -> int:
+        return self._k
+
+    def _itemsize(self) -> int:
+        return _itemsize(self.dtype, xp=self.xp)
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Column ranges ``[start, stop)`` of whole tiles; host float64 draw and the
+        device copy of one chunk take at most a quarter of the budget."""
+        per_column = self._k * (8 + self._itemsize())
+        tiles = max(1, memory_budget() // (4 * per_column * TILE_COLUMNS))
+        width = tiles * TILE_COLUMNS
+        return [(s, min(s + width, self._p)) for s in range(0, self._p, width)]
+
+    def _block(self, start: int, stop: int) -> Array:
+        """Columns ``[start, stop)`` of ``R`` (tile-aligned start), ``(k, stop - start)``."""
+        parts = []
+        for tile_start in range(start, stop, TILE_COLUMNS):
+            width = min(TILE_COLUMNS, self._p - tile_start)
+            parts.append(
+                _draw(
+                    (self._k, width),
+                    seed=self.seed,
+                    tile=tile_start // TILE_COLUMNS,
+                    stream=self.stream,
+                    distribution=self.distribution,
+                )
+            )
+        host = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        host *= 1.0 / math.sqrt(self._k)
+        return _xp.from_numpy(host, dtype=self.dtype, device=self.device, xp=self.xp)
+
+    def _pieces(self) -> list[tuple[int, int, Array]]:
+        if self._full is not None:
+            return [(0, self._p, self._full)]
+        if 2 * self._k * self._p * self._itemsize() <= memory_budget():
+            self._full = self._block(0, self._p)
+            return [(0, self._p, self._full)]
+        return [(a, b, self._block(a, b)) for a, b in self._chunks()]
+
+    def _project(self, v: Array) -> Array:
+        xp = self.xp
+        total = None
+        for start, stop, r in self._pieces():
+            part = v[:, start:stop] @ xp.matrix_transpose(r)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _transpose(self, u: Array) -> Array:
+        parts = [u @ r for _, _, r in self._pieces()]
+        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
+
+
+def _kronecker_dims(k: int | tuple[int, int], n_out: int, n_in: int) -> tuple[int, int]:
+    """``(k_out, k_in)`` of one layer with ``n_out`` outputs and ``n_in`` (augmented)
+    inputs: a pair is taken as given (capped by the layer's sizes); an int ``k``
+    is split as evenly as the layer allows, ``k_out * k_in <= k``, the smaller
+    side first (so ``k >= n_out * n_in`` keeps the full size)."""
+    if isinstance(k, tuple):
+        return min(int(k[0]), n_out), min(int(k[1]), n_in)
+    root = math.isqrt(k)
+    if n_out <= n_in:
+        k_out = min(n_out, root)
+        return k_out, min(n_in, k // k_out)
+    k_in = min(n_in, root)
+    return min(n_out, k // k_in), k_in
+
+
+@final
+class KroneckerProjection(GradientProjection):
+    """LoGra's map: per dense layer ``R_s kron R_a`` on the layer's gradient.
+
+    For a layer with weight ``W`` ``(O, I)`` (or a ``(I, O)`` kernel) and bias
+    ``b``, the gradient is viewed as the ``(O, I + 1)`` matrix ``[dW, db]`` and
+    mapped to ``R_s [dW, db] R_a^T`` ``(k_out, k_in)``; per sample that is
+    ``outer(R_s s, R_a [a, 1])``. ``R_s`` and ``R_a`` are Gaussian or Rademacher,
+    scaled by ``1/sqrt(k_out)`` and ``1/sqrt(k_in)``, drawn from
+    ``Philox(key=seed, counter=(0, 0, 0, crc32(layer + "/s" or "/a")))``. The
+    block's projection is the concatenation over its layers, in layer order.
+    """
+
+    def __init__(
+        self,
+        provider: GradientProvider,
+        layers: list[str],
+        block_gp: GradientProvider,
+        k: int | tuple[int, int],
+        *,
+        seed: int,
+        distribution: str = "gaussian",
+    ):
+        super().__init__(xp=provider.xp, dtype=provider.dtype, device=provider.device)
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(
+                f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}"
+            )
+        assert isinstance(provider, KroneckerFactorProvider)
+        self._provider = provider
+        seed = _check_seed(seed)
+        kfac = provider.kfac_layers()
+        layouts = provider.kfac_layouts() if hasattr(provider, "kfac_layouts") else {}
+        shapes = block_gp.parameter_shapes
+        slices = block_gp.parameter_slices
+        self._p = block_gp.n_parameters
+        self._names = list(block_gp.parameter_names)
+        # layer -> (weight, bias, layout, O, I, k_out, k_in, R_s, R_a)
+        self._layers: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        offset = 0
+        for layer in layers:
+            weight, bias = kfac[layer]
+            layout = layouts.get(layer, "oi")
+            wshape = shapes[weight]
+            n_out, n_in = (wshape[0], wshape[1]) if layout == "oi" else (wshape[1], wshape[0])
+            aug = n_in + (bias is not None)
+            k_out, k_in = _kronecker_dims(k, n_out, aug)
+            r_s, r_a = (
+                _xp.from_numpy(
+                    _draw(
+                        shape,
+                        seed=seed,
+                        tile=0,
+                        stream=_stream_id(f"{layer}/{role}"),
+                        distribution=distribution,
+                    )
+                    / math.sqrt(shape[0]),
+                    dtype=self.dtype,
+                    device=self.device,
+                    xp=self.xp,
+                )
+                for shape, role in (((k_out, n_out), "s"), ((k_in, aug), "a"))
+            )
+            self._layers[layer] = (
+                slices[weight],
+                None if bias is None else slices[bias],
+                layout,
+                n_out,
+                n_in,
+                k_out,
+                k_in,
+                r_s,
+                r_a,
+                slice(offset, offset + k_out * k_in),
+            )
+            offset += k_out * k_in
+        self._k = offset
+        owner = {}
+        for layer, (ws, bs, *_rest) in self._layers.items():
+            owner[ws.start] = (layer, "w")
+            if bs is not None:
+                owner[bs.start] = (layer, "b")
+        self._order = [owner[slices[name].start] for name in self._names]
+
+    @property
+    def input_size(self) -> int:
+        return self._p
+
+    @property
+    def output_size(self) -> int:
+        return self._k
+
+    @property
+    def layer_dims(self) -> OrderedDict[str, tuple[int, int]]:
+        """``(k_out, k_in)`` of each layer."""
+        return OrderedDict((k, (v[5], v[6])) for k, v in self._layers.items())
+
+    def _project(self, v: Array) -> Array:
+        xp = self.xp
+        m = v.shape[0]
+        parts = []
+        for ws, bs, layout, n_out, n_in, k_out, k_in, r_s, r_a, _ in self._layers.values():
+            w = v[:, ws]
+            if layout == "oi":
+                mat = xp.reshape(w, (m, n_out, n_in))
+            else:
+                mat = xp.permute_dims(xp.reshape(w, (m, n_in, n_out)), (0, 2, 1))
+            if bs is not None:
+                mat = xp.concat([mat, v[:, bs][:, :, None]], axis=2)
+            out = (r_s @ mat) @ xp.matrix_transpose(r_a)  # (m, k_out, k_in)
+            parts.append(xp.reshape(out, (m, k_out * k_in)))
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+    def _transpose(self, u: Array) -> Array:
+        xp = self.xp
+        m = u.shape[0]
+        pieces: dict[tuple[str, str], Array] = {}
+        for layer, (
+            _,
+            bs,
+            layout,
+            n_out,
+            n_in,
+            k_out,
+            k_in,
+            r_s,
+            r_a,
+            cols,
+        ) in self._layers.items():
+            mat = xp.reshape(u[:, cols], (m, k_out, k_in))
+            full = (xp.matrix_transpose(r_s) @ mat) @ r_a  # (m, O, I + bias)
+            w = full[:, :, :n_in]
+            if layout != "oi":
+                w = xp.permute_dims(w, (0, 2, 1))
+            pieces[(layer, "w")] = xp.reshape(w, (m, n_out * n_in))
+            if bs is not None:
+                pieces[(layer, "b")] = full[:, :, n_in]
+        parts = [pieces[key] for key in self._order]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+    def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
+        """``outer(R_s s_n, R_a [a_n, 1])`` per layer, from ``kfac_factors``: ``(N, k)``."""
+        xp = self.xp
+        factors = self._provider.kfac_factors(batch)
+        parts = []
+        for layer, (_, bs, _, _, _, k_out, k_in, r_s, r_a, _) in self._layers.items():
+            a, s = factors[layer]
+            n = a.shape[0]
+            if bs is not None:
+                ones = xp.ones((n, 1), dtype=a.dtype, device=_xp.device_of(a))
+                a = xp.concat([a, ones], axis=1)
+            ps, pa = s @ xp.matrix_transpose(r_s), a @ xp.matrix_transpose(r_a)
+            parts.append(xp.reshape(ps[:, :, None] * pa[:, None, :], (n, k_out * k_in)))
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+
+@final
+class ProjectedOperator(Operator):
+    """``B = R^T (C_R + lambda I_k)^-1 R`` for a projection ``R`` and a ``(k, k)``
+    projected curvature ``C_R`` (Cholesky-factorised once)."""
+
+    def __init__(
+        self,
+        projection: GradientProjection,
+        curvature: Array,
+        regularization: float,
+        *,
+        block: str = "",
+    ):
+        self.projection = projection
+        self.inner = DirectOperator(curvature, regularization, block=block)
+        self.block = block
+
+    @property
+    def input_size(self) -> int:
+        return self.projection.input_size
+
+    def _apply(self, t: Array) -> Array:
+        return self.projection.transpose(self.inner.apply(self.projection.project(t)))
+
+    def as_bilinear_form(self) -> BilinearForm:
+        return _ProjectedBilinearForm(self)
+
+    def with_regularization(self, regularization: float) -> ProjectedOperator:
+        return ProjectedOperator(
+            self.projection, self.inner.curvature, regularization, block=self.block
+        )
+
+
+@final
+class _ProjectedBilinearForm(BilinearForm):
+    """``<u, v> = (R u)^T (C_R + lambda I)^-1 (R v)``: both sides are projected first
+    (``O(k)`` per pair); gradients go through the projection's ``project_grads``."""
+
+    def __init__(self, op: ProjectedOperator):
+        self.op = op
+
+    def inner_prod(self, left: Array, right: Array | None) -> Array:
+        proj = self.op.projection
+        pl = proj.project(left)
+        pr = pl if right is None else proj.project(right)
+        return contract(self.op.inner.apply(pl), pr, xp=proj.xp)
+
+    def grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        proj = self.op.projection
+        pl = proj.project_grads(gradient_provider, left)
+        pr = pl if right is None else proj.project_grads(gradient_provider, right)
+        return contract(self.op.inner.apply(pl), pr, xp=proj.xp)
+
+    def mixed_grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        proj = self.op.projection
+        pl = proj.project_grads(gradient_provider, left)
+        mixed = gradient_provider.flat_mixed_grads(left if right is None else right)
+        return contract(self.op.inner.apply(pl), proj.project(mixed), xp=proj.xp)
+
+
+class _ProjectedComposition(OperatorGradientComposition):
+    """Factors ``R^T (C_R + lambda I)^-1 R g`` from projected gradients (the
+    Kronecker map never forms per-sample gradients)."""
+
+    op: ProjectedOperator
+
+    def transformed_grads(self, batch: Batch) -> Array:
+        proj = self.op.projection
+        return proj.transpose(self.op.inner.apply(proj.project_grads(self.gp, batch)))
+
+
+@final
+class ProjectedInfluence(ComposableInfluence):
+    """Influence in a random ``k``-dimensional projection of the gradients (TRAK,
+    Park et al. 2023; LoGra, Choe et al. 2024), solved exactly there.
+
+    Per block, ``I[t, j] = (R g_t)^T (C_R + lambda I_k)^-1 (R g_j)`` with ``R`` a
+    seeded ``(k, P_b)`` map and ``C_R`` the curvature in the projected space:
+    by default (``second_order="empirical_fisher"``) the empirical Fisher of
+    the projected gradients ``mean_i (R g_i)(R g_i)^T``, built in one pass over
+    the data with ``O(k^2)`` memory; with ``"hessian"`` (or ``"gauss_newton"``
+    where the provider offers it) ``R C R^T`` from ``k`` curvature products.
+    ``lambda`` acts in the projected space: for ``k = P_b`` and an invertible
+    ``R`` the result is the exact influence when ``lambda = 0``.
+
+    Args:
+        k: projected dimension of each block (``"dense"``; capped at the block's
+            size ``P_b``, beyond which ``C_R`` could only lose rank), or per dense layer
+            (``"kronecker"``: an int ``k`` is split into ``k_out * k_in <= k``
+            as evenly as the layer allows, a pair ``(k_out, k_in)`` is used as
+            given, both capped at the layer's sizes).
+        projection: ``"dense"`` (any provider; per-sample gradients projected
+            tile by tile) or ``"kronecker"`` (LoGra; needs a provider with
+            ``kfac_layers`` and ``kfac_factors`` whose dense layers cover every
+            parameter; per-sample gradients are never formed).
+        distribution: ``"gaussian"`` or ``"rademacher"`` entries.
+        seed: the map depends on ``seed`` (and the block or layer names) only:
+            the same numbers on every backend, device, dtype and memory budget.
+
+    Memory: ``O(k^2)`` for the curvature; the dense map is applied in chunks of
+    ``O(k x chunk)`` sized from :func:`xinfluence.memory_budget`.
+    ``influence_factors`` returns parameter-space factors ``R^T (C_R + lambda
+    I)^-1 R g`` ``(N, P)``; ``influences`` never leaves the projected space.
+    """
+
+    def __init__(
+        self,
+        gradient_provider: GradientProvider,
+        /,
+        *,
+        k: int | tuple[int, int],
+        projection: str = "dense",
+        distribution: str = "gaussian",
+        seed: int = 0,
+        regularization: Regularization = 0.0,
+        block_structure: BlockStructure = "full",
+        second_order: str = "empirical_fisher",
+    ):
+        if projection not in ("dense", "kronecker"):
+            raise ValueError(f"projection must be 'dense' or 'kronecker', got {projection!r}")
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(
+                f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}"
+            )
+        if isinstance(k, tuple):
+            if projection != "kronecker" or len(k) != 2:
+                raise ValueError(
+                    "k may be a pair (k_out, k_in) only with projection='kronecker'; got "
+                    f"k={k!r} with projection={projection!r}"
+                )
+            if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in k):
+                raise ValueError(f"k must hold positive integers, got {k!r}")
+        elif isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        gp = gradient_provider
+        if projection == "kronecker":
+            if not isinstance(gp, KroneckerFactorProvider):
+                raise TypeError(
+                    f"projection='kronecker' needs a provider with kfac_layers() and "
+                    f"kfac_factors(); {type(gp).__name__} has none"
+                )
+            layers = gp.kfac_layers()
+            covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
+            uncovered = [n for n in gp.parameter_names if n not in covered]
+            if not layers or uncovered:
+                raise ValueError(
+                    f"projection='kronecker' needs every parameter in a dense layer; not "
+                    f"covered: {uncovered}. Freeze them, restrict the provider to the dense "
+                    f"layers, or use projection='dense'"
+                )
+        super().__init__(
+            gp,
+            regularization=regularization,
+            block_structure=block_structure,
+            second_order=second_order,
+        )
+        self.k = k if isinstance(k, tuple) else int(k)
+        self.projection = projection
+        self.distribution = distribution
+        self.seed = _check_seed(seed)
+        if projection == "kronecker":
+            self._block_layers = self._layers_of_blocks()
+
+    def _layers_of_blocks(self) -> dict[str, list[str]]:
+        gp = self.gradient_provider
+        assert isinstance(gp, KroneckerFactorProvider)
+        out: dict[str, list[str]] = {}
+        for block, names in self.blocks.items():
+            members = set(names)
+            out[block] = []
+            for layer, (w, b) in gp.kfac_layers().items():
+                inside = [n in members for n in (w, b) if n is not None]
+                if any(inside) and not all(inside):
+                    raise ValueError(
+                        f"projection='kronecker': block {block!r} holds only part of the "
+                        f"dense layer {layer!r} (weight {w!r}, bias {b!r}); put a layer's "
+                        "weight and bias in the same block"
+                    )
+                if all(inside):
+                    out[block].append(layer)
+        return out
+
+    def make_projection(self, block: str, gp: GradientProvider) -> GradientProjection:
+        """The projection of ``block`` (``gp``: the block's provider)."""
+        if self.projection == "kronecker":
+            return KroneckerProjection(
+                self.gradient_provider,
+                self._block_layers[block],
+                gp,
+                self.k,
+                seed=self.seed,
+                distribution=self.distribution,
+            )
+        assert isinstance(self.k, int)
+        return DenseProjection(
+            gp.n_parameters,
+            min(self.k, gp.n_parameters),
+            seed=self.seed,
+            stream=_stream_id(block),
+            distribution=self.distribution,
+            xp=gp.xp,
+            dtype=gp.dtype,
+            device=gp.device,
+        )
+
+    def _projected_curvature(
+        self, projection: GradientProjection, gp: GradientProvider, data: Dataset
+    ) -> Array:
+        xp = gp.xp
+        if self.second_order == "empirical_fisher":
+            total, n = None, 0
+            for batch in data:
+                pg = projection.project_grads(gp, batch)  # (N_b, k)
+                total = _xp.add_scaled(total, xp.matrix_transpose(pg) @ pg, scale=1.0, xp=xp)
+                n += len(batch)
+            if total is None or n == 0:
+                raise ValueError("cannot fit on an empty dataset")
+            return _xp.symmetrize(total / n, xp=xp)
+        # R C R^T from curvature products with the rows of R, a few rows at a time
+        curvature = make_curvature(self.second_order, gp, data)
+        curvature.prepare_products()
+        k, p = projection.output_size, projection.input_size
+        itemsize = _itemsize(gp.dtype, xp=xp)
+        rows = max(1, min(k, memory_budget() // max(1, 4 * p * itemsize)))
+        eye = _xp.eye(k, dtype=gp.dtype, device=gp.device, xp=xp)
+        parts = []
+        for start in range(0, k, rows):
+            r_rows = projection.transpose(eye[start : start + rows, :])  # (rows, P)
+            parts.append(projection.project(curvature.matmat(r_rows)))  # (rows, k)
+        return _xp.symmetrize(xp.concat(parts, axis=0), xp=xp)
+
+    def _create_operator(
+        self, block: str, gp: GradientProvider, data: Dataset, regularization: float
+    ) -> Operator:
+        projection = self.make_projection(block, gp)
+        curvature = _xp.check_finite(
+            self._projected_curvature(projection, gp, data),
+            xp=gp.xp,
+            what=f"the projected curvature of block {block!r}",
+        )
+        return ProjectedOperator(projection, curvature, regularization, block=block)
+
+    def fit(self, data: Any) -> ProjectedInfluence:
+        super().fit(data)
+        mapper = self._fitted_mapper()
+        for block, comp in mapper.composable_block_dict.items():
+            mapper.composable_block_dict[block] = _ProjectedComposition(comp.op, comp.gp)
+        return self
+
+    def projections(self) -> Mapping[str, GradientProjection]:
+        """The fitted projection of every block."""
+        mapper = self._fitted_mapper()
+        out: OrderedDict[str, GradientProjection] = OrderedDict()
+        for block, comp in mapper.composable_block_dict.items():
+            assert isinstance(comp.op, ProjectedOperator)
+            out[block] = comp.op.projection
+        return out
+
+    def projected_curvatures(self) -> Mapping[str, Array]:
+        """The ``(k, k)`` projected curvature ``C_R`` of every block (without damping)."""
+        mapper = self._fitted_mapper()
+        out: OrderedDict[str, Array] = OrderedDict()
+        for block, comp in mapper.composable_block_dict.items():
+            assert isinstance(comp.op, ProjectedOperator)
+            out[block] = comp.op.inner.curvature
+        return out
