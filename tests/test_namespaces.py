@@ -82,8 +82,9 @@ def test_float32_parameters_give_float32(xp, device):
 
 def test_import_pulls_in_no_optional_framework():
     code = (
-        "import sys, xinfluence, xinfluence.backends.numpy, xinfluence.linalg;"
-        "bad = [m for m in ('torch', 'jax', 'cupy', 'dask', 'zarr') if m in sys.modules];"
+        "import sys, xinfluence, xinfluence.backends.numpy, xinfluence.linalg, xinfluence.compute;"
+        "optional = ('torch', 'jax', 'cupy', 'dask', 'zarr', 'distributed', 'tqdm');"
+        "bad = [m for m in optional if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal, final
 
 from . import _xp
+from ._progress import Reporter
 from ._xp import Array, Namespace
 from .linalg import hutchinson_diagonal
 from .types import Batch, GradientProvider
@@ -105,6 +106,8 @@ class Curvature(ABC):
     def __init__(self, gp: GradientProvider, data: Dataset):
         self.gp = gp
         self.data = data
+        self._passes = 0  # products so far, for progress reports
+        self._progress: Reporter | None = None
 
     @property
     def size(self) -> int:
@@ -132,6 +135,11 @@ class Curvature(ABC):
             nb = len(batch)
             total = _xp.add_scaled(total, self._batch_matmat(batch, v), scale=nb, xp=self.xp)
             n += nb
+        self._passes += 1
+        if self._progress is None:
+            self._progress = Reporter("curvature products", unit="pass over the data")
+        if self._progress.due():
+            self._progress.report(self._passes, f"{n} samples, {v.shape[0]} vectors")
         if total is None:
             raise ValueError("cannot multiply by the curvature of an empty dataset")
         return _xp.check_finite(

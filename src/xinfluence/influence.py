@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
-from . import _xp
+from . import _chunking, _xp
 from ._xp import Array
 from .blocks import resolve_block_structure, resolve_regularization
 from .curvature import Curvature, Dataset, make_curvature
@@ -72,7 +72,17 @@ class ComposableInfluence(ABC):
     Subclasses say how to build the operator of one block in
     :meth:`_create_operator`; everything else (data handling, blocks, modes,
     validation) lives here.
+
+    Queries work in chunks sized from a memory budget (bytes): the attribute
+    ``memory_budget`` (None: :func:`xinfluence.memory_budget`, 1 GiB by
+    default). They hold the result plus one test chunk's factors, one training
+    chunk's gradients and one output block, never all ``(N, P)`` gradients.
+    With iterative solvers (CG, LiSSA), test points solved in separate chunks
+    agree with one joint solve to the solver's tolerance.
     """
+
+    #: Bytes one chunk of a query may hold; None uses the global budget.
+    memory_budget: int | None = None
 
     def __init__(
         self,
@@ -173,7 +183,7 @@ class ComposableInfluence(ABC):
         """``(H_b + lambda_b I)^-1 g_i`` per block: ``(N, P_b)`` each."""
         mapper = self._fitted_mapper()
         batch = self._batch(x, y, "influence_factors")
-        return self._finite(mapper.transformed_grads(batch), "influence factors")
+        return self._finite(_chunking.chunked_factors(self, mapper, batch), "influence factors")
 
     def influence_factors(self, x: Array, y: Array) -> Array:
         """The per-block factors concatenated in block order: ``(N, P)``."""
@@ -192,15 +202,20 @@ class ComposableInfluence(ABC):
         mode: InfluenceMode | str = InfluenceMode.Up,
     ) -> OrderedDict[str, Array]:
         """Per-block influences of ``(x, y)`` (default: the test points themselves)
-        on the test points: ``(N_test, N)`` (up) or ``(N_test, N, *D)``."""
+        on the test points: ``(N_test, N)`` (up) or ``(N_test, N, *D)``.
+
+        The training side may also be anything ``fit`` accepts, passed as ``x``
+        with ``y=None``: a Batch, an ``(x, y)`` pair, or an iterable of those (a
+        DataLoader); its batches are processed in chunks."""
         mode = InfluenceMode.parse(mode)
         mapper = self._fitted_mapper()
         left = self._batch(x_test, y_test, "influences (test points)")
-        if x is None and y is None:
-            right = None
-        else:
-            right = self._batch(x, y, "influences (training points)")
-        return self._finite(mapper.interactions(left, right, mode), "influences")
+        right = None
+        if x is not None or y is not None:
+            right = _chunking.as_batches(x, y, "influences (training points)")
+        return self._finite(
+            _chunking.chunked_interactions(self, mapper, left, right, mode), "influences"
+        )
 
     def influences(
         self,
@@ -216,26 +231,29 @@ class ComposableInfluence(ABC):
     def influences_from_factors_by_block(
         self,
         factors: Array | Mapping[str, Array],
-        x: Array,
-        y: Array,
+        x: Any,
+        y: Array | None = None,
         mode: InfluenceMode | str = InfluenceMode.Up,
     ) -> OrderedDict[str, Array]:
-        """Per-block influences from precomputed factors (``(N_test, P)`` or a dict)."""
+        """Per-block influences from precomputed factors (``(N_test, P)`` or a dict).
+
+        The training side is ``(x, y)``, or anything ``fit`` accepts as ``x`` with
+        ``y=None``; it is processed in chunks."""
         mode = InfluenceMode.parse(mode)
         mapper = self._fitted_mapper()
         xp = self.gradient_provider.xp
         for value in factors.values() if isinstance(factors, Mapping) else [factors]:
             _xp.check_namespace(value, xp=xp, what="factors")
-        batch = self._batch(x, y, "influences_from_factors")
+        right = _chunking.as_batches(x, y, "influences_from_factors")
         return self._finite(
-            mapper.interactions_from_transformed_grads(factors, batch, mode), "influences"
+            _chunking.chunked_from_factors(self, mapper, factors, right, mode), "influences"
         )
 
     def influences_from_factors(
         self,
         factors: Array | Mapping[str, Array],
-        x: Array,
-        y: Array,
+        x: Any,
+        y: Array | None = None,
         mode: InfluenceMode | str = InfluenceMode.Up,
     ) -> Array:
         """Sum of :meth:`influences_from_factors_by_block` over the blocks."""

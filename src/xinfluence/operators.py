@@ -10,6 +10,7 @@ from typing import Any, final
 import numpy as np
 
 from . import _xp
+from ._progress import Reporter
 from ._xp import Array
 from .curvature import Curvature, Dataset
 from .errors import (
@@ -487,6 +488,7 @@ class LissaOperator(Operator):
         limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
         h = t
         change = np.inf
+        progress = Reporter("LiSSA", o.maxiter)
         for it in range(1, o.maxiter + 1):
             new = t + keep * h - (matmat(h) + reg * h) / scale
             norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
@@ -501,6 +503,8 @@ class LissaOperator(Operator):
             diff = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
             change = float(np.max(diff / np.maximum(norms, 1e-300)))
             h = new
+            if progress.due():
+                progress.report(it, f"relative change {change:.3e}")
             if change < o.rtol:
                 break
         self.iterations = it

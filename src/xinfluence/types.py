@@ -204,6 +204,19 @@ class GradientProvider(ABC):
         those products cheaper; the default does nothing. The numbers must not
         depend on whether this was called."""
 
+    def bytes_per_sample(self, batch: Batch) -> int:
+        """Bytes that computing the derivatives of one sample of ``batch`` holds
+        (its gradient and the activations behind it); chunked queries size their
+        chunks from it (:mod:`xinfluence._chunking`).
+
+        The default is conservative for models without large activations: twice
+        the gradient (``2 P itemsize``) plus the sample's features. Providers
+        whose activations dominate (convolutions) should override it.
+        """
+        itemsize = int(getattr(self.dtype, "itemsize", 8) or 8)
+        features = math.prod(int(d) for d in batch.x.shape[1:]) * itemsize
+        return 2 * self.n_parameters * itemsize + features
+
     def prepare_batch(self, batch: Batch) -> Batch:
         """Validate a batch for this provider and bring it to the parameters' dtype.
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 
 from .. import _xp
+from .._progress import Reporter
 from .._xp import Array, Namespace
 from ..errors import (
     NonFiniteError,
@@ -139,6 +140,7 @@ def block_cg(
     iterations = 0
     restarts = 0
     last_excess = math.inf
+    progress = Reporter("block CG", maxiter)
     while True:
         norms = _xp.to_numpy(row_norms(r, xp=xp))
         if not np.all(np.isfinite(norms)):
@@ -172,10 +174,13 @@ def block_cg(
                     "check the operator and the preconditioner"
                 )
             done_host = done_host | (norms <= tol_host)
+            if progress.due():
+                progress.report(iterations, f"largest residual {float(np.max(norms)):.3e}")
             active = _xp.from_numpy(~done_host, dtype=xp.bool, device=_xp.device_of(b), xp=xp)
             if not done_host.all():
                 s = directions(r, active, (s, q, factor))
         true_residual = b - apply_a(x) if iterations or x0 is not None else b
+        progress.close(iterations, "done")
         residual_norms = np.asarray(_xp.to_numpy(row_norms(true_residual, xp=xp)), dtype=np.float64)
         converged = residual_norms <= tol_host
         if converged.all() or iterations >= maxiter or restarts >= _MAX_RESTARTS:

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from .. import _xp
+from .._progress import Reporter
 from .._xp import Array
 from ..errors import (
     NonFiniteError,
@@ -131,6 +132,7 @@ def cg(
     all_done = bool(flags[0])
     if bool(flags[1]):
         raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=0))
+    progress = Reporter("CG", maxiter)
     while True:
         while not all_done and iterations < maxiter:
             active = ~done
@@ -165,6 +167,9 @@ def cg(
                 )
             )
             all_done, indefinite_a, indefinite_m, nonfinite = (bool(f) for f in flags)
+            if progress.due():
+                worst = float(_xp.to_numpy(xp.max(row_norms(r, xp=xp))))
+                progress.report(iterations, f"largest residual {worst:.3e}")
             if nonfinite:
                 raise NonFiniteError(
                     f"conjugate gradients produced NaN or inf at iteration {iterations}: "

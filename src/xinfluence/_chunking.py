@@ -1,0 +1,257 @@
+"""Chunked queries: sizes from the memory budget, re-batching, the chunked loop.
+
+The in-memory query methods of :class:`~xinfluence.influence.ComposableInfluence`
+and the calculators of :mod:`xinfluence.compute` share this module. A query
+holds at most one test chunk's factors, one training chunk's gradients and one
+output block at a time (plus the result it returns).
+
+Chunk sizes come from bytes, not sample counts: per sample, the provider's
+:meth:`~xinfluence.types.GradientProvider.bytes_per_sample` (gradients and
+activations) and, for the test side, the influence factors and the solver's
+work arrays. Half the budget goes to the test chunk, half to a training chunk
+and its output block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._config import memory_budget
+from ._xp import Array
+from .types import Batch, BlockMapper, GradientProvider, InfluenceMode, iter_batches
+
+if TYPE_CHECKING:
+    from .influence import ComposableInfluence
+
+__all__ = ["ChunkPlan", "plan_chunks", "rebatch", "as_batches", "chunked_interactions"]
+
+#: Arrays of ``(n, P)`` one test sample costs at once: its gradients, its factors
+#: and an iterative solver's work vectors (block CG keeps about four).
+_TEST_COPIES = 6
+
+
+def model_budget(model: Any) -> int:
+    """The model's ``memory_budget`` option if it has one, else the global budget."""
+    own = getattr(model, "memory_budget", None)
+    return int(own) if own is not None else memory_budget()
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Samples per test chunk and per training chunk."""
+
+    test_rows: int
+    train_rows: int
+
+
+def plan_chunks(
+    gp: GradientProvider,
+    sample: Batch,
+    mode: InfluenceMode,
+    *,
+    budget: int,
+    test_rows: int | None = None,
+    train_rows: int | None = None,
+) -> ChunkPlan:
+    """Chunk sizes for one query on batches shaped like ``sample``.
+
+    Per test sample: ``bytes_per_sample`` plus ``_TEST_COPIES * P * itemsize``;
+    per training sample: ``bytes_per_sample`` (times ``prod(D)`` for the mixed
+    derivatives of the perturbation mode) plus its column of the output block.
+    Explicit ``test_rows`` / ``train_rows`` win over the budget.
+    """
+    itemsize = int(getattr(gp.dtype, "itemsize", 8) or 8)
+    p = gp.n_parameters
+    trailing = (
+        math.prod(int(d) for d in sample.x.shape[1:]) if mode is InfluenceMode.Perturbation else 1
+    )
+    per_sample = max(int(gp.bytes_per_sample(sample)), p * itemsize)
+    if test_rows is None:
+        test_rows = max(1, (budget // 2) // (per_sample + _TEST_COPIES * p * itemsize))
+    if train_rows is None:
+        per_train = per_sample * trailing + test_rows * trailing * itemsize
+        train_rows = max(1, (budget // 2) // per_train)
+    for name, value in (("test_rows", test_rows), ("train_rows", train_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return ChunkPlan(int(test_rows), int(train_rows))
+
+
+def is_one_shot(data: Any) -> bool:
+    """Whether iterating ``data`` consumes it (a generator or other iterator)."""
+    return isinstance(data, Iterator)
+
+
+def as_batches(x: Any, y: Any, what: str) -> Iterable[Batch]:
+    """The training side of a query: arrays ``(x, y)``, or in ``x`` with ``y=None``
+    anything ``fit`` accepts (a Batch, an ``(x, y)`` pair, an iterable of those)."""
+    if y is not None:
+        if x is None:
+            raise ValueError(f"{what}: x and y must be given together (y without x)")
+        return [Batch(x, y)]
+    if x is None:
+        raise ValueError(f"{what}: no training data given")
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        raise ValueError(
+            f"{what}: x and y must be given together (x without y); or pass a Batch, an "
+            "(x, y) pair or an iterable of batches (a DataLoader) as x alone"
+        )
+    return iter_batches(x)
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return Batch(batch.x[start:stop, ...], batch.y[start:stop, ...])
+
+
+def _concat(parts: list[Batch], xp: Any) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    return Batch(xp.concat([p.x for p in parts], axis=0), xp.concat([p.y for p in parts], axis=0))
+
+
+def rebatch(
+    batches: Iterable[Batch], rows: int, gp: GradientProvider
+) -> Iterator[tuple[int, Batch]]:
+    """Regroup ``batches`` into prepared chunks of exactly ``rows`` samples (the last
+    may be shorter): yields ``(offset of the chunk's first sample, chunk)``.
+
+    Large batches are sliced, small ones concatenated, so the chunk layout depends
+    only on ``rows`` and the total count, not on how the source was batched.
+    """
+    xp = gp.xp
+    parts: list[Batch] = []
+    held = 0
+    offset = 0
+    for raw in batches:
+        batch = gp.prepare_batch(raw)
+        start, n = 0, len(batch)
+        while start < n:
+            take = min(rows - held, n - start)
+            parts.append(
+                batch if (start == 0 and take == n) else _slice(batch, start, start + take)
+            )
+            held += take
+            start += take
+            if held == rows:
+                yield offset, _concat(parts, xp)
+                offset += held
+                parts, held = [], 0
+    if held:
+        yield offset, _concat(parts, xp)
+
+
+def check_trailing(batch: Batch, expected: tuple[int, ...] | None, what: str) -> tuple[int, ...]:
+    """Every chunk of one side must have the same trailing shape ``x.shape[1:]``."""
+    shape = tuple(int(d) for d in batch.x.shape[1:])
+    if expected is not None and shape != expected:
+        raise ValueError(
+            f"{what}: every batch must have x of trailing shape {expected}, got a batch with "
+            f"x.shape[1:] = {shape}"
+        )
+    return shape
+
+
+def sum_blocks(by_block: Mapping[str, Array]) -> Array:
+    values = iter(by_block.values())
+    total = next(values)
+    for v in values:
+        total = total + v
+    return total
+
+
+def chunked_interactions(
+    model: ComposableInfluence,
+    mapper: BlockMapper,
+    left: Batch,
+    right: Iterable[Batch] | None,
+    mode: InfluenceMode,
+) -> OrderedDict[str, Array]:
+    """Per-block influences of ``right`` (None: ``left`` itself) on ``left``,
+    chunked by the model's budget. One chunk on each side takes the unchunked
+    path (the numbers of the plain query); otherwise test factors are computed
+    once per test chunk and contracted with each training chunk."""
+    gp = model.gradient_provider
+    xp = gp.xp
+    plan = plan_chunks(gp, left, mode, budget=model_budget(model))
+    if right is None:
+        right_batches: Iterable[Batch] = [left]
+    else:
+        right_batches = right
+    single = (
+        isinstance(right_batches, list)  # one Batch of arrays (iter_batches gives no list)
+        and len(right_batches) == 1
+        and len(right_batches[0]) <= plan.train_rows
+        and len(left) <= plan.test_rows
+    )
+    if single:
+        assert isinstance(right_batches, list)
+        other = None if right is None else gp.prepare_batch(right_batches[0])
+        return mapper.interactions(left, other, mode)
+    rows: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
+    trailing: tuple[int, ...] | None = None
+    for _, test_chunk in rebatch([left], plan.test_rows, gp):
+        factors = mapper.transformed_grads(test_chunk)
+        cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in rows)
+        for _, chunk in rebatch(right_batches, plan.train_rows, gp):
+            trailing = check_trailing(chunk, trailing, "influences (training points)")
+            out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
+            for k, v in out.items():
+                cols[k].append(v)
+        if not cols[next(iter(cols))]:
+            raise ValueError("influences: the training data holds no samples")
+        for k, v in cols.items():
+            rows[k].append(v[0] if len(v) == 1 else xp.concat(v, axis=1))
+    return OrderedDict((k, v[0] if len(v) == 1 else xp.concat(v, axis=0)) for k, v in rows.items())
+
+
+def chunked_factors(
+    model: ComposableInfluence, mapper: BlockMapper, batch: Batch
+) -> OrderedDict[str, Array]:
+    """Per-block influence factors of ``batch``, in test chunks sized by the budget."""
+    gp = model.gradient_provider
+    plan = plan_chunks(gp, batch, InfluenceMode.Up, budget=model_budget(model))
+    if len(batch) <= plan.test_rows:
+        return mapper.transformed_grads(batch)
+    parts: OrderedDict[str, list[Array]] = OrderedDict(
+        (k, []) for k in mapper.composable_block_dict
+    )
+    for _, chunk in rebatch([batch], plan.test_rows, gp):
+        for k, v in mapper.transformed_grads(chunk).items():
+            parts[k].append(v)
+    return OrderedDict((k, gp.xp.concat(v, axis=0)) for k, v in parts.items())
+
+
+def chunked_from_factors(
+    model: ComposableInfluence,
+    mapper: BlockMapper,
+    factors: Array | Mapping[str, Array],
+    right: Iterable[Batch],
+    mode: InfluenceMode,
+) -> OrderedDict[str, Array]:
+    """Per-block influences of the training batches ``right`` from test factors,
+    one training chunk at a time."""
+    gp = model.gradient_provider
+    xp = gp.xp
+    right = list(right) if is_one_shot(right) else right
+    first = next(iter(right), None)
+    if first is None:
+        raise ValueError("influences_from_factors: the training data holds no batches")
+    n_test = (
+        int(next(iter(factors.values())).shape[0])
+        if isinstance(factors, Mapping)
+        else int(factors.shape[0])
+    )
+    plan = plan_chunks(
+        gp, gp.prepare_batch(first), mode, budget=model_budget(model), test_rows=max(n_test, 1)
+    )
+    cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
+    trailing: tuple[int, ...] | None = None
+    for _, chunk in rebatch(right, plan.train_rows, gp):
+        trailing = check_trailing(chunk, trailing, "influences_from_factors (training points)")
+        for k, v in mapper.interactions_from_transformed_grads(factors, chunk, mode).items():
+            cols[k].append(v)
+    return OrderedDict((k, v[0] if len(v) == 1 else xp.concat(v, axis=1)) for k, v in cols.items())

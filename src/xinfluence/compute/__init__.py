@@ -1,0 +1,34 @@
+"""Influence computation at scale: chunked, resumable, distributed.
+
+* :class:`SequentialInfluenceCalculator`: influences over iterables of batches,
+  one block at a time, collected in memory (``.compute()``) or written to a
+  zarr store block by block (``.to_zarr(path)``, resumable after a kill).
+* :class:`DaskInfluenceCalculator`: the same over dask arrays, on dask's local
+  schedulers or a ``dask.distributed`` cluster.
+* Streaming reductions that never hold the ``(N_test, N)`` matrix:
+  :func:`top_k`, :func:`self_influence`, :func:`total_influence` for in-memory
+  arrays, and the ``top_k``, ``sum``, ``mean`` methods of the calculators'
+  lazy results.
+
+Importing this package imports neither dask, zarr nor tqdm; they are extras
+(``pip install "xinfluence[dask,progress]"``) loaded when used.
+"""
+
+from __future__ import annotations
+
+from ._reductions import TopK
+from ._store import StoreMismatchError
+from .dask import DaskInfluenceCalculator
+from .reductions import self_influence, top_k, total_influence
+from .sequential import LazyInfluences, SequentialInfluenceCalculator
+
+__all__ = [
+    "DaskInfluenceCalculator",
+    "LazyInfluences",
+    "SequentialInfluenceCalculator",
+    "StoreMismatchError",
+    "TopK",
+    "self_influence",
+    "top_k",
+    "total_influence",
+]
