@@ -218,7 +218,9 @@ def _train_jax(problem: DigitsProblem, seed: int) -> TrainedModel:
         return hidden(p, a) @ p["dense2"]["kernel"] + p["dense2"]["bias"]
 
     def loss(out: Any, t: Any) -> Any:
-        return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, t[:, None], 1)[:, 0])
+        return jnp.mean(
+            jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, t[:, None], 1)[:, 0]
+        )
 
     flat0, unravel = ravel_pytree(params)
     x, y = jnp.asarray(problem.x_train), jnp.asarray(problem.y_train)
