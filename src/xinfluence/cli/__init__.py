@@ -1,0 +1,171 @@
+"""The ``xinfluence`` command: ``demo``, ``compute`` and ``report``.
+
+``xinfluence demo`` trains a small model on scikit-learn's bundled digits with
+flipped labels and writes an HTML report; ``xinfluence compute`` runs an influence
+model on a user's recipe and writes a zarr store; ``xinfluence report`` summarises
+such a store. Bad input prints one line and exits with a non-zero status
+(``--debug`` shows the traceback). The library never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """Bad input to the command: printed as one line, exit status 1."""
+
+
+def _common() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error",
+    )
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._demo import BACKENDS, METHODS
+
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="xinfluence",
+        description="Influence functions on NumPy, PyTorch and JAX: training-data attribution.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run influence functions on bundled digits and write an HTML report",
+        description=(
+            "Train a small classifier on scikit-learn's bundled digits (offline) with 10%% of "
+            "the training labels flipped, fit an influence model and write a report "
+            "(index.html and PNG figures): the most helpful and harmful training images of "
+            "misclassified test images, mislabel detection by self-influence, accuracy "
+            "against the exact influences, and timings."
+        ),
+    )
+    demo.add_argument("--backend", choices=BACKENDS, default="numpy", help="default: numpy")
+    demo.add_argument("--method", choices=METHODS, default="cg", help="default: cg")
+    demo.add_argument(
+        "--out", type=Path, default=Path("xinfluence-demo"), help="report folder (created)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="data split, label flips, init")
+    demo.add_argument(
+        "--flip-fraction", type=float, default=0.1, help="share of flipped training labels"
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help=(
+            "BLAS / torch threads (default 1: reproducible timings on shared machines; "
+            "0 leaves the libraries' defaults)"
+        ),
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    from ._compute import add_compute_parser, add_report_parser
+
+    add_compute_parser(sub, common)
+    add_report_parser(sub, common)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"xinfluence {__version__}"
+
+
+def _limit_threads(n: int) -> None:
+    if n <= 0:
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - comes with scikit-learn
+        return
+    threadpool_limits(n)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import relative_error, run_demo
+    from ._report import write_report
+
+    _limit_threads(args.threads)
+    if args.backend == "torch" and args.threads > 0:
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            torch.set_num_threads(args.threads)
+    start, cpu = time.perf_counter(), time.process_time()
+    print(f"xinfluence demo: backend {args.backend}, method {args.method}", flush=True)
+    result = run_demo(args.backend, args.method, seed=args.seed, flip_fraction=args.flip_fraction)
+    page = write_report(result, args.out, "xinfluence " + " ".join(sys.argv[1:]))
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu
+    m, flipped = result.model, result.problem.flipped
+    from ._demo import average_precision
+
+    print(f"  model: {m.description}, {m.n_parameters} parameters")
+    print(f"  accuracy: train {result.train_accuracy:.3f}, test {result.test_accuracy:.3f}")
+    print(
+        f"  mislabel detection ({int(flipped.sum())} flipped), average precision: "
+        f"self-influence {average_precision(result.run.self_influence, flipped):.3f}, "
+        f"training loss {average_precision(result.train_loss, flipped):.3f}, "
+        f"random {flipped.mean():.3f}"
+    )
+    if result.exact is not None:
+        err = relative_error(result.run.query, result.exact.query)
+        print(f"  {args.method} vs exact influences: relative error {err:.2e}")
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.run.seconds.items())
+    print(f"  {args.method}: {steps}; total {total:.1f} s wall, {cpu:.1f} s CPU")
+    print(f"report: {page.resolve()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 on success)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("xinfluence: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the traceback with --debug
+        if debug:
+            raise
+        print(f"xinfluence {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    from ._demo import DemoError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, CliError | DemoError):
+        return text
+    return f"{type(exc).__name__}: {text}"

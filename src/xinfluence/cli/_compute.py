@@ -1,0 +1,428 @@
+"""``xinfluence compute`` and ``xinfluence report``, on :mod:`xinfluence.compute`.
+
+A *recipe* is a Python file with a function returning
+``(gradient_provider, train_data, test_data)``; each data side is an ``(x, y)``
+pair of arrays, a :class:`~xinfluence.Batch` or an iterable of those (a torch
+``DataLoader``). ``compute`` fits the chosen influence model on the training
+data and writes the up-weighting influences ``(N_test, N)`` to a zarr store
+with the resumable :class:`~xinfluence.compute.SequentialInfluenceCalculator`
+(or a dask cluster with ``--scheduler``); ``report`` summarises such a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import CliError
+
+METHODS = {
+    "direct": "DirectInfluence",
+    "cg": "CgInfluence",
+    "lissa": "LissaInfluence",
+    "arnoldi": "ArnoldiInfluence",
+    "nystroem": "NystroemSketchInfluence",
+    "datainf": "InverseHarmonicMeanInfluence",
+    "ekfac": "EkfacInfluence",
+    "identity": "IdentityInfluence",
+}
+CLI_ATTRS = "xinfluence_cli"
+COMMON_OPTIONS = ("regularization", "block_structure", "second_order")
+
+
+# -- compute ---------------------------------------------------------------------
+def add_compute_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "compute",
+        parents=[common],
+        help="influences of a recipe's training data on its test data, into a zarr store",
+        description=(
+            "Fit an influence model on the training data that RECIPE.py:function returns, "
+            "then write the up-weighting influences (N_test, N) to a zarr store, block by "
+            "block: an interrupted run resumes where it stopped when rerun with the same "
+            "arguments. The function takes no arguments and returns (gradient_provider, "
+            "train_data, test_data); each data side is an (x, y) pair, a Batch or an "
+            "iterable of those (a torch DataLoader)."
+        ),
+        epilog=(
+            "method options (--option KEY=VALUE): cg: rtol, atol, maxiter, preconditioner, "
+            "preconditioner_rank, solver; lissa: maxiter, scale, dampen, rtol, batch_size, "
+            "seed; arnoldi: rank, krylov_dimension, tol, use_woodbury, seed; nystroem: rank, "
+            "seed; ekfac: update_diagonal. Example: xinfluence compute recipe.py:build "
+            "--method cg --regularization 1e-3 --option rtol=1e-8 --top-k 10 --out scores.zarr"
+        ),
+    )
+    p.add_argument("recipe", metavar="RECIPE.py:function", help="the recipe file and function")
+    p.add_argument("--method", choices=sorted(METHODS), default="cg", help="default: cg")
+    p.add_argument("--out", type=Path, required=True, help="the zarr store (a directory)")
+    p.add_argument("--regularization", type=float, default=None, help="damping lambda (default 0)")
+    p.add_argument(
+        "--block-structure",
+        default=None,
+        help="full (default), layer, parameter, or a JSON object block -> parameter names",
+    )
+    p.add_argument(
+        "--second-order",
+        choices=("hessian", "gauss_newton", "empirical_fisher"),
+        default=None,
+        help="curvature (default: the method's own)",
+    )
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method, e.g. rtol=1e-8 or rank=20 (repeatable)",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="also store the k most helpful/harmful")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a dask.distributed scheduler (needs arrays, not iterables)",
+    )
+    p.add_argument("--test-chunk-size", type=int, default=None, help="test samples per block")
+    p.add_argument("--train-chunk-size", type=int, default=None, help="training samples per block")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compute)
+
+
+def load_recipe(spec: str) -> tuple[Any, Any, Any]:
+    """Import ``path.py:function``, call it and check what it returns."""
+    from ..types import GradientProvider
+
+    path_s, sep, func_name = spec.rpartition(":")
+    if not sep or not path_s or not func_name:
+        raise CliError(f"expected RECIPE.py:function, got {spec!r}")
+    path = Path(path_s)
+    if not path.is_file():
+        raise CliError(f"recipe file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location(f"_xinfluence_recipe_{path.stem}", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise CliError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise CliError(f"{path} has no function {func_name!r} (functions: {', '.join(names)})")
+    out = func()
+    what = f"{path.name}:{func_name}() must return (gradient_provider, train_data, test_data)"
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        raise CliError(f"{what}; got {_describe(out)}")
+    gp, train, test = out
+    if not isinstance(gp, GradientProvider):
+        raise CliError(f"{what}; its first item is {_describe(gp)}, not a gradient provider")
+    for name, data in (("train_data", train), ("test_data", test)):
+        if data is None or isinstance(data, str | bytes) or not hasattr(data, "__iter__"):
+            raise CliError(
+                f"{what}; {name} is {_describe(data)}, expected (x, y), a Batch or an "
+                "iterable of those"
+            )
+    return gp, train, test
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, tuple | list):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__module__}.{type(obj).__name__}"
+
+
+def parse_options(method: str, pairs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of the method's constructor, checked against its signature."""
+    import xinfluence as xi
+
+    cls = getattr(xi, METHODS[method])
+    allowed = [
+        n
+        for n, prm in inspect.signature(cls).parameters.items()
+        if prm.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise CliError(f"--option expects KEY=VALUE, got {pair!r}")
+        if key in COMMON_OPTIONS:
+            raise CliError(f"give {key} with --{key.replace('_', '-')}, not --option")
+        if key not in allowed:
+            own = [n for n in allowed if n not in COMMON_OPTIONS]
+            raise CliError(
+                f"unknown option {key!r} for --method {method}; its options: "
+                f"{', '.join(own) or 'none'}"
+            )
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw  # a bare word: a string option such as preconditioner=jacobi
+    if args.regularization is not None:
+        if "regularization" not in allowed:
+            raise CliError(f"--method {method} takes no --regularization")
+        kwargs["regularization"] = args.regularization
+    if args.block_structure is not None:
+        bs = args.block_structure
+        kwargs["block_structure"] = json.loads(bs) if bs.lstrip().startswith("{") else bs
+    if args.second_order is not None:
+        if "second_order" not in allowed:
+            raise CliError(f"--method {method} takes no --second-order")
+        kwargs["second_order"] = args.second_order
+    return kwargs
+
+
+def _as_arrays(data: Any, what: str) -> tuple[Any, Any]:
+    from ..types import Batch
+
+    if isinstance(data, Batch):
+        return data.x, data.y
+    if isinstance(data, tuple | list) and len(data) == 2 and hasattr(data[0], "shape"):
+        return data[0], data[1]
+    raise CliError(f"--scheduler needs {what} as an (x, y) pair of arrays, not an iterable")
+
+
+def cmd_compute(args: argparse.Namespace) -> int:
+    import xinfluence as xi
+
+    if args.top_k < 0:
+        raise CliError(f"--top-k must be >= 0, got {args.top_k}")
+    kwargs = parse_options(args.method, args.option, args)
+    gp, train, test = load_recipe(args.recipe)
+    model = getattr(xi, METHODS[args.method])(gp, **kwargs)
+    t0 = time.perf_counter()
+    print(f"fitting {type(model).__name__} ({gp.n_parameters} parameters) ...", flush=True)
+    model.fit(train)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.scheduler is not None:
+        values = _compute_dask(model, train, test, args)
+    else:
+        from ..compute import SequentialInfluenceCalculator
+
+        calc = SequentialInfluenceCalculator(
+            model,
+            progress=not args.no_progress,
+            test_chunk_size=args.test_chunk_size,
+            train_chunk_size=args.train_chunk_size,
+        )
+        from ..compute import StoreMismatchError
+
+        try:
+            values = calc.influences(test, train).to_zarr(str(args.out), overwrite=args.overwrite)
+        except StoreMismatchError as exc:
+            raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+    run_s = time.perf_counter() - t0
+    import zarr
+
+    group = zarr.open_group(str(args.out), mode="a")
+    if args.top_k:
+        _write_top_k(group, args.top_k)
+    group.attrs[CLI_ATTRS] = {
+        "recipe": args.recipe,
+        "method": args.method,
+        "class": type(model).__name__,
+        "options": {k: _jsonable(v) for k, v in kwargs.items()},
+        "scheduler": args.scheduler,
+        "top_k": args.top_k,
+        "fit_seconds": round(fit_s, 3),
+        "influence_seconds": round(run_s, 3),
+    }
+    print(
+        f"wrote influences {tuple(values.shape)} to {args.out} "
+        f"(fit {fit_s:.1f} s, influences {run_s:.1f} s)"
+    )
+    return 0
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _compute_dask(model: Any, train: Any, test: Any, args: argparse.Namespace) -> Any:
+    try:
+        import dask.array as da
+        from dask.distributed import Client
+    except ImportError as exc:
+        raise CliError(
+            "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
+        ) from exc
+    from .. import _xp
+    from ..compute import DaskInfluenceCalculator
+
+    def chunked(data: Any, what: str, rows: int | None) -> tuple[Any, Any]:
+        x, y = (_xp.to_numpy(a) for a in _as_arrays(data, what))
+        n = rows or max(1, min(len(x), 1024))
+        return da.from_array(x, chunks=(n, *x.shape[1:])), da.from_array(
+            y, chunks=(n, *y.shape[1:])
+        )
+
+    x, y = chunked(train, "train_data", args.train_chunk_size)
+    xt, yt = chunked(test, "test_data", args.test_chunk_size)
+    import zarr
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise CliError(f"{args.out} exists: a dask run does not resume; pass --overwrite")
+    with Client(args.scheduler) as client:
+        # the provider's namespace: chunks go to the model as the recipe's arrays
+        lazy = DaskInfluenceCalculator(model, client=client).influences(xt, yt, x, y)
+        group = zarr.open_group(str(args.out), mode="w")
+        lazy.to_zarr(group.store, component="values", overwrite=True)
+    return zarr.open_group(str(args.out), mode="r")["values"]
+
+
+def _write_top_k(group: Any, k: int) -> None:
+    """Top-k per test point from the stored values, a chunk of rows at a time."""
+    values = group["values"]
+    n_test, n = int(values.shape[0]), int(values.shape[1])
+    k = min(k, n)
+    rows = max(1, int(values.chunks[0]))
+    arrays = {
+        name: group.create_array(name, shape=(n_test, k), dtype=dtype, overwrite=True)
+        for name, dtype in (
+            ("top_k/helpful_indices", np.int64),
+            ("top_k/helpful_scores", np.float64),
+            ("top_k/harmful_indices", np.int64),
+            ("top_k/harmful_scores", np.float64),
+        )
+    }
+    for r0 in range(0, n_test, rows):
+        block = np.asarray(values[r0 : r0 + rows], dtype=np.float64)
+        helpful = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        harmful = np.argsort(block, axis=1, kind="stable")[:, :k]
+        arrays["top_k/helpful_indices"][r0 : r0 + rows] = helpful
+        arrays["top_k/helpful_scores"][r0 : r0 + rows] = np.take_along_axis(block, helpful, 1)
+        arrays["top_k/harmful_indices"][r0 : r0 + rows] = harmful
+        arrays["top_k/harmful_scores"][r0 : r0 + rows] = np.take_along_axis(block, harmful, 1)
+
+
+# -- report ----------------------------------------------------------------------
+def add_report_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="summarise a store written by xinfluence compute",
+        description=(
+            "Print a store's shape, method and options and the top-k training points per "
+            "test point; with --plots DIR, also write PNG figures (needs matplotlib)."
+        ),
+    )
+    p.add_argument("store", type=Path, help="the zarr store")
+    p.add_argument("--top-k", type=int, default=5, help="training points per test point shown")
+    p.add_argument("--rows", type=int, default=10, help="test points listed (default 10)")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write figures here")
+    p.set_defaults(func=cmd_report)
+
+
+def _open_store(path: Path) -> Any:
+    if not path.exists():
+        raise CliError(f"store not found: {path}")
+    try:
+        import zarr
+    except ImportError as exc:
+        raise CliError("reading a store needs zarr: pip install 'xinfluence[dask]'") from exc
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise CliError(f"{path} is not a zarr store ({exc})") from exc
+    if "values" not in group:
+        raise CliError(f"{path} holds no influences (no 'values' array): not an xinfluence store")
+    return group
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    group = _open_store(args.store)
+    values = group["values"]
+    attrs = dict(group.attrs)
+    cli = attrs.get(CLI_ATTRS, {})
+    fingerprint = attrs.get("xinfluence", {})
+    n_test, n = int(values.shape[0]), int(values.shape[1])
+    print(f"store: {args.store}")
+    print(f"influences: shape {tuple(values.shape)} ({n_test} test x {n} training), {values.dtype}")
+    model = fingerprint.get("model", {})
+    print(f"method: {cli.get('class') or model.get('class', 'unknown')}")
+    if cli:
+        print(f"recipe: {cli.get('recipe')}")
+        print(f"options: {json.dumps(cli.get('options', {}), sort_keys=True)}")
+        print(
+            f"timings: fit {cli.get('fit_seconds')} s, influences {cli.get('influence_seconds')} s"
+        )
+    if fingerprint:
+        print(f"provider: {model.get('provider')}, mode {fingerprint.get('mode')}")
+        done = len(list(group["done"].group_keys())) if "done" in group else None
+        print(
+            f"blocks: {fingerprint.get('test_rows')} test x {fingerprint.get('train_rows')} "
+            f"training rows each" + ("" if done is None else f", {done} finished")
+        )
+    if args.top_k < 1:
+        raise CliError(f"--top-k must be >= 1, got {args.top_k}")
+    k = min(args.top_k, n)
+    shown = min(args.rows, n_test)
+    block = np.asarray(values[:shown], dtype=np.float64)
+    if np.isnan(block).any():
+        print("note: the store is incomplete (NaN blocks): rerun the compute command to resume")
+    print(f"top {k} training points (index: score) for the first {shown} test points:")
+    for t in range(shown):
+        row = block[t]
+        helpful = np.argsort(-row, kind="stable")[:k]
+        harmful = np.argsort(row, kind="stable")[:k]
+        fmt = ", ".join
+        print(f"  test {t}: helpful {fmt(f'{j}: {row[j]:+.3g}' for j in helpful)}")
+        print(f"          harmful {fmt(f'{j}: {row[j]:+.3g}' for j in harmful)}")
+    if args.plots is not None:
+        _plots(values, args.plots)
+        print(f"figures: {args.plots.resolve()}")
+    return 0
+
+
+def _plots(values: Any, out: Path) -> None:
+    from ._report import pyplot
+
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    n_test, n = int(values.shape[0]), int(values.shape[1])
+    rows = max(1, int(values.chunks[0]))
+    total = np.zeros(n)
+    hist_rows = []
+    for r0 in range(0, n_test, rows):
+        block = np.asarray(values[r0 : r0 + rows], dtype=np.float64)
+        total += np.nansum(block, axis=0)
+        if sum(len(h) for h in hist_rows) < 10**6:
+            hist_rows.append(block.ravel())
+    sample = np.concatenate(hist_rows)
+    sample = sample[np.isfinite(sample)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.hist(sample, bins=80)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("influence I[t, j]")
+    ax1.set_ylabel("pairs")
+    ax2.plot(np.sort(total)[::-1])
+    ax2.set_xlabel("training points, by total influence")
+    ax2.set_ylabel("sum over test points")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "distribution.png", dpi=90)
+    plt.close(fig)
+    shown = np.asarray(values[: min(n_test, 50), : min(n, 400)], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    lim = float(np.nanmax(np.abs(shown))) or 1.0
+    im = ax.imshow(shown, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xlabel("training point")
+    ax.set_ylabel("test point")
+    fig.colorbar(im, ax=ax, label="influence")
+    fig.tight_layout()
+    fig.savefig(out / "matrix.png", dpi=90)
+    plt.close(fig)
