@@ -12,11 +12,10 @@ from __future__ import annotations
 import time
 
 import torch
+from _problem import CASES, build_model, n_parameters
 
 import xinfluence as xi
 from xinfluence.backends.torch import TorchGradientProvider
-
-from _problem import CASES, build_model, n_parameters
 
 
 def best_of(fn, repeat=5):
@@ -51,7 +50,8 @@ def main(n_test: int = 50, n_train: int = 250) -> None:
     print(f"model: {n_parameters(model)} parameters; query: EK-FAC influences {n_test} x {n_train}")
     print(f"query                   {query * 1e3:9.3f} ms")
     print(f"stale check (versions)  {version * 1e3:9.4f} ms  ({version / query:.2e} of a query)")
-    print(f"loss check (2 batches)  {loss_check * 1e3:9.3f} ms  ({loss_check / query:.2e} of a query)")
+    ratio = loss_check / query
+    print(f"loss check (2 batches)  {loss_check * 1e3:9.3f} ms  ({ratio:.2e} of a query)")
 
 
 if __name__ == "__main__":
