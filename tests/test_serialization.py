@@ -397,3 +397,30 @@ def test_torch_models_reload_bit_for_bit_in_a_fresh_process(backend_name, tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     for name in TORCH_SAVED:
         assert np.array_equal(np.load(tmp_path / f"{name}.out.npy"), expected[name]), name
+
+
+class _Halving(xi.Operator):
+    def __init__(self, size):
+        self.size = size
+
+    @property
+    def input_size(self):
+        return self.size
+
+    def _apply(self, t):
+        return t / 2
+
+
+class _CustomInfluence(xi.ComposableInfluence):
+    def _create_operator(self, block, gp, data, regularization):
+        return _Halving(gp.n_parameters)
+
+
+def test_save_refuses_what_it_cannot_save(xp, to_xp, tmp_path):
+    gp, x, y = _softmax_problem(to_xp)
+    custom = _CustomInfluence(gp).fit((x, y))
+    with pytest.raises(NotImplementedError, match="_Halving.*saving supports Direct, Arnoldi"):
+        custom.save(tmp_path / "custom.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a saved xinfluence model"):
+        xi.load(tmp_path / "other.npz", gp)
