@@ -181,6 +181,11 @@ def test_torch_fitted_model_survives_pickle_deepcopy_and_torch_save(backend_name
         after = back_gp.flat_grads(back_gp.prepare_batch(xi.Batch(x[:2], y[:2])))
         assert not torch.equal(before, after)
     assert torch.equal(infl.influences(x[:4], y[:4], x, y), expected)  # original untouched
+    with torch.no_grad():
+        model[2].weight.mul_(1.5)
+    for trip in (_pickled, copy.deepcopy, saved):  # a copy of a stale model is stale
+        with pytest.raises(xi.StaleFitError):
+            trip(infl).influences(x[:4], y[:4], x, y)
 
 
 def _jax_apply(params, x):
