@@ -243,6 +243,8 @@ class ComposableInfluence(PicklableState, ABC):
     def _check_losses(self, batch: Batch, what: str, *, offset: int = 0) -> None:
         """:class:`NonFiniteError` naming the samples whose loss is NaN or inf."""
         gp = self.gradient_provider
+        if len(batch) == 0:
+            return
         losses = gp.per_sample_losses(batch)
         if losses is None or not _xp.any_nonfinite(losses, xp=gp.xp):
             return
