@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 import xinfluence as xi
-from xinfluence.backends.numpy import LogisticRegressionGradients
+from helpers import rel_err
+from xinfluence._xp import to_numpy
+from xinfluence.backends.numpy import (
+    FiniteDifferenceGradients,
+    LogisticRegressionGradients,
+    SoftmaxRegressionGradients,
+)
 
 # -- stale fits ----------------------------------------------------------------
 
@@ -86,3 +92,279 @@ def test_torch_optimizer_step_after_fit_raises(backend_name, cls):
         infl.influences(x[:3], y[:3], x, y)
     after = infl.fit((x, y)).influences(x[:3], y[:3], x, y)
     assert float((after - before).abs().max()) > 1e-3  # the step did change the answer
+
+
+# -- dropped parameters ----------------------------------------------------------
+
+
+def _softmax(to_xp, seed=1, n=29):
+    rng = np.random.default_rng(seed)
+    gp = SoftmaxRegressionGradients(to_xp(rng.normal(size=(3, 4))), to_xp(rng.normal(size=3)))
+    return gp, to_xp(rng.normal(size=(n, 4))), to_xp(rng.integers(0, 3, size=n))
+
+
+def test_block_dict_must_cover_every_parameter(xp, to_xp):
+    gp, x, y = _softmax(to_xp)
+    with pytest.raises(ValueError, match=r"leaves out the parameters \['bias'\].*'ignore'"):
+        xi.DirectInfluence(gp, block_structure={"w": ["weight"]})
+    with pytest.raises(ValueError, match="'weight' is twice in block 'w'"):
+        xi.DirectInfluence(gp, block_structure={"w": ["weight", "weight"], "b": ["bias"]})
+    with pytest.raises(ValueError, match="in two blocks"):
+        xi.DirectInfluence(gp, block_structure={"w": ["weight"], "ignore": ["weight", "bias"]})
+    with pytest.raises(ValueError, match="every parameter in 'ignore'"):
+        xi.DirectInfluence(gp, block_structure={"ignore": ["weight", "bias"]})
+
+
+def test_ignore_block_leaves_parameters_out(xp, to_xp):
+    gp, x, y = _softmax(to_xp)
+    infl = xi.DirectInfluence(
+        gp, regularization=1e-3, block_structure={"w": ["weight"], "ignore": ["bias"]}
+    ).fit((x, y))
+    assert list(infl.blocks) == ["w"]
+    # oracle: the provider restricted to the weight (the bias held fixed)
+    ref = xi.DirectInfluence(gp.restrict(["weight"]), regularization=1e-3).fit((x, y))
+    got = infl.influences(x[:5, ...], y[:5], x, y)
+    assert rel_err(got, ref.influences(x[:5, ...], y[:5], x, y)) < 1e-12
+    assert infl.influence_factors(x[:2, ...], y[:2]).shape == (2, 12)
+
+
+# -- non-finite losses ---------------------------------------------------------------
+
+
+def _sqrt_loss(params, x, y):
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(x)
+    return (xp.sqrt(x[:, 0]) * params["w"][0] - y) ** 2
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_losses_name_the_samples(xp, to_xp):
+    gp = FiniteDifferenceGradients(_sqrt_loss, {"w": to_xp(np.array([0.5]))})
+    x = to_xp(np.array([[1.0], [2.0], [3.0], [4.0]]))
+    y = to_xp(np.array([1.0, 0.0, 2.0, 1.0]))
+    infl = xi.DirectInfluence(gp, regularization=1e-3).fit((x, y))
+    bad_x = to_xp(np.array([[1.0], [-1.0], [2.0], [-3.0]]))
+    with pytest.raises(xi.NonFiniteError, match=r"test points.*sample\(s\) \[1, 3\]"):
+        infl.influences(bad_x, y, x, y)
+    with pytest.raises(xi.NonFiniteError, match=r"training points.*sample\(s\) \[1, 3\]"):
+        infl.influences(x, y, bad_x, y)
+    with pytest.raises(xi.NonFiniteError, match=r"sample\(s\) \[1, 3\]"):
+        infl.influence_factors(bad_x, y)
+    # in fit, indices count over all batches
+    batches = [(x[:2, ...], y[:2]), (bad_x[2:, ...], y[2:])]
+    with pytest.raises(xi.NonFiniteError, match=r"fit: the loss is NaN.*sample\(s\) \[3\]"):
+        xi.CgInfluence(gp, regularization=1e-3).fit(batches)
+
+
+def test_jax_label_out_of_range_is_an_error(backend_name):
+    if backend_name != "jax":
+        pytest.skip("runs in the jax session")
+    import jax
+    import jax.numpy as jnp
+
+    from xinfluence.backends.jax import JaxGradientProvider
+
+    def apply(p, x):
+        return x @ p["w"]
+
+    def loss(out, t):  # as optax's integer-label cross-entropy: NaN beyond the classes
+        logp = jax.nn.log_softmax(out)
+        return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
+
+    rng = np.random.default_rng(0)
+    gp = JaxGradientProvider(apply, {"w": jnp.asarray(rng.normal(size=(4, 3)))}, loss)
+    x = jnp.asarray(rng.normal(size=(10, 4)))
+    y = jnp.asarray(rng.integers(0, 3, size=10))
+    infl = xi.DirectInfluence(gp, regularization=1e-2).fit((x, y))
+    y_bad = y.at[6].set(7)
+    assert bool(jnp.isnan(gp.losses(gp.prepare_batch(xi.Batch(x, y_bad)))[6]))
+    with pytest.raises(xi.NonFiniteError, match=r"sample\(s\) \[6\]"):
+        infl.influences(x, y_bad, x, y)
+    with pytest.raises(xi.NonFiniteError, match=r"sample\(s\) \[6\]"):
+        xi.DirectInfluence(gp, regularization=1e-2).fit((x, y_bad))
+
+
+def test_torch_nan_output_is_an_error(backend_name):
+    if backend_name != "torch":
+        pytest.skip("runs in the torch session")
+    import torch
+
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    class SqrtNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1).double()
+
+        def forward(self, x):
+            return self.lin(torch.sqrt(x))
+
+    torch.manual_seed(0)
+    gp = TorchGradientProvider(SqrtNet(), torch.nn.functional.mse_loss)
+    x = torch.rand(8, 2, dtype=torch.float64)
+    y = torch.rand(8, 1, dtype=torch.float64)
+    infl = xi.DirectInfluence(gp, regularization=1e-2).fit((x, y))
+    x_bad = x.clone()
+    x_bad[5, 0] = -1.0
+    with pytest.raises(xi.NonFiniteError, match=r"sample\(s\) \[5\]"):
+        infl.influences(x_bad, y, x, y)
+
+
+# -- loose scalars and lists -----------------------------------------------------------
+
+
+def test_regularization_accepts_any_real_scalar(xp, to_xp):
+    gp, x, y = _softmax(to_xp)
+    ref = xi.DirectInfluence(gp, regularization=0.5).fit((x, y)).influences(x[:3, ...], y[:3])
+    for reg in (np.float32(0.5), np.float64(0.5), to_xp(np.array(0.5))):
+        infl = xi.DirectInfluence(gp, regularization=reg).fit((x, y))
+        assert infl.regularization["full"] == float(np.float32(0.5))
+        assert rel_err(infl.influences(x[:3, ...], y[:3]), ref) < 1e-6
+    assert xi.DirectInfluence(gp, regularization=np.int64(2)).regularization["full"] == 2.0
+    assert xi.DirectInfluence(gp, regularization=1).regularization["full"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("reg", "error", "match"),
+    [
+        (True, TypeError, "boolean"),
+        (np.bool_(False), TypeError, "boolean"),
+        (1 + 2j, TypeError, "complex"),
+        (np.complex128(1), TypeError, "complex"),
+        (float("nan"), ValueError, "got NaN"),
+        (float("inf"), ValueError, "finite float >= 0, got inf"),
+        (-0.1, ValueError, "finite float >= 0, got -0.1"),
+        (np.float32(-1), ValueError, "got -1.0"),
+        (np.array([0.1, 0.2]), TypeError, r"array of shape \(2,\); pass a scalar"),
+        ("0.1", TypeError, "got '0.1'"),
+    ],
+)
+def test_regularization_rejects_non_real_scalars(xp, to_xp, reg, error, match):
+    gp, _, _ = _softmax(to_xp)
+    with pytest.raises(error, match=match):
+        xi.DirectInfluence(gp, regularization=reg)
+
+
+def test_targets_as_python_lists(xp, to_xp):
+    gp, x, y = _softmax(to_xp, n=12)
+    labels = [int(v) for v in np.asarray(to_numpy(y))]
+    ref = xi.DirectInfluence(gp, regularization=1e-2).fit((x, y))
+    infl = xi.DirectInfluence(gp, regularization=1e-2).fit((x, labels))
+    expected = ref.influences(x[:3, ...], y[:3], x, y)
+    assert rel_err(infl.influences(x[:3, ...], labels[:3], x, labels), expected) == 0.0
+    with pytest.raises(TypeError, match="list of numbers"):
+        infl.influences(x[:2, ...], ["a", "b"])
+    with pytest.raises(ValueError, match="same number of samples"):
+        infl.influences(x[:2, ...], [0])
+
+
+# -- layer grouping of pytrees --------------------------------------------------------
+
+
+def _jax_only(backend_name):
+    if backend_name != "jax":
+        pytest.skip("runs in the jax session")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+def _mse(out, target):
+    return ((out[:, 0] - target) ** 2).mean()
+
+
+def _layer_blocks_match_explicit_layers(gp, expected, x, y):
+    assert gp.layer_groups() == expected
+    # oracle: the same blocks spelled out by hand
+    kw = {"regularization": 1e-2, "second_order": "empirical_fisher"}
+    by_layer = xi.DirectInfluence(gp, block_structure="layer", **kw).fit((x, y))
+    by_hand = xi.DirectInfluence(gp, block_structure=dict(expected), **kw).fit((x, y))
+    assert list(by_layer.blocks) == list(expected)
+    assert (
+        rel_err(by_layer.influences(x[:3], y[:3], x, y), by_hand.influences(x[:3], y[:3], x, y))
+        == 0
+    )
+
+
+def test_flax_nnx_layers(backend_name):
+    jax = _jax_only(backend_name)
+    nnx = pytest.importorskip("flax.nnx")
+    import jax.numpy as jnp
+
+    from xinfluence.backends.jax import JaxGradientProvider
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 4, rngs=rngs, param_dtype=jnp.float64)
+            self.l2 = nnx.Linear(4, 1, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    graph, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    gp = JaxGradientProvider(_NnxApply(graph), state, _mse)
+    x = jax.random.normal(jax.random.PRNGKey(1), (12, 3), dtype=jnp.float64)
+    y = jnp.sin(x[:, 0])
+    expected = {
+        "l1": ["l1/bias/value", "l1/kernel/value"],
+        "l2": ["l2/bias/value", "l2/kernel/value"],
+    }
+    _layer_blocks_match_explicit_layers(gp, expected, x, y)
+
+
+class _NnxApply:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __call__(self, state, x):
+        from flax import nnx
+
+        return nnx.merge(self.graph, state)(x)
+
+
+def test_flax_linen_layers(backend_name):
+    jax = _jax_only(backend_name)
+    nn = pytest.importorskip("flax.linen")
+    import jax.numpy as jnp
+
+    from xinfluence.backends.jax import JaxGradientProvider
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(nn.Dense(4, param_dtype=jnp.float64)(x))
+            return nn.Dense(1, param_dtype=jnp.float64)(h)
+
+    net = Net()
+    x = jax.random.normal(jax.random.PRNGKey(1), (12, 3), dtype=jnp.float64)
+    params = net.init(jax.random.PRNGKey(0), x)["params"]
+    gp = JaxGradientProvider(lambda p, x: net.apply({"params": p}, x), params, _mse)
+    expected = {
+        "Dense_0": ["Dense_0/bias", "Dense_0/kernel"],
+        "Dense_1": ["Dense_1/bias", "Dense_1/kernel"],
+    }
+    _layer_blocks_match_explicit_layers(gp, expected, x, jnp.sin(x[:, 0]))
+
+
+def test_equinox_layers(backend_name):
+    jax = _jax_only(backend_name)
+    eqx = pytest.importorskip("equinox")
+    import jax.numpy as jnp
+
+    from xinfluence.backends.jax import JaxGradientProvider
+
+    mlp = eqx.nn.MLP(3, 1, 4, 1, key=jax.random.PRNGKey(0), dtype=jnp.float64)
+    params, static = eqx.partition(mlp, eqx.is_inexact_array)
+
+    def apply(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    gp = JaxGradientProvider(apply, params, _mse)
+    x = jax.random.normal(jax.random.PRNGKey(1), (12, 3), dtype=jnp.float64)
+    expected = {
+        "layers/0": ["layers/0/weight", "layers/0/bias"],
+        "layers/1": ["layers/1/weight", "layers/1/bias"],
+    }
+    _layer_blocks_match_explicit_layers(gp, expected, x, jnp.sin(x[:, 0]))

@@ -8,6 +8,8 @@ framework.
 
 from __future__ import annotations
 
+import os
+
 from . import evaluate
 from ._config import memory_budget, memory_budget_scope, set_memory_budget
 from .errors import (
@@ -46,7 +48,13 @@ from .types import (
 __version__ = "0.1.0"
 
 
-def load(path: str, gradient_provider: GradientProvider, /, *, on_mismatch: str = "raise"):
+def load(
+    path: str | os.PathLike[str],
+    gradient_provider: GradientProvider,
+    /,
+    *,
+    on_mismatch: str = "raise",
+) -> ComposableInfluence:
     """Read any influence model written by ``model.save(path)``, for ``gradient_provider``;
     see :meth:`ComposableInfluence.load`."""
     return ComposableInfluence.load(path, gradient_provider, on_mismatch=on_mismatch)

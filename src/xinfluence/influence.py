@@ -72,6 +72,18 @@ Regularization = float | Mapping[str, float]
 _M = TypeVar("_M", bound="ComposableInfluence")
 
 
+class _Never:
+    """A fit version no provider gives: a copy of a stale model stays stale."""
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+
+_NEVER = _Never()
+
+
 class ComposableInfluence(PicklableState, ABC):
     """An influence model assembled from per-block operator-gradient compositions.
 
@@ -118,13 +130,23 @@ class ComposableInfluence(PicklableState, ABC):
         self._fitted = mapper
         self._fit_version = None if mapper is None else self.gradient_provider.parameter_version()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_stale"] = self._mapper is not None and not self._is_fresh()
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        stale = state.pop("_stale", False)
         super().__setstate__(state)
         if self._mapper is not None:  # torch version counters restart in a copy
-            self._fit_version = self.gradient_provider.parameter_version()
+            version = self.gradient_provider.parameter_version()
+            self._fit_version = _NEVER if stale else version
+
+    def _is_fresh(self) -> bool:
+        return bool(self.gradient_provider.parameter_version() == self._fit_version)
 
     def _check_fresh(self) -> None:
-        if self.gradient_provider.parameter_version() != self._fit_version:
+        if not self._is_fresh():
             raise StaleFitError(
                 f"the model's parameters changed after {type(self).__name__}.fit (an optimizer "
                 "step or load_state_dict, say): the fitted curvature belongs to the old "
@@ -240,6 +262,8 @@ class ComposableInfluence(PicklableState, ABC):
     def _check_losses(self, batch: Batch, what: str, *, offset: int = 0) -> None:
         """:class:`NonFiniteError` naming the samples whose loss is NaN or inf."""
         gp = self.gradient_provider
+        if len(batch) == 0:
+            return
         losses = gp.per_sample_losses(batch)
         if losses is None or not _xp.any_nonfinite(losses, xp=gp.xp):
             return

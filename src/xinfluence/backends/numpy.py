@@ -63,6 +63,15 @@ class _ArrayParams(GradientProvider):
         self._dtype = dtype
         self._device = _xp.device_of(arrays[0])
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_device"]  # re-read from the arrays on load (cupy, jax devices)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._device = _xp.device_of(next(iter(self._params.values())))
+
     def _used_params(self) -> Mapping[str, Array]:
         """The arrays the derivatives read (mutable for most namespaces)."""
         return self._params
