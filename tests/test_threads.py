@@ -99,8 +99,9 @@ def _problem(backend_name: str, to_xp: Callable[..., Any]) -> tuple[Callable[[],
 
         convert = to_xp
     x, y = convert(d["x"]), convert(d["y"])
-    train = [(x[:N_TRAIN][s], y[:N_TRAIN][s]) for s in (slice(0, SIZES[0]), slice(SIZES[0], None))]
-    data = dict(train=train, x=x[:N_TRAIN], y=y[:N_TRAIN], xt=x[N_TRAIN:], yt=y[N_TRAIN:])
+    cut = (0, SIZES[0], N_TRAIN)
+    train = [(x[lo:hi, ...], y[lo:hi]) for lo, hi in zip(cut[:-1], cut[1:], strict=True)]
+    data = dict(train=train, x=x[:N_TRAIN, ...], y=y[:N_TRAIN], xt=x[N_TRAIN:, ...], yt=y[N_TRAIN:])
     return make, data
 
 
@@ -153,6 +154,10 @@ def test_concurrent_queries_equal_serial(backend_name, to_xp, name, sharing):
     gp = make()
     if name == "ekfac" and not gp.kfac_layers():
         pytest.skip("this provider declares no dense layers for EK-FAC")
+    if backend_name == "jax" and sharing == "separate_providers" and name != "direct":
+        # each jax provider compiles its own functions (minutes on a busy CI
+        # machine for the solvers' shapes); Direct covers separate providers
+        pytest.skip("jax: separate providers compile anew; covered by direct")
     pert = sharing == "shared_fitted"
     expected = _query(MODELS[name](gp).fit(data["train"]), data, pert)
     if sharing == "shared_fitted":
@@ -188,8 +193,14 @@ def test_torch_separate_modules_forward_mode():
         b = gp.prepare_batch(Batch(x, y))
         return [gp.jacobian_prod(b, v), gp.flat_mixed_grads(b), gp.hessian(b)]
 
-    expected = derivatives(TorchGradientProvider(model, F.cross_entropy))
-    providers = [
-        TorchGradientProvider(copy.deepcopy(model), F.cross_entropy) for _ in range(N_THREADS)
-    ]
-    _assert_all_equal(_concurrently(lambda i: derivatives(providers[i])), expected)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: OpenMP threads would only spin
+    try:
+        expected = derivatives(TorchGradientProvider(model, F.cross_entropy))
+        providers = [
+            TorchGradientProvider(copy.deepcopy(model), F.cross_entropy) for _ in range(N_THREADS)
+        ]
+        results = _concurrently(lambda i: derivatives(providers[i]))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_all_equal(results, expected)

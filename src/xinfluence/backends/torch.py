@@ -21,7 +21,12 @@ vectors, ``D = x.shape[1:]``):
 * results are torch tensors on the parameters' device and dtype.
 
 The model is evaluated as it is: put it in ``eval()`` mode first, so that
-BatchNorm uses its running statistics and dropout is off. Each sample must be
+BatchNorm uses its running statistics and dropout is off (every query checks
+this and refuses a BatchNorm or Dropout layer in training mode). Models that
+return a tuple, a dict or an output object take ``output_fn``; integer inputs
+(token ids) take ``cast_inputs=False``. Attention runs on torch's math kernel
+inside the provider's calls (the fused CPU kernel has no second derivatives).
+Parameters must be float32 or float64. Each sample must be
 processed independently of the others: per-sample gradients run the model on
 single samples, while ``jacobian_prod``, ``hvp``, ``hessian`` and
 ``kfac_factors`` run it once on the whole batch and apply the loss per sample
