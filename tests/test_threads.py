@@ -105,6 +105,19 @@ def _problem(backend_name: str, to_xp: Callable[..., Any]) -> tuple[Callable[[],
     return make, data
 
 
+@pytest.fixture(scope="module")
+def problem(backend_name, xp, device):
+    """Provider factory, one shared provider (compiled once on jax) and the data."""
+    from xinfluence._xp import from_numpy
+
+    def to_xp(a: np.ndarray) -> Any:
+        dtype = xp.int64 if a.dtype.kind in "iu" else xp.float64
+        return from_numpy(a, dtype=dtype, device=device, xp=xp)
+
+    make, data = _problem(backend_name, to_xp)
+    return make, make(), data
+
+
 MODELS: dict[str, Callable[[Any], Any]] = {
     "direct": lambda gp: xi.DirectInfluence(gp, regularization=REG),
     "cg": lambda gp: xi.CgInfluence(gp, regularization=REG, rtol=1e-10),
@@ -122,10 +135,10 @@ def _query(model: Any, data: dict, perturbation: bool = False) -> list[Any]:
     return out
 
 
-def _concurrently(work: Callable[[int], list[Any]]) -> list[list[Any]]:
+def _concurrently(work: Callable[[int], list[Any]], n_threads: int = N_THREADS) -> list[list[Any]]:
     """Each thread's results of ``work(i)``, ``REPEATS`` times, all threads started
     together; an exception in a thread is raised here."""
-    barrier = threading.Barrier(N_THREADS)
+    barrier = threading.Barrier(n_threads)
 
     def run(i: int) -> list[Any]:
         barrier.wait()
@@ -134,8 +147,8 @@ def _concurrently(work: Callable[[int], list[Any]]) -> list[list[Any]]:
             out.extend(work(i))
         return out
 
-    with ThreadPoolExecutor(N_THREADS) as pool:
-        futures = [pool.submit(run, i) for i in range(N_THREADS)]
+    with ThreadPoolExecutor(n_threads) as pool:
+        futures = [pool.submit(run, i) for i in range(n_threads)]
         return [f.result() for f in futures]
 
 
@@ -149,14 +162,13 @@ def _assert_all_equal(results: list[list[Any]], expected: list[Any]) -> None:
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("sharing", ["shared_provider", "separate_providers", "shared_fitted"])
-def test_concurrent_queries_equal_serial(backend_name, to_xp, name, sharing):
-    make, data = _problem(backend_name, to_xp)
-    gp = make()
+def test_concurrent_queries_equal_serial(problem, backend_name, name, sharing):
+    make, gp, data = problem
     if name == "ekfac" and not gp.kfac_layers():
         pytest.skip("this provider declares no dense layers for EK-FAC")
     if backend_name == "jax" and sharing == "separate_providers" and name != "direct":
-        # each jax provider compiles its own functions (minutes on a busy CI
-        # machine for the solvers' shapes); Direct covers separate providers
+        # each jax provider compiles its own functions (the solvers' shapes take
+        # long); Direct covers separate providers
         pytest.skip("jax: separate providers compile anew; covered by direct")
     pert = sharing == "shared_fitted"
     expected = _query(MODELS[name](gp).fit(data["train"]), data, pert)
@@ -166,7 +178,11 @@ def test_concurrent_queries_equal_serial(backend_name, to_xp, name, sharing):
     elif sharing == "shared_provider":
         results = _concurrently(lambda i: _query(MODELS[name](gp).fit(data["train"]), data))
     else:
-        results = _concurrently(lambda i: _query(MODELS[name](make()).fit(data["train"]), data))
+        # jax: two threads, as each new provider compiles its functions
+        results = _concurrently(
+            lambda i: _query(MODELS[name](make()).fit(data["train"]), data),
+            2 if backend_name == "jax" else N_THREADS,
+        )
     _assert_all_equal(results, expected)
 
 
