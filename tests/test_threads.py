@@ -43,29 +43,33 @@ def _data() -> dict[str, np.ndarray]:
     return dict(x=x, y=y, w1=w1, b1=b1, w2=w2, b2=b2)
 
 
-def _torch_setup(d: dict[str, np.ndarray]) -> tuple[Callable[[], Any], Callable[..., Any], Any]:
+def _torch_setup(
+    d: dict[str, np.ndarray], device: Any = None
+) -> tuple[Callable[[], Any], Callable[..., Any], Any]:
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
     from torch import nn
 
     from xinfluence.backends.torch import TorchGradientProvider
 
-    model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).double()
+    model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).double().to(device)
     with torch.no_grad():
         for p, v in zip(model.parameters(), (d["w1"], d["b1"], d["w2"], d["b2"]), strict=True):
             p.copy_(torch.from_numpy(v))
 
     def convert(a: np.ndarray) -> Any:
-        return torch.from_numpy(a)
+        return torch.from_numpy(a).to(device)
 
     return lambda: TorchGradientProvider(model, F.cross_entropy), convert, model
 
 
-def _problem(backend_name: str, to_xp: Callable[..., Any]) -> tuple[Callable[[], Any], dict]:
+def _problem(
+    backend_name: str, to_xp: Callable[..., Any], device: Any = None
+) -> tuple[Callable[[], Any], dict]:
     """A factory of providers over one shared model, and the converted data."""
     d = _data()
     if backend_name == "torch":
-        make, convert, _ = _torch_setup(d)
+        make, convert, _ = _torch_setup(d, device)
     elif backend_name == "jax":
         jax = pytest.importorskip("jax")
         import jax.numpy as jnp
@@ -73,8 +77,8 @@ def _problem(backend_name: str, to_xp: Callable[..., Any]) -> tuple[Callable[[],
         from xinfluence.backends.jax import JaxGradientProvider
 
         params = {
-            "h": {"kernel": jnp.asarray(d["w1"].T), "bias": jnp.asarray(d["b1"])},
-            "out": {"kernel": jnp.asarray(d["w2"].T), "bias": jnp.asarray(d["b2"])},
+            "h": {"kernel": to_xp(d["w1"].T.copy()), "bias": to_xp(d["b1"])},
+            "out": {"kernel": to_xp(d["w2"].T.copy()), "bias": to_xp(d["b2"])},
         }
 
         def mlp(p: Any, x: Any) -> Any:
@@ -114,7 +118,7 @@ def problem(backend_name, xp, device):
         dtype = xp.int64 if a.dtype.kind in "iu" else xp.float64
         return from_numpy(a, dtype=dtype, device=device, xp=xp)
 
-    make, data = _problem(backend_name, to_xp)
+    make, data = _problem(backend_name, to_xp, device)
     return make, make(), data
 
 
