@@ -305,6 +305,38 @@ def test_transformer_classifier_matches_autograd():
     assert torch.backends.cuda.flash_sdp_enabled()
 
 
+class _FunctionalAttention(nn.Module):
+    """Attention through F.scaled_dot_product_attention, no nn.MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(12)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        n, length = x.shape[:2]
+        # (N, heads, L, head dim), as nn.MultiheadAttention calls it
+        q, k, v = (t.reshape(n, length, 2, 2).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, 4)
+        return self.head(out.mean(1))
+
+
+def test_functional_attention_falls_back_to_the_math_kernel():
+    model = _FunctionalAttention().double().eval()
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 3, 4, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    assert not gp._math_attention  # no nn.MultiheadAttention: found out at the first failure
+    batch = gp.prepare_batch(Batch(x, y))
+    with sdpa_kernel(SDPBackend.MATH):
+        h = ref_hessian(model, F.cross_entropy, x, y)
+    assert rel_err(gp.hessian(batch), h) < 1e-10
+    assert gp._math_attention
+    assert torch.backends.cuda.flash_sdp_enabled()
+
+
 # -- 13. nn.Linear whose weight was replaced ----------------------------------------
 
 

@@ -21,7 +21,12 @@ vectors, ``D = x.shape[1:]``):
 * results are torch tensors on the parameters' device and dtype.
 
 The model is evaluated as it is: put it in ``eval()`` mode first, so that
-BatchNorm uses its running statistics and dropout is off. Each sample must be
+BatchNorm uses its running statistics and dropout is off (every query checks
+this and refuses a BatchNorm or Dropout layer in training mode). Models that
+return a tuple, a dict or an output object take ``output_fn``; integer inputs
+(token ids) take ``cast_inputs=False``. Attention runs on torch's math kernel
+inside the provider's calls (the fused CPU kernel has no second derivatives).
+Parameters must be float32 or float64. Each sample must be
 processed independently of the others: per-sample gradients run the model on
 single samples, while ``jacobian_prod``, ``hvp``, ``hessian`` and
 ``kfac_factors`` run it once on the whole batch and apply the loss per sample
@@ -98,7 +103,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _MathAttention:
-    """Selects torch's math attention kernel while any provider call runs.
+    """Selects torch's math attention kernel while a provider call runs (models
+    with ``nn.MultiheadAttention``, or whose call failed in a fused kernel).
 
     The fused CPU kernel (flash attention) has no second derivatives, so Hessian
     products of a ``TransformerEncoder`` fail under the default. The kernel flags
@@ -143,10 +149,22 @@ def _serialised(method: _F) -> _F:
 
     @functools.wraps(method)
     def locked(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
-        with _module_lock(self.model), _MATH_ATTENTION:
+        with _module_lock(self.model):
             self._check_eval_mode()
             try:
-                return method(self, *args, **kwargs)
+                if self._math_attention:
+                    with _MATH_ATTENTION:
+                        return method(self, *args, **kwargs)
+                try:
+                    return method(self, *args, **kwargs)
+                except RuntimeError as exc:
+                    # a fused attention kernel without the derivative asked for
+                    # (attention outside nn.MultiheadAttention): math from now on
+                    if "scaled_dot_product" not in str(exc):
+                        raise
+                    self._math_attention = True
+                with _MATH_ATTENTION:
+                    return method(self, *args, **kwargs)
             except RuntimeError as exc:
                 if "randomness" not in str(exc):
                     raise
@@ -211,7 +229,8 @@ class TorchGradientProvider(GradientProvider):
     products (``jvp``, whose levels torch keeps per process) one at a time across
     all modules, so that concurrent queries give the serial results. Other code
     that runs or changes the module at the same time (training in another
-    thread) is not synchronised.
+    thread) is not synchronised, and attention elsewhere in the process runs on
+    torch's math kernel while a provider call is in progress.
 
     Shapes: ``flat_grads`` ``(N, P)``; ``flat_mixed_grads`` ``(N, *D, P)``;
     ``jacobian_prod(batch, g)`` with ``g`` ``(K, P)`` gives ``(N, K)`` without
@@ -290,7 +309,14 @@ class TorchGradientProvider(GradientProvider):
                 "output_fn must be callable: output_fn(model_output) -> the tensor the loss "
                 f"takes, got {type(output_fn).__name__}"
             )
-        if _training_layers(model):
+        # BatchNorm and Dropout layers: checked for training mode at every query
+        self._coupled = tuple(
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        )
+        self._math_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        if _training_layers(self._coupled):
             warnings.warn(
                 "the model is in training mode and has BatchNorm or Dropout layers; "
                 "per-sample derivatives need model.eval() (queries in training mode "
@@ -449,7 +475,7 @@ class TorchGradientProvider(GradientProvider):
         return Batch(x, y)
 
     def _check_eval_mode(self) -> None:
-        training = _training_layers(self.model)
+        training = _training_layers(self._coupled)
         if training:
             raise ValueError(
                 f"the model is in training mode with layers that couple samples or draw "
@@ -876,7 +902,9 @@ class TorchGradientProvider(GradientProvider):
             return None
         size = layout.factor_elements(x.shape[0]) * self._dtype.itemsize
         # bytes kept for other batches (stale factors of this one are replaced)
-        kept = sum(entry[4] for entry in self._factor_cache.values() if entry[0]() is not x)
+        # (a snapshot: the finalizers of freed batches pop entries from any thread)
+        entries = list(self._factor_cache.values())
+        kept = sum(entry[4] for entry in entries if entry[0]() is not x)
         fits = kept + size <= _lin.FACTOR_CACHE_BYTES
         if not (worth_once or fits):
             return None
@@ -1256,17 +1284,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _training_layers(model: nn.Module) -> list[str]:
-    """Names of the BatchNorm and Dropout layers (p > 0) in training mode."""
-    out = []
-    for name, m in model.named_modules():
-        if not m.training:
-            continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
-            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-        ):
-            out.append(f"{name or 'the model'!r} ({type(m).__name__})")
-    return out
+def _training_layers(layers: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """Those of the (name, BatchNorm or Dropout layer) pairs in training mode
+    (dropout with p > 0), as ``'name' (Type)``."""
+    return [
+        f"{name or 'the model'!r} ({type(m).__name__})"
+        for name, m in layers
+        if m.training and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)
+    ]
 
 
 def _describe(obj: Any) -> str:
