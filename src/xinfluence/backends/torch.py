@@ -350,7 +350,18 @@ class TorchGradientProvider(GradientProvider):
 
     def __getstate__(self) -> dict[str, Any]:
         check_picklable_function(self.loss, "the loss")
-        keep = ("model", "loss", "input_shape", "chunk_size", "forward_ad", "cast_inputs")
+        if self.output_fn is not None:
+            check_picklable_function(self.output_fn, "output_fn")
+        keep = (
+            "model",
+            "loss",
+            "input_shape",
+            "chunk_size",
+            "forward_ad",
+            "cast_inputs",
+            "output_fn",
+            "_math_attention",
+        )
         state = {k: self.__dict__[k] for k in (*keep, "_names", "_checked")}
         state["_trainable_names"] = tuple(self._trainable)
         return state
@@ -365,6 +376,12 @@ class TorchGradientProvider(GradientProvider):
         self._constants.update((n, b.detach()) for n, b in self.model.named_buffers())
         first = next(iter(self._trainable.values()))
         self._xp_ns, self._dtype, self._device = _xp.namespace(first), first.dtype, first.device
+        self._coupled = tuple(
+            (name, m)
+            for name, m in self.model.named_modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        )
+        self._activation_cache = {}
         self._set_active(active)
 
     def parameter_version(self) -> tuple[int, ...]:
