@@ -304,13 +304,23 @@ def _jax_case(loss_name):
     return make, batches, (xj, yj), jac, h, ("dense1", "out"), params
 
 
+def _net(loss_name, backend_name):
+    if backend_name == "torch":
+        return _torch_case(loss_name)
+    if backend_name == "jax":
+        return _jax_case(loss_name)
+    pytest.skip("networks run on the torch and jax backends")
+
+
 @pytest.fixture(params=["ce", "mse"])
 def net(request, backend_name):
-    if backend_name == "torch":
-        return _torch_case(request.param)
-    if backend_name == "jax":
-        return _jax_case(request.param)
-    pytest.skip("networks run on the torch and jax backends")
+    return _net(request.param, backend_name)
+
+
+@pytest.fixture
+def net_ce(backend_name):
+    """Cross-entropy only (the solvers: jax compiles each product shape anew)."""
+    return _net("ce", backend_name)
 
 
 def _oracle(jac, h):
@@ -370,8 +380,8 @@ def _exact_scores(gp, jac, h, test, train, reg, rank=None):
     return (gt @ vec) / (lam + reg) @ (vec.T @ gj.T)
 
 
-def test_solvers_with_gauss_newton_match_dense_solve(net):
-    make, batches, (x, y), jac, h, *_ = net
+def test_solvers_with_gauss_newton_match_dense_solve(net_ce):
+    make, batches, (x, y), jac, h, *_ = net_ce
     gp = make()
     test, train = (x[N:], y[N:]), (x[:N], y[:N])
     exact = _exact_scores(gp, jac, h, test, train, REG)
@@ -381,7 +391,6 @@ def test_solvers_with_gauss_newton_match_dense_solve(net):
         return model.influences(*test, *train)
 
     assert rel_err(scores(xi.DirectInfluence), exact) <= 1e-10
-    assert rel_err(scores(xi.CgInfluence, rtol=1e-12, solver="batched"), exact) <= 1e-8
     assert rel_err(scores(xi.CgInfluence, rtol=1e-12, preconditioner="jacobi"), exact) <= 1e-8
     # Nyström at full rank sketches G exactly
     assert rel_err(scores(xi.NystroemSketchInfluence, rank=gp.n_parameters), exact) <= 1e-8
@@ -427,29 +436,3 @@ def test_torch_ekfac_gauss_newton_refuses_nonconvex_output_loss(backend_name):
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="not convex in the output"):
         xi.EkfacInfluence(gp, regularization=1e-3).fit((x, y))
-
-
-def test_torch_products_from_kept_jacobians(backend_name):
-    """Batches that come back (CG, Lanczos, LiSSA) get their products from kept
-    per-sample Jacobians: the same numbers, and none from before an in-place
-    parameter update."""
-    if backend_name != "torch":
-        pytest.skip("torch provider")
-    import torch
-
-    make, batches, _, jac, h, _, model = _torch_case("ce")
-    gp = make()
-    curv = _curv("gauss_newton", gp, batches)
-    v = np.random.default_rng(1).normal(size=(3, gp.n_parameters))
-    expected = v @ _oracle(jac, h)
-    for _ in range(3):  # first use, then kept Jacobians
-        assert rel_err(curv.matmat(torch.from_numpy(v)), expected) <= 1e-12
-    assert sum(e[3] is not None for e in gp._ggn_cache.values()) == len(SIZES)
-    with torch.no_grad():
-        model[0].weight.mul_(1.1)
-    fresh = make()
-    after = curv.matmat(torch.from_numpy(v))
-    assert (
-        rel_err(after, _curv("gauss_newton", fresh, batches).matmat(torch.from_numpy(v))) <= 1e-12
-    )
-    assert rel_err(after, expected) >= 1e-3

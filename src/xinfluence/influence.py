@@ -4,9 +4,18 @@ Every model takes a :class:`~xinfluence.types.GradientProvider` first and
 keyword-only options; ``fit`` builds one operator per block, queries map the
 spec's compositions over the blocks.
 
-Conventions: with ``H`` the Hessian of the mean training loss (or
-``mean g g^T`` for ``second_order="empirical_fisher"``) and ``lambda`` the block's
-regularization,
+Conventions: with ``H`` the curvature of the mean training loss named by
+``second_order`` and ``lambda`` the block's regularization,
+
+* ``"hessian"``: the Hessian;
+* ``"gauss_newton"``: the generalized Gauss-Newton matrix
+  ``mean_i J_i^T H_i J_i`` (``J_i = d out_i / d theta``, ``H_i = d^2 l / d out^2``
+  at sample ``i``'s model output), equal to the Hessian for GLMs with canonical
+  links and positive semi-definite for losses convex in the output;
+* ``"empirical_fisher"``: ``mean_i g_i g_i^T`` (what ``"gauss_newton"`` meant
+  before 0.2),
+
+the influences are
 
 * up: ``I[t, j] = g_t^T (H + lambda I)^-1 g_j``, shape ``(N_test, N)``; removing
   training point ``j`` of ``n`` changes the loss at ``t`` by about ``I[t, j] / n``;
@@ -681,7 +690,7 @@ class NystroemSketchInfluence(_CurvatureInfluence):
     and the exact inverse of the damped sketch by Woodbury:
     ``U diag(1 / (lambda_i + mu)) U^T + (I - U U^T) / mu``.
 
-    Needs a positive semi-definite curvature (``second_order="empirical_fisher"``,
+    Needs a positive semi-definite curvature (``"gauss_newton"`` or ``"empirical_fisher"``,
     or a convex loss) and ``regularization > 0`` below full rank.
     """
 

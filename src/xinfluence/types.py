@@ -5,8 +5,9 @@ block at hand), ``K`` (vectors in a batched product) and ``D`` for the trailing
 input dimensions ``x.shape[1:]``.
 
 Conventions: ``l(theta; x, y)`` is the per-sample loss; the curvature ``H`` is
-the Hessian of the *mean* loss over the fitted data (or ``mean g g^T``); an
-:class:`Operator` applies an approximation of ``(H + lambda I)^-1``.
+the Hessian of the *mean* loss over the fitted data (or its Gauss-Newton
+matrix, or ``mean g g^T``); an :class:`Operator` applies an approximation of
+``(H + lambda I)^-1``.
 """
 
 from __future__ import annotations

@@ -1085,18 +1085,18 @@ class TorchGradientProvider(GradientProvider):
         """``V G`` for the batch's mean loss: ``J v`` by a forward-mode product through
         the model (``forward_ad=False``: by the transpose of a reverse product),
         ``H_i`` applied by a reverse-over-reverse product of the loss on the
-        output, ``J^T`` by one reverse product; vectorised over chunks of rows."""
+        output, ``J^T`` by one reverse product; vectorised over chunks of rows.
+
+        Keeping the per-sample output Jacobians of batches that come back does not
+        pay for MLPs: ``J`` has ``M`` (outputs) times more entries per sample than
+        the weights a forward pass touches (measured on the 1,810-parameter
+        benchmark network: 1-4 times slower than these products for 10 and 100
+        vectors, ``benchmarks/curvature_products.py``)."""
         v = self._check_vectors(v, "v")
         x, y = batch.x, batch.y
         n = x.shape[0]
         if n == 0 or v.shape[0] == 0:
             return self._zeros(*v.shape)
-        kept = self._kept_ggn_jacobian(batch)
-        if kept is not None:
-            jac, h = kept  # (n M, P), (n, M, M)
-            m = h.shape[1]
-            u = (v @ jac.T).reshape(v.shape[0], n, m).permute(1, 2, 0)  # (n, M, K)
-            return (torch.bmm(h, u).reshape(n * m, -1).T @ jac) / n
         active = self._active
 
         def out_fn(params: Params) -> Tensor:
@@ -1156,41 +1156,6 @@ class TorchGradientProvider(GradientProvider):
             with torch.no_grad():
                 out = self._forward(active, xs)
             yield jac, self._output_hessians(out, ys)
-
-    def _kept_ggn_jacobian(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
-        """The batch's ``(J (n M, P), H (n, M, M))`` when it comes back (the same
-        ``x`` and ``y`` objects, unchanged parameters): kept from its second use
-        on, within :func:`xinfluence.memory_budget` / 4 for all batches together,
-        so that the products of CG, Lanczos and LiSSA are two matrix products."""
-        from .._config import memory_budget
-
-        x, y = batch.x, batch.y
-        cache: dict[int, tuple[Any, ...]] = self.__dict__.setdefault("_ggn_cache", {})
-        versions = tuple(t._version for t in self._trainable.values()) + tuple(
-            t._version for t in self._constants.values()
-        )
-        hit = cache.get(id(x))
-        if hit is not None and (hit[0]() is not x or hit[1] is not y or hit[2] != versions):
-            hit = None
-        if hit is not None and hit[3] is not None:
-            return hit[3]
-        key = id(x)
-        if key not in cache:  # forget the entry when x is freed
-            weakref.finalize(x, cache.pop, key, None)
-        if hit is None:  # first use: remember the batch only
-            cache[key] = (weakref.ref(x), y, versions, None, 0)
-            return None
-        with torch.no_grad():
-            m = self._forward(self._active, x[:1])[0].numel()
-        size = x.shape[0] * m * (self.n_parameters + m) * x.element_size()
-        others = sum(e[4] for k, e in cache.items() if k != key)
-        if others + size > memory_budget() // 4:
-            return None
-        parts = list(self._ggn_jacobians(batch))
-        jac = torch.cat([j for j, _ in parts]).reshape(-1, self.n_parameters)
-        h = torch.cat([hh for _, hh in parts])
-        cache[key] = (weakref.ref(x), y, versions, (jac, h), size)
-        return jac, h
 
     @_serialised
     def ggn(self, batch: Batch) -> Tensor:
