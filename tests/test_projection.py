@@ -54,17 +54,17 @@ def test_full_dimension_invertible_map_equals_direct(
     direct = xi.DirectInfluence(gp, second_order=second_order).fit(batches)
     # The identity holds for any invertible R; rounding grows like cond(R)^2, and small
     # Gaussian matrices can be ill-conditioned (cond 2e3 for the Kronecker map of seed 0):
-    # seed 7 gives cond(R) < 200 for all three maps (Rademacher 15 x 15 maps can be singular).
+    # seed 5 gives cond(R) < 100 for all three maps (Rademacher 15 x 15 maps can be singular).
     model = xi.ProjectedInfluence(
         gp,
         k=p,
         projection=projection,
         distribution=distribution,
         second_order=second_order,
-        seed=7,
+        seed=5,
     ).fit(batches)
     r = to_numpy(model.projections()["full"].matrix())
-    assert r.shape == (p, p) and np.linalg.cond(r) < 200
+    assert r.shape == (p, p) and np.linalg.cond(r) < 100
     xt, yt = x[:7, ...], y[:7, ...]
     for mode in ("up", "perturbation"):
         expected = direct.influences(xt, yt, x, y, mode=mode)
