@@ -133,10 +133,10 @@ def run_case(name, args):
 
         state = {}
 
-        def fit(kw=kw):
+        def fit(state=state, make=make):
             state["m"] = make().fit(loader)
 
-        def scores():
+        def scores(state=state):
             state["s"] = state["m"].influences(xt, yt, x, y)
 
         fit_s = timed(fit, device, args.repeats)
