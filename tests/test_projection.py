@@ -150,9 +150,17 @@ def test_dense_map_is_the_seeded_philox_draw(xp, to_xp, softmax_data):
         rng = np.random.Generator(np.random.Philox(key=seed, counter=[0, 0, t, 7]))
         tiles.append(rng.standard_normal((k, min(TILE_COLUMNS, p - start))))
     expected = np.concatenate(tiles, axis=1) / np.sqrt(k)
+    drawn = []
+    block = proj._block
+
+    def recording(start, stop):
+        drawn.append(stop - start)
+        return block(start, stop)
+
+    proj._block = recording
     with xi.memory_budget_scope(1024):  # far too small to cache: drawn tile by tile
         chunked = to_numpy(proj.matrix())
-    assert proj._full is None
+    assert proj._full is None and drawn == [TILE_COLUMNS, p - TILE_COLUMNS]  # O(k x chunk)
     assert rel_err(chunked, expected) <= 1e-15
     assert rel_err(proj.matrix(), expected) <= 1e-15  # now cached whole
     v = np.random.default_rng(0).normal(size=(3, p))

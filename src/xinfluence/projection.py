@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, final
 
 import numpy as np
@@ -216,13 +216,15 @@ class DenseProjection(GradientProjection):
         host *= 1.0 / math.sqrt(self._k)
         return _xp.from_numpy(host, dtype=self.dtype, device=self.device, xp=self.xp)
 
-    def _pieces(self) -> list[tuple[int, int, Array]]:
-        if self._full is not None:
-            return [(0, self._p, self._full)]
-        if 2 * self._k * self._p * self._itemsize() <= memory_budget():
+    def _pieces(self) -> Iterator[tuple[int, int, Array]]:
+        """Column ranges of ``R`` with their blocks, drawn one at a time (lazily)."""
+        if self._full is None and 2 * self._k * self._p * self._itemsize() <= memory_budget():
             self._full = self._block(0, self._p)
-            return [(0, self._p, self._full)]
-        return [(a, b, self._block(a, b)) for a, b in self._chunks()]
+        if self._full is not None:
+            yield 0, self._p, self._full
+            return
+        for a, b in self._chunks():
+            yield a, b, self._block(a, b)
 
     def _project(self, v: Array) -> Array:
         xp = self.xp
