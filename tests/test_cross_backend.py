@@ -148,3 +148,91 @@ def test_softmax_regression_numpy_torch_jax(data, mode):
     for conv in (_torch_conv, _jax_conv):
         gp = SoftmaxRegressionGradients(conv(w), conv(b))
         assert rel_err(_influences(gp, conv, x, y, mode=mode), reference) <= 1e-9
+
+
+# -- ProjectedInfluence: one seed, one map on every framework ------------------
+
+
+def _projected(gp, conv, x, y, **kw):
+    xtr, ytr = conv(x[:N_TRAIN]), conv(y[:N_TRAIN])
+    batches = [(xtr[s, ...], ytr[s]) for s in split(N_TRAIN, SIZES)]
+    model = xi.ProjectedInfluence(gp, regularization=REG, seed=11, **kw).fit(batches)
+    return to_numpy(model.influences(conv(x[N_TRAIN:]), conv(y[N_TRAIN:]), xtr, ytr))
+
+
+@pytest.fixture(scope="module")
+def projected_networks(networks):
+    """The torch network, and jax versions of it: parameters as a list of
+    (weight, bias) pairs (the flat order of torch, for dense maps) and as a dict of
+    declared dense layers (Kronecker factors, for LoGra maps)."""
+    torch_gp = networks[0]
+    linears = [m for m in torch_gp.model if isinstance(m, torch.nn.Linear)]
+    wb = [
+        (jnp.asarray(m.weight.detach().numpy()), jnp.asarray(m.bias.detach().numpy()))
+        for m in linears
+    ]
+
+    def loss(out, target):
+        logp = jax.nn.log_softmax(out)
+        return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=1))
+
+    def apply_list(q, xb):
+        h = jnp.tanh(xb @ q[0][0].T + q[0][1])
+        h = jnp.tanh(h @ q[1][0].T + q[1][1])
+        return h @ q[2][0].T + q[2][1]
+
+    def h1(q, xb):
+        return jnp.tanh(xb @ q["l0"]["weight"].T + q["l0"]["bias"])
+
+    def h2(q, xb):
+        return jnp.tanh(h1(q, xb) @ q["l1"]["weight"].T + q["l1"]["bias"])
+
+    def apply_dict(q, xb):
+        return h2(q, xb) @ q["l2"]["weight"].T + q["l2"]["bias"]
+
+    as_list = JaxGradientProvider(apply_list, wb, loss)
+    as_dict = JaxGradientProvider(
+        apply_dict,
+        {f"l{i}": {"weight": w, "bias": b} for i, (w, b) in enumerate(wb)},
+        loss,
+        dense_layers={"l0": lambda q, xb: xb, "l1": h1, "l2": h2},
+    )
+    return torch_gp, as_list, as_dict
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(k=9, projection="dense"),
+        dict(k=9, projection="dense", distribution="rademacher", block_structure="layer"),
+        dict(k=(2, 3), projection="kronecker"),
+        dict(k=6, projection="kronecker", block_structure="layer"),
+    ],
+)
+def test_projected_network_torch_equals_jax(data, projected_networks, kw):
+    """One seed, one map: the dense map follows the flat parameter order (the same
+    here), the Kronecker maps the positions of the dense layers."""
+    x, y = data
+    torch_gp, as_list, as_dict = projected_networks
+    jax_gp = as_list if kw["projection"] == "dense" else as_dict
+    ours_torch = _projected(torch_gp, _torch_conv, x, y, **kw)
+    ours_jax = _projected(jax_gp, _jax_conv, x, y, **kw)
+    assert np.max(np.abs(ours_torch)) > 0
+    assert rel_err(ours_jax, ours_torch) <= 1e-10
+
+
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_projected_softmax_numpy_torch_jax(data, projection):
+    x, y = data
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(N_CLASSES, D_IN)), rng.normal(size=N_CLASSES)
+    kw = dict(k=10, projection=projection)
+    reference = _projected(SoftmaxRegressionGradients(w, b), np.asarray, x, y, **kw)
+    on_torch = _projected(
+        SoftmaxRegressionGradients(_torch_conv(w), _torch_conv(b)), _torch_conv, x, y, **kw
+    )
+    on_jax = _projected(
+        SoftmaxRegressionGradients(_jax_conv(w), _jax_conv(b)), _jax_conv, x, y, **kw
+    )
+    assert rel_err(on_torch, reference) <= 1e-10
+    assert rel_err(on_jax, reference) <= 1e-10

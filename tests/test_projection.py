@@ -54,17 +54,17 @@ def test_full_dimension_invertible_map_equals_direct(
     direct = xi.DirectInfluence(gp, second_order=second_order).fit(batches)
     # The identity holds for any invertible R; rounding grows like cond(R)^2, and small
     # Gaussian matrices can be ill-conditioned (cond 2e3 for the Kronecker map of seed 0):
-    # seed 7 gives cond(R) < 200 for all three maps (Rademacher 15 x 15 maps can be singular).
+    # seed 5 gives cond(R) < 100 for all three maps (Rademacher 15 x 15 maps can be singular).
     model = xi.ProjectedInfluence(
         gp,
         k=p,
         projection=projection,
         distribution=distribution,
         second_order=second_order,
-        seed=7,
+        seed=5,
     ).fit(batches)
     r = to_numpy(model.projections()["full"].matrix())
-    assert r.shape == (p, p) and np.linalg.cond(r) < 200
+    assert r.shape == (p, p) and np.linalg.cond(r) < 100
     xt, yt = x[:7, ...], y[:7, ...]
     for mode in ("up", "perturbation"):
         expected = direct.influences(xt, yt, x, y, mode=mode)
@@ -150,9 +150,17 @@ def test_dense_map_is_the_seeded_philox_draw(xp, to_xp, softmax_data):
         rng = np.random.Generator(np.random.Philox(key=seed, counter=[0, 0, t, 7]))
         tiles.append(rng.standard_normal((k, min(TILE_COLUMNS, p - start))))
     expected = np.concatenate(tiles, axis=1) / np.sqrt(k)
+    drawn = []
+    block = proj._block
+
+    def recording(start, stop):
+        drawn.append(stop - start)
+        return block(start, stop)
+
+    proj._block = recording
     with xi.memory_budget_scope(1024):  # far too small to cache: drawn tile by tile
         chunked = to_numpy(proj.matrix())
-    assert proj._full is None
+    assert proj._full is None and drawn == [TILE_COLUMNS, p - TILE_COLUMNS]  # O(k x chunk)
     assert rel_err(chunked, expected) <= 1e-15
     assert rel_err(proj.matrix(), expected) <= 1e-15  # now cached whole
     v = np.random.default_rng(0).normal(size=(3, p))

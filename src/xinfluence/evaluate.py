@@ -13,7 +13,9 @@ Both evaluations take
 * ``scores``: influence scores ``(N_test, n)`` in xinfluence's convention
   (removing training point ``j`` changes the loss at ``t`` by about
   ``scores[t, j] / n``; positive means the point helped), as an array of any
-  namespace, or a fitted influence model together with ``train=(x, y)``.
+  namespace, or a fitted influence model together with ``train=(x, y)``; or a
+  mapping name -> either of those, evaluated against the same retrainings
+  (the functions then return a dict of results).
 
 Retraining runs sequentially, or through ``client``: a ``dask.distributed``
 ``Client`` or any :class:`concurrent.futures.Executor` (anything with
@@ -27,7 +29,7 @@ functions, not for ``import xinfluence``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +160,18 @@ def _scores(scores: Any, x_test: Any, y_test: Any, train: tuple[Any, Any] | None
     return out
 
 
+def _many(scores: Any, x_test: Any, y_test: Any, train: Any) -> dict[Any, np.ndarray]:
+    """Scores as ``{name: (N_test, n)}`` (``{None: ...}`` for a single one)."""
+    items = scores.items() if isinstance(scores, Mapping) else [(None, scores)]
+    out = {name: _scores(value, x_test, y_test, train) for name, value in items}
+    if not out:
+        raise ValueError("scores is an empty mapping")
+    shapes = {v.shape for v in out.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"all scores must have the same shape, got {sorted(shapes)}")
+    return out
+
+
 def _loss_of(retrain: Retrain, test_loss: TestLoss, indices: np.ndarray, x: Any, y: Any) -> Any:
     """One retraining and the test losses as a float64 host array (runs on a worker)."""
     losses = np.asarray(_xp.to_numpy(test_loss(retrain(indices), x, y)), dtype=np.float64)
@@ -206,7 +220,7 @@ def loo(
     indices: Sequence[int] | np.ndarray | None = None,
     train: tuple[Any, Any] | None = None,
     client: Any = None,
-) -> LooResult:
+) -> Any:
     """Compare influence scores with exact leave-one-out retraining.
 
     For each ``j`` in ``indices`` (default: every training point), retrains on all
@@ -221,10 +235,11 @@ def loo(
         indices: the training points to leave out (``m`` retrainings plus one).
 
     Returns:
-        A :class:`LooResult` with per-test-point Pearson and Spearman correlations.
+        A :class:`LooResult` with per-test-point Pearson and Spearman correlations
+        (a dict of them for a mapping of scores).
     """
-    s = _scores(scores, x_test, y_test, train)
-    n_test, n = s.shape
+    many = _many(scores, x_test, y_test, train)
+    n_test, n = next(iter(many.values())).shape
     idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0 or np.any(idx < 0) or np.any(idx >= n) or len(np.unique(idx)) != idx.size:
         raise ValueError(f"indices must be distinct training indices in [0, {n}), got {idx}")
@@ -232,12 +247,15 @@ def loo(
     sets = [everything] + [np.delete(everything, j) for j in idx]
     losses = _run_all(retrain, test_loss, sets, x_test, y_test, client, n_test)
     actual = (losses[1:] - losses[0]).T  # (N_test, m)
-    predicted = s[:, idx] / n
-    pearson, spearman = _correlations(predicted, actual)
-    denom = np.sum(predicted * predicted, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        slope = np.where(denom > 0, np.sum(predicted * actual, axis=1) / denom, np.nan)
-    return LooResult(idx, actual, predicted, pearson, spearman, slope)
+    results = {}
+    for name, s in many.items():
+        predicted = s[:, idx] / n
+        pearson, spearman = _correlations(predicted, actual)
+        denom = np.sum(predicted * predicted, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slope = np.where(denom > 0, np.sum(predicted * actual, axis=1) / denom, np.nan)
+        results[name] = LooResult(idx, actual, predicted, pearson, spearman, slope)
+    return results if isinstance(scores, Mapping) else results[None]
 
 
 def lds(
@@ -252,7 +270,7 @@ def lds(
     seed: int = 0,
     train: tuple[Any, Any] | None = None,
     client: Any = None,
-) -> LdsResult:
+) -> Any:
     """Linear datamodeling score (Park et al. 2023) of influence scores.
 
     Draws ``n_subsets`` random subsets ``S`` of ``round(fraction * n)`` training
@@ -270,14 +288,15 @@ def lds(
         seed: seed of the subsets.
 
     Returns:
-        An :class:`LdsResult`; ``.lds`` is the score.
+        An :class:`LdsResult`; ``.lds`` is the score (a dict of them for a
+        mapping of scores).
     """
     if isinstance(n_subsets, bool) or not isinstance(n_subsets, int) or n_subsets < 3:
         raise ValueError(f"n_subsets must be an integer >= 3, got {n_subsets!r}")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    s = _scores(scores, x_test, y_test, train)
-    n_test, n = s.shape
+    many = _many(scores, x_test, y_test, train)
+    n_test, n = next(iter(many.values())).shape
     size = int(round(fraction * n))
     if not 0 < size < n:
         raise ValueError(f"fraction {fraction} of {n} training points leaves no subset")
@@ -289,9 +308,12 @@ def lds(
         masks[m, chosen] = True
         sets.append(chosen)
     actual = _run_all(retrain, test_loss, sets, x_test, y_test, client, n_test).T
-    predicted = (s @ (~masks).T.astype(np.float64)) / n  # (N_test, M)
-    pearson, spearman = _correlations(predicted, actual)
-    return LdsResult(masks, actual, predicted, spearman, pearson)
+    results = {}
+    for name, s in many.items():
+        predicted = (s @ (~masks).T.astype(np.float64)) / n  # (N_test, M)
+        pearson, spearman = _correlations(predicted, actual)
+        results[name] = LdsResult(masks, actual, predicted, spearman, pearson)
+    return results if isinstance(scores, Mapping) else results[None]
 
 
 def newton_loo(

@@ -19,10 +19,11 @@ Two kinds of maps:
 * ``projection="dense"``: i.i.d. Gaussian (``N(0, 1/k)``) or Rademacher
   (``+-1/sqrt(k)``) entries. The map is never held whole unless it fits the
   memory budget: it is drawn in tiles of :data:`TILE_COLUMNS` parameter columns,
-  tile ``t`` from the counter-based generator ``Philox(key=seed, counter=(0, 0, t,
-  stream))`` on the host in float64, and applied tile by tile (memory
-  ``O(k x chunk)``). The numbers therefore depend on the seed only: the same on
-  every backend, device, dtype, batch size and memory budget.
+  tile ``t`` of the ``b``-th block from the counter-based generator
+  ``Philox(key=seed, counter=(0, 0, t, b))`` on the host in float64, and
+  applied tile by tile (memory ``O(k x chunk)``). The numbers therefore depend
+  on the seed only: the same on every backend, device, dtype, batch size and
+  memory budget (for the same flat parameter order).
 * ``projection="kronecker"`` (LoGra, Choe et al. 2024): for every dense layer
   with inputs ``a`` ``(N, I)`` (plus a column of ones for the bias) and output
   gradients ``s`` ``(N, O)``, two small maps ``R_s`` ``(k_out, O)`` and ``R_a``
@@ -35,10 +36,9 @@ Two kinds of maps:
 from __future__ import annotations
 
 import math
-import zlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, final
 
 import numpy as np
@@ -71,11 +71,6 @@ __all__ = [
 #: Parameter columns per independently drawn tile of a dense projection. Fixed,
 #: so that the map does not depend on how it is chunked.
 TILE_COLUMNS = 1024
-
-
-def _stream_id(name: str) -> int:
-    """A stable 32-bit id of a block or layer name (for the generator's counter)."""
-    return zlib.crc32(name.encode("utf-8"))
 
 
 def _draw(
@@ -221,13 +216,15 @@ class DenseProjection(GradientProjection):
         host *= 1.0 / math.sqrt(self._k)
         return _xp.from_numpy(host, dtype=self.dtype, device=self.device, xp=self.xp)
 
-    def _pieces(self) -> list[tuple[int, int, Array]]:
-        if self._full is not None:
-            return [(0, self._p, self._full)]
-        if 2 * self._k * self._p * self._itemsize() <= memory_budget():
+    def _pieces(self) -> Iterator[tuple[int, int, Array]]:
+        """Column ranges of ``R`` with their blocks, drawn one at a time (lazily)."""
+        if self._full is None and 2 * self._k * self._p * self._itemsize() <= memory_budget():
             self._full = self._block(0, self._p)
-            return [(0, self._p, self._full)]
-        return [(a, b, self._block(a, b)) for a, b in self._chunks()]
+        if self._full is not None:
+            yield 0, self._p, self._full
+            return
+        for a, b in self._chunks():
+            yield a, b, self._block(a, b)
 
     def _project(self, v: Array) -> Array:
         xp = self.xp
@@ -267,8 +264,10 @@ class KroneckerProjection(GradientProjection):
     mapped to ``R_s [dW, db] R_a^T`` ``(k_out, k_in)``; per sample that is
     ``outer(R_s s, R_a [a, 1])``. ``R_s`` and ``R_a`` are Gaussian or Rademacher,
     scaled by ``1/sqrt(k_out)`` and ``1/sqrt(k_in)``, drawn from
-    ``Philox(key=seed, counter=(0, 0, 0, crc32(layer + "/s" or "/a")))``. The
-    block's projection is the concatenation over its layers, in layer order.
+    ``Philox(key=seed, counter=(0, 0, 0, 2 l))`` and ``(0, 0, 0, 2 l + 1)`` for the
+    ``l``-th layer of the provider's ``kfac_layers()`` (positions, not names, so
+    that torch and jax versions of a model draw the same maps). The block's
+    projection is the concatenation over its layers, in layer order.
     """
 
     def __init__(
@@ -305,13 +304,14 @@ class KroneckerProjection(GradientProjection):
             n_out, n_in = (wshape[0], wshape[1]) if layout == "oi" else (wshape[1], wshape[0])
             aug = n_in + (bias is not None)
             k_out, k_in = _kronecker_dims(k, n_out, aug)
+            position = list(kfac).index(layer)
             r_s, r_a = (
                 _xp.from_numpy(
                     _draw(
                         shape,
                         seed=seed,
                         tile=0,
-                        stream=_stream_id(f"{layer}/{role}"),
+                        stream=2 * position + role,
                         distribution=distribution,
                     )
                     / math.sqrt(shape[0]),
@@ -319,7 +319,7 @@ class KroneckerProjection(GradientProjection):
                     device=self.device,
                     xp=self.xp,
                 )
-                for shape, role in (((k_out, n_out), "s"), ((k_in, aug), "a"))
+                for shape, role in (((k_out, n_out), 0), ((k_in, aug), 1))
             )
             self._layers[layer] = (
                 slices[weight],
@@ -514,8 +514,9 @@ class ProjectedInfluence(ComposableInfluence):
             ``kfac_layers`` and ``kfac_factors`` whose dense layers cover every
             parameter; per-sample gradients are never formed).
         distribution: ``"gaussian"`` or ``"rademacher"`` entries.
-        seed: the map depends on ``seed`` (and the block or layer names) only:
-            the same numbers on every backend, device, dtype and memory budget.
+        seed: the map depends on ``seed`` and the positions of the blocks (dense)
+            or dense layers (kronecker) only: the same numbers on every backend,
+            device, dtype and memory budget, for the same flat parameter order.
 
     Memory: ``O(k^2)`` for the curvature; the dense map is applied in chunks of
     ``O(k x chunk)`` sized from :func:`xinfluence.memory_budget`.
@@ -616,7 +617,7 @@ class ProjectedInfluence(ComposableInfluence):
             gp.n_parameters,
             min(self.k, gp.n_parameters),
             seed=self.seed,
-            stream=_stream_id(block),
+            stream=list(self.blocks).index(block),
             distribution=self.distribution,
             xp=gp.xp,
             dtype=gp.dtype,
