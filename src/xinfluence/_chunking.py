@@ -197,14 +197,18 @@ def chunked_interactions(
     if single:
         assert isinstance(right_batches, list)
         other = None if right is None else gp.prepare_batch(right_batches[0])
+        if other is not None:
+            model._check_losses(other, "influences (training points)")
         return mapper.interactions(left, other, mode)
     rows: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
     for _, test_chunk in rebatch([left], plan.test_rows, gp):
         factors = mapper.transformed_grads(test_chunk)
         cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in rows)
-        for _, chunk in rebatch(right_batches, plan.train_rows, gp):
+        for offset, chunk in rebatch(right_batches, plan.train_rows, gp):
             trailing = check_trailing(chunk, trailing, "influences (training points)")
+            if right is not None:
+                model._check_losses(chunk, "influences (training points)", offset=offset)
             out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
             for k, v in out.items():
                 cols[k].append(v)
@@ -259,8 +263,9 @@ def chunked_from_factors(
     )
     cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
-    for _, chunk in rebatch(right, plan.train_rows, gp):
+    for offset, chunk in rebatch(right, plan.train_rows, gp):
         trailing = check_trailing(chunk, trailing, "influences_from_factors (training points)")
+        model._check_losses(chunk, "influences_from_factors (training points)", offset=offset)
         for k, v in mapper.interactions_from_transformed_grads(factors, chunk, mode).items():
             cols[k].append(v)
     return OrderedDict((k, v[0] if len(v) == 1 else xp.concat(v, axis=1)) for k, v in cols.items())
