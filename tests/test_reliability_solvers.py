@@ -474,3 +474,15 @@ def test_arnoldi_is_the_exact_top_k_truncation_or_warns(xp, device):
         )
     )
     _assert_points_here(record, xi.NotConvergedWarning)
+
+
+def test_provider_warnings_point_at_the_users_call(backend_name):
+    if backend_name != "torch":
+        pytest.skip("the train-mode warning of the torch provider")
+    import torch
+
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1)).double().train()
+    _, record = _caught(lambda: TorchGradientProvider(model, torch.nn.functional.mse_loss))
+    _assert_points_here(record, UserWarning)

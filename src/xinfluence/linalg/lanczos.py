@@ -11,7 +11,14 @@ import numpy as np
 from .. import _xp
 from .._xp import Array, Namespace
 from ._results import EigenResult
-from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace, round_up_2
+from ._util import (
+    MatMat,
+    apply_operator,
+    check_positive_int,
+    resolve_namespace,
+    round_up_2,
+    row_norms,
+)
 
 __all__ = ["block_lanczos", "lanczos", "positive_definite_shift"]
 
@@ -309,12 +316,18 @@ def block_lanczos(
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     def project(w: Array, basis: Array | None) -> tuple[Array, Array | None]:
-        """``w`` less its components along the rows of ``basis``, twice; the removed
-        coefficients ``w basis^T`` (summed over both passes)."""
+        """``w`` less its components along the rows of ``basis``; the removed
+        coefficients ``w basis^T``. A second pass runs when the first removed most
+        of a row (Kahan-Parlett "twice is enough": a row that kept more than half
+        its norm is orthogonal to working precision after one pass)."""
         if basis is None:
             return w, None
+        before = row_norms(w, xp=xp)
         c1 = w @ xp.matrix_transpose(basis)
         w = w - c1 @ basis
+        ratio = float(xp.min(row_norms(w, xp=xp) / xp.where(before > 0, before, 1.0)))
+        if ratio > 0.5:
+            return w, c1
         c2 = w @ xp.matrix_transpose(basis)
         return w - c2 @ basis, c1 + c2
 
