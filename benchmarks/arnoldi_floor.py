@@ -89,7 +89,12 @@ def main() -> None:
                     model.fit(prob.loader)
                     times.append(time.perf_counter() - start)
                 op = next(iter(model._fitted_mapper().composable_block_dict.values())).op
-                info = getattr(op, "info", "")
+                eig = getattr(op, "eigen_result", None)
+                info = (
+                    ""
+                    if eig is None or eig.krylov_dimension is None
+                    else f"(Krylov dimension {eig.krylov_dimension}, {eig.matmat_calls} products)"
+                )
                 if record:
                     info += f" [{len(record)} warning(s): {str(record[0].message)[:80]}]"
             fit_s = min(times)

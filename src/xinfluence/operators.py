@@ -419,6 +419,8 @@ class LowRankOperator(Operator):
                 f"(rank {k} < {p} parameters)"
             )
         self._scale = 1.0 / shifted
+        #: the eigensolver's result (residuals, Krylov dimension) where one made it
+        self.eigen_result: EigenResult | None = None
 
     @property
     def input_size(self) -> int:

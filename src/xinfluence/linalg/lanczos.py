@@ -11,7 +11,14 @@ import numpy as np
 from .. import _xp
 from .._xp import Array, Namespace
 from ._results import EigenResult
-from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace, round_up_2
+from ._util import (
+    MatMat,
+    apply_operator,
+    check_positive_int,
+    resolve_namespace,
+    round_up_2,
+    row_norms,
+)
 
 __all__ = ["block_lanczos", "lanczos", "positive_definite_shift"]
 
@@ -309,12 +316,18 @@ def block_lanczos(
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     def project(w: Array, basis: Array | None) -> tuple[Array, Array | None]:
-        """``w`` less its components along the rows of ``basis``, twice; the removed
-        coefficients ``w basis^T`` (summed over both passes)."""
+        """``w`` less its components along the rows of ``basis``; the removed
+        coefficients ``w basis^T``. A second pass runs when the first removed most
+        of a row (Kahan-Parlett "twice is enough": a row that kept more than half
+        its norm is orthogonal to working precision after one pass)."""
         if basis is None:
             return w, None
+        before = row_norms(w, xp=xp)
         c1 = w @ xp.matrix_transpose(basis)
         w = w - c1 @ basis
+        ratio = float(xp.min(row_norms(w, xp=xp) / xp.where(before > 0, before, 1.0)))
+        if ratio > 0.5:
+            return w, c1
         c2 = w @ xp.matrix_transpose(basis)
         return w - c2 @ basis, c1 + c2
 
@@ -330,6 +343,10 @@ def block_lanczos(
 
     block = random_rows(b, None)
     basis: Array | None = None
+    # Jit-compiling namespaces (jax) keep the basis in a fixed (m_max, P) array,
+    # the unfilled rows zero, so that shapes stay constant and nothing recompiles.
+    fixed = _xp.compiles_per_shape(xp)
+    store = xp.zeros((m_max, size), dtype=dtype, device=device) if fixed else None
     blocks_t: list[tuple[int, int, np.ndarray]] = []  # (row offset, col offset, block) of T
     offsets: list[int] = []
     dim = 0
@@ -339,7 +356,11 @@ def block_lanczos(
     while True:
         r_j = int(block.shape[0])
         offsets.append(dim)
-        basis = block if basis is None else xp.concat([basis, block], axis=0)
+        if store is not None:
+            store = xpx.at(store)[dim : dim + r_j, :].set(block)
+            basis = store
+        else:
+            basis = block if basis is None else xp.concat([basis, block], axis=0)
         dim += r_j
         w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
         calls += 1
@@ -396,8 +417,12 @@ def block_lanczos(
 
     if order.size < rank:  # pragma: no cover - dim >= rank by construction
         raise AssertionError("block Lanczos ended below rank")
-    s_top = _xp.from_numpy(np.ascontiguousarray(s[:, order]), dtype=dtype, device=device, xp=xp)
-    eigenvectors = xp.matrix_transpose(basis) @ s_top
+    s_top = np.ascontiguousarray(s[:, order])
+    if store is not None:  # the basis has m_max rows, those past dim zero
+        s_top = np.concatenate([s_top, np.zeros((m_max - dim, s_top.shape[1]))], axis=0)
+    eigenvectors = xp.matrix_transpose(basis) @ _xp.from_numpy(
+        s_top, dtype=dtype, device=device, xp=xp
+    )
     eigenvalues = _xp.from_numpy(theta[order], dtype=dtype, device=device, xp=xp)
     if not converged and on_failure != "ignore":
         relative = residuals / max(top, 1e-300)
