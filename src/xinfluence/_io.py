@@ -56,6 +56,8 @@ _STATE_OPERATORS: dict[str, Any] = {
     "ekfac": EkfacOperator,
     "identity": IdentityOperator,
 }
+# Operator attributes that report how a fit went and play no part in queries.
+_DIAGNOSTICS = frozenset({"eigen_result"})
 # Operators that keep the training data and solve at query time.
 _DATA_OPERATORS = (CgOperator, LissaOperator, InverseHarmonicMeanOperator)
 
@@ -143,6 +145,8 @@ def save(model: ComposableInfluence, path: str | os.PathLike[str]) -> None:
             fields: list[str] = []
             transposed: list[str] = []
             for key, value in op.__getstate__().items():
+                if key in _DIAGNOSTICS:
+                    continue
                 if _is_array(value):
                     host = _xp.to_numpy(value)
                     # keep a transposed view transposed: products with it then take
