@@ -508,7 +508,9 @@ class TorchGradientProvider(GradientProvider):
             factors = self._structured_factors(batch, v.shape[0])
             if factors is not None and self._layout is not None:
                 return _lin.linear_hvp(self._layout, factors, v, self._workspace)
-            structured = self._sequential_hvp(batch, v)
+            # one vector: the general path's single reverse-over-reverse product
+            # was faster (benchmarks/run_large_models.py)
+            structured = self._sequential_hvp(batch, v) if v.shape[0] > 1 else None
             if structured is not None:
                 return structured
         return self._hvp(batch, v)
