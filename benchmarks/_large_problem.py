@@ -48,7 +48,7 @@ def build_model(case: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_problem(case: str, path: str, *, seed: int = 0, train_iters: int = 60) -> dict:
+def make_problem(case: str, path: str, *, seed: int = 0, train_iters: int = 15) -> dict:
     """Train ``case`` on digits and save data (images for the CNN) and weights."""
     from sklearn.datasets import load_digits
 

@@ -246,8 +246,16 @@ class TorchGradientProvider(GradientProvider):
     the iterative solvers announce such passes (:meth:`prepare_products`), so
     that the quantities are ready for the first product.
 
+    ``nn.Sequential`` models of ``nn.Conv2d`` (``groups=1``, zero padding),
+    ``nn.Linear`` and parameter-free layers (activations, pooling, flatten) get
+    their products with several vectors from per-layer forward-over-reverse
+    products with the vectors folded into the batch (unfolded input patches for
+    the convolutions; :mod:`xinfluence.backends._torch_conv`), checked once
+    against autodiff; other models take the general path.
+
     For EK-FAC, :meth:`kfac_layers` and :meth:`kfac_factors` expose the inputs
-    and output gradients of the model's ``nn.Linear`` layers.
+    and output gradients of the model's ``nn.Linear`` layers and the unfolded
+    input patches and output gradients of its ``nn.Conv2d`` layers (KFC).
     """
 
     def __init__(
@@ -763,7 +771,9 @@ class TorchGradientProvider(GradientProvider):
             factors = self._structured_factors(batch, v.shape[0])
             if factors is not None and self._layout is not None:
                 return _lin.linear_hvp(self._layout, factors, v, self._workspace)
-            structured = self._sequential_hvp(batch, v)
+            # one vector: the general path's single reverse-over-reverse product
+            # was faster (benchmarks/run_large_models.py)
+            structured = self._sequential_hvp(batch, v) if v.shape[0] > 1 else None
             if structured is not None:
                 return structured
         return self._hvp(batch, v)
