@@ -203,7 +203,8 @@ def test_conv_ekfac_matches_dense_definitions(variant):
     # uneven batches: every mean is over samples
     loader = [(x[:4], y[:4]), (x[4:5], y[4:5]), (x[5:], y[5:])]
     reg = 1e-3
-    infl = xi.EkfacInfluence(gp, regularization=reg).fit(loader)
+    # the dense oracle here is built from true gradients: the empirical Fisher
+    infl = xi.EkfacInfluence(gp, regularization=reg, second_order="empirical_fisher").fit(loader)
     ops = {k: c.op for k, c in infl._mapper.composable_block_dict.items()}
     for layer, index in (("0", 0), ("2", 2)):
         a_cov, s_cov, g = dense_kfac(model, gp, x, y, layer, index)
@@ -218,7 +219,9 @@ def test_conv_ekfac_matches_dense_definitions(variant):
         lam = ((op.q_s.T @ g @ op.q_a) ** 2).mean(0)
         assert rel_err(op.eigenvalues, lam) < 1e-12
     # plain K-FAC: the eigenvalues are products of the factors' eigenvalues
-    kfac = xi.EkfacInfluence(gp, regularization=reg, update_diagonal=False).fit(loader)
+    kfac = xi.EkfacInfluence(
+        gp, regularization=reg, update_diagonal=False, second_order="empirical_fisher"
+    ).fit(loader)
     op = kfac._mapper.composable_block_dict["2"].op
     a_cov, s_cov, _ = dense_kfac(model, gp, x, y, "2", 2)
     lam_a = torch.diagonal(op.q_a.T @ a_cov @ op.q_a)
@@ -226,16 +229,19 @@ def test_conv_ekfac_matches_dense_definitions(variant):
     assert rel_err(op.eigenvalues, lam_s[:, None] * lam_a[None, :]) < 1e-12
 
 
-def test_conv_ekfac_influences_from_dense_curvature():
+@pytest.mark.parametrize("second_order", ["empirical_fisher", "gauss_newton"])
+def test_conv_ekfac_influences_from_dense_curvature(second_order):
     """The influences equal g_t^T C^-1 g_j with the EK-FAC curvature built densely
     from the layer's eigenbases and corrected eigenvalues, summed over layers; and
-    they approximate the exact layer-wise empirical-Fisher influences."""
+    they approximate the exact layer-wise influences of the same curvature."""
     model = small_cnn("plain")
     x, y = data(20)
     xt, yt = data(4, seed=5)
     gp = TorchGradientProvider(model, F.cross_entropy)
     reg = 1e-2
-    infl = xi.EkfacInfluence(gp, regularization=reg).fit([(x[:7], y[:7]), (x[7:], y[7:])])
+    infl = xi.EkfacInfluence(gp, regularization=reg, second_order=second_order).fit(
+        [(x[:7], y[:7]), (x[7:], y[7:])]
+    )
     scores = infl.influences(xt, yt, x, y)
     g_train, g_test = ref_grads(model, x, y), ref_grads(model, xt, yt)
     expected = torch.zeros(4, 20, dtype=F64)
@@ -248,10 +254,10 @@ def test_conv_ekfac_influences_from_dense_curvature():
             c + reg * torch.eye(len(idx), dtype=F64), g_train[:, idx].T
         )
     assert rel_err(scores, expected) < 1e-10
-    # exact layer-wise empirical-Fisher Direct: EK-FAC is an approximation
+    # exact layer-wise Direct of the same curvature: EK-FAC is an approximation
     blocks = {k: [n for n in v if n is not None] for k, v in gp.kfac_layers().items()}
     direct = xi.DirectInfluence(
-        gp, regularization=reg, block_structure=blocks, second_order="empirical_fisher"
+        gp, regularization=reg, block_structure=blocks, second_order=second_order
     ).fit((x, y))
     exact = direct.influences(xt, yt, x, y)
     corr = torch.corrcoef(torch.stack([scores.ravel(), exact.ravel()]))[0, 1]
@@ -261,7 +267,8 @@ def test_conv_ekfac_influences_from_dense_curvature():
     assert corr > 0.9
 
 
-def test_conv_covering_the_image_equals_a_linear_layer():
+@pytest.mark.parametrize("second_order", ["empirical_fisher", "gauss_newton"])
+def test_conv_covering_the_image_equals_a_linear_layer(second_order):
     """A Conv2d whose kernel covers the whole input has one output position: its
     EK-FAC must equal that of the same weights in an nn.Linear."""
     torch.manual_seed(3)
@@ -276,9 +283,44 @@ def test_conv_covering_the_image_equals_a_linear_layer():
     scores = []
     for model in (conv, lin):
         gp = TorchGradientProvider(model.eval(), F.cross_entropy)
-        infl = xi.EkfacInfluence(gp, regularization=1e-3).fit([(x[:5], y[:5]), (x[5:], y[5:])])
+        infl = xi.EkfacInfluence(gp, regularization=1e-3, second_order=second_order).fit(
+            [(x[:5], y[:5]), (x[5:], y[5:])]
+        )
         scores.append(infl.influences(x[:3], y[:3], x, y))
     assert rel_err(scores[0], scores[1]) < 1e-10
+
+
+@pytest.mark.parametrize("variant", ["plain", "stride", "nobias"])
+def test_conv_gauss_newton_factors_give_the_layer_block(variant):
+    """kfac_ggn_factors of a Conv2d layer: the pseudo-gradients sum_t s_nct a_nt^T
+    give the layer's exact Gauss-Newton block, mean_n sum_c vec(G_nc) vec(G_nc)^T,
+    checked against the provider's dense GGN (jvp/vjp through the model)."""
+    model = small_cnn(variant)
+    x, y = data(7)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    dense = gp.ggn(batch)
+    factors = gp.kfac_ggn_factors(batch)
+    for layer, (w, b) in gp.kfac_layers().items():
+        a, s = factors[layer]  # conv: (N, T, I), (N, C, T, O); dense: (N, I), (N, C, O)
+        if a.ndim == 2:
+            g = torch.einsum("nco,ni->ncoi", s, a)
+            bias = s
+        else:
+            g = torch.einsum("ncto,nti->ncoi", s, a)
+            bias = s.sum(2)
+        vec = g.reshape(*g.shape[:2], -1)
+        if b is not None:
+            vec = torch.cat([vec, bias], dim=2)
+        block = torch.einsum("ncp,ncq->pq", vec, vec) / x.shape[0]
+        idx = torch.cat(
+            [
+                torch.arange(gp.parameter_slices[n].start, gp.parameter_slices[n].stop)
+                for n in (w, b)
+                if n is not None
+            ]
+        )
+        assert rel_err(block, dense[idx][:, idx]) < 1e-12
 
 
 # -- memory-aware chunking -----------------------------------------------------------
