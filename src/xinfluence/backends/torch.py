@@ -76,36 +76,35 @@ _STOCHASTIC_OR_BATCH_COUPLED = (
 class TorchGradientProvider(GradientProvider):
     """Per-sample derivatives of a torch model's loss through :mod:`torch.func`.
 
-    Parameters
-    ----------
-    model:
-        An ``nn.Module`` mapping a batch ``x`` of shape ``(N, *D)`` to outputs
-        ``(N, ...)``. Its trainable parameters (``requires_grad=True``) must share
-        one floating dtype and one device. They are read at construction as
-        detached views, so in-place updates (optimizer steps, ``load_state_dict``)
-        are seen; build a new provider after ``model.to(...)``.
-    loss:
-        ``loss(output, target) -> scalar`` with mean reduction over the batch.
-    input_shape:
-        Optional per-sample input shape ``D``; when given, inputs of another
-        shape are rejected before the model runs. Without it, the first batch of
-        each new shape is checked by running the model on one sample.
-    chunk_size:
-        Vectors per vectorised chunk in the products over ``K`` vectors
-        (``jacobian_prod``, ``hvp``, ``hessian``). Default: about ``2**16 / N``,
-        which bounds the intermediates (``chunk x N x layer width``).
-    forward_ad:
-        Use forward-mode products (``jvp``) for ``jacobian_prod`` and
-        ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
-        ``hessian`` (default). ``False`` switches to reverse mode only, for
-        models whose operations lack forward-mode rules. The general ``hvp`` is
-        reverse-over-reverse either way: against forward-over-reverse it was
-        11-41% faster on two MLPs and, on a small convolutional net, 13% faster
-        for 200 vectors and 3% slower for 50.
-    cast_inputs:
-        Cast integer inputs and floating inputs of lower precision to the
-        parameters' dtype (default). ``False`` passes ``x`` unchanged (for models
-        taking integer ids; ``flat_mixed_grads`` then needs floating ``x``).
+    Args:
+        model:
+            An ``nn.Module`` mapping a batch ``x`` of shape ``(N, *D)`` to outputs
+            ``(N, ...)``. Its trainable parameters (``requires_grad=True``) must share
+            one floating dtype and one device. They are read at construction as
+            detached views, so in-place updates (optimizer steps, ``load_state_dict``)
+            are seen; build a new provider after ``model.to(...)``.
+        loss:
+            ``loss(output, target) -> scalar`` with mean reduction over the batch.
+        input_shape:
+            Optional per-sample input shape ``D``; when given, inputs of another
+            shape are rejected before the model runs. Without it, the first batch of
+            each new shape is checked by running the model on one sample.
+        chunk_size:
+            Vectors per vectorised chunk in the products over ``K`` vectors
+            (``jacobian_prod``, ``hvp``, ``hessian``). Default: about ``2**16 / N``,
+            which bounds the intermediates (``chunk x N x layer width``).
+        forward_ad:
+            Use forward-mode products (``jvp``) for ``jacobian_prod`` and
+            ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
+            ``hessian`` (default). ``False`` switches to reverse mode only, for
+            models whose operations lack forward-mode rules. The general ``hvp`` is
+            reverse-over-reverse either way: against forward-over-reverse it was
+            11-41% faster on two MLPs and, on a small convolutional net, 13% faster
+            for 200 vectors and 3% slower for 50.
+        cast_inputs:
+            Cast integer inputs and floating inputs of lower precision to the
+            parameters' dtype (default). ``False`` passes ``x`` unchanged (for models
+            taking integer ids; ``flat_mixed_grads`` then needs floating ``x``).
 
     Shapes: ``flat_grads`` ``(N, P)``; ``flat_mixed_grads`` ``(N, *D, P)``;
     ``jacobian_prod(batch, g)`` with ``g`` ``(K, P)`` gives ``(N, K)`` without
