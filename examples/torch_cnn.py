@@ -1,6 +1,6 @@
 """Influence functions for a small convolutional network (PyTorch).
 
-A CNN (Conv2d 1->6, 3x3, ReLU, Conv2d 6->8, 3x3, ReLU, Linear 128->10) on
+A CNN (Conv2d 1->4, 3x3, ReLU, Conv2d 4->4, 3x3, ReLU, Linear 64->10) on
 scikit-learn's 8x8 digits. Models with convolutions take the general
 ``torch.func`` path of the provider (per-sample gradients by ``vmap(grad)``,
 Hessian-vector products by double backward), so every method works on them;
@@ -24,15 +24,15 @@ torch.manual_seed(0)
 x, y = load_digits(return_X_y=True)
 x = torch.tensor(x / 16.0, dtype=torch.float64).reshape(-1, 1, 8, 8)
 y = torch.tensor(y)
-x_train, y_train, x_test, y_test = x[:600], y[:600], x[1500:1510], y[1500:1510]
+x_train, y_train, x_test, y_test = x[:300], y[:300], x[1500:1510], y[1500:1510]
 
 model = torch.nn.Sequential(
-    torch.nn.Conv2d(1, 6, 3),
+    torch.nn.Conv2d(1, 4, 3),
     torch.nn.ReLU(),
-    torch.nn.Conv2d(6, 8, 3),
+    torch.nn.Conv2d(4, 4, 3),
     torch.nn.ReLU(),
     torch.nn.Flatten(),
-    torch.nn.Linear(8 * 4 * 4, 10),
+    torch.nn.Linear(4 * 4 * 4, 10),
 ).double()
 lam = 1e-2
 
@@ -68,10 +68,10 @@ print(f"{sum(p.numel() for p in model.parameters())} parameters, held-out accura
 gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
 data = (x_train, y_train)
 exact = xi.DirectInfluence(gp, regularization=lam).fit(data)
-ref = exact.influences(x_test, y_test, x_train, y_train)  # (10, 600)
+ref = exact.influences(x_test, y_test, x_train, y_train)  # (10, 300)
 for name, infl in [
     ("CG", xi.CgInfluence(gp, regularization=lam, rtol=1e-9)),
-    ("Arnoldi rank 100", xi.ArnoldiInfluence(gp, regularization=lam, rank=100)),
+    ("Arnoldi rank 50", xi.ArnoldiInfluence(gp, regularization=lam, rank=50)),
 ]:
     got = infl.fit(data).influences(x_test, y_test, x_train, y_train)
     err = (torch.linalg.norm(got - ref) / torch.linalg.norm(ref)).item()
