@@ -41,8 +41,8 @@ def test_python_m_and_import_keeps_cli_out():
     assert "demo" in _run("--help").stdout
     code = (
         "import sys, xinfluence; "
-        "bad = [m for m in ('xinfluence.cli', 'matplotlib', 'sklearn', 'zarr') if m in sys.modules]; "
-        "print(bad)"
+        "mods = ('xinfluence.cli', 'matplotlib', 'sklearn', 'zarr'); "
+        "print([m for m in mods if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
