@@ -277,3 +277,15 @@ def test_fit_progress_is_reported(problem, monkeypatch, caplog):
     assert "block CG: iteration 1" in text and "largest residual" in text
     assert "LiSSA: iteration 2/3" in text
     assert "curvature products: pass over the data" in text
+
+
+def test_progress_bar_over_blocks(problem, capsys):
+    pytest.importorskip("tqdm")
+    gp, xs, ys, batches = problem
+    model = xi.DirectInfluence(gp, regularization=1e-3).fit(batches)
+    expected = model.influences(xs[:N_TEST, ...], ys[:N_TEST, ...], xs, ys)
+    calc = SequentialInfluenceCalculator(
+        model, progress=True, test_chunk_size=4, train_chunk_size=10
+    )
+    assert rel_err(calc.influences(_test_side(xs, ys), batches).compute(), expected) <= 1e-12
+    assert "/12 [" in capsys.readouterr().err  # a bar over 3 x 4 blocks (total from the lists)
