@@ -219,6 +219,23 @@ def test_clear_errors(problem):
     assert rel_err(lazy.compute(), expected) <= 1e-12
     with pytest.raises(ValueError, match="one-shot generator"):
         lazy.compute()
+    # a re-iterable that yields other batches on every pass (a shuffling DataLoader)
+
+    class Shuffling:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            return iter(batches if self.calls % 2 else batches[::-1])
+
+    with pytest.raises(ValueError, match="changed between passes"):
+        calc.influences(test, Shuffling()).compute()
+    with (
+        xi.memory_budget_scope(3000),
+        pytest.raises(ValueError, match="changed between passes"),
+    ):
+        model.influences(xs[:N_TEST, ...], ys[:N_TEST, ...], Shuffling())
     with pytest.raises(xi.NotFittedError):
         SequentialInfluenceCalculator(xi.DirectInfluence(gp))
     with pytest.raises(ValueError, match="up-mode"):
