@@ -10,7 +10,8 @@
     nox -s docs                          # mkdocs build --strict (site/)
 
 Every test session installs the package (a built wheel, not the source tree)
-with its ``test`` extra plus the pinned set ``backends/<backend>.txt``, and tells
+with its ``test``, ``dask`` and ``progress`` extras plus the pinned set
+``backends/<backend>.txt``, and tells
 the test suite which namespace to use through ``XINFLUENCE_BACKEND``.
 
 Installs go through pip into plain virtualenvs (not uv), so that pip's global
@@ -80,7 +81,8 @@ def tests(session: nox.Session, backend: str) -> None:
     if backend == "cupy" and not _has_cuda():
         session.skip("cupy needs a CUDA device: nvidia-smi not found")
     # The package is reinstalled every time so a reused venv tests the current tree.
-    _install(session, ".[test]", *_requirements(backend))
+    # dask, distributed, zarr and tqdm: the compute tests (calculators, resumption).
+    _install(session, ".[test,dask,progress]", *_requirements(backend))
     env = {"XINFLUENCE_BACKEND": backend}
     if backend == "array_api_strict":
         # its second device refuses to mix with the default one: a CPU check that
@@ -128,8 +130,9 @@ def bench(session: nox.Session) -> None:
     scripts = sorted((ROOT / "benchmarks").glob("run_*.py"))
     if not scripts:
         session.skip("no benchmarks/run_*.py yet")
-    # test extra: scikit-learn (the digits data) and scipy; torch pinned (CPU build).
-    _install(session, ".[test,torch]", *_requirements("torch"))
+    # test extra: scikit-learn (the digits data) and scipy; torch pinned (CPU build);
+    # dask extra: run_scale.py's calculators.
+    _install(session, ".[test,torch,dask]", *_requirements("torch"))
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 

@@ -32,6 +32,8 @@ __all__ = ["ChunkPlan", "plan_chunks", "rebatch", "as_batches", "chunked_interac
 #: Arrays of ``(n, P)`` one test sample costs at once: its gradients, its factors
 #: and an iterative solver's work vectors (block CG keeps about four).
 _TEST_COPIES = 6
+#: Largest test chunk when the number of test points is not known in advance.
+MAX_TEST_ROWS = 8192
 
 
 def model_budget(model: Any) -> int:
@@ -56,13 +58,17 @@ def plan_chunks(
     budget: int,
     test_rows: int | None = None,
     train_rows: int | None = None,
+    n_test: int | None = None,
 ) -> ChunkPlan:
     """Chunk sizes for one query on batches shaped like ``sample``.
 
     Per test sample: ``bytes_per_sample`` plus ``_TEST_COPIES * P * itemsize``;
     per training sample: ``bytes_per_sample`` (times ``prod(D)`` for the mixed
     derivatives of the perturbation mode) plus its column of the output block.
-    Explicit ``test_rows`` / ``train_rows`` win over the budget.
+    Explicit ``test_rows`` / ``train_rows`` win over the budget. The test chunk
+    is at most ``n_test`` rows (the number of test points, where known; else at
+    most :data:`MAX_TEST_ROWS`), so that the output block of a few test points
+    does not starve the training chunk.
     """
     itemsize = int(getattr(gp.dtype, "itemsize", 8) or 8)
     p = gp.n_parameters
@@ -72,6 +78,7 @@ def plan_chunks(
     per_sample = max(int(gp.bytes_per_sample(sample)), p * itemsize)
     if test_rows is None:
         test_rows = max(1, (budget // 2) // (per_sample + _TEST_COPIES * p * itemsize))
+        test_rows = min(test_rows, n_test if n_test is not None else MAX_TEST_ROWS)
     if train_rows is None:
         per_train = per_sample * trailing + test_rows * trailing * itemsize
         train_rows = max(1, (budget // 2) // per_train)
@@ -155,6 +162,42 @@ def check_trailing(batch: Batch, expected: tuple[int, ...] | None, what: str) ->
     return shape
 
 
+def digest(batch: Batch) -> str:
+    """Content hash of a chunk's ``x`` and ``y`` (values, shapes, dtypes)."""
+    import hashlib
+
+    import numpy as np
+
+    from ._xp import to_numpy
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in (batch.x, batch.y):
+        arr = np.ascontiguousarray(to_numpy(a))
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class PassCheck:
+    """Every pass over the training data must yield the same samples: the first
+    chunk of each pass is compared by content (a shuffling DataLoader would
+    silently permute the columns of later row chunks)."""
+
+    def __init__(self) -> None:
+        self._first: str | None = None
+
+    def check(self, first_chunk: Batch) -> None:
+        d = digest(first_chunk)
+        if self._first is None:
+            self._first = d
+        elif d != self._first:
+            raise ValueError(
+                "the training data changed between passes (a DataLoader with shuffle=True?): "
+                "each test chunk passes over it again, so it must yield the same batches "
+                "in the same order every time"
+            )
+
+
 def sum_blocks(by_block: Mapping[str, Array]) -> Array:
     values = iter(by_block.values())
     total = next(values)
@@ -176,7 +219,7 @@ def chunked_interactions(
     once per test chunk and contracted with each training chunk."""
     gp = model.gradient_provider
     xp = gp.xp
-    plan = plan_chunks(gp, left, mode, budget=model_budget(model))
+    plan = plan_chunks(gp, left, mode, budget=model_budget(model), n_test=max(len(left), 1))
     if right is None:
         right_batches: Iterable[Batch] = [left]
     else:
@@ -193,10 +236,13 @@ def chunked_interactions(
         return mapper.interactions(left, other, mode)
     rows: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
+    passes = PassCheck()
     for _, test_chunk in rebatch([left], plan.test_rows, gp):
         factors = mapper.transformed_grads(test_chunk)
         cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in rows)
-        for _, chunk in rebatch(right_batches, plan.train_rows, gp):
+        for c0, chunk in rebatch(right_batches, plan.train_rows, gp):
+            if c0 == 0 and len(left) > plan.test_rows:
+                passes.check(chunk)
             trailing = check_trailing(chunk, trailing, "influences (training points)")
             out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
             for k, v in out.items():
@@ -213,7 +259,9 @@ def chunked_factors(
 ) -> OrderedDict[str, Array]:
     """Per-block influence factors of ``batch``, in test chunks sized by the budget."""
     gp = model.gradient_provider
-    plan = plan_chunks(gp, batch, InfluenceMode.Up, budget=model_budget(model))
+    plan = plan_chunks(
+        gp, batch, InfluenceMode.Up, budget=model_budget(model), n_test=max(len(batch), 1)
+    )
     if len(batch) <= plan.test_rows:
         return mapper.transformed_grads(batch)
     parts: OrderedDict[str, list[Array]] = OrderedDict(

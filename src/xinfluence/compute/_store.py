@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .. import _xp
+from .._chunking import digest
 from ..errors import XinfluenceError
-from ..types import Batch
 
 __all__ = ["StoreMismatchError", "digest", "model_options", "open_store"]
 
@@ -69,7 +67,9 @@ def model_options(model: Any) -> dict[str, Any]:
     options), as stored in a fingerprint."""
     opts = {}
     for key, value in sorted(vars(model).items()):
-        if key in _NOT_OPTIONS:
+        # public settings and the solver options; other private state (caches,
+        # version counters) may differ between processes for the same model
+        if key in _NOT_OPTIONS or (key.startswith("_") and key != "_options"):
             continue
         plain = _plain(value)
         if plain is not None or value is None:
@@ -79,16 +79,6 @@ def model_options(model: Any) -> dict[str, Any]:
         "provider": type(model.gradient_provider).__name__,
         "options": opts,
     }
-
-
-def digest(batch: Batch) -> str:
-    """Content hash of a chunk's ``x`` and ``y`` (values, shapes, dtypes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for a in (batch.x, batch.y):
-        arr = np.ascontiguousarray(_xp.to_numpy(a))
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def _zarr() -> Any:

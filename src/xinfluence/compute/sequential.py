@@ -46,11 +46,22 @@ def _peek(data: Iterable[Batch], what: str) -> tuple[Batch, Iterable[Batch]]:
 
 def _n_samples(data: Any) -> int | None:
     """Sample count where it is known without a pass (lists of batches, DataLoaders)."""
+    data = getattr(data, "_data", data)  # the source of an iter_batches view
     dataset = getattr(data, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
-    if isinstance(data, list) and all(isinstance(b, Batch) for b in data):
-        return sum(len(b) for b in data)
+    if isinstance(data, Batch):
+        return len(data)
+    if isinstance(data, (list, tuple)):
+        total = 0
+        for item in data:
+            if isinstance(item, Batch):
+                total += len(item)
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and hasattr(item[0], "shape"):
+                total += int(item[0].shape[0])
+            else:
+                return None
+        return total
     return None
 
 
@@ -149,7 +160,9 @@ class SequentialInfluenceCalculator:
         xp = gp.xp
         mapper = model._fitted_mapper()
         first, data = _peek(_batches(train_batches), "self_influence")
-        plan = self._plan(gp.prepare_batch(first), InfluenceMode.Up)
+        plan = self._plan(
+            gp.prepare_batch(first), InfluenceMode.Up, n_test=_n_samples(train_batches)
+        )
         out: list[Array] = []
         bar = progress_bar(self.progress, total=None, desc="self-influence")
         try:
@@ -166,7 +179,9 @@ class SequentialInfluenceCalculator:
             bar.close()
         return out[0] if len(out) == 1 else xp.concat(out, axis=0)
 
-    def _plan(self, sample: Batch, mode: InfluenceMode, **kw: Any) -> _chunking.ChunkPlan:
+    def _plan(
+        self, sample: Batch, mode: InfluenceMode, n_test: int | None = None, **kw: Any
+    ) -> _chunking.ChunkPlan:
         return _chunking.plan_chunks(
             self.model.gradient_provider,
             sample,
@@ -174,6 +189,7 @@ class SequentialInfluenceCalculator:
             budget=_chunking.model_budget(self.model),
             test_rows=kw.get("test_rows", self.test_chunk_size),
             train_rows=self.train_chunk_size,
+            n_test=n_test,
         )
 
 
@@ -226,7 +242,7 @@ class LazyInfluences:
             first, test = _peek(test, "influences (test points)")
             first = gp.prepare_batch(first)
             sample = first_train if first_train is not None else first
-            plan = self.calc._plan(sample, self.mode)
+            plan = self.calc._plan(sample, self.mode, n_test=_n_samples(self._test))
         return plan, test, train, first_train
 
     def _test_chunks(self, test: Any, rows: int) -> Iterator[tuple[int, Any]]:
@@ -257,6 +273,7 @@ class LazyInfluences:
         xp = gp.xp
         mapper = model._fitted_mapper()
         n_train: int | None = None
+        passes = _chunking.PassCheck()
         for i, (r0, tchunk) in enumerate(self._test_chunks(test, plan.test_rows)):
             n_rows = _rows(tchunk)
             if self.kind == "factors":
@@ -277,6 +294,8 @@ class LazyInfluences:
             count = 0
             for j, (c0, chunk) in enumerate(_chunking.rebatch(train, plan.train_rows, gp)):
                 trailing = _chunking.check_trailing(chunk, trailing, "influences (training points)")
+                if j == 0:
+                    passes.check(chunk)
                 count = c0 + len(chunk)
                 if skip is not None and skip(i, j, tchunk, chunk):
                     continue
@@ -435,8 +454,10 @@ class LazyInfluences:
                     "rows": list(block.rows),
                     "cols": list(block.cols),
                 }
-                cols = plan.train_rows if self.kind != "factors" else gp.n_parameters
-                chunks = (plan.test_rows, cols, *trailing)
+                # zarr chunks = blocks (only the last row / column of blocks is shorter)
+                rows = block.rows[1] - block.rows[0] if block.i == 0 else plan.test_rows
+                cols = block.cols[1] - block.cols[0] if block.j == 0 else plan.train_rows
+                chunks = (rows, cols, *trailing)
                 value = _xp.to_numpy(block.value)
                 bs.write(block.i, block.j, block.rows, block.cols, value, chunks, record)
                 if on_block is not None:
