@@ -1,6 +1,6 @@
 """Influence functions for a small convolutional network (PyTorch).
 
-A CNN (Conv2d 1->4, 3x3, ReLU, Conv2d 4->4, 3x3, ReLU, Linear 64->10) on
+A CNN (Conv2d 1->4, 3x3, tanh, Conv2d 4->4, 3x3, tanh, Linear 64->10) on
 scikit-learn's 8x8 digits. Models with convolutions take the general
 ``torch.func`` path of the provider (per-sample gradients by ``vmap(grad)``,
 Hessian-vector products by double backward), so every method works on them;
@@ -28,9 +28,9 @@ x_train, y_train, x_test, y_test = x[:300], y[:300], x[1500:1510], y[1500:1510]
 
 model = torch.nn.Sequential(
     torch.nn.Conv2d(1, 4, 3),
-    torch.nn.ReLU(),
+    torch.nn.Tanh(),
     torch.nn.Conv2d(4, 4, 3),
-    torch.nn.ReLU(),
+    torch.nn.Tanh(),
     torch.nn.Flatten(),
     torch.nn.Linear(4 * 4 * 4, 10),
 ).double()
@@ -48,7 +48,7 @@ for _ in range(300):
     objective().backward()
     adam.step()
 lbfgs = torch.optim.LBFGS(
-    model.parameters(), max_iter=300, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    model.parameters(), max_iter=1000, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
 )
 
 

@@ -165,7 +165,7 @@ def _train_torch(problem: DigitsProblem, seed: int) -> TrainedModel:
         loss = torch.nn.functional.cross_entropy(model(x), y) + 0.5 * _MLP_L2 * flat @ flat
         loss.backward()
         grad = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-        return float(loss), grad.numpy().copy()
+        return float(loss.detach()), grad.numpy().copy()
 
     start = time.perf_counter()
     theta = _minimize(fun, parameters_to_vector(params).detach().numpy().copy())
