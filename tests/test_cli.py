@@ -237,3 +237,38 @@ def test_unknown_method_is_a_usage_error(recipe, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["compute", f"{recipe}:build", "--method", "magic", "--out", "s.zarr"])
     assert exc.value.code == 2
+
+
+@numpy_session
+@pytest.mark.slow
+def test_compute_on_a_dask_scheduler(tmp_path, capsys):
+    pytest.importorskip("zarr")
+    distributed = pytest.importorskip("distributed")
+    import zarr
+
+    import xinfluence as xi
+
+    path = tmp_path / "arrays.py"
+    path.write_text(
+        RECIPE.replace("return gp, train, (x[:7], y[:7])", "return gp, (x, y), (x[:7], y[:7])")
+    )
+    store = tmp_path / "dask.zarr"
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        args = ["compute", f"{path}:build", "--method", "direct", "--regularization", "1e-3"]
+        args += ["--scheduler", cluster.scheduler_address, "--train-chunk-size", "20"]
+        assert main([*args, "--out", str(store), "--top-k", "2"]) == 0
+        # iterables of batches cannot be distributed: one clear line
+        (tmp_path / "chunks.py").write_text(RECIPE)
+        bad = [a.replace(str(path), str(tmp_path / "chunks.py")) for a in args]
+        capsys.readouterr()
+        assert main([*bad, "--out", str(tmp_path / "x.zarr")]) == 1
+        assert "(x, y) pair of arrays" in capsys.readouterr().err
+    values = np.asarray(zarr.open_group(str(store), mode="r")["values"][...])
+    ns: dict = {}
+    exec(RECIPE, ns)
+    x, y = ns["x"], ns["y"]
+    gp = ns["build"]()[0]
+    ref = xi.DirectInfluence(gp, regularization=1e-3).fit((x, y)).influences(x[:7], y[:7], x, y)
+    np.testing.assert_allclose(values, ref, rtol=1e-12, atol=0)

@@ -127,13 +127,15 @@ def _train_numpy(problem: DigitsProblem) -> TrainedModel:
 
 
 _MLP_HIDDEN = 32
-_MLP_L2 = 1e-3
+_MLP_L2 = 1e-2  # weight decay; also the damping (H + lambda I is PD at a minimum)
 
 
 def _minimize(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray) -> np.ndarray:
     from scipy.optimize import minimize
 
-    res = minimize(fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": 3000, "gtol": 1e-9})
+    res = minimize(
+        fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": 3000, "gtol": 1e-9, "ftol": 1e-15}
+    )
     return np.asarray(res.x)
 
 
