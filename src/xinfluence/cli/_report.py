@@ -305,6 +305,7 @@ def write_report(result: DemoResult, out: Path, command: str) -> Path:
     else:
         err = relative_error(result.run.query, result.exact.query)
         corr = float(np.corrcoef(result.run.query.ravel(), result.exact.query.ravel())[0, 1])
+        parts += [f"<p class='note'>Warning: {html.escape(w)}</p>" for w in result.run.warnings]
         parts += [
             f"<p>On {result.run.query.shape[0]} test images x {n} training images: relative "
             f"error <code>|I - I_exact|_F / |I_exact|_F</code> = {err:.3e}, Pearson correlation "
