@@ -1,13 +1,13 @@
 """Sessions for xinfluence: the backend test matrix, lint, typecheck, bench, docs.
 
     nox                                  # default: lint, typecheck, tests on numpy,
-                                         # array_api_strict, torch and jax, cross
+                                         # array_api_strict, torch and jax, cross, docs
     nox -l                               # list sessions
     nox -s "tests(backend='torch')"      # one backend
     nox -s "tests(backend='jax')" -- -x -k cg    # arguments after -- go to pytest
     nox -s "tests(backend='cupy')"       # needs a CUDA device; skips without one
     nox -s bench                         # benchmarks/run_*.py
-    nox -s docs                          # mkdocs build
+    nox -s docs                          # mkdocs build --strict (site/)
 
 Every test session installs the package (a built wheel, not the source tree)
 with its ``test``, ``dask`` and ``progress`` extras plus the pinned set
@@ -47,6 +47,7 @@ nox.options.sessions = [
     "typecheck",
     *(f"tests(backend='{b}')" for b in DEFAULT_BACKENDS),
     "cross",
+    "docs",
 ]
 
 # Quiet, non-interactive pip in every session.
@@ -138,7 +139,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation site with mkdocs (into site/)."""
+    """Build the documentation site with mkdocs into site/, strict: a broken link,
+    a missing page or a docstring mkdocstrings cannot parse fails the build."""
+    # the API reference is read from src/ statically (griffe): no framework needed
     _install(session, ".[docs]", *_requirements("numpy"))
     session.run(
         "mkdocs",

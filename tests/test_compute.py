@@ -219,6 +219,23 @@ def test_clear_errors(problem):
     assert rel_err(lazy.compute(), expected) <= 1e-12
     with pytest.raises(ValueError, match="one-shot generator"):
         lazy.compute()
+    # a re-iterable that yields other batches on every pass (a shuffling DataLoader)
+
+    class Shuffling:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            return iter(batches if self.calls % 2 else batches[::-1])
+
+    with pytest.raises(ValueError, match="changed between passes"):
+        calc.influences(test, Shuffling()).compute()
+    with (
+        xi.memory_budget_scope(3000),
+        pytest.raises(ValueError, match="changed between passes"),
+    ):
+        model.influences(xs[:N_TEST, ...], ys[:N_TEST, ...], Shuffling())
     with pytest.raises(xi.NotFittedError):
         SequentialInfluenceCalculator(xi.DirectInfluence(gp))
     with pytest.raises(ValueError, match="up-mode"):
@@ -277,3 +294,15 @@ def test_fit_progress_is_reported(problem, monkeypatch, caplog):
     assert "block CG: iteration 1" in text and "largest residual" in text
     assert "LiSSA: iteration 2/3" in text
     assert "curvature products: pass over the data" in text
+
+
+def test_progress_bar_over_blocks(problem, capsys):
+    pytest.importorskip("tqdm")
+    gp, xs, ys, batches = problem
+    model = xi.DirectInfluence(gp, regularization=1e-3).fit(batches)
+    expected = model.influences(xs[:N_TEST, ...], ys[:N_TEST, ...], xs, ys)
+    calc = SequentialInfluenceCalculator(
+        model, progress=True, test_chunk_size=4, train_chunk_size=10
+    )
+    assert rel_err(calc.influences(_test_side(xs, ys), batches).compute(), expected) <= 1e-12
+    assert "/12 [" in capsys.readouterr().err  # a bar over 3 x 4 blocks (total from the lists)

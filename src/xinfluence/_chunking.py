@@ -162,6 +162,42 @@ def check_trailing(batch: Batch, expected: tuple[int, ...] | None, what: str) ->
     return shape
 
 
+def digest(batch: Batch) -> str:
+    """Content hash of a chunk's ``x`` and ``y`` (values, shapes, dtypes)."""
+    import hashlib
+
+    import numpy as np
+
+    from ._xp import to_numpy
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in (batch.x, batch.y):
+        arr = np.ascontiguousarray(to_numpy(a))
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class PassCheck:
+    """Every pass over the training data must yield the same samples: the first
+    chunk of each pass is compared by content (a shuffling DataLoader would
+    silently permute the columns of later row chunks)."""
+
+    def __init__(self) -> None:
+        self._first: str | None = None
+
+    def check(self, first_chunk: Batch) -> None:
+        d = digest(first_chunk)
+        if self._first is None:
+            self._first = d
+        elif d != self._first:
+            raise ValueError(
+                "the training data changed between passes (a DataLoader with shuffle=True?): "
+                "each test chunk passes over it again, so it must yield the same batches "
+                "in the same order every time"
+            )
+
+
 def sum_blocks(by_block: Mapping[str, Array]) -> Array:
     values = iter(by_block.values())
     total = next(values)
@@ -202,10 +238,13 @@ def chunked_interactions(
         return mapper.interactions(left, other, mode)
     rows: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
+    passes = PassCheck()
     for _, test_chunk in rebatch([left], plan.test_rows, gp):
         factors = mapper.transformed_grads(test_chunk)
         cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in rows)
         for offset, chunk in rebatch(right_batches, plan.train_rows, gp):
+            if offset == 0 and len(left) > plan.test_rows:
+                passes.check(chunk)
             trailing = check_trailing(chunk, trailing, "influences (training points)")
             if right is not None:
                 model._check_losses(chunk, "influences (training points)", offset=offset)

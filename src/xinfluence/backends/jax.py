@@ -293,29 +293,26 @@ def _pad_rows(v: Array) -> Array:
 class JaxGradientProvider(GradientProvider):
     """Per-sample derivatives of a JAX model, all through :func:`jax.jit`.
 
-    Parameters
-    ----------
-    apply_fn:
-        ``apply_fn(params, x) -> output`` for a batch ``x`` of shape ``(N, *D)``;
-        a pure, jittable function treating samples independently.
-    params:
-        Any pytree of floating arrays sharing one dtype (nested dicts, flax
-        ``params``, the array part of an equinox model). Its leaves, in pytree
-        order and raveled row-major, form the flat parameter vector.
-    loss:
-        ``loss(output, target) -> scalar``, the *mean* over the batch. The
-        per-sample loss is ``loss(apply_fn(params, x_i[None]), y_i[None])``.
-    dense_layers:
-        Optional ``{layer_name: features(params, x) -> (N, I)}`` declaring dense
-        layers for :meth:`kfac_factors` (see the module docstring).
-    input_shape:
-        Optional per-sample shape ``D`` of ``x``; when given, other shapes are a
-        ``ValueError`` before the model runs. Otherwise a shape is checked by
-        tracing the model on it once (:func:`jax.eval_shape`).
+    Args:
+        apply_fn:
+            ``apply_fn(params, x) -> output`` for a batch ``x`` of shape ``(N, *D)``;
+            a pure, jittable function treating samples independently.
+        params:
+            Any pytree of floating arrays sharing one dtype (nested dicts, flax
+            ``params``, the array part of an equinox model). Its leaves, in pytree
+            order and raveled row-major, form the flat parameter vector.
+        loss:
+            ``loss(output, target) -> scalar``, the *mean* over the batch. The
+            per-sample loss is ``loss(apply_fn(params, x_i[None]), y_i[None])``.
+        dense_layers:
+            Optional ``{layer_name: features(params, x) -> (N, I)}`` declaring dense
+            layers for :meth:`kfac_factors` (see the module docstring).
+        input_shape:
+            Optional per-sample shape ``D`` of ``x``; when given, other shapes are a
+            ``ValueError`` before the model runs. Otherwise a shape is checked by
+            tracing the model on it once (:func:`jax.eval_shape`).
 
-    Shapes
-    ------
-    ``flat_grads`` ``(N, P)`` (vmapped reverse mode); ``flat_mixed_grads``
+    Shapes: ``flat_grads`` ``(N, P)`` (vmapped reverse mode); ``flat_mixed_grads``
     ``(N, *D, P)`` (forward mode over the per-sample gradient in ``x``);
     ``jacobian_prod(batch, g)`` ``(N, K)`` (forward mode along each row of
     ``g``, the ``(N, P)`` gradients are never formed); ``hvp(batch, v)``

@@ -180,45 +180,44 @@ def _serialised(method: _F) -> _F:
 class TorchGradientProvider(GradientProvider):
     """Per-sample derivatives of a torch model's loss through :mod:`torch.func`.
 
-    Parameters
-    ----------
-    model:
-        An ``nn.Module`` mapping a batch ``x`` of shape ``(N, *D)`` to outputs
-        ``(N, ...)``. Its trainable parameters (``requires_grad=True``) must share
-        one floating dtype (float32 or float64; float16 and bfloat16 models are
-        refused: use ``model.float()``) and one device. They are read at construction as
-        detached views, so in-place updates (optimizer steps, ``load_state_dict``)
-        are seen; build a new provider after ``model.to(...)``.
-    loss:
-        ``loss(output, target) -> scalar`` with mean reduction over the batch.
-    input_shape:
-        Optional per-sample input shape ``D``; when given, inputs of another
-        shape are rejected before the model runs. Without it, the first batch of
-        each new shape is checked by running the model on one sample.
-    chunk_size:
-        Vectors per vectorised chunk in the products over ``K`` vectors
-        (``jacobian_prod``, ``hvp``, ``hessian``). Default: as many as
-        :func:`xinfluence.memory_budget` holds, counting the activations of the
-        ``N`` samples for each vector (measured once per input shape by a
-        forward pass on one sample), and at most about ``2**16 / N``. The
-        per-sample gradients are chunked over samples by the same budget.
-    forward_ad:
-        Use forward-mode products (``jvp``) for ``jacobian_prod`` and
-        ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
-        ``hessian`` (default). ``False`` switches to reverse mode only, for
-        models whose operations lack forward-mode rules. The general ``hvp`` is
-        reverse-over-reverse either way: against forward-over-reverse it was
-        11-41% faster on two MLPs and, on a small convolutional net, 13% faster
-        for 200 vectors and 3% slower for 50.
-    cast_inputs:
-        Cast integer inputs and floating inputs of lower precision to the
-        parameters' dtype (default). ``False`` passes ``x`` unchanged (for models
-        taking integer ids; ``flat_mixed_grads`` then needs floating ``x``).
-    output_fn:
-        Optional ``output_fn(model(x)) -> Tensor`` applied to the model's output
-        before the loss, for models that return a tuple, a dict or an output
-        object (HuggingFace style): ``output_fn=lambda out: out["logits"]`` or
-        ``lambda out: out[0]``. It must act on every sample independently.
+    Args:
+        model:
+            An ``nn.Module`` mapping a batch ``x`` of shape ``(N, *D)`` to outputs
+            ``(N, ...)``. Its trainable parameters (``requires_grad=True``) must share
+            one floating dtype (float32 or float64; float16 and bfloat16 models are
+            refused: use ``model.float()``) and one device. They are read at construction as
+            detached views, so in-place updates (optimizer steps, ``load_state_dict``)
+            are seen; build a new provider after ``model.to(...)``.
+        loss:
+            ``loss(output, target) -> scalar`` with mean reduction over the batch.
+        input_shape:
+            Optional per-sample input shape ``D``; when given, inputs of another
+            shape are rejected before the model runs. Without it, the first batch of
+            each new shape is checked by running the model on one sample.
+        chunk_size:
+            Vectors per vectorised chunk in the products over ``K`` vectors
+            (``jacobian_prod``, ``hvp``, ``hessian``). Default: as many as
+            :func:`xinfluence.memory_budget` holds, counting the activations of the
+            ``N`` samples for each vector (measured once per input shape by a
+            forward pass on one sample), and at most about ``2**16 / N``. The
+            per-sample gradients are chunked over samples by the same budget.
+        forward_ad:
+            Use forward-mode products (``jvp``) for ``jacobian_prod`` and
+            ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
+            ``hessian`` (default). ``False`` switches to reverse mode only, for
+            models whose operations lack forward-mode rules. The general ``hvp`` is
+            reverse-over-reverse either way: against forward-over-reverse it was
+            11-41% faster on two MLPs and, on a small convolutional net, 13% faster
+            for 200 vectors and 3% slower for 50.
+        cast_inputs:
+            Cast integer inputs and floating inputs of lower precision to the
+            parameters' dtype (default). ``False`` passes ``x`` unchanged (for models
+            taking integer ids; ``flat_mixed_grads`` then needs floating ``x``).
+        output_fn:
+            Optional ``output_fn(model(x)) -> Tensor`` applied to the model's output
+            before the loss, for models that return a tuple, a dict or an output
+            object (HuggingFace style): ``output_fn=lambda out: out["logits"]`` or
+            ``lambda out: out[0]``. It must act on every sample independently.
 
     The model must be in eval mode whenever it is queried: a query while a
     BatchNorm or Dropout layer is in training mode raises a ``ValueError``

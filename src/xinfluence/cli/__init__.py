@@ -135,6 +135,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if result.exact is not None:
         err = relative_error(result.run.query, result.exact.query)
         print(f"  {args.method} vs exact influences: relative error {err:.2e}")
+    for message in result.run.warnings:
+        print(f"  warning ({args.method}): {message}")
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.run.seconds.items())
     print(f"  {args.method}: {steps}; total {total:.1f} s wall, {cpu:.1f} s CPU")
     print(f"report: {page.resolve()}")

@@ -396,11 +396,11 @@ def _plots(values: Any, out: Path) -> None:
     n_test, n = int(values.shape[0]), int(values.shape[1])
     rows = max(1, int(values.chunks[0]))
     total = np.zeros(n)
-    hist_rows = []
+    hist_rows: list[np.ndarray] = []
     for r0 in range(0, n_test, rows):
         block = np.asarray(values[r0 : r0 + rows], dtype=np.float64)
         total += np.nansum(block, axis=0)
-        if sum(len(h) for h in hist_rows) < 10**6:
+        if sum(h.size for h in hist_rows) < 10**6:
             hist_rows.append(block.ravel())
     sample = np.concatenate(hist_rows)
     sample = sample[np.isfinite(sample)]

@@ -221,6 +221,18 @@ def timing_rows(result: DemoResult) -> list[list[Any]]:
     return rows
 
 
+def _curvature_note(method: str) -> str:
+    if method in ("ekfac", "datainf"):
+        return (
+            "<p class='note'>This method approximates the empirical Fisher "
+            "<code>mean_i g_i g_iᵀ</code>, not the Hessian: part of the difference is the "
+            "curvature it uses, not only its approximation of it.</p>"
+        )
+    if method == "identity":
+        return "<p class='note'>Gradient similarity uses no curvature at all: a baseline.</p>"
+    return ""
+
+
 def write_report(result: DemoResult, out: Path, command: str) -> Path:
     """Write ``index.html`` and the figures into ``out``; return the page's path."""
     plt = pyplot()
@@ -293,11 +305,13 @@ def write_report(result: DemoResult, out: Path, command: str) -> Path:
     else:
         err = relative_error(result.run.query, result.exact.query)
         corr = float(np.corrcoef(result.run.query.ravel(), result.exact.query.ravel())[0, 1])
+        parts += [f"<p class='note'>Warning: {html.escape(w)}</p>" for w in result.run.warnings]
         parts += [
             f"<p>On {result.run.query.shape[0]} test images x {n} training images: relative "
             f"error <code>|I - I_exact|_F / |I_exact|_F</code> = {err:.3e}, Pearson correlation "
             f"{corr:.6f}. The exact influences come from <code>DirectInfluence</code> (dense "
             f"Hessian, {m.n_parameters} parameters).</p>",
+            _curvature_note(result.method),
             f"<img src='{accuracy}' alt='approximate against exact influences'>",
         ]
     parts += [

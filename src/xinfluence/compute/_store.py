@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .. import _xp
+from .._chunking import digest
 from ..errors import XinfluenceError
-from ..types import Batch
 
 __all__ = ["StoreMismatchError", "digest", "model_options", "open_store"]
 
@@ -81,16 +79,6 @@ def model_options(model: Any) -> dict[str, Any]:
         "provider": type(model.gradient_provider).__name__,
         "options": opts,
     }
-
-
-def digest(batch: Batch) -> str:
-    """Content hash of a chunk's ``x`` and ``y`` (values, shapes, dtypes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for a in (batch.x, batch.y):
-        arr = np.ascontiguousarray(_xp.to_numpy(a))
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def _zarr() -> Any:

@@ -273,6 +273,7 @@ class LazyInfluences:
         xp = gp.xp
         mapper = model._fitted_mapper()
         n_train: int | None = None
+        passes = _chunking.PassCheck()
         for i, (r0, tchunk) in enumerate(self._test_chunks(test, plan.test_rows)):
             n_rows = _rows(tchunk)
             if self.kind == "factors":
@@ -293,6 +294,8 @@ class LazyInfluences:
             count = 0
             for j, (c0, chunk) in enumerate(_chunking.rebatch(train, plan.train_rows, gp)):
                 trailing = _chunking.check_trailing(chunk, trailing, "influences (training points)")
+                if j == 0:
+                    passes.check(chunk)
                 count = c0 + len(chunk)
                 if skip is not None and skip(i, j, tchunk, chunk):
                     continue
