@@ -200,6 +200,9 @@ def main() -> int:
     ap.add_argument("--pydvl-python", default=None)
     ap.add_argument("--pydvl-base-python", default=None)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    ap.add_argument(
+        "--train-iters", type=int, default=300, help="L-BFGS iterations training the network"
+    )
     ap.add_argument("--output", default=str(HERE / "results" / "scale.md"))
     args, _unknown = ap.parse_known_args()
     if args.child:
@@ -219,7 +222,7 @@ def main() -> int:
     problem = str(Path(work) / "problem.npz")
     data = str(Path(work) / "data.npz")
     print(f"training the large network and drawing data in {work} ...", flush=True)
-    _problem.make_problem("large", problem)
+    _problem.make_problem("large", problem, train_iters=args.train_iters)
     make_data(data, max(sizes + [args.throughput_train]), max(n_test, args.throughput_test))
     base = {"problem": problem, "data": data, "threads": args.threads}
     me = sys.executable

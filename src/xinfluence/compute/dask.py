@@ -71,11 +71,6 @@ def _block_task(model: ComposableInfluence, factors: Any, x: Any, y: Any, mode: 
     return _to_chunk(model, value)
 
 
-def _factor_chunk(factors: Any) -> Any:
-    values = list(factors.values())
-    return values[0] if len(values) == 1 else np.concatenate([np.asarray(v) for v in values], 1)
-
-
 def _factors_out(model: ComposableInfluence, factors: Any) -> Any:
     gp = model.gradient_provider
     values = list(factors.values())
@@ -183,8 +178,6 @@ class DaskInfluenceCalculator:
         mode = InfluenceMode.parse(mode)
         x, y = self._check(x, y, "training points")
         factors = self._factor_tasks(x_test, y_test)
-        if tuple(x_test.shape[1:]) != tuple(x.shape[1:]) and mode is InfluenceMode.Perturbation:
-            pass  # the provider checks the features of both sides
         model = self._model()
         task = dask.delayed(_block_task, pure=True)
         trailing = tuple(int(d) for d in x.shape[1:]) if mode is InfluenceMode.Perturbation else ()
