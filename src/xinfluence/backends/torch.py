@@ -797,7 +797,8 @@ class TorchGradientProvider(GradientProvider):
         chunk = self.chunk_size or max(1, memory_budget() // max(per_vector, 1))
 
         def matmat(w: Tensor) -> Tensor:
-            return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
+            with _FORWARD_AD_LOCK:  # forward-mode levels are global to the process
+                return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
 
         if self._conv_structure is None:
             gen = torch.Generator(device=self._device).manual_seed(0)
@@ -1134,10 +1135,10 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Params:
             return pullback(hess_pull(push(t))[0] / n)[0]
 
-        if v.shape[0] == 1:
-            single = one({k: t[0] for k, t in self._unflatten(v).items()})
-            return self._flatten({k: t[None] for k, t in single.items()}, (1,))
-        with _FORWARD_AD_LOCK:
+        with _FORWARD_AD_LOCK:  # forward-mode levels are global to the process
+            if v.shape[0] == 1:
+                single = one({k: t[0] for k, t in self._unflatten(v).items()})
+                return self._flatten({k: t[None] for k, t in single.items()}, (1,))
             res = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
         return self._flatten(res, (v.shape[0],))
 
