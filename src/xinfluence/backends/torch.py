@@ -1249,7 +1249,9 @@ class TorchGradientProvider(GradientProvider):
         result: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         for j, layer in enumerate(layers):
             a, delta = store[layer]
-            s_all = [torch.zeros_like(delta) if col[j] is None else col[j] for col in cols]
+            s_all: list[Tensor] = [
+                torch.zeros_like(delta) if (t := col[j]) is None else t for col in cols
+            ]
             # dense (N, out) -> (N, C, out); conv (N, O, H, W) -> (N, C, T, O)
             s_cols = [_conv.output_grads(t) if t.ndim == 4 else t for t in s_all]
             result[layer] = (a, torch.stack(s_cols, dim=1).detach())
