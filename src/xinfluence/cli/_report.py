@@ -261,7 +261,7 @@ def write_report(result: DemoResult, out: Path, command: str) -> Path:
                 ["backend", result.backend],
                 ["accuracy", f"train {result.train_accuracy:.3f}, test {result.test_accuracy:.3f}"],
                 ["influence model", method],
-                ["regularization λ", f"{m.regularization:.3g} (the L2 strength of training)"],
+                ["regularization λ", f"{m.regularization:.3g} (from the L2 strength of training)"],
                 ["machine", f"{platform.machine()}, Python {platform.python_version()}"],
             ],
         ),
