@@ -354,7 +354,7 @@ def _repeated_spectrum():
     return _spd(400, values, seed=7), values
 
 
-def test_block_lanczos_finds_repeated_eigenvalues(xp, to_xp):
+def test_block_lanczos_finds_repeated_eigenvalues(xp, to_xp, device):
     """Top 50 of 16 distinct eigenvalues x 25 (before: single-vector Lanczos at the
     default dimension was off by 6.0, ARPACK by 0.06)."""
     from xinfluence.linalg import block_lanczos
@@ -362,7 +362,9 @@ def test_block_lanczos_finds_repeated_eigenvalues(xp, to_xp):
     a, values = _repeated_spectrum()
     ax = to_xp(a)
     result, record = _caught(
-        lambda: block_lanczos(lambda v: v @ ax, 400, rank=50, xp=xp, dtype=xp.float64)
+        lambda: block_lanczos(
+            lambda v: v @ ax, 400, rank=50, xp=xp, dtype=xp.float64, device=device
+        )
     )
     assert not record, [str(w.message) for w in record]
     assert result.converged
@@ -386,7 +388,7 @@ def test_block_lanczos_finds_repeated_eigenvalues(xp, to_xp):
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 20])
-def test_block_lanczos_matches_dense_top_k(xp, to_xp, block_size):
+def test_block_lanczos_matches_dense_top_k(xp, to_xp, device, block_size):
     from xinfluence.linalg import block_lanczos
 
     rng = np.random.default_rng(8)
@@ -394,7 +396,13 @@ def test_block_lanczos_matches_dense_top_k(xp, to_xp, block_size):
     a = _spd(150, values, seed=9)
     ax = to_xp(a)
     result = block_lanczos(
-        lambda v: v @ ax, 150, rank=20, block_size=block_size, xp=xp, dtype=xp.float64
+        lambda v: v @ ax,
+        150,
+        rank=20,
+        block_size=block_size,
+        xp=xp,
+        dtype=xp.float64,
+        device=device,
     )
     assert result.converged
     top = values[np.argsort(-np.abs(values))[:20]]
@@ -408,7 +416,7 @@ def test_block_lanczos_matches_dense_top_k(xp, to_xp, block_size):
     )
 
 
-def test_block_lanczos_warns_with_residuals_when_the_budget_ends(xp, to_xp):
+def test_block_lanczos_warns_with_residuals_when_the_budget_ends(xp, to_xp, device):
     from xinfluence.linalg import block_lanczos
 
     a = _spd(200, np.repeat(np.linspace(1.0, 8.0, 8)[::-1], 25), seed=7)
@@ -416,7 +424,14 @@ def test_block_lanczos_warns_with_residuals_when_the_budget_ends(xp, to_xp):
 
     def run(**kw):
         return block_lanczos(
-            lambda v: v @ ax, 200, rank=30, krylov_dimension=60, xp=xp, dtype=xp.float64, **kw
+            lambda v: v @ ax,
+            200,
+            rank=30,
+            krylov_dimension=60,
+            xp=xp,
+            dtype=xp.float64,
+            device=device,
+            **kw,
         )
 
     result, record = _caught(run)

@@ -25,6 +25,7 @@ the influences are
 
 from __future__ import annotations
 
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -121,6 +122,13 @@ class ComposableInfluence(PicklableState, ABC):
     _uses_curvature = True
     _init_kwargs: dict[str, Any]
     _fit_version: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # __new__ below takes (*args, **kwargs): give each model the signature of its
+        # own __init__ (for inspect.signature, help() and the command line's checks)
+        super().__init_subclass__(**kwargs)
+        sig = inspect.signature(cls.__init__)
+        cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # type: ignore[attr-defined]
 
     def __new__(cls: type[_M], *args: Any, **kwargs: Any) -> _M:
         # the keyword options, for save(): load() calls the constructor with them
