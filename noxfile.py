@@ -88,7 +88,12 @@ def tests(session: nox.Session, backend: str) -> None:
         # its second device refuses to mix with the default one: a CPU check that
         # no array silently lands on the default device (numpy covers the default)
         env["XINFLUENCE_DEVICE"] = "device1"
-    session.run("pytest", *(session.posargs or ["-q", "-ra"]), env=env)
+    args = ["-q", "-ra"]
+    if backend == "jax":
+        # every jax provider jit-compiles its functions (single-threaded): two
+        # workers halve the session on a 2-core machine
+        args += ["-n", "2"]
+    session.run("pytest", *(session.posargs or args), env=env)
 
 
 @nox.session
