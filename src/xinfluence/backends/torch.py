@@ -1004,29 +1004,7 @@ class TorchGradientProvider(GradientProvider):
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
         def make_hook(layer: str) -> Callable[..., Tensor]:
-            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-                if layer in store:
-                    raise ValueError(
-                        f"kfac_factors: layer {layer!r} is applied more than once per forward pass"
-                    )
-                if len(inputs) != 1:
-                    raise ValueError(
-                        f"kfac_factors: layer {layer!r} must be called with its input as the "
-                        "only positional argument (keyword inputs do not reach forward hooks)"
-                    )
-                a = inputs[0]
-                if isinstance(module, nn.Conv2d):
-                    a = _conv.unfold_input(module, a)
-                elif a.ndim != 2:
-                    raise ValueError(
-                        f"kfac_factors supports 2-D layer inputs (N, features) only; layer "
-                        f"{layer!r} got shape {tuple(a.shape)}"
-                    )
-                delta = torch.zeros_like(output, requires_grad=True)
-                store[layer] = (a.detach(), delta)
-                return output + delta
-
-            return hook
+            return _factor_hook(store, layer, "kfac_factors")
 
         handles = [
             module.register_forward_hook(make_hook(layer))
@@ -1205,25 +1183,7 @@ class TorchGradientProvider(GradientProvider):
         store: dict[str, tuple[Tensor, Tensor]] = {}
 
         def make_hook(layer: str) -> Callable[..., Tensor]:
-            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-                if layer in store or len(inputs) != 1:
-                    raise ValueError(
-                        f"kfac_ggn_factors: layer {layer!r} must be applied once per forward "
-                        "pass, with its input as the only positional argument"
-                    )
-                a = inputs[0]
-                if isinstance(module, nn.Conv2d):
-                    a = _conv.unfold_input(module, a)
-                elif a.ndim != 2:
-                    raise ValueError(
-                        f"kfac_ggn_factors supports 2-D layer inputs (N, features) only; layer "
-                        f"{layer!r} got shape {tuple(a.shape)}"
-                    )
-                delta = torch.zeros_like(output, requires_grad=True)
-                store[layer] = (a.detach(), delta)
-                return output + delta
-
-            return hook
+            return _factor_hook(store, layer, "kfac_ggn_factors")
 
         handles = [m.register_forward_hook(make_hook(k)) for k, (m, _, _) in layers.items()]
         try:
@@ -1262,6 +1222,36 @@ class TorchGradientProvider(GradientProvider):
             f"TorchGradientProvider({type(self.model).__name__}, P={self.n_parameters}, "
             f"dtype={self._dtype}, device={self._device})"
         )
+
+
+def _factor_hook(
+    store: dict[str, tuple[Tensor, Tensor]], layer: str, what: str
+) -> Callable[..., Tensor]:
+    """Forward hook of the Kronecker-factor passes: records the layer's input (conv:
+    unfolded patches) and adds a zero ``delta`` to its output, whose gradient is the
+    output gradient."""
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        if layer in store:
+            raise ValueError(f"{what}: layer {layer!r} is applied more than once per forward pass")
+        if len(inputs) != 1:
+            raise ValueError(
+                f"{what}: layer {layer!r} must be called with its input as the "
+                "only positional argument (keyword inputs do not reach forward hooks)"
+            )
+        a = inputs[0]
+        if isinstance(module, nn.Conv2d):
+            a = _conv.unfold_input(module, a)
+        elif a.ndim != 2:
+            raise ValueError(
+                f"{what} supports 2-D layer inputs (N, features) only; layer "
+                f"{layer!r} got shape {tuple(a.shape)}"
+            )
+        delta = torch.zeros_like(output, requires_grad=True)
+        store[layer] = (a.detach(), delta)
+        return output + delta
+
+    return hook
 
 
 def _empty_factors(module: nn.Module, zeros: Callable[..., Tensor]) -> tuple[Tensor, Tensor]:
