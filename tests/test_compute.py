@@ -242,7 +242,7 @@ def test_clear_errors(problem):
         calc.influences(test, batches, mode="perturbation").top_k(3)
 
 
-def test_mismatched_store_is_refused(problem, xp, tmp_path):
+def test_mismatched_store_is_refused(problem, xp, to_xp, tmp_path):
     pytest.importorskip("zarr")
     gp, xs, ys, batches = problem
     model = xi.DirectInfluence(gp, regularization=1e-3).fit(batches)
@@ -271,6 +271,14 @@ def test_mismatched_store_is_refused(problem, xp, tmp_path):
     # another mode
     with pytest.raises(StoreMismatchError, match="mode"):
         calc.influences(test, batches, mode="perturbation").to_zarr(path)
+    # parameters moved by far less than the probe's 1e-6 tolerance
+    _, _, w, b = softmax_problem(np.random.default_rng(3))
+    moved = SoftmaxRegressionGradients(to_xp(w * (1 + 1e-12)), to_xp(b))
+    refit = xi.DirectInfluence(moved, regularization=1e-3).fit(batches)
+    with pytest.raises(StoreMismatchError, match="parameters"):
+        SequentialInfluenceCalculator(
+            refit, progress=False, test_chunk_size=4, train_chunk_size=10
+        ).influences(test, batches).to_zarr(path)
     # overwrite starts afresh
     z = calc.influences(test, shuffled).to_zarr(path, overwrite=True)
     expected = model.influences(xs[:N_TEST, ...], ys[:N_TEST, ...], rx, ry)

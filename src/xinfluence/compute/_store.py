@@ -3,7 +3,8 @@
 Layout of a store (a zarr group, a local directory by default)::
 
     attrs["xinfluence"]   the fingerprint: kind, model class and options, mode,
-                          dtype, trailing shape, chunk layout (rows per chunk)
+                          dtype, SHA-256 of the parameters, trailing shape,
+                          chunk layout (rows per chunk)
     values                the result, chunked exactly like the blocks, so each
                           block is one zarr chunk (written atomically by the
                           local store: a temporary file, then a rename)

@@ -415,6 +415,9 @@ class LazyInfluences:
             "mode": self.mode.value,
             "dtype": str(gp.dtype),
             "n_parameters": gp.n_parameters,
+            # SHA-256 of the parameters (None where the provider has none): an
+            # optimizer step, however small, is another computation
+            "parameters": gp.parameter_fingerprint(),
             "trailing": trailing,
             "test_rows": plan.test_rows,
             "train_rows": plan.train_rows if self.kind != "factors" else None,
