@@ -88,11 +88,9 @@ def tests(session: nox.Session, backend: str) -> None:
         # its second device refuses to mix with the default one: a CPU check that
         # no array silently lands on the default device (numpy covers the default)
         env["XINFLUENCE_DEVICE"] = "device1"
-    args = ["-q", "-ra"]
-    if backend == "jax":
-        # every jax provider jit-compiles its functions (single-threaded): two
-        # workers halve the session on a 2-core machine
-        args += ["-n", "2"]
+    # test processes (pytest-xdist): the test problems are small, so one core per
+    # worker beats threads inside one process (jit compilation is single-threaded)
+    args = ["-q", "-ra", "-n", str(min(4, os.cpu_count() or 1))]
     session.run("pytest", *(session.posargs or args), env=env)
 
 

@@ -117,3 +117,42 @@ def to_xp(xp, device):
         return from_numpy(a, dtype=dtype, device=device, xp=xp)
 
     return convert
+
+
+# On jax, every eager operation and every jitted provider function is compiled
+# anew for each new shape (about 50 ms each on a CPU), so a generic test costs
+# 5 to 60 s there against well under a second on numpy. The jax session runs
+# every jax-specific test (the jax provider, flax / equinox, the examples, the
+# jax parts of the thread and serialization tests) and the first case of each
+# generic test in JAX_GENERIC_MODULES (namespace agreement with numpy, closed
+# forms, error messages, state and thread checks) on jax arrays, whose
+# immutability and dtype rules catch what numpy lets pass. The other generic
+# tests run in the numpy, array_api_strict and torch sessions;
+# XINFLUENCE_FULL_MATRIX=1 runs all of them on jax too.
+JAX_GENERIC_MODULES = frozenset(
+    {
+        "tests/test_namespaces.py",
+        "tests/test_closed_form_linear.py",
+        "tests/test_errors.py",
+        "tests/test_reliability_state.py",
+        "tests/test_threads.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND != "jax" or os.environ.get("XINFLUENCE_FULL_MATRIX"):
+        return
+    seen: set[tuple[str, str]] = set()
+    reason = (
+        "generic test: runs on numpy, array_api_strict and torch; on jax only with "
+        "XINFLUENCE_FULL_MATRIX=1 (see tests/conftest.py)"
+    )
+    for item in items:
+        if "xp" not in getattr(item, "fixturenames", ()):
+            continue  # jax-specific, or no namespace at all
+        module = item.nodeid.split("::")[0]
+        key = (module, getattr(item, "originalname", item.name))
+        if module not in JAX_GENERIC_MODULES or key in seen:
+            item.add_marker(pytest.mark.skip(reason=reason))
+        seen.add(key)
