@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run influence functions on bundled digits and write an HTML report",
         description=(
-            "Train a small classifier on scikit-learn's bundled digits (offline) with 10%% of "
+            "Train a small classifier on scikit-learn's bundled digits (offline) with 10% of "
             "the training labels flipped, fit an influence model and write a report "
             "(index.html and PNG figures): the most helpful and harmful training images of "
             "misclassified test images, mislabel detection by self-influence, accuracy "
