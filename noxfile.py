@@ -40,6 +40,10 @@ ROOT = Path(__file__).parent
 BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 DEFAULT_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
 
+# pytest-xdist workers per test session: the test problems are small, so one core
+# per worker beats threads inside one process (jit compilation is single-threaded)
+WORKERS = str(min(4, os.cpu_count() or 1))
+
 # Tools whose output must not change under us between runs.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
@@ -118,9 +122,7 @@ def tests(session: nox.Session, backend: str) -> None:
         # its second device refuses to mix with the default one: a CPU check that
         # no array silently lands on the default device (numpy covers the default)
         env["XINFLUENCE_DEVICE"] = "device1"
-    # test processes (pytest-xdist): the test problems are small, so one core per
-    # worker beats threads inside one process (jit compilation is single-threaded)
-    args = ["-q", "-ra", "-n", str(min(4, os.cpu_count() or 1))]
+    args = ["-q", "-ra", "-n", WORKERS]
     session.run("pytest", *(session.posargs or args), env=env)
 
 
@@ -132,8 +134,7 @@ def cross(session: nox.Session) -> None:
         "pytest",
         *(
             session.posargs
-            or ["-q", "-ra", "-n", str(min(4, os.cpu_count() or 1)), "-m", "cross"]
-            + ["tests/test_cross_backend.py"]
+            or ["-q", "-ra", "-n", WORKERS, "-m", "cross", "tests/test_cross_backend.py"]
         ),
         env={"XINFLUENCE_BACKEND": "numpy"},
     )
