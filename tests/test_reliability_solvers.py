@@ -387,6 +387,42 @@ def test_block_lanczos_finds_repeated_eigenvalues(xp, to_xp, device):
     )
 
 
+def test_block_lanczos_flags_a_value_found_block_size_times(xp, to_xp, device):
+    """An explicit block of 8 sees 8 of the 25 copies of each eigenvalue: the pairs
+    converge, to the wrong top 50, and the solver must say so; the default block
+    (min(rank, 8)) reruns with one block of rank vectors (the test above)."""
+    from xinfluence.linalg import block_lanczos
+
+    a, values = _repeated_spectrum()
+    ax = to_xp(a)
+
+    def run(**kw):
+        return block_lanczos(
+            lambda v: v @ ax,
+            400,
+            rank=50,
+            block_size=8,
+            xp=xp,
+            dtype=xp.float64,
+            device=device,
+            **kw,
+        )
+
+    result, record = _caught(run)
+    got = np.sort(np.asarray(to_numpy(result.eigenvalues)))[::-1]
+    assert np.max(np.abs(got - values[:50])) > 1.0  # wrong, hence the warning
+    _assert_points_here(record, xi.NotConvergedWarning)
+    assert "found 8 times" in str(record[0].message)
+    with pytest.raises(xi.NotConvergedError, match="raise block_size"):
+        run(on_failure="raise")
+    default, record = _caught(
+        lambda: block_lanczos(
+            lambda v: v @ ax, 400, rank=50, xp=xp, dtype=xp.float64, device=device
+        )
+    )
+    assert not record and default.matmat_calls > result.matmat_calls
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 20])
 def test_block_lanczos_matches_dense_top_k(xp, to_xp, device, block_size):
     from xinfluence.linalg import block_lanczos

@@ -642,9 +642,11 @@ class ArnoldiInfluence(_CurvatureInfluence):
     ``jacobian_prod``: per-sample gradients are never materialised.
 
     Each Lanczos step is one curvature product with ``block_size`` vectors at
-    once (default ``rank``; far cheaper per vector than single products, and
-    eigenvalues repeated up to ``block_size`` times are found with their
-    multiplicity). The Krylov space is extended until the Ritz residuals of the
+    once (default ``min(rank, 8)``: cheaper per vector than single products;
+    larger blocks need a larger Krylov space for the same pairs). A block finds
+    an eigenvalue's copies up to ``block_size`` times; one found that often may
+    have more, so the default block then reruns with ``rank`` vectors, and an
+    explicit one warns. The Krylov space is extended until the Ritz residuals of the
     ``rank`` pairs satisfy ``|H u - theta u| <= tol max|theta|``, or until it
     reaches ``krylov_dimension`` vectors (default ``min(P, max(10 rank, 100))``,
     within the memory budget); then :class:`~xinfluence.errors.NotConvergedWarning`
@@ -655,7 +657,7 @@ class ArnoldiInfluence(_CurvatureInfluence):
         krylov_dimension: the largest Krylov space (the budget).
         tol: relative Ritz residual tolerance (default 1e-6: eigenvalues to
             about ``1e-12 |H|^2 / gap``, eigenvectors to ``1e-6 |H| / gap``).
-        block_size: vectors per curvature product (default ``rank``).
+        block_size: vectors per curvature product (default ``min(rank, 8)``).
         use_woodbury: add ``(I - V V^T) / lambda``.
         seed: seed of the start block.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when the budget ends

@@ -423,6 +423,10 @@ class TorchGradientProvider(GradientProvider):
         self._layout: _lin.LinearLayout | None = None
         # id(x) -> (weakref to x, y, parameter versions, factors or None, bytes)
         self._factor_cache: dict[int, tuple[Any, ...]] = {}
+        # id(x) -> (weakref to x, y, parameter versions, pullback or None, bytes):
+        # the general path's second-order graph of batches announced by
+        # prepare_products (rebuilding it cost about a fifth of a 10-vector product)
+        self._pullback_cache: dict[int, tuple[Any, ...]] = {}
         self._workspace = _lin.Workspace()
         # Products of sequential convolutional networks (``_torch_conv``): None
         # until checked, then whether the structured path holds.
@@ -760,8 +764,11 @@ class TorchGradientProvider(GradientProvider):
         """Compute and keep the batch's layer factors now (``nn.Linear`` models,
         within the cache budget), so that the first product is already a
         structured one; see :meth:`hvp`."""
-        if batch.x.shape[0] > 0:
-            self._structured_factors(batch, 0, reuse=True)
+        if batch.x.shape[0] > 0 and self._structured_factors(batch, 0, reuse=True) is None:
+            x = batch.x
+            hit = self._pullback_cache.get(id(x))
+            if hit is None or hit[0]() is not x:
+                self._remember_pullback(x, (batch.y, self.parameter_version(), None, 0))
 
     @_serialised
     def hvp(self, batch: Batch, v: Tensor) -> Tensor:
@@ -820,12 +827,7 @@ class TorchGradientProvider(GradientProvider):
         x, y = batch.x, batch.y
         if x.shape[0] == 0 or v.shape[0] == 0:
             return self._zeros(*v.shape)
-        active = self._active
-
-        def grad_mean(params: Params) -> Params:
-            return grad(self._mean_loss)(params, x, y)
-
-        pullback = vjp(grad_mean, active)[1]
+        pullback = self._pullback(x, y)
         if v.shape[0] == 1:
             # One vector (Lanczos steps): skips vmap's batching overhead, about
             # 2-3 times faster here.
@@ -837,6 +839,38 @@ class TorchGradientProvider(GradientProvider):
 
         out = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
         return self._flatten(out, (v.shape[0],))
+
+    def _pullback(self, x: Tensor, y: Tensor) -> Callable[[Params], tuple[Params]]:
+        """The vector-Jacobian product of the batch's mean-loss gradient, ``t -> t H``.
+        Kept for a batch announced by :meth:`prepare_products` while the batch
+        lives, the parameters are unchanged and all kept graphs fit in
+        ``FACTOR_CACHE_BYTES`` (estimated as four copies of the activations)."""
+        versions = self.parameter_version()
+        hit = self._pullback_cache.get(id(x))
+        if hit is not None and (hit[0]() is not x or hit[1] is not y):
+            hit = None
+        if hit is not None and hit[2] == versions and hit[3] is not None:
+            return hit[3]  # type: ignore[no-any-return]
+
+        def grad_mean(params: Params) -> Params:
+            return grad(self._mean_loss)(params, x, y)
+
+        pullback = vjp(grad_mean, self._active)[1]
+        if hit is not None:  # announced: keep it if it fits
+            size = int(x.shape[0]) * self._activation_bytes(x) * _GRAD_ACTIVATION_COPIES
+            entries = list(self._pullback_cache.values())
+            kept = sum(e[4] for e in entries if e[0]() is not x)
+            fits = kept + size <= _lin.FACTOR_CACHE_BYTES
+            self._remember_pullback(
+                x, (y, versions, pullback, size) if fits else (y, versions, None, 0)
+            )
+        return pullback  # type: ignore[no-any-return]
+
+    def _remember_pullback(self, x: Tensor, entry: tuple[Any, ...]) -> None:
+        key = id(x)
+        if key not in self._pullback_cache:  # forget the entry when x is freed
+            weakref.finalize(x, self._pullback_cache.pop, key, None)
+        self._pullback_cache[key] = (weakref.ref(x), *entry)
 
     @_serialised
     def hessian(self, batch: Batch) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -157,6 +158,17 @@ def lanczos(
     )
 
 
+def _shared_value(theta: np.ndarray, order: np.ndarray, b: int, width: float) -> float | None:
+    """A value ``theta[i]``, ``i`` in ``order``, that at least ``b >= 2`` entries of
+    ``theta`` share to within ``width``, else None."""
+    if b < 2:
+        return None
+    for i in order:
+        if np.count_nonzero(np.abs(theta - theta[i]) <= width) >= b:
+            return float(theta[i])
+    return None
+
+
 def _orthogonalize(w: Array, basis: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
     """Remove from ``w`` (P,) its components along the rows of ``basis`` (m, P), twice.
 
@@ -251,7 +263,8 @@ def block_lanczos(
         A Q_j^T = Q_{j-1}^T B_j^T + Q_j^T A_j + Q_{j+1}^T B_{j+1},
 
     with ``A_j = Q_j A Q_j^T`` and ``B_{j+1}`` from a QR factorisation of the new
-    block after projecting out all previous blocks twice. ``B_{j+1}`` is made rank
+    block after subtracting ``A_j`` and ``B_j`` terms and projecting out all previous
+    blocks (a second pass where the first removed most of a row). ``B_{j+1}`` is made rank
     revealing by an SVD of the small ``R`` factor: directions with singular value
     below ``10 sqrt(P) eps |A|`` are deflated (an invariant subspace) and replaced
     by random vectors orthogonal to ``Q``, so repeated eigenvalues are found with
@@ -270,8 +283,11 @@ def block_lanczos(
             symmetric ``A`` (called with ``K = block_size``).
         size: ``P``.
         rank: number of eigenpairs, ``1 <= rank <= P``.
-        block_size: ``b``, default ``rank``; at least the multiplicity of the
-            eigenvalues sought.
+        block_size: ``b``, default ``min(rank, 8)``; at least the multiplicity of
+            the eigenvalues sought. Larger blocks make each product cheaper per
+            vector but need a larger Krylov space for the same pairs (rank 50 on
+            a 99k-parameter MLP Hessian: 400 vectors with ``b = 50``, 160 with
+            ``b = 8``; ``benchmarks/arnoldi_floor.py``).
         krylov_dimension: the budget, the largest basis size; default
             ``min(P, max(10 rank, 100), the memory budget)`` (the basis takes
             ``krylov_dimension P`` floats; see :func:`xinfluence.memory_budget`).
@@ -296,7 +312,7 @@ def block_lanczos(
     xp = resolve_namespace(xp, dtype, device)
     if rank > size:
         raise ValueError(f"rank must be <= size, got rank={rank} > size={size}")
-    b = rank if block_size is None else check_positive_int(block_size, "block_size")
+    b = min(rank, 8) if block_size is None else check_positive_int(block_size, "block_size")
     b = min(b, size)
     eps = _xp.finfo_eps(dtype, xp=xp)
     if krylov_dimension is None:
@@ -313,17 +329,25 @@ def block_lanczos(
     if on_failure not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
     tol_eff = max(float(tol), 50 * eps)
+    # unit rows whose overlaps with the basis are all below this are orthonormal to
+    # it to working precision: subtracting the overlaps would not improve them
+    clean_below = 10 * eps * math.sqrt(size)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    def project(w: Array, basis: Array | None) -> tuple[Array, Array | None]:
+    def project(
+        w: Array, basis: Array | None, *, skip_below: float = 0.0
+    ) -> tuple[Array, Array | None]:
         """``w`` less its components along the rows of ``basis``; the removed
         coefficients ``w basis^T``. A second pass runs when the first removed most
         of a row (Kahan-Parlett "twice is enough": a row that kept more than half
-        its norm is orthogonal to working precision after one pass)."""
+        its norm is orthogonal to working precision after one pass). Components
+        all at most ``skip_below`` are left in place (``None`` coefficients)."""
         if basis is None:
             return w, None
         before = row_norms(w, xp=xp)
         c1 = w @ xp.matrix_transpose(basis)
+        if skip_below > 0 and float(xp.max(xp.abs(c1))) <= skip_below:
+            return w, None
         w = w - c1 @ basis
         ratio = float(xp.min(row_norms(w, xp=xp) / xp.where(before > 0, before, 1.0)))
         if ratio > 0.5:
@@ -343,30 +367,41 @@ def block_lanczos(
 
     block = random_rows(b, None)
     basis: Array | None = None
-    # Jit-compiling namespaces (jax) keep the basis in a fixed (m_max, P) array,
-    # the unfilled rows zero, so that shapes stay constant and nothing recompiles.
+    # The basis lives in one (m_max, P) array: growing it by concatenation copied
+    # it at every step. Jit-compiling namespaces (jax) use all of it, the unfilled
+    # rows zero, so that shapes stay constant and nothing recompiles; the others
+    # use a view of the filled rows (the unfilled ones are never touched).
     fixed = _xp.compiles_per_shape(xp)
-    store = xp.zeros((m_max, size), dtype=dtype, device=device) if fixed else None
+    store = (xp.zeros if fixed else xp.empty)((m_max, size), dtype=dtype, device=device)
     blocks_t: list[tuple[int, int, np.ndarray]] = []  # (row offset, col offset, block) of T
     offsets: list[int] = []
     dim = 0
     calls = 0
     scale = 0.0
     coupling: np.ndarray | None = None  # B_{j+1}, (r_{j+1}, r_j)
+    previous = block  # Q_{j-1}, used once coupling is set
     while True:
         r_j = int(block.shape[0])
         offsets.append(dim)
-        if store is not None:
+        if fixed:
             store = xpx.at(store)[dim : dim + r_j, :].set(block)
             basis = store
         else:
-            basis = block if basis is None else xp.concat([basis, block], axis=0)
+            store[dim : dim + r_j, :] = block
+            basis = store[: dim + r_j, :]
         dim += r_j
         w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
         calls += 1
+        # The three-term recurrence first (w -= A_j Q_j + B_j Q_{j-1}), then one
+        # full pass against the basis (a second only where it removed most of a
+        # row): the full passes read the whole basis and dominate the step.
+        c_loc = w @ xp.matrix_transpose(block)
+        w = w - c_loc @ block
+        if coupling is not None:
+            w = w - _xp.from_numpy(coupling, dtype=dtype, device=device, xp=xp) @ previous
         w, coef = project(w, basis)
         assert coef is not None
-        a_j = np.asarray(_xp.to_numpy(coef[:, dim - r_j : dim]), dtype=np.float64)
+        a_j = np.asarray(_xp.to_numpy(c_loc + coef[:, dim - r_j : dim]), dtype=np.float64)
         a_j = 0.5 * (a_j + a_j.T)
         blocks_t.append((dim - r_j, dim - r_j, a_j))
         scale = max(scale, float(np.max(np.abs(np.linalg.eigvalsh(a_j)))) if r_j else 0.0)
@@ -385,9 +420,11 @@ def block_lanczos(
             kept = xp.matrix_transpose(u_keep) @ q  # (k, P), rows orthonormal
             b_kept = sv[keep, None] * vt[keep, :]  # (k, r_j): w = b_kept^T kept + small
             if kept.shape[0] > 0:  # clean: the kept rows may carry basis components
-                kept, _ = project(kept, basis)
-                kept, r2 = orthonormal(kept)
-                b_kept = r2 @ b_kept
+                # (w's residual components, divided by small singular values)
+                kept, cleaned = project(kept, basis, skip_below=clean_below)
+                if cleaned is not None:
+                    kept, r2 = orthonormal(kept)
+                    b_kept = r2 @ b_kept
             n_fill = min(r_j, room) - int(kept.shape[0])
             if n_fill > 0:
                 both = basis if kept.shape[0] == 0 else xp.concat([basis, kept], axis=0)
@@ -413,12 +450,42 @@ def block_lanczos(
             break
         assert coupling is not None
         blocks_t.append((dim, dim - r_j, coupling))
-        block = new_block
+        previous, block = block, new_block
 
     if order.size < rank:  # pragma: no cover - dim >= rank by construction
         raise AssertionError("block Lanczos ended below rank")
+    # A block Krylov space holds at most b copies of a repeated eigenvalue (the b
+    # start vectors' projections onto its eigenspace). A top value found b times
+    # may therefore have more copies that the converged pairs do not show.
+    shared = _shared_value(theta, order, b, 10 * tol_eff * max(top, 1e-300)) if b < rank else None
+    if converged and shared is not None:
+        if block_size is None:  # the default block: once more with one block of rank vectors
+            del store, basis, block, previous  # free the first basis
+            again = block_lanczos(
+                matmat,
+                size,
+                rank=rank,
+                block_size=rank,
+                krylov_dimension=krylov_dimension,
+                tol=tol,
+                seed=rng,
+                xp=xp,
+                dtype=dtype,
+                device=device,
+                on_failure=on_failure,
+            )
+            return dataclasses.replace(again, matmat_calls=calls + (again.matmat_calls or 0))
+        if on_failure != "ignore":
+            message = (
+                f"block Lanczos: the eigenvalue {shared:.6g} was found {b} times, as often as "
+                f"block_size={b} allows: it may have more copies among the top {rank}, which "
+                "a block Krylov method cannot see; raise block_size (at most rank)"
+            )
+            if on_failure == "raise":
+                raise NotConvergedError(message)
+            warn(message, NotConvergedWarning)
     s_top = np.ascontiguousarray(s[:, order])
-    if store is not None:  # the basis has m_max rows, those past dim zero
+    if fixed:  # the basis has m_max rows, those past dim zero
         s_top = np.concatenate([s_top, np.zeros((m_max - dim, s_top.shape[1]))], axis=0)
     eigenvectors = xp.matrix_transpose(basis) @ _xp.from_numpy(
         s_top, dtype=dtype, device=device, xp=xp
