@@ -609,6 +609,42 @@ def test_prepare_products_makes_the_first_product_structured(trained_mlp, data, 
     assert rel_err(fresh.hvp(batch, v), v @ ref) < 1e-12
 
 
+def test_general_path_keeps_the_graph_of_announced_batches(data, monkeypatch):
+    """A model outside the nn.Linear structure (LayerNorm) keeps the second-order
+    graph of a batch announced by prepare_products: products reuse it with the
+    same numbers, rebuild it after an in-place parameter update, and nothing is
+    kept without room."""
+    x, y = data[0][:23], data[1][:23]
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(x.shape[1], 6, dtype=F64),
+        nn.LayerNorm(6, dtype=F64),
+        nn.Tanh(),
+        nn.Linear(6, 3, dtype=F64),
+    )
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    names = list(gp.parameter_names)
+    batch = gp.prepare_batch(Batch(x, y))
+    gp.prepare_products(batch)
+    v = torch.randn(5, gp.n_parameters, generator=torch.Generator().manual_seed(1), dtype=F64)
+    before = gp.hvp(batch, v)
+    assert rel_err(before, v @ ref_hessian(model, F.cross_entropy, x, y, names)) < 1e-12
+    kept = gp._pullback_cache[id(batch.x)][3]
+    assert kept is not None
+    assert rel_err(gp.hvp(batch, v[:1]), before[:1]) < 1e-14
+    assert gp._pullback_cache[id(batch.x)][3] is kept  # reused, not rebuilt
+    with torch.no_grad():
+        model[3].weight.mul_(1.5)
+    after = gp.hvp(batch, v)
+    assert rel_err(after, v @ ref_hessian(model, F.cross_entropy, x, y, names)) < 1e-12
+    assert rel_err(after, before) > 1e-3
+    monkeypatch.setattr(_torch_linear, "FACTOR_CACHE_BYTES", 0)
+    fresh = TorchGradientProvider(model, F.cross_entropy)
+    fresh.prepare_products(batch)
+    assert rel_err(fresh.hvp(batch, v), after) < 1e-12
+    assert all(entry[3] is None for entry in fresh._pullback_cache.values())
+
+
 # -- 6. K-FAC factors ----------------------------------------------------------------
 
 
