@@ -95,12 +95,30 @@ def worker(args: argparse.Namespace) -> dict:
         infl = xi.EkfacInfluence(gp, regularization=REG).fit(list(zip(x.split(bs), y.split(bs))))
         out["scores"] = infl.influences(xt, yt, x, y).numpy()
 
+    def arnoldi() -> None:
+        # rank 50, default block; the Krylov budget is not capped by the memory
+        # budget here (1M parameters: 160 basis vectors are 1.3 GB)
+        infl = xi.ArnoldiInfluence(gp, regularization=REG, rank=args.rank, krylov_dimension=500)
+        infl.fit(list(zip(x.split(bs), y.split(bs))))
+        op = next(iter(infl._fitted_mapper().composable_block_dict.values())).op
+        eig = op.eigen_result
+        out["info"] = {
+            "krylov_dimension": eig.krylov_dimension,
+            "products": eig.matmat_calls,
+            "converged": eig.converged,
+        }
+
     def exact() -> None:
         out["scores"] = exact_layerwise(gp, batches, gp.prepare_batch(Batch(xt, yt)))
 
-    fn = {"floor": floor, "product": product, "general": general, "ekfac": ekfac, "exact": exact}[
-        args.method
-    ]
+    fn = {
+        "floor": floor,
+        "product": product,
+        "general": general,
+        "ekfac": ekfac,
+        "exact": exact,
+        "arnoldi": arnoldi,
+    }[args.method]
     # warm-up on one small batch (tracing, allocator), not timed
     if args.method in ("product", "general", "floor"):
         small = gp.prepare_batch(Batch(x[:8], y[:8]))
@@ -114,6 +132,7 @@ def worker(args: argparse.Namespace) -> dict:
         fn()
         times.append(time.perf_counter() - start)
     result = {"seconds": min(times), "peak_extra": peak_bytes() - base, "p": gp.n_parameters}
+    result.update(out.get("info", {}))
     if "scores" in out:
         np.save(args.scores_out, out["scores"])
     return result
@@ -275,6 +294,8 @@ def run_one(python: str, problem: str, method: str, opts: argparse.Namespace, **
         str(opts.n_train),
         "--n-test",
         str(opts.n_test),
+        "--rank",
+        str(opts.rank),
         "--scores-out",
         scores,
     ]
@@ -302,6 +323,12 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--product-vectors", type=int, default=50)
     parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--rank", type=int, default=50, help="ArnoldiInfluence rank")
+    parser.add_argument(
+        "--methods",
+        default="products,budget,arnoldi,ekfac",
+        help="which rows besides the floor: products, budget, arnoldi, ekfac",
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "large_models.json"))
     args, _ = parser.parse_known_args()  # nox -s bench passes run_influence's options too
     if args.worker:
@@ -322,20 +349,28 @@ def main() -> None:
         if not os.path.exists(path):
             print(lp.make_problem(case, path), file=sys.stderr)
         py = sys.executable
+        methods = set(args.methods.split(","))
         row: dict = {"floor": run_one(py, path, "floor", args)}
         fl = row["floor"].get("seconds")
-        for k in (1, args.product_vectors):
-            row[f"product{k}"] = run_one(py, path, "product", args, vectors=k)
-            row[f"general{k}"] = run_one(py, path, "general", args, vectors=k)
-        for budget in (2**28, 2**30):
-            row[f"product{args.product_vectors}@{budget >> 20}MiB"] = run_one(
-                py, path, "product", args, vectors=args.product_vectors, budget=budget
-            )
-        row["exact"] = run_one(py, path, "exact", args)
-        row["ekfac"] = run_one(py, path, "ekfac", args)
-        if kf is not None and case in ("cnn", "mlp1m"):
-            row["kronfluence"] = run_one(str(kf), path, "kronfluence", args)
-        ref = np.load(row["exact"]["scores_path"]) if "scores_path" in row["exact"] else None
+        if "products" in methods:
+            for k in (1, args.product_vectors):
+                row[f"product{k}"] = run_one(py, path, "product", args, vectors=k)
+                row[f"general{k}"] = run_one(py, path, "general", args, vectors=k)
+        if "budget" in methods:
+            for budget in (2**28, 2**30):
+                row[f"product{args.product_vectors}@{budget >> 20}MiB"] = run_one(
+                    py, path, "product", args, vectors=args.product_vectors, budget=budget
+                )
+        if "arnoldi" in methods:
+            row[f"arnoldi{args.rank}"] = run_one(py, path, "arnoldi", args)
+        ref = None
+        if "ekfac" in methods:
+            row["exact"] = run_one(py, path, "exact", args)
+            row["ekfac"] = run_one(py, path, "ekfac", args)
+            if kf is not None and case in ("cnn", "mlp1m"):
+                row["kronfluence"] = run_one(str(kf), path, "kronfluence", args)
+            if "scores_path" in row["exact"]:
+                ref = np.load(row["exact"]["scores_path"])
         for key in ("ekfac", "kronfluence"):
             r = row.get(key, {})
             if ref is not None and "scores_path" in r:
@@ -363,9 +398,9 @@ def format_row(case: str, row: dict) -> str:
         if "ratio_to_floor" in r:
             bits.append(f"{r['ratio_to_floor']:.3g}x floor")
         bits.append(f"peak +{r['peak_extra'] / 2**20:.0f} MiB")
-        for m in ("rel_err", "corr"):
+        for m in ("rel_err", "corr", "krylov_dimension", "products", "converged"):
             if m in r:
-                bits.append(f"{m} {r[m]:.3g}")
+                bits.append(f"{m} {r[m]:.3g}" if isinstance(r[m], float) else f"{m} {r[m]}")
         out.append(f"  {key}: " + ", ".join(bits))
     return "\n".join(out)
 

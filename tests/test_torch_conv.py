@@ -381,6 +381,9 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
     per_sample = act * torch_backend._GRAD_ACTIVATION_COPIES + 2 * p * 8
     with xi.memory_budget_scope(4 * per_vector + 7):
         calls.clear()
+        # forward-mode products (13 vectors x weight reuse 11 would take the
+        # per-sample gradients: the test below)
+        monkeypatch.setattr(torch_backend, "_JVP_PER_SAMPLE_GRADS", 10**6)
         assert rel_err(gp.jacobian_prod(batch, v), ref_j) < 1e-12
         assert calls == [4]  # 13 vectors in 4 vmap chunks
         calls.clear()
@@ -394,6 +397,35 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
         calls.clear()
         assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
         assert calls == [1] * 13
+
+
+def test_jacobian_prod_of_many_vectors_through_per_sample_gradients(monkeypatch):
+    """Many vectors through a CNN (weight reuse about 11 here) take per-sample
+    gradients in sample chunks sized by the budget; the numbers are those of
+    autograd's per-sample gradients and of the forward-mode path."""
+    model = small_cnn("stride")
+    x, y = data(11)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    assert 9 < gp._weight_reuse(x) < 13
+    v = torch.randn(40, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(5))
+    ref = ref_grads(model, x, y) @ v.T
+    sizes: list[int] = []
+    real = TorchGradientProvider.flat_grads
+
+    def counting(self, b):
+        sizes.append(len(b))
+        return real(self, b)
+
+    monkeypatch.setattr(TorchGradientProvider, "flat_grads", counting)
+    act = activation_bytes(model, x)
+    per_sample = act * torch_backend._GRAD_ACTIVATION_COPIES + 2 * gp.n_parameters * 8
+    with xi.memory_budget_scope(4 * per_sample + 3):
+        assert rel_err(gp.jacobian_prod(batch, v), ref) < 1e-12
+    assert sizes == [4, 4, 3]
+    sizes.clear()
+    few = gp.jacobian_prod(batch, v[:5])  # 5 x 11 < 100: forward mode
+    assert sizes == [] and rel_err(few, ref[:, :5]) < 1e-12
 
 
 # -- exact Hessian products of sequential CNNs -----------------------------------------

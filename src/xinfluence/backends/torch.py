@@ -85,6 +85,11 @@ _PAIRS_PER_CHUNK = 2**16
 # by peak-memory measurements (benchmarks/run_large_models.py).
 _PRODUCT_ACTIVATION_COPIES = 6
 _GRAD_ACTIVATION_COPIES = 4
+# jacobian_prod with K vectors takes per-sample gradients instead of K
+# forward-mode products once K times the weight reuse exceeds this. Measured on
+# 2 CPU cores, batches of 250: 97k-parameter CNN (reuse 13) break-even at K = 5,
+# 99k MLP (reuse 1) near K = 100 (benchmarks/README.md).
+_JVP_PER_SAMPLE_GRADS = 100
 
 # One re-entrant lock per nn.Module, shared by every provider wrapping it (and
 # their restrictions). ``functional_call`` swaps the module's parameters while it
@@ -345,7 +350,8 @@ class TorchGradientProvider(GradientProvider):
         self._trainable = trainable
         self._constants = constants
         self._checked: set[tuple[Any, ...]] = set()  # shared with restrictions
-        self._activation_cache: dict[tuple[Any, ...], int] = {}  # shared with restrictions
+        # (activation bytes, multiply-adds) per input shape, shared with restrictions
+        self._activation_cache: dict[tuple[Any, ...], tuple[int, int]] = {}
         self._set_active(tuple(trainable))
 
     # -- pickling: tensors are re-read from the model (they are views of its
@@ -697,6 +703,16 @@ class TorchGradientProvider(GradientProvider):
             return self._zeros(x.shape[0], g.shape[0])
         if not self.forward_ad:
             return self.flat_grads(batch) @ g.T
+        if g.shape[0] * self._weight_reuse(x) > _JVP_PER_SAMPLE_GRADS:
+            # Many vectors through layers that reuse their weights (convolutions):
+            # per-sample gradients, in chunks within the memory budget, then one
+            # matrix product, cost less than one forward-mode pass per vector.
+            out = self._zeros(x.shape[0], g.shape[0])
+            step = self._sample_chunk(x)
+            for lo in range(0, x.shape[0], step):
+                part = Batch(x[lo : lo + step], y[lo : lo + step])
+                torch.mm(self.flat_grads(part), g.T, out=out[lo : lo + step])
+            return out
         active = self._active
 
         def losses(params: Params) -> Tensor:
@@ -737,16 +753,35 @@ class TorchGradientProvider(GradientProvider):
         """Bytes of one sample's activations: its input and the outputs of every
         leaf module, measured by one forward pass on one sample with hooks (once
         per input shape and dtype)."""
+        return self._forward_profile(x)[0]
+
+    def _weight_reuse(self, x: Tensor) -> float:
+        """Multiply-adds of one sample's forward pass through the ``nn.Linear`` and
+        convolution layers, per trainable parameter of this provider: about 1 for
+        an MLP, the number of output positions for a convolution."""
+        return self._forward_profile(x)[1] / max(self.n_parameters, 1)
+
+    def _forward_profile(self, x: Tensor) -> tuple[int, int]:
+        """(activation bytes, multiply-adds of the Linear and convolution layers)
+        of one sample, from one hooked forward pass (once per input shape, dtype)."""
         key = (tuple(x.shape[1:]), x.dtype)
         cached = self._activation_cache.get(key)
         if cached is not None:
             return cached
-        total = [x[:1].numel() * x.element_size()]
+        total = [x[:1].numel() * x.element_size(), 0]
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             for t in output if isinstance(output, (tuple, list)) else (output,):
                 if isinstance(t, Tensor):
                     total[0] += t.numel() * t.element_size()
+            weight = getattr(module, "weight", None)
+            if (
+                isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+                and isinstance(weight, Tensor)
+                and isinstance(output, Tensor)
+            ):
+                channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+                total[1] += weight.numel() * (output.numel() // max(int(channels), 1))
 
         leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]
@@ -756,8 +791,8 @@ class TorchGradientProvider(GradientProvider):
         finally:
             for h in handles:
                 h.remove()
-        self._activation_cache[key] = total[0]
-        return total[0]
+        self._activation_cache[key] = (total[0], total[1])
+        return total[0], total[1]
 
     @_serialised
     def prepare_products(self, batch: Batch) -> None:
