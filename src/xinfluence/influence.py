@@ -639,7 +639,8 @@ class ArnoldiInfluence(_CurvatureInfluence):
     ``(H + lambda I)^-1 ~ V diag(1 / (lambda_i + lambda)) V^T``; with
     ``use_woodbury=True`` the directions outside ``V`` get ``1 / lambda`` (the
     exact inverse of the damped low-rank curvature). Influences go through
-    ``jacobian_prod``: per-sample gradients are never materialised.
+    ``jacobian_prod``: per-sample gradients of the whole training set are never
+    held at once.
 
     Each Lanczos step is one curvature product with ``block_size`` vectors at
     once (default ``min(rank, 8)``: cheaper per vector than single products;

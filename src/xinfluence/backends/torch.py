@@ -697,6 +697,14 @@ class TorchGradientProvider(GradientProvider):
 
     @_serialised
     def jacobian_prod(self, batch: Batch, g: Tensor) -> Tensor:
+        """``(N, K)``: per-sample gradients times the rows of ``g`` ``(K, P)``.
+
+        By one forward-mode product per row (vectorised in budget-sized chunks),
+        unless ``K`` times the weight reuse of the model (multiply-adds per
+        sample over parameters: about 1 for MLPs, the output positions for
+        convolutions) exceeds ``_JVP_PER_SAMPLE_GRADS``: then per-sample
+        gradients of budget-sized sample chunks and one matrix product.
+        """
         g = self._check_vectors(g, "g")
         x, y = batch.x, batch.y
         if x.shape[0] == 0 or g.shape[0] == 0:
