@@ -355,9 +355,9 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
             calls.append(chunk_size)
         return real_vmap(fn, *args, chunk_size=chunk_size, **kwargs)
 
-    def counting_chunk(layout, losses, zs, gs, patches, y, v, out):
+    def counting_chunk(layout, losses, zs, gs, y, v, out):
         calls.append(v.shape[0])
-        return real_chunk(layout, losses, zs, gs, patches, y, v, out)
+        return real_chunk(layout, losses, zs, gs, y, v, out)
 
     monkeypatch.setattr(torch_backend, "vmap", counting_vmap)
     monkeypatch.setattr(_torch_conv, "_sequential_hvp_chunk", counting_chunk)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp
-from torch.nn.grad import conv2d_input
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 __all__ = [
     "conv_supported",
@@ -216,6 +216,14 @@ def _geometry(module: Any) -> dict[str, Any]:
     }
 
 
+def _conv(module: Any, x: Tensor, weight: Tensor) -> Tensor:
+    """``module``'s convolution of ``x`` with another ``weight``, without bias."""
+    geo = _geometry(module)
+    return torch.nn.functional.conv2d(
+        x, weight, None, stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"]
+    )
+
+
 def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     """``(B, C, H, W)`` -> ``(B, C*kh*kw, T)``."""
     return torch.nn.functional.unfold(x, **_geometry(module))
@@ -224,7 +232,8 @@ def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
 def sequential_vector_bytes(layout: SequentialLayout, x: Tensor) -> int:
     """Bytes one vector of :func:`sequential_hvp` holds per sample: every layer's
     output about six times (values, tangents, cotangents, temporaries) and each
-    convolution's input patches twice."""
+    convolution's input patches twice (torch's float64 CPU convolutions unfold
+    their inputs)."""
     total = x[:1].numel()
     h = x[:1]
     with torch.no_grad():
@@ -258,14 +267,11 @@ def sequential_hvp(
         gs = list(torch.autograd.grad(phi, zs[1:], allow_unused=True))
     zs = [z.detach() for z in zs]
     gs = [torch.zeros_like(z) if g is None else g.detach() for z, g in zip(zs[1:], gs)]
-    patches = [
-        _conv_patches(m, zs[i]) if isinstance(m, nn.Conv2d) else None for i, m in enumerate(modules)
-    ]
     out = torch.zeros_like(v)
     with torch.no_grad():  # the torch.func transforms inside still differentiate
         for lo in range(0, v.shape[0], chunk):
             _sequential_hvp_chunk(
-                layout, losses, zs, gs, patches, y, v[lo : lo + chunk], out[lo : lo + chunk]
+                layout, losses, zs, gs, y, v[lo : lo + chunk], out[lo : lo + chunk]
             )
     return out
 
@@ -281,7 +287,6 @@ def _sequential_hvp_chunk(
     losses: Callable[[Tensor, Tensor], Tensor],
     zs: list[Tensor],
     gs: list[Tensor],
-    patches: list[Tensor | None],
     y: Tensor,
     v: Tensor,
     out: Tensor,
@@ -305,9 +310,10 @@ def _sequential_hvp_chunk(
                 t_out = t_out.reshape(k, n, *t_out.shape[1:])
             if vw is not None:
                 if isinstance(module, nn.Conv2d):
-                    term = torch.einsum("koc,nct->knot", vw, patches[i]).reshape(
-                        k, *zs[i + 1].shape
-                    )
+                    # the K weight tangents as one convolution with K*O filters
+                    filters = vw.reshape(k * vw.shape[1], *module.weight.shape[1:])
+                    term = _conv(module, z_in, filters)  # (N, K*O, H', W')
+                    term = term.reshape(n, k, -1, *term.shape[2:]).transpose(0, 1)
                 else:
                     term = torch.einsum("koi,n...i->kn...o", vw, z_in)
                 t_out = term if t_out is None else t_out + term
@@ -343,13 +349,29 @@ def _sequential_hvp_chunk(
             is_conv = isinstance(module, nn.Conv2d)
             if layout.weight[i] is not None:
                 if is_conv:
-                    dgf = dg.reshape(k, n, dg.shape[2], -1)  # (K, N, O, T)
-                    hw = torch.einsum("knot,nct->koc", dgf, patches[i])
+                    # weight gradients by the convolution's own backward: z_in against
+                    # the K cotangents as K*O output channels, and the K input
+                    # tangents as K*C input channels against g_out
+                    geo = _geometry(module)
+                    o, rest = module.weight.shape[0], module.weight.shape[1:]
+                    hw = conv2d_weight(
+                        z_in,
+                        (k * o, *rest),
+                        dg.transpose(0, 1).reshape(n, k * o, *dg.shape[3:]),
+                        stride=geo["stride"],
+                        padding=geo["padding"],
+                        dilation=geo["dilation"],
+                    ).reshape(k, o, -1)
                     if t_in is not None:
-                        tp = _conv_patches(module, _fold(t_in)).reshape(k, n, -1, dgf.shape[-1])
-                        hw = hw + torch.einsum(
-                            "not,knct->koc", g_out.reshape(n, g_out.shape[1], -1), tp
+                        cross = conv2d_weight(
+                            t_in.transpose(0, 1).reshape(n, k * rest[0], *t_in.shape[3:]),
+                            (o, k * rest[0], *rest[1:]),
+                            g_out,
+                            stride=geo["stride"],
+                            padding=geo["padding"],
+                            dilation=geo["dilation"],
                         )
+                        hw = hw + cross.reshape(o, k, -1).transpose(0, 1)
                 else:
                     hw = torch.einsum("kn...o,n...i->koi", dg, z_in)
                     if t_in is not None:
@@ -376,10 +398,25 @@ def _sequential_hvp_chunk(
                     padding=geo["padding"],
                     dilation=geo["dilation"],
                 )
-                if vw is not None:
-                    cols = torch.einsum("koc,not->knct", vw, g_out.reshape(n, g_out.shape[1], -1))
-                    new = new + torch.nn.functional.fold(_fold(cols), tuple(z_in.shape[2:]), **geo)
                 dg = new.reshape(k, n, *z_in.shape[1:])
+                if vw is not None:
+                    # V_k^T g_out for every k: the input gradient of one convolution
+                    # with the K weight tangents stacked along its input channels
+                    c = z_in.shape[1]
+                    stacked = (
+                        vw.reshape(k, vw.shape[1], c, -1)
+                        .transpose(0, 1)
+                        .reshape(vw.shape[1], k * c, *module.weight.shape[2:])
+                    )
+                    back = conv2d_input(
+                        (n, k * c, *z_in.shape[2:]),
+                        stacked,
+                        g_out,
+                        stride=geo["stride"],
+                        padding=geo["padding"],
+                        dilation=geo["dilation"],
+                    )
+                    dg = dg + back.reshape(n, k, *z_in.shape[1:]).transpose(0, 1)
             else:
                 new = dg @ module.weight
                 if vw is not None:

@@ -811,7 +811,8 @@ class TorchGradientProvider(GradientProvider):
             x = batch.x
             hit = self._pullback_cache.get(id(x))
             if hit is None or hit[0]() is not x:
-                self._remember_pullback(x, (batch.y, self.parameter_version(), None, 0))
+                entry = (batch.y, self.parameter_version(), None, 0)
+                self._remember(x, entry, self._pullback_cache)
 
     @_serialised
     def hvp(self, batch: Batch, v: Tensor) -> Tensor:
@@ -904,16 +905,9 @@ class TorchGradientProvider(GradientProvider):
             entries = list(self._pullback_cache.values())
             kept = sum(e[4] for e in entries if e[0]() is not x)
             fits = kept + size <= _lin.FACTOR_CACHE_BYTES
-            self._remember_pullback(
-                x, (y, versions, pullback, size) if fits else (y, versions, None, 0)
-            )
+            entry = (y, versions, pullback, size) if fits else (y, versions, None, 0)
+            self._remember(x, entry, self._pullback_cache)
         return pullback  # type: ignore[no-any-return]
-
-    def _remember_pullback(self, x: Tensor, entry: tuple[Any, ...]) -> None:
-        key = id(x)
-        if key not in self._pullback_cache:  # forget the entry when x is freed
-            weakref.finalize(x, self._pullback_cache.pop, key, None)
-        self._pullback_cache[key] = (weakref.ref(x), *entry)
 
     @_serialised
     def hessian(self, batch: Batch) -> Tensor:
@@ -1026,12 +1020,16 @@ class TorchGradientProvider(GradientProvider):
             self._remember(x, (y, versions, f, size))
         return f
 
-    def _remember(self, x: Tensor, entry: tuple[Any, ...]) -> None:
-        """Keep ``(y, parameter versions, factors or None, their bytes)`` for ``x``."""
+    def _remember(
+        self, x: Tensor, entry: tuple[Any, ...], cache: dict[int, tuple[Any, ...]] | None = None
+    ) -> None:
+        """Keep ``(y, parameter versions, factors/pullback or None, their bytes)``
+        for ``x`` in ``cache`` (default: the factor cache)."""
+        cache = self._factor_cache if cache is None else cache
         key = id(x)
-        if key not in self._factor_cache:  # forget the entry when x is freed
-            weakref.finalize(x, self._factor_cache.pop, key, None)
-        self._factor_cache[key] = (weakref.ref(x), *entry)
+        if key not in cache:  # forget the entry when x is freed
+            weakref.finalize(x, cache.pop, key, None)
+        cache[key] = (weakref.ref(x), *entry)
 
     # -- EK-FAC support -------------------------------------------------------
     def _kfac_modules(self) -> OrderedDict[str, tuple[nn.Module, str, str | None]]:
