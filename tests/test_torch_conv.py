@@ -355,8 +355,11 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
             calls.append(chunk_size)
         return real_vmap(fn, *args, chunk_size=chunk_size, **kwargs)
 
+    samples: list[int] = []
+
     def counting_chunk(layout, losses, zs, gs, y, v, out):
         calls.append(v.shape[0])
+        samples.append(zs[0].shape[0])
         return real_chunk(layout, losses, zs, gs, y, v, out)
 
     monkeypatch.setattr(torch_backend, "vmap", counting_vmap)
@@ -393,10 +396,17 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
         calls.clear()
         assert rel_err(gp.flat_grads(batch), ref_g) < 1e-12
         assert calls == [3]  # 10 samples in 4 chunks
-    with xi.memory_budget_scope(1):  # below one vector: one at a time, still right
+    # one vector over the whole batch exceeds the budget: sub-batches of the
+    # samples (3 per pass here), one vector at a time, their Hessians averaged
+    with xi.memory_budget_scope(seq_vector // 10 * 3 + 5):
+        calls.clear()
+        samples.clear()
+        assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
+        assert calls == [1] * 52 and samples == [3] * 39 + [1] * 13
+    with xi.memory_budget_scope(1):  # below one vector of one sample: still right
         calls.clear()
         assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
-        assert calls == [1] * 13
+        assert calls == [1] * 130
 
 
 def test_jacobian_prod_of_many_vectors_through_per_sample_gradients(monkeypatch):

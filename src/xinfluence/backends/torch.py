@@ -844,12 +844,26 @@ class TorchGradientProvider(GradientProvider):
                 self._conv_structure = False
                 return None
         layout, x, y = self._conv_layout, batch.x, batch.y
-        per_vector = x.shape[0] * _conv.sequential_vector_bytes(layout, x)
-        chunk = self.chunk_size or max(1, memory_budget() // max(per_vector, 1))
+        n = int(x.shape[0])
+        per_sample = max(_conv.sequential_vector_bytes(layout, x), 1)
+        budget = memory_budget()
+        # Samples per pass: the whole batch unless one vector over it exceeds the
+        # budget; then sub-batches, whose mean-loss Hessians are averaged.
+        rows = n if self.chunk_size is not None else max(1, min(n, budget // per_sample))
+        chunk = self.chunk_size or max(1, budget // (rows * per_sample))
 
         def matmat(w: Tensor) -> Tensor:
             with _FORWARD_AD_LOCK:  # forward-mode levels are global to the process
-                return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
+                if rows >= n:
+                    return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
+                total: Tensor | None = None
+                for lo in range(0, n, rows):
+                    xs, ys = x[lo : lo + rows], y[lo : lo + rows]
+                    part = _conv.sequential_hvp(layout, self._output_losses, xs, ys, w, chunk)
+                    part.mul_(xs.shape[0] / n)
+                    total = part if total is None else total.add_(part)
+                assert total is not None
+                return total
 
         if self._conv_structure is None:
             gen = torch.Generator(device=self._device).manual_seed(0)
