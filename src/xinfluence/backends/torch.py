@@ -700,7 +700,7 @@ class TorchGradientProvider(GradientProvider):
         """``(N, K)``: per-sample gradients times the rows of ``g`` ``(K, P)``.
 
         By one forward-mode product per row (vectorised in budget-sized chunks),
-        unless ``K`` times the weight reuse of the model (multiply-adds per
+        unless ``forward_ad`` is off or ``K`` times the weight reuse of the model (multiply-adds per
         sample over parameters: about 1 for MLPs, the output positions for
         convolutions) exceeds ``_JVP_PER_SAMPLE_GRADS``: then per-sample
         gradients of budget-sized sample chunks and one matrix product.
@@ -709,12 +709,11 @@ class TorchGradientProvider(GradientProvider):
         x, y = batch.x, batch.y
         if x.shape[0] == 0 or g.shape[0] == 0:
             return self._zeros(x.shape[0], g.shape[0])
-        if not self.forward_ad:
-            return self.flat_grads(batch) @ g.T
-        if g.shape[0] * self._weight_reuse(x) > _JVP_PER_SAMPLE_GRADS:
-            # Many vectors through layers that reuse their weights (convolutions):
-            # per-sample gradients, in chunks within the memory budget, then one
-            # matrix product, cost less than one forward-mode pass per vector.
+        if not self.forward_ad or g.shape[0] * self._weight_reuse(x) > _JVP_PER_SAMPLE_GRADS:
+            # Without forward mode, or for many vectors through layers that reuse
+            # their weights (convolutions, where this costs less than one
+            # forward-mode pass per vector): per-sample gradients in chunks within
+            # the memory budget, then one matrix product.
             out = self._zeros(x.shape[0], g.shape[0])
             step = self._sample_chunk(x)
             for lo in range(0, x.shape[0], step):
@@ -916,9 +915,7 @@ class TorchGradientProvider(GradientProvider):
         pullback = vjp(grad_mean, self._active)[1]
         if hit is not None:  # announced: keep it if it fits
             size = int(x.shape[0]) * self._activation_bytes(x) * _GRAD_ACTIVATION_COPIES
-            entries = list(self._pullback_cache.values())
-            kept = sum(e[4] for e in entries if e[0]() is not x)
-            fits = kept + size <= _lin.FACTOR_CACHE_BYTES
+            fits = self._kept_bytes(x) + size <= _lin.FACTOR_CACHE_BYTES
             entry = (y, versions, pullback, size) if fits else (y, versions, None, 0)
             self._remember(x, entry, self._pullback_cache)
         return pullback  # type: ignore[no-any-return]
@@ -1013,11 +1010,7 @@ class TorchGradientProvider(GradientProvider):
             self._remember(x, (y, versions, None, 0))
             return None
         size = layout.factor_elements(x.shape[0]) * self._dtype.itemsize
-        # bytes kept for other batches (stale factors of this one are replaced)
-        # (a snapshot: the finalizers of freed batches pop entries from any thread)
-        entries = list(self._factor_cache.values())
-        kept = sum(entry[4] for entry in entries if entry[0]() is not x)
-        fits = kept + size <= _lin.FACTOR_CACHE_BYTES
+        fits = self._kept_bytes(x) + size <= _lin.FACTOR_CACHE_BYTES
         if not (worth_once or fits):
             return None
         try:
@@ -1033,6 +1026,13 @@ class TorchGradientProvider(GradientProvider):
         if fits:
             self._remember(x, (y, versions, f, size))
         return f
+
+    def _kept_bytes(self, x: Tensor) -> int:
+        """Bytes the factor and pullback caches keep for batches other than ``x``
+        (what is kept for ``x`` is replaced); both share ``FACTOR_CACHE_BYTES``."""
+        # snapshots: the finalizers of freed batches pop entries from any thread
+        entries = [*self._factor_cache.values(), *self._pullback_cache.values()]
+        return sum(entry[4] for entry in entries if entry[0]() is not x)
 
     def _remember(
         self, x: Tensor, entry: tuple[Any, ...], cache: dict[int, tuple[Any, ...]] | None = None

@@ -457,8 +457,12 @@ def block_lanczos(
     # A block Krylov space holds at most b copies of a repeated eigenvalue (the b
     # start vectors' projections onto its eigenspace). A top value found b times
     # may therefore have more copies that the converged pairs do not show.
-    shared = _shared_value(theta, order, b, 10 * tol_eff * max(top, 1e-300)) if b < rank else None
-    if converged and shared is not None:
+    shared = (
+        _shared_value(theta, order, b, 10 * tol_eff * max(top, 1e-300))
+        if converged and b < rank
+        else None
+    )
+    if shared is not None:
         if block_size is None:  # the default block: once more with one block of rank vectors
             del store, basis, block, previous  # free the first basis
             again = block_lanczos(
