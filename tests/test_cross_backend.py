@@ -236,3 +236,62 @@ def test_projected_softmax_numpy_torch_jax(data, projection):
     )
     assert rel_err(on_torch, reference) <= 1e-10
     assert rel_err(on_jax, reference) <= 1e-10
+
+
+def _conv_pair():
+    """A CNN in torch (nn.Conv2d) and in jax (lax.conv_general_dilated, the same
+    float64 weights in torch layout), for the convolutional EK-FAC."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(3, 4, 2, padding=1, bias=False),
+        torch.nn.Softplus(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 5 * 5, 3),
+    ).double()
+    p = {k: jnp.asarray(v.detach().numpy()) for k, v in model.state_dict().items()}
+    params = {
+        "c0": {"weight": p["0.weight"], "bias": p["0.bias"]},
+        "c1": {"weight": p["2.weight"]},
+        "head": {"weight": p["5.weight"], "bias": p["5.bias"]},
+    }
+
+    def features(q, xb):
+        h = jax.lax.conv_general_dilated(xb, q["c0"]["weight"], (2, 2), ((1, 1), (1, 1)))
+        h = jnp.tanh(h + q["c0"]["bias"][None, :, None, None])
+        h = jax.nn.softplus(
+            jax.lax.conv_general_dilated(h, q["c1"]["weight"], (1, 1), ((1, 1), (1, 1)))
+        )
+        return jnp.reshape(h, (xb.shape[0], -1))
+
+    def apply(q, xb):
+        return features(q, xb) @ q["head"]["weight"].T + q["head"]["bias"]
+
+    def loss(out, target):
+        logp = jax.nn.log_softmax(out)
+        return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=1))
+
+    jax_gp = JaxGradientProvider(
+        apply, params, loss, conv_layers=["c0", "c1"], dense_layers={"head": features}
+    )
+    return TorchGradientProvider(model.eval(), torch.nn.functional.cross_entropy), jax_gp
+
+
+@pytest.mark.parametrize("second_order", ["gauss_newton", "empirical_fisher"])
+def test_conv_ekfac_torch_equals_jax(second_order):
+    """nn.Conv2d hooked in torch and the convolutions found by tracing in jax give
+    the same EK-FAC influences (uneven batches, small regularization)."""
+    torch_gp, jax_gp = _conv_pair()
+    assert list(jax_gp.kfac_layers()) == ["c0", "c1", "head"]
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(19, 2, 7, 7))
+    y = rng.integers(0, 3, size=19)
+    scores = []
+    for gp, conv in ((torch_gp, _torch_conv), (jax_gp, _jax_conv)):
+        xs, ys = conv(x), conv(y)
+        infl = xi.EkfacInfluence(gp, regularization=1e-4, second_order=second_order)
+        infl.fit([(xs[:5], ys[:5]), (xs[5:6], ys[5:6]), (xs[6:], ys[6:])])
+        scores.append(to_numpy(infl.influences(xs[:4], ys[:4], xs, ys)))
+    assert np.max(np.abs(scores[0])) > 0
+    assert rel_err(scores[1], scores[0]) <= 1e-10

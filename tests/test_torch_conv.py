@@ -491,3 +491,22 @@ def test_cnn_hessian_products_with_frozen_layers():
     idx = gp.parameter_slices["2.weight"]
     w = torch.randn(2, sub.n_parameters, dtype=F64)
     assert rel_err(sub.hvp(sub.prepare_batch(Batch(x, y)), w), w @ ref[idx, idx]) < 1e-12
+
+
+def test_kronecker_projection_of_conv_layers_equals_projected_gradients():
+    """LoGra on Conv2d layers: sum_t outer(R_s s_nt, R_a [a_nt, 1]) from the
+    factors = the map applied to the autograd per-sample gradients."""
+    from xinfluence.projection import KroneckerProjection
+
+    model = small_cnn("stride")
+    x, y = data(9)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    layers = list(gp.kfac_layers())
+    proj = KroneckerProjection(gp, layers, gp, (3, 7), seed=2)
+    batch = gp.prepare_batch(Batch(x, y))
+    direct = proj.project(ref_grads(model, x, y))
+    assert rel_err(proj.project_grads(gp, batch), direct) < 1e-12
+    # and the influence model runs on them
+    infl = xi.ProjectedInfluence(gp, k=(3, 7), projection="kronecker", regularization=1e-3)
+    scores = infl.fit([(x[:4], y[:4]), (x[4:], y[4:])]).influences(x[:2], y[:2], x, y)
+    assert scores.shape == (2, 9) and bool(torch.isfinite(scores).all())

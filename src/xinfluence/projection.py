@@ -301,7 +301,9 @@ class KroneckerProjection(GradientProjection):
             weight, bias = kfac[layer]
             layout = layouts.get(layer, "oi")
             wshape = shapes[weight]
-            n_out, n_in = (wshape[0], wshape[1]) if layout == "oi" else (wshape[1], wshape[0])
+            # a convolution's kernel ravels as (O, C*kh*kw) ("oi") or (kh*kw*C, O) ("io")
+            n_out = wshape[0] if layout == "oi" else wshape[-1]
+            n_in = math.prod(wshape) // n_out
             aug = n_in + (bias is not None)
             k_out, k_in = _kronecker_dims(k, n_out, aug)
             position = list(kfac).index(layer)
@@ -399,18 +401,23 @@ class KroneckerProjection(GradientProjection):
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
     def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
-        """``outer(R_s s_n, R_a [a_n, 1])`` per layer, from ``kfac_factors``: ``(N, k)``."""
+        """``outer(R_s s_n, R_a [a_n, 1])`` per layer, from ``kfac_factors``: ``(N, k)``;
+        for a convolution the sum of these over the output positions."""
         xp = self.xp
         factors = self._provider.kfac_factors(batch)
         parts = []
         for layer, (_, bs, _, _, _, k_out, k_in, r_s, r_a, _) in self._layers.items():
-            a, s = factors[layer]
+            a, s = factors[layer]  # (N, I), (N, O); convolutions (N, T, I), (N, T, O)
             n = a.shape[0]
             if bs is not None:
-                ones = xp.ones((n, 1), dtype=a.dtype, device=_xp.device_of(a))
-                a = xp.concat([a, ones], axis=1)
+                ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=_xp.device_of(a))
+                a = xp.concat([a, ones], axis=-1)
             ps, pa = s @ xp.matrix_transpose(r_s), a @ xp.matrix_transpose(r_a)
-            parts.append(xp.reshape(ps[:, :, None] * pa[:, None, :], (n, k_out * k_in)))
+            if a.ndim == 2:
+                mat = ps[:, :, None] * pa[:, None, :]
+            else:
+                mat = xp.matrix_transpose(ps) @ pa  # sum over positions
+            parts.append(xp.reshape(mat, (n, k_out * k_in)))
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
 

@@ -89,6 +89,7 @@ from .._state import PicklableState, check_picklable_function, fingerprint
 from .._xp import Array, Namespace
 from ..errors import user_stacklevel
 from ..types import Batch, GradientProvider
+from . import _jax_taps
 
 __all__ = ["JaxGradientProvider"]
 
@@ -122,7 +123,7 @@ class _Model(PicklableState):
         for layer, (_, _, _, features) in self.dense.items():
             check_picklable_function(features, f"the features function of layer {layer!r}")
         state = super().__getstate__()
-        state.update(_kfac_fn=None, restricted={})
+        state.update(_kfac_fn=None, _conv_fns={}, restricted={})
         return state
 
     def __init__(
@@ -132,6 +133,7 @@ class _Model(PicklableState):
         loss: Callable[[Any, Any], Array],
         dense_layers: Mapping[str, Features] | None,
         input_shape: tuple[int, ...] | None,
+        conv_layers: Sequence[str] | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError("apply_fn must be callable: apply_fn(params, x) -> output")
@@ -190,7 +192,9 @@ class _Model(PicklableState):
         self.accepted_x_shapes: list[tuple[int, ...]] = []
         self.restricted: dict[tuple[str, ...], JaxGradientProvider] = {}
         self.dense = self._resolve_dense_layers(dense_layers)
+        self.conv = self._resolve_conv_layers(conv_layers)
         self._kfac_fn: Callable[..., Any] | None = None
+        self._conv_fns: dict[tuple[Any, ...], Any] = {}
 
     # -- dense layers ------------------------------------------------------
     def _resolve_dense_layers(
@@ -278,6 +282,133 @@ class _Model(PicklableState):
         self._kfac_fn = jax.jit(fn)
         return self._kfac_fn
 
+    # -- convolutions ---------------------------------------------------------
+    def _resolve_conv_layers(
+        self, conv_layers: Sequence[str] | None
+    ) -> OrderedDict[str, tuple[str, str | None, str, int]]:
+        """layer -> (kernel name, bias name or None, "oi" | "io", output channels)."""
+        out: OrderedDict[str, tuple[str, str | None, str, int]] = OrderedDict()
+        if conv_layers is None:
+            return out
+        if isinstance(conv_layers, str) or not isinstance(conv_layers, Sequence):
+            raise TypeError("conv_layers must be a sequence of layer names, e.g. ['Conv_0']")
+        index = {n: i for i, n in enumerate(self.names)}
+        for layer in conv_layers:
+            if not isinstance(layer, str):
+                raise TypeError(f"conv_layers must hold layer names (str), got {layer!r}")
+            if layer in self.dense or layer in out:
+                raise ValueError(f"layer {layer!r} is declared twice")
+            kernel, weight = f"{layer}/kernel", f"{layer}/weight"
+            if kernel in index and weight in index:
+                raise ValueError(f"conv layer {layer!r} has both a 'kernel' and a 'weight'")
+            if kernel in index:
+                wname, layout = kernel, "io"
+            elif weight in index:
+                wname, layout = weight, "oi"
+            else:
+                raise ValueError(
+                    f"conv layer {layer!r} needs a leaf {kernel!r} (flax layout "
+                    f"(kh, kw, C, O)) or {weight!r} (torch / equinox layout (O, C, kh, kw)); "
+                    f"the parameters are {list(self.names)}"
+                )
+            wshape = self.shapes[index[wname]]
+            if len(wshape) < 3:
+                raise ValueError(f"{wname!r} must have 3 or more axes, got shape {wshape}")
+            n_out = wshape[-1] if layout == "io" else wshape[0]
+            bname: str | None = f"{layer}/bias"
+            if bname in index:
+                bshape = self.shapes[index[bname]]
+                # flax (O,), equinox (O, 1, 1)
+                if not bshape or bshape[0] != n_out or math.prod(bshape) != n_out:
+                    raise ValueError(
+                        f"{bname!r} must have shape ({n_out},) or ({n_out}, 1, ..., 1), "
+                        f"got {bshape}"
+                    )
+            else:
+                bname = None
+            out[layer] = (wname, bname, layout, n_out)
+        return out
+
+    def conv_fn(self, x: Array, *, ggn: bool) -> Callable[..., Any]:
+        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the declared convolutions:
+        patches ``a`` ``(N, T, I)`` and output gradients ``s`` ``(N, T, O)``, or with
+        ``ggn`` the pseudo-gradients ``s`` ``(N, M, T, O)`` and the eigenvalues of
+        the loss Hessians on the output ``(N, M)``. Traced once per input shape."""
+        key = (tuple(x.shape[1:]), str(x.dtype), ggn)
+        if key in self._conv_fns:
+            return self._conv_fns[key]
+        treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
+        index = {n: i for i, n in enumerate(self.names)}
+
+        def model(leaves, xb):
+            return apply_fn(jax.tree_util.tree_unflatten(treedef, list(leaves)), xb)
+
+        one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+        closed, out_tree = _jax_taps.traced(model, tuple(self.leaves), one)
+        taps: dict[str, _jax_taps.ConvTap] = {}
+        perms: dict[str, tuple[int, ...]] = {}
+        for layer, (wname, _, layout, _) in self.conv.items():
+            try:
+                tap = _jax_taps.find_conv_taps(closed, [index[wname]])[index[wname]]
+                found, perm = _jax_taps.kernel_layout(tap)
+            except ValueError as exc:
+                raise ValueError(f"conv layer {layer!r} ({wname!r}): {exc}") from exc
+            if found != layout:
+                raise ValueError(
+                    f"conv layer {layer!r}: {wname!r} is used with its output-feature axis "
+                    f"{'first' if found == 'oi' else 'last'}; a 'weight' must have it first "
+                    "and a 'kernel' last"
+                )
+            taps[layer], perms[layer] = tap, perm
+
+        def tapped(leaves, deltas, xi):
+            outs, lhs = _jax_taps.evaluate_with_taps(
+                closed, [*leaves, xi], {taps[k].path: d for k, d in deltas.items()}
+            )
+            patches = {
+                k: _jax_taps.reorder_features(
+                    _jax_taps.conv_patches(lhs[t.path], t)[0], t, perms[k]
+                )
+                for k, t in taps.items()
+            }
+            return jax.tree_util.tree_unflatten(out_tree, outs), patches
+
+        def zeros():
+            return {k: jnp.zeros(t.out_shape, t.out_dtype) for k, t in taps.items()}
+
+        def positions(k, z):  # one sample's (1, ...) in out layout -> (T, O)
+            return _jax_taps.to_positions(z, taps[k].params["dimension_numbers"].out_spec)[0]
+
+        def gradient_one(leaves, xi, yi):
+            def per_sample(deltas):
+                out, patches = tapped(leaves, deltas, xi[None])
+                return jnp.reshape(loss(out, yi[None]), ()), patches
+
+            s, patches = jax.grad(per_sample, has_aux=True)(zeros())
+            return {k: (patches[k], positions(k, s[k])) for k in taps}
+
+        def out_loss(oi, yi):
+            return jnp.reshape(loss(oi[None], yi[None]), ())
+
+        def ggn_one(leaves, xi, yi):
+            def sample_out(deltas):
+                out, patches = tapped(leaves, deltas, xi[None])
+                return out[0], patches
+
+            out, pull, patches = jax.vjp(sample_out, zeros(), has_aux=True)
+            m = math.prod(out.shape)
+            h = jnp.reshape(jax.hessian(out_loss)(out, yi), (m, m))
+            lam, vec = jnp.linalg.eigh((h + h.T) / 2)
+            root = vec * jnp.sqrt(jnp.maximum(lam, 0))[None, :]  # (M, C), H = root root^T
+            cols = jnp.reshape(root.T, (m, *out.shape))
+            (s,) = jax.vmap(pull)(cols)
+            result = {k: (patches[k], jax.vmap(lambda z, k=k: positions(k, z))(s[k])) for k in taps}
+            return result, lam
+
+        fn = jax.jit(jax.vmap(ggn_one if ggn else gradient_one, in_axes=(None, 0, 0)))
+        self._conv_fns[key] = fn
+        return fn
+
 
 def _pad_rows(v: Array) -> Array:
     """Zero rows up to the next power of two: solvers call with a varying number of
@@ -307,6 +438,12 @@ class JaxGradientProvider(GradientProvider):
         dense_layers:
             Optional ``{layer_name: features(params, x) -> (N, I)}`` declaring dense
             layers for :meth:`kfac_factors` (see the module docstring).
+        conv_layers:
+            Optional names of convolution layers for :meth:`kfac_factors`, each a
+            node holding a ``"kernel"`` (flax layout ``(kh, kw, C, O)``) or a
+            ``"weight"`` (torch / equinox layout ``(O, C, kh, kw)``) fed to one
+            ``lax.conv_general_dilated``, and optionally a ``"bias"`` added to its
+            output. Found by tracing the model (see the module docstring).
         input_shape:
             Optional per-sample shape ``D`` of ``x``; when given, other shapes are a
             ``ValueError`` before the model runs. Otherwise a shape is checked by
@@ -331,6 +468,7 @@ class JaxGradientProvider(GradientProvider):
         loss: Callable[[Any, Any], Array],
         *,
         dense_layers: Mapping[str, Features] | None = None,
+        conv_layers: Sequence[str] | None = None,
         input_shape: Sequence[int] | None = None,
     ):
         model = _Model(
@@ -339,6 +477,7 @@ class JaxGradientProvider(GradientProvider):
             loss,
             dense_layers,
             None if input_shape is None else tuple(input_shape),
+            conv_layers,
         )
         self._setup(model, tuple(range(len(model.names))))
 
@@ -609,15 +748,21 @@ class JaxGradientProvider(GradientProvider):
 
     # -- Kronecker factors ---------------------------------------------------
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
-        """Declared dense layers whose weight this provider differentiates:
+        """Declared dense and conv layers whose weight this provider differentiates,
+        in parameter order:
         ``layer -> (weight name, bias name or None)``.
 
         The bias name is None when the layer has no bias or the bias is not
-        among this provider's parameters. Empty without ``dense_layers``.
+        among this provider's parameters. Empty without ``dense_layers`` and
+        ``conv_layers``.
         """
+        m = self._model
         mine = set(self.parameter_names)
+        declared = [(layer, w, b) for layer, (w, b, _, _) in m.dense.items()]
+        declared += [(layer, w, b) for layer, (w, b, _, _) in m.conv.items()]
+        declared.sort(key=lambda t: m.names.index(t[1]))  # parameter order
         out: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
-        for layer, (w, b, _, _) in self._model.dense.items():
+        for layer, w, b in declared:
             if w in mine:
                 out[layer] = (w, b if b in mine else None)
         return out
@@ -626,23 +771,37 @@ class JaxGradientProvider(GradientProvider):
         """Weight layout per layer of :meth:`kfac_layers`: ``"oi"`` for a torch-style
         ``weight`` ``(O, I)`` (gradient ``outer(s, a)``), ``"io"`` for a flax-style
         ``kernel`` ``(I, O)`` (gradient ``outer(a, s)``)."""
-        dense = self._model.dense
-        return OrderedDict((layer, dense[layer][2]) for layer in self.kfac_layers())
+        m = self._model
+        return OrderedDict(
+            (layer, (m.dense[layer] if layer in m.dense else m.conv[layer])[2])
+            for layer in self.kfac_layers()
+        )
 
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
         """Per layer of :meth:`kfac_layers`: the inputs ``a`` ``(N, I)`` and the
         pre-activation gradients ``s = dl_n/dz_n`` ``(N, O)``.
 
         The per-sample weight gradient is ``outer(s_n, a_n)`` (``"weight"``) or
-        ``outer(a_n, s_n)`` (``"kernel"``); the bias gradient is ``s_n``.
+        ``outer(a_n, s_n)`` (``"kernel"``); the bias gradient is ``s_n``. For a
+        convolution, per output position (``T`` of them, row-major): the patches
+        ``a`` ``(N, T, I)`` (features in the order of the kernel's raveled input
+        axes: ``(C, kh, kw)`` for a ``"weight"``, ``(kh, kw, C)`` for a
+        ``"kernel"``) and the output gradients ``s`` ``(N, T, O)``; the weight
+        gradient is ``sum_t outer(s_nt, a_nt)`` (or its transpose) and the bias
+        gradient ``sum_t s_nt``.
         """
         layers = self.kfac_layers()
         if not layers:
             return OrderedDict()
         m = self._model
-        out = m.kfac_fn()(m.leaves, batch.x, batch.y)
+        out = m.kfac_fn()(m.leaves, batch.x, batch.y) if m.dense else {}
+        if m.conv:
+            out.update(m.conv_fn(batch.x, ggn=False)(m.leaves, batch.x, batch.y))
         result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()
         for layer, (w, _) in layers.items():
+            if layer in m.conv:
+                result[layer] = out[layer]
+                continue
             a, s = out[layer]
             shape = m.shapes[m.names.index(w)]
             n_in, n_out = (shape[0], shape[1]) if m.dense[layer][2] == "io" else shape[::-1]
@@ -824,7 +983,8 @@ class JaxGradientProvider(GradientProvider):
 
     def kfac_ggn_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
         """Per layer of :meth:`kfac_layers`: inputs ``a`` ``(N, I)`` and Gauss-Newton
-        pseudo-gradients ``s`` ``(N, M, O)``: the columns of ``L_i``
+        pseudo-gradients ``s`` ``(N, M, O)`` (for a convolution ``a`` ``(N, T, I)``
+        and ``s`` ``(N, M, T, O)``, as in :meth:`kfac_factors`): the columns of ``L_i``
         (``H_i = L_i L_i^T``, the loss Hessian on the output) back-propagated to
         the layer's output, so that the layer's Gauss-Newton block is
         ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``.
@@ -836,7 +996,12 @@ class JaxGradientProvider(GradientProvider):
         if not layers:
             return OrderedDict()
         m = self._model
-        out, lam = self._kfac_ggn_fn()(m.leaves, batch.x, batch.y)
+        out: dict[str, tuple[Array, Array]] = {}
+        if m.dense:
+            out, lam = self._kfac_ggn_fn()(m.leaves, batch.x, batch.y)
+        if m.conv:
+            conv, lam = m.conv_fn(batch.x, ggn=True)(m.leaves, batch.x, batch.y)
+            out.update(conv)
         top = float(jnp.max(jnp.abs(lam))) if lam.size else 0.0
         if lam.size and float(jnp.min(lam)) < -1e-10 * top:
             raise ValueError(
