@@ -869,7 +869,8 @@ class EkfacInfluence(ComposableInfluence):
     layers and the array-API GLMs for their one layer. Blocks are the layers;
     every parameter must belong to one (freeze or restrict the others).
 
-    Convolutions (the torch provider's ``nn.Conv2d`` layers) give their factors
+    Convolutions (the torch provider's ``nn.Conv2d`` layers, the jax provider's
+    declared ``conv_layers``) give their factors
     per output position, ``a`` ``(N, T, I)`` and ``s`` ``(N, T, O)``; their
     factors follow KFC (Grosse & Martens 2016): ``A = mean_n sum_t a_nt a_nt^T``,
     ``S = mean_n (1/T) sum_t s_nt s_nt^T``, and the corrected eigenvalues are

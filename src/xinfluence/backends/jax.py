@@ -70,6 +70,18 @@ layer has a bias, otherwise by least squares from the (rank-one) per-sample
 weight gradient and the known ``a``. With them the per-sample gradient of the
 weight is ``outer(s_n, a_n)`` (``"weight"``) or ``outer(a_n, s_n)``
 (``"kernel"``), and that of the bias is ``s_n``.
+
+Convolutions are declared by name, ``conv_layers=[layer_name, ...]``: a node
+holding a ``"kernel"`` (flax layout ``(kh, kw, C, O)``) or ``"weight"`` (torch /
+equinox layout ``(O, C, kh, kw)``) that feeds exactly one
+``lax.conv_general_dilated`` and nothing else, and optionally a ``"bias"``
+(``(O,)`` or ``(O, 1, 1)``) added to that convolution's output. No features
+function is needed: the model is traced once per input shape, and the traced
+model is evaluated with the convolution's input kept (the patches ``a_nt``) and
+a zero perturbation added to its output (its gradient is ``s_nt``); see
+:mod:`xinfluence.backends._jax_taps`. Stride, padding, dilation and layouts come
+from the traced call; grouped convolutions and convolutions inside loops or
+branches are refused.
 """
 
 from __future__ import annotations
