@@ -170,7 +170,8 @@ def bench(session: nox.Session) -> None:
         session.skip("no benchmarks/run_*.py yet")
     # test extra: scikit-learn (the digits data) and scipy; torch pinned (CPU build);
     # dask extra: run_scale.py's calculators.
-    _install(session, ".[test,torch,dask]", *_requirements("torch"), fast=False)
+    # jax: the jax EK-FAC row of run_large_models.py (convolutions found by tracing)
+    _install(session, ".[test,torch,dask]", *_requirements("torch", "jax"), fast=False)
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 

@@ -84,6 +84,8 @@ def worker(args: argparse.Namespace) -> dict:
     bs = lp.BATCH_SIZE
     if args.method == "kronfluence":
         return kronfluence_run(model, x, y, xt, yt, args)
+    if args.method == "ekfac_jax":
+        return ekfac_jax_run(model, x, y, xt, yt, args)
 
     import xinfluence as xi
     from xinfluence.backends.torch import TorchGradientProvider
@@ -160,6 +162,95 @@ def worker(args: argparse.Namespace) -> dict:
     if "scores" in out:
         np.save(args.scores_out, out["scores"])
     return result
+
+
+def ekfac_jax_run(model, x, y, xt, yt, args) -> dict:
+    """EK-FAC (empirical Fisher) of the same network in jax: the convolutions found
+    by tracing (``conv_layers``), the dense layers declared with their features."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    import xinfluence as xi
+    from xinfluence.backends.jax import JaxGradientProvider
+
+    mods = list(model)
+    params: dict = {}
+    plan = []  # (kind, name) per module
+    for i, m in enumerate(mods):
+        name = f"l{i}"
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            params[name] = {
+                "weight": jnp.asarray(m.weight.detach().numpy()),
+                "bias": jnp.asarray(m.bias.detach().numpy()),
+            }
+            kind = "conv" if isinstance(m, torch.nn.Conv2d) else "linear"
+            if kind == "conv" and (m.stride != (1, 1) or m.dilation != (1, 1)):
+                raise NotImplementedError("stride and dilation are not mapped here")
+            plan.append((kind, name, getattr(m, "padding", None)))
+        elif isinstance(m, torch.nn.ReLU):
+            plan.append(("relu", name, None))
+        elif isinstance(m, torch.nn.Tanh):
+            plan.append(("tanh", name, None))
+        elif isinstance(m, torch.nn.MaxPool2d):
+            plan.append(("pool", name, m.kernel_size))
+        elif isinstance(m, torch.nn.Flatten):
+            plan.append(("flatten", name, None))
+        else:
+            raise NotImplementedError(type(m).__name__)
+
+    def run(p, h, stop=None):
+        for kind, name, extra in plan:
+            if name == stop:
+                return h
+            if kind == "conv":
+                pad = [(extra[0], extra[0]), (extra[1], extra[1])]
+                h = jax.lax.conv_general_dilated(h, p[name]["weight"], (1, 1), pad)
+                h = h + p[name]["bias"][None, :, None, None]
+            elif kind == "linear":
+                h = h @ p[name]["weight"].T + p[name]["bias"]
+            elif kind == "relu":
+                h = jax.nn.relu(h)
+            elif kind == "tanh":
+                h = jnp.tanh(h)
+            elif kind == "pool":
+                k = extra
+                h = jax.lax.reduce_window(
+                    h, -jnp.inf, jax.lax.max, (1, 1, k, k), (1, 1, k, k), "VALID"
+                )
+            elif kind == "flatten":
+                h = jnp.reshape(h, (h.shape[0], -1))
+        return h
+
+    def loss(z, t):
+        return jnp.mean(jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, t[:, None], 1)[:, 0])
+
+    convs = [name for kind, name, _ in plan if kind == "conv"]
+    dense = {
+        name: (lambda p, xb, name=name: run(p, xb, stop=name))
+        for kind, name, _ in plan
+        if kind == "linear"
+    }
+    gp = JaxGradientProvider(run, params, loss, conv_layers=convs, dense_layers=dense)
+    xj, yj = jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
+    xtj, ytj = jnp.asarray(xt.numpy()), jnp.asarray(yt.numpy())
+    bs = 250
+    loader = [(xj[i : i + bs], yj[i : i + bs]) for i in range(0, len(xj), bs)]
+    # warm-up: compile on the first batch, not timed
+    xi.EkfacInfluence(gp, regularization=REG, second_order="empirical_fisher").fit(loader[:1])
+    times, scores = [], None
+    base = rss_bytes()
+    reset_peak()
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        infl = xi.EkfacInfluence(gp, regularization=REG, second_order="empirical_fisher")
+        scores = np.asarray(infl.fit(loader).influences(xtj, ytj, xj, yj))
+        times.append(time.perf_counter() - start)
+    np.save(args.scores_out, scores)
+    return {"seconds": min(times), "peak_extra": peak_bytes() - base, "p": gp.n_parameters}
 
 
 def exact_layerwise(gp, batches, test) -> object:
@@ -392,11 +483,13 @@ def main() -> None:
         if "ekfac" in methods:
             row["exact"] = run_one(py, path, "exact", args)
             row["ekfac"] = run_one(py, path, "ekfac", args)
+            if case == "cnn":  # the same network in jax, convolutions found by tracing
+                row["ekfac_jax"] = run_one(py, path, "ekfac_jax", args)
             if kf is not None and case in ("cnn", "mlp1m"):
                 row["kronfluence"] = run_one(str(kf), path, "kronfluence", args)
             if "scores_path" in row["exact"]:
                 ref = np.load(row["exact"]["scores_path"])
-        for key in ("ekfac", "kronfluence"):
+        for key in ("ekfac", "ekfac_jax", "kronfluence"):
             r = row.get(key, {})
             if ref is not None and "scores_path" in r:
                 s = np.load(r["scores_path"])

@@ -393,3 +393,66 @@ def test_kronecker_projection_of_conv_layers_equals_projected_gradients(variant)
     proj = KroneckerProjection(sub, list(sub.kfac_layers()), sub, (2, 5), seed=1)
     batch = sub.prepare_batch(xi.Batch(x, y))
     assert rel_err(proj.project_grads(sub, batch), proj.project(sub.flat_grads(batch))) < 1e-12
+
+
+def test_flat_grads_from_declared_layers_equal_reverse_mode():
+    """With every leaf in a declared layer, flat_grads comes from the factors (one
+    product per layer); it equals vmapped reverse mode, also on a restriction."""
+    _, params, x, y = eqx_problem(n=11)
+    gp = eqx_ekfac_provider(params)
+    assert gp._structured_layers() is not None
+    for lo, hi in ((0, 7), (7, 8), (8, 11)):  # uneven batches, one of a single sample
+        batch = gp.prepare_batch(xi.Batch(x[lo:hi], y[lo:hi]))
+        ref = gp._jit_grads(gp._theta, gp._fixed, batch.x, batch.y)
+        assert rel_err(gp.flat_grads(batch), ref) < 1e-12
+    sub = gp.restrict(["conv1/weight", "head/weight", "head/bias"])
+    batch = sub.prepare_batch(xi.Batch(x, y))
+    ref = sub._jit_grads(sub._theta, sub._fixed, batch.x, batch.y)
+    assert rel_err(sub.flat_grads(batch), ref) < 1e-12
+    # a bias alone is in no layer of the restriction: reverse mode
+    bias_only = gp.restrict(["conv0/bias"])
+    assert bias_only._structured_layers() is None
+
+
+def test_a_wrong_features_function_is_caught_by_flat_grads():
+    _, params, x, y = eqx_problem(n=6)
+
+    def wrong(p, xb):  # the head's input without the softplus
+        m = eqx.combine(p, _STATIC)
+        return jax.vmap(lambda xi_: jnp.ravel(m.conv1(jnp.tanh(m.conv0(xi_)))))(xb)
+
+    gp = JaxGradientProvider(
+        _eqx_apply,
+        params,
+        cross_entropy,
+        conv_layers=["conv0", "conv1"],
+        dense_layers={"head": wrong},
+    )
+    with pytest.raises(ValueError, match="do not reproduce the model's per-sample gradients"):
+        gp.flat_grads(gp.prepare_batch(xi.Batch(x, y)))
+
+
+def test_jacobian_prod_from_declared_layers_equals_forward_mode(monkeypatch):
+    """Structured per-sample gradients times g^T, in budget-sized sample chunks,
+    equal forward mode along each row of g; one layer's restriction too."""
+    _, params, x, y = eqx_problem(n=10)
+    gp = eqx_ekfac_provider(params)
+    batch = gp.prepare_batch(xi.Batch(x, y))
+    g = jnp.asarray(np.random.default_rng(7).normal(size=(3, gp.n_parameters)))
+    ref = gp._jit_jac_prod(gp._theta, gp._fixed, batch.x, batch.y, g)
+    # room for 4 samples' gradients (3 copies of P float64 each): chunks 4, 4, 2
+    monkeypatch.setenv("XINFLUENCE_MEMORY_BUDGET", str(4 * 3 * gp.n_parameters * 8))
+    sizes = []
+    structured = gp.flat_grads
+
+    def spy(b):
+        sizes.append(b.x.shape[0])
+        return structured(b)
+
+    monkeypatch.setattr(gp, "flat_grads", spy)
+    assert rel_err(gp.jacobian_prod(batch, g), ref) < 1e-12
+    assert sizes == [4, 4, 2]
+    sub = gp.restrict(["conv1/weight"])
+    gs = g[:, gp.parameter_slices["conv1/weight"]]
+    ref = sub._jit_jac_prod(sub._theta, sub._fixed, batch.x, batch.y, gs[:2])
+    assert rel_err(sub.jacobian_prod(batch, gs[:2]), ref) < 1e-12

@@ -82,6 +82,10 @@ a zero perturbation added to its output (its gradient is ``s_nt``); see
 :mod:`xinfluence.backends._jax_taps`. Stride, padding, dilation and layouts come
 from the traced call; grouped convolutions and convolutions inside loops or
 branches are refused.
+
+When the declared layers hold every differentiated leaf, :meth:`flat_grads` and
+:meth:`jacobian_prod` use the factors too (checked once per input shape against
+``vmap(grad)``).
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ class _Model(PicklableState):
         for layer, (_, _, _, features) in self.dense.items():
             check_picklable_function(features, f"the features function of layer {layer!r}")
         state = super().__getstate__()
-        state.update(_kfac_fn=None, _conv_fns={}, restricted={})
+        state.update(_kfac_fns={}, _conv_fns={}, restricted={}, checked=set())
         return state
 
     def __init__(
@@ -205,8 +209,10 @@ class _Model(PicklableState):
         self.restricted: dict[tuple[str, ...], JaxGradientProvider] = {}
         self.dense = self._resolve_dense_layers(dense_layers)
         self.conv = self._resolve_conv_layers(conv_layers)
-        self._kfac_fn: Callable[..., Any] | None = None
+        self._kfac_fns: dict[tuple[str, ...], Callable[..., Any]] = {}
         self._conv_fns: dict[tuple[Any, ...], Any] = {}
+        # input signatures whose structured gradients were checked against autodiff
+        self.checked: set[tuple[Any, ...]] = set()
 
     # -- dense layers ------------------------------------------------------
     def _resolve_dense_layers(
@@ -249,12 +255,13 @@ class _Model(PicklableState):
             out[layer] = (wname, bname, layout, features)
         return out
 
-    def kfac_fn(self) -> Callable[..., Any]:
-        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` over the full parameter set."""
-        if self._kfac_fn is not None:
-            return self._kfac_fn
+    def kfac_fn(self, layers: tuple[str, ...]) -> Callable[..., Any]:
+        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the dense ``layers``, over
+        the full parameter set."""
+        if layers in self._kfac_fns:
+            return self._kfac_fns[layers]
         index = {n: i for i, n in enumerate(self.names)}
-        dense = self.dense
+        dense = OrderedDict((k, self.dense[k]) for k in layers)
         treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
         # per layer, the leaf whose per-sample gradient yields s
         probe = OrderedDict(
@@ -291,8 +298,8 @@ class _Model(PicklableState):
                 out[layer] = (a, s)
             return out
 
-        self._kfac_fn = jax.jit(fn)
-        return self._kfac_fn
+        self._kfac_fns[layers] = jax.jit(fn)
+        return self._kfac_fns[layers]
 
     # -- convolutions ---------------------------------------------------------
     def _resolve_conv_layers(
@@ -341,12 +348,12 @@ class _Model(PicklableState):
             out[layer] = (wname, bname, layout, n_out)
         return out
 
-    def conv_fn(self, x: Array, *, ggn: bool) -> Callable[..., Any]:
+    def conv_fn(self, x: Array, *, ggn: bool, layers: tuple[str, ...]) -> Callable[..., Any]:
         """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the declared convolutions:
         patches ``a`` ``(N, T, I)`` and output gradients ``s`` ``(N, T, O)``, or with
         ``ggn`` the pseudo-gradients ``s`` ``(N, M, T, O)`` and the eigenvalues of
         the loss Hessians on the output ``(N, M)``. Traced once per input shape."""
-        key = (tuple(x.shape[1:]), str(x.dtype), ggn)
+        key = (tuple(x.shape[1:]), str(x.dtype), ggn, layers)
         if key in self._conv_fns:
             return self._conv_fns[key]
         treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
@@ -359,7 +366,8 @@ class _Model(PicklableState):
         closed, out_tree = _jax_taps.traced(model, tuple(self.leaves), one)
         taps: dict[str, _jax_taps.ConvTap] = {}
         perms: dict[str, tuple[int, ...]] = {}
-        for layer, (wname, _, layout, _) in self.conv.items():
+        for layer in layers:
+            wname, _, layout, _ = self.conv[layer]
             try:
                 tap = _jax_taps.find_conv_taps(closed, [index[wname]])[index[wname]]
                 found, perm = _jax_taps.kernel_layout(tap)
@@ -461,7 +469,8 @@ class JaxGradientProvider(GradientProvider):
             ``ValueError`` before the model runs. Otherwise a shape is checked by
             tracing the model on it once (:func:`jax.eval_shape`).
 
-    Shapes: ``flat_grads`` ``(N, P)`` (vmapped reverse mode); ``flat_mixed_grads``
+    Shapes: ``flat_grads`` ``(N, P)`` (vmapped reverse mode, or from the declared
+    layers' factors when they hold every leaf); ``flat_mixed_grads``
     ``(N, *D, P)`` (forward mode over the per-sample gradient in ``x``);
     ``jacobian_prod(batch, g)`` ``(N, K)`` (forward mode along each row of
     ``g``, the ``(N, P)`` gradients are never formed); ``hvp(batch, v)``
@@ -738,14 +747,94 @@ class JaxGradientProvider(GradientProvider):
         return self.losses(batch)
 
     def flat_grads(self, batch: Batch) -> Array:
-        return self._jit_grads(self._theta, self._fixed, batch.x, batch.y)
+        """Per-sample gradients ``(N, P)``.
+
+        When every differentiated leaf is the weight or bias of a declared dense
+        or convolution layer, they are assembled from :meth:`kfac_factors`
+        (``outer(s_n, a_n)``, ``sum_t outer(s_nt, a_nt)``): one batched product
+        per layer instead of vmapped reverse mode, which differentiates each
+        sample's convolution kernels separately (a grouped convolution, slow
+        on CPU). The first batch of each input shape is checked against reverse
+        mode on two of its samples; a mismatch (a ``features`` function that
+        does not return the layer's inputs, a bias not added to the layer's
+        output) raises ``ValueError``.
+        """
+        if self._structured_layers() is None or batch.x.shape[0] == 0:
+            return self._jit_grads(self._theta, self._fixed, batch.x, batch.y)
+        grads = self._structured_grads(batch)
+        m = self._model
+        key = (tuple(batch.x.shape[1:]), str(batch.x.dtype), self._active)
+        if key not in m.checked:
+            few = Batch(batch.x[:2], batch.y[:2])
+            ref = self._jit_grads(self._theta, self._fixed, few.x, few.y)
+            err = float(jnp.max(jnp.abs(grads[:2] - ref)))
+            scale = float(jnp.max(jnp.abs(ref)))
+            if not math.isfinite(scale):  # non-finite gradients are reported downstream
+                return grads
+            if not err <= 100 * math.sqrt(float(jnp.finfo(self.dtype).eps)) * max(scale, 1e-300):
+                worst = max(
+                    self.parameter_slices.items(),
+                    key=lambda kv: float(jnp.max(jnp.abs(grads[:2, kv[1]] - ref[:, kv[1]]))),
+                )[0]
+                raise ValueError(
+                    "the declared layers do not reproduce the model's per-sample gradients "
+                    f"(max error {err:.3g} against {scale:.3g}, worst in {worst!r}): check that "
+                    "each dense_layers features function returns that layer's inputs and that "
+                    "each bias is added to its layer's output"
+                )
+            m.checked.add(key)
+        return grads
+
+    def _structured_layers(self) -> OrderedDict[str, tuple[str, str | None]] | None:
+        """:meth:`kfac_layers` when they hold every differentiated leaf, else None."""
+        layers = self.kfac_layers()
+        if not layers:
+            return None
+        covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
+        return layers if covered == set(self.parameter_names) else None
+
+    def _structured_grads(self, batch: Batch) -> Array:
+        layers = self._structured_layers()
+        assert layers is not None
+        layouts = self.kfac_layouts()
+        factors = self.kfac_factors(batch)
+        n = batch.x.shape[0]
+        parts: dict[str, Array] = {}
+        for layer, (w, b) in layers.items():
+            a, s = factors[layer]
+            if a.ndim == 2:  # dense: one position
+                a, s = a[:, None, :], s[:, None, :]
+            if layouts[layer] == "oi":
+                g = jnp.einsum("nto,nti->noi", s, a, precision=jax.lax.Precision.HIGHEST)
+            else:
+                g = jnp.einsum("nti,nto->nio", a, s, precision=jax.lax.Precision.HIGHEST)
+            parts[w] = jnp.reshape(g, (n, -1))
+            if b is not None:
+                parts[b] = jnp.sum(s, axis=1)
+        return jnp.concatenate([parts[name] for name in self.parameter_names], axis=1)
 
     def flat_mixed_grads(self, batch: Batch) -> Array:
         return self._jit_mixed(self._theta, self._fixed, batch.x, batch.y)
 
     def jacobian_prod(self, batch: Batch, g: Array) -> Array:
+        """``(N, K)`` products of the per-sample gradients with the rows of ``g``:
+        forward mode along each row, or, when every leaf is in a declared layer,
+        the structured :meth:`flat_grads` in chunks of samples that fit
+        :func:`xinfluence.memory_budget` times ``g^T`` (one factor pass instead of
+        ``K`` forward passes)."""
         g = self._check_vectors(g, "g")
         k = g.shape[0]
+        n = batch.x.shape[0]
+        if self._structured_layers() is not None and n > 0:
+            from .._config import memory_budget
+
+            per_sample = 3 * self.n_parameters * batch.x.dtype.itemsize
+            step = max(1, min(n, memory_budget() // max(1, per_sample)))
+            rows = [
+                self.flat_grads(Batch(batch.x[lo : lo + step], batch.y[lo : lo + step])) @ g.T
+                for lo in range(0, n, step)
+            ]
+            return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
         out = self._jit_jac_prod(self._theta, self._fixed, batch.x, batch.y, _pad_rows(g))
         return out[:, :k]
 
@@ -806,9 +895,12 @@ class JaxGradientProvider(GradientProvider):
         if not layers:
             return OrderedDict()
         m = self._model
-        out = m.kfac_fn()(m.leaves, batch.x, batch.y) if m.dense else {}
-        if m.conv:
-            out.update(m.conv_fn(batch.x, ggn=False)(m.leaves, batch.x, batch.y))
+        # only this provider's layers: a restriction to one layer taps one layer
+        dense = tuple(k for k in layers if k in m.dense)
+        conv = tuple(k for k in layers if k in m.conv)
+        out = m.kfac_fn(dense)(m.leaves, batch.x, batch.y) if dense else {}
+        if conv:
+            out.update(m.conv_fn(batch.x, ggn=False, layers=conv)(m.leaves, batch.x, batch.y))
         result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()
         for layer, (w, _) in layers.items():
             if layer in m.conv:
@@ -1012,7 +1104,8 @@ class JaxGradientProvider(GradientProvider):
         if m.dense:
             out, lam = self._kfac_ggn_fn()(m.leaves, batch.x, batch.y)
         if m.conv:
-            conv, lam = m.conv_fn(batch.x, ggn=True)(m.leaves, batch.x, batch.y)
+            fn = m.conv_fn(batch.x, ggn=True, layers=tuple(m.conv))
+            conv, lam = fn(m.leaves, batch.x, batch.y)
             out.update(conv)
         top = float(jnp.max(jnp.abs(lam))) if lam.size else 0.0
         if lam.size and float(jnp.min(lam)) < -1e-10 * top:
