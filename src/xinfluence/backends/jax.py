@@ -83,7 +83,8 @@ a zero perturbation added to its output (its gradient is ``s_nt``); see
 from the traced call; grouped convolutions and convolutions inside loops or
 branches are refused.
 
-When the declared layers hold every differentiated leaf, :meth:`flat_grads` and
+When the declared layers hold every differentiated leaf and include a
+convolution, :meth:`flat_grads` and
 :meth:`jacobian_prod` use the factors too (checked once per input shape against
 ``vmap(grad)``).
 """
@@ -750,7 +751,8 @@ class JaxGradientProvider(GradientProvider):
         """Per-sample gradients ``(N, P)``.
 
         When every differentiated leaf is the weight or bias of a declared dense
-        or convolution layer, they are assembled from :meth:`kfac_factors`
+        or convolution layer, and one of the layers is a convolution, they are
+        assembled from :meth:`kfac_factors`
         (``outer(s_n, a_n)``, ``sum_t outer(s_nt, a_nt)``): one batched product
         per layer instead of vmapped reverse mode, which differentiates each
         sample's convolution kernels separately (a grouped convolution, slow
@@ -786,9 +788,11 @@ class JaxGradientProvider(GradientProvider):
         return grads
 
     def _structured_layers(self) -> OrderedDict[str, tuple[str, str | None]] | None:
-        """:meth:`kfac_layers` when they hold every differentiated leaf, else None."""
+        """:meth:`kfac_layers` when they hold every differentiated leaf and one of
+        them is a convolution, else None (``vmap(grad)`` of dense layers is as fast
+        as their factors)."""
         layers = self.kfac_layers()
-        if not layers:
+        if not any(layer in self._model.conv for layer in layers):
             return None
         covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
         return layers if covered == set(self.parameter_names) else None
@@ -818,7 +822,8 @@ class JaxGradientProvider(GradientProvider):
 
     def jacobian_prod(self, batch: Batch, g: Array) -> Array:
         """``(N, K)`` products of the per-sample gradients with the rows of ``g``:
-        forward mode along each row, or, when every leaf is in a declared layer,
+        forward mode along each row, or, when every leaf is in a declared layer
+        and one of them is a convolution,
         the structured :meth:`flat_grads` in chunks of samples that fit
         :func:`xinfluence.memory_budget` times ``g^T`` (one factor pass instead of
         ``K`` forward passes)."""
