@@ -357,10 +357,10 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
 
     samples: list[int] = []
 
-    def counting_chunk(layout, losses, zs, gs, y, v, out):
+    def counting_chunk(layout, losses, zs, gs, rules, y, v, out):
         calls.append(v.shape[0])
         samples.append(zs[0].shape[0])
-        return real_chunk(layout, losses, zs, gs, y, v, out)
+        return real_chunk(layout, losses, zs, gs, rules, y, v, out)
 
     monkeypatch.setattr(torch_backend, "vmap", counting_vmap)
     monkeypatch.setattr(_torch_conv, "_sequential_hvp_chunk", counting_chunk)
@@ -510,3 +510,47 @@ def test_kronecker_projection_of_conv_layers_equals_projected_gradients():
     infl = xi.ProjectedInfluence(gp, k=(3, 7), projection="kronecker", regularization=1e-3)
     scores = infl.fit([(x[:4], y[:4]), (x[4:], y[4:])]).influences(x[:2], y[:2], x, y)
     assert scores.shape == (2, 9) and bool(torch.isfinite(scores).all())
+
+
+def test_cnn_hessian_products_through_every_specialised_layer():
+    """Sigmoid, LeakyReLU, eval Dropout, overlapping max pooling (windows share
+    inputs: the transpose accumulates), Identity and Flatten take specialised
+    rules, ELU the general path; the products equal the autodiff Hessian."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(3, 4, 2),
+        nn.LeakyReLU(0.1),
+        nn.Dropout(0.5),
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.ELU(),
+        nn.Identity(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+    )
+    model = model.double().eval()
+    x, y = data(6)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    # the rule each layer gets, on its own input and output
+    names, h = [], x
+    with torch.no_grad():
+        for m in model:
+            out = m(h)
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                names.append(type(_torch_conv._rule(m, h, out)).__name__)
+            h = out
+    assert names == [
+        "_Pointwise",
+        "_Pointwise",
+        "_Reshape",
+        "_MaxPool",
+        "NoneType",  # ELU: the general path
+        "_Reshape",
+        "_Reshape",
+    ]
+    ref = ref_hessian(model, x, y)
+    v = torch.randn(4, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(3))
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._conv_structure is True
