@@ -326,11 +326,20 @@ class Workspace:
 def linear_hvp(layout: LinearLayout, f: LinearFactors, v: Tensor, ws: Workspace) -> Tensor:
     """``V H`` for ``v`` ``(K, P)`` (rows in the provider's flat order) from the
     factors of the whole batch: ``(K, P)``. Vectors are processed in chunks that
-    keep the scratch tensors (``n x width x chunk``) near ``2**22`` elements."""
+    keep the scratch tensors (``n x width x chunk``) near ``2**22`` elements and
+    the chunk's own memory within :func:`xinfluence.memory_budget`: per vector,
+    about four parameter-sized buffers (``u``, ``extra`` per layer; ``g``,
+    ``uw`` for the widest) and three ``n x out`` ones per layer."""
+    from .._config import memory_budget
+
     names = layout.names
     n = f.delta[names[0]].shape[0]
     widest = max(layout.width, *layout.n_in.values())
-    step = max(1, 2**22 // max(1, n * widest))
+    params = sum(layout.cols[k] * layout.n_out[k] for k in names)
+    per_vector = v.element_size() * (
+        4 * params + 3 * n * sum(layout.n_out.values()) + n * max(layout.n_w.values())
+    )
+    step = max(1, min(2**22 // max(1, n * widest), memory_budget() // max(1, per_vector)))
     out = torch.empty_like(v)
     for lo in range(0, v.shape[0], step):
         _linear_hvp_chunk(layout, f, v[lo : lo + step], out[lo : lo + step], ws)

@@ -894,8 +894,26 @@ class TorchGradientProvider(GradientProvider):
         def one(t: Params) -> Params:
             return pullback(t)[0]
 
-        out = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
-        return self._flatten(out, (v.shape[0],))
+        return self._rows_by_chunks(one, v, self._chunk(x))
+
+    def _rows_by_chunks(self, fn: Callable[[Params], Params], v: Tensor, chunk: int) -> Tensor:
+        """``vmap(fn)`` over ``(chunk, P)`` row blocks of ``v`` ``(K, P)``, each written
+        into one ``(K, P)`` result as it comes: ``vmap(..., chunk_size=)`` would
+        concatenate the chunks' results and ``_flatten`` concatenate them again,
+        three copies of the result at the peak (1.2 GB for 50 vectors of the 1M
+        MLP)."""
+        k = v.shape[0]
+        if k <= chunk:
+            return self._flatten(vmap(fn)(self._unflatten(v)), (k,))
+        out = torch.empty_like(v)
+        slices = self.parameter_slices
+        for lo in range(0, k, chunk):
+            part = vmap(fn, chunk_size=chunk)(self._unflatten(v[lo : lo + chunk]))  # one chunk
+            rows = out[lo : lo + chunk]
+            for name in self._names:
+                rows[:, slices[name]] = part[name].reshape(rows.shape[0], -1)
+            del part
+        return out
 
     def _pullback(self, x: Tensor, y: Tensor) -> Callable[[Params], tuple[Params]]:
         """The vector-Jacobian product of the batch's mean-loss gradient, ``t -> t H``.
@@ -1206,8 +1224,7 @@ class TorchGradientProvider(GradientProvider):
             if v.shape[0] == 1:
                 single = one({k: t[0] for k, t in self._unflatten(v).items()})
                 return self._flatten({k: t[None] for k, t in single.items()}, (1,))
-            res = vmap(one, chunk_size=self._chunk(x))(self._unflatten(v))
-        return self._flatten(res, (v.shape[0],))
+            return self._rows_by_chunks(one, v, self._chunk(x))
 
     def _ggn_jacobians(self, batch: Batch) -> Iterator[tuple[Tensor, Tensor]]:
         """``(J, H)`` for chunks of ``k`` samples: the per-sample output Jacobians
