@@ -471,10 +471,12 @@ class JaxGradientProvider(GradientProvider):
             tracing the model on it once (:func:`jax.eval_shape`).
 
     Shapes: ``flat_grads`` ``(N, P)`` (vmapped reverse mode, or from the declared
-    layers' factors when they hold every leaf); ``flat_mixed_grads``
+    layers' factors when they hold every leaf and include a convolution);
+    ``flat_mixed_grads``
     ``(N, *D, P)`` (forward mode over the per-sample gradient in ``x``);
     ``jacobian_prod(batch, g)`` ``(N, K)`` (forward mode along each row of
-    ``g``, the ``(N, P)`` gradients are never formed); ``hvp(batch, v)``
+    ``g``, the ``(N, P)`` gradients are never formed, or from the factors as
+    ``flat_grads``); ``hvp(batch, v)``
     ``(K, P)`` (forward over reverse on the batch-mean loss); ``hessian``
     ``(P, P)`` (:func:`jax.hessian` of the batch-mean loss).
 
@@ -855,7 +857,8 @@ class JaxGradientProvider(GradientProvider):
     # -- Kronecker factors ---------------------------------------------------
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
         """Declared dense and conv layers whose weight this provider differentiates,
-        in parameter order:
+        in the order ``dense_layers`` declares them, or in parameter order when
+        ``conv_layers`` are declared too:
         ``layer -> (weight name, bias name or None)``.
 
         The bias name is None when the layer has no bias or the bias is not
@@ -865,8 +868,9 @@ class JaxGradientProvider(GradientProvider):
         m = self._model
         mine = set(self.parameter_names)
         declared = [(layer, w, b) for layer, (w, b, _, _) in m.dense.items()]
-        declared += [(layer, w, b) for layer, (w, b, _, _) in m.conv.items()]
-        declared.sort(key=lambda t: m.names.index(t[1]))  # parameter order
+        if m.conv:  # dense layers alone keep their declared order (projection streams)
+            declared += [(layer, w, b) for layer, (w, b, _, _) in m.conv.items()]
+            declared.sort(key=lambda t: m.names.index(t[1]))
         out: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         for layer, w, b in declared:
             if w in mine:
