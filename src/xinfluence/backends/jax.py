@@ -216,6 +216,22 @@ class _Model(PicklableState):
         self.checked: set[tuple[Any, ...]] = set()
 
     # -- dense layers ------------------------------------------------------
+    def _weight_leaf(self, layer: str, kind: str, expected: str) -> tuple[str, str]:
+        """The leaf ``{layer}/kernel`` (layout ``"io"``) or ``{layer}/weight``
+        (``"oi"``) of a declared layer; ``expected`` describes them for the error."""
+        kernel, weight = f"{layer}/kernel", f"{layer}/weight"
+        names = set(self.names)
+        if kernel in names and weight in names:
+            raise ValueError(f"{kind} layer {layer!r} has both a 'kernel' and a 'weight'")
+        if kernel in names:
+            return kernel, "io"
+        if weight in names:
+            return weight, "oi"
+        what = expected.format(kernel=kernel, weight=weight)
+        raise ValueError(
+            f"{kind} layer {layer!r} needs {what}; the parameters are {list(self.names)}"
+        )
+
     def _resolve_dense_layers(
         self, dense_layers: Mapping[str, Features] | None
     ) -> OrderedDict[str, tuple[str, str | None, str, Features]]:
@@ -229,18 +245,9 @@ class _Model(PicklableState):
         for layer, features in dense_layers.items():
             if not callable(features):
                 raise TypeError(f"dense_layers[{layer!r}] must be callable features(params, x)")
-            kernel, weight = f"{layer}/kernel", f"{layer}/weight"
-            if kernel in index and weight in index:
-                raise ValueError(f"dense layer {layer!r} has both a 'kernel' and a 'weight'")
-            if kernel in index:
-                wname, layout = kernel, "io"
-            elif weight in index:
-                wname, layout = weight, "oi"
-            else:
-                raise ValueError(
-                    f"dense layer {layer!r} needs a 2-D leaf {kernel!r} (shape (I, O)) or "
-                    f"{weight!r} (shape (O, I)); the parameters are {list(self.names)}"
-                )
+            wname, layout = self._weight_leaf(
+                layer, "dense", "a 2-D leaf {kernel!r} (shape (I, O)) or {weight!r} (shape (O, I))"
+            )
             wshape = self.shapes[index[wname]]
             if len(wshape) != 2:
                 raise ValueError(f"{wname!r} must be 2-D, got shape {wshape}")
@@ -318,19 +325,12 @@ class _Model(PicklableState):
                 raise TypeError(f"conv_layers must hold layer names (str), got {layer!r}")
             if layer in self.dense or layer in out:
                 raise ValueError(f"layer {layer!r} is declared twice")
-            kernel, weight = f"{layer}/kernel", f"{layer}/weight"
-            if kernel in index and weight in index:
-                raise ValueError(f"conv layer {layer!r} has both a 'kernel' and a 'weight'")
-            if kernel in index:
-                wname, layout = kernel, "io"
-            elif weight in index:
-                wname, layout = weight, "oi"
-            else:
-                raise ValueError(
-                    f"conv layer {layer!r} needs a leaf {kernel!r} (flax layout "
-                    f"(kh, kw, C, O)) or {weight!r} (torch / equinox layout (O, C, kh, kw)); "
-                    f"the parameters are {list(self.names)}"
-                )
+            wname, layout = self._weight_leaf(
+                layer,
+                "conv",
+                "a leaf {kernel!r} (flax layout (kh, kw, C, O)) or {weight!r} "
+                "(torch / equinox layout (O, C, kh, kw))",
+            )
             wshape = self.shapes[index[wname]]
             if len(wshape) < 3:
                 raise ValueError(f"{wname!r} must have 3 or more axes, got shape {wshape}")
