@@ -150,14 +150,13 @@ def test_flax_conv_gauss_newton_factors_give_the_layer_block(variant):
     for layer, (w, b) in gp.kfac_layers().items():
         a, s = factors[layer]
         assert s.shape[:2] == (len(x), 5) and s.ndim == 4
-        g = jnp.reshape(layer_gradients(gp, layer, a[:, None], s), (len(x), 5, -1))
+        # per sample and pseudo-gradient c: the layer's gradient pieces, in flat order
+        pieces = {w: jnp.reshape(layer_gradients(gp, layer, a[:, None], s), (len(x), 5, -1))}
         if b is not None:
-            g = jnp.concatenate([g, jnp.sum(s, axis=2)], axis=2)  # flat order: kernel, bias?
-        names = [w] if b is None else [w, b]
-        idx = np.concatenate([np.arange(slices[n].start, slices[n].stop) for n in names])
-        if b is not None and slices[b].start < slices[w].start:  # flax dicts: bias first
-            g = jnp.concatenate([g[..., -s.shape[-1] :], g[..., : -s.shape[-1]]], axis=2)
-            idx = np.sort(idx)
+            pieces[b] = jnp.sum(s, axis=2)
+        names = sorted(pieces, key=lambda k: slices[k].start)  # flax dicts: bias first
+        g = jnp.concatenate([pieces[k] for k in names], axis=2)
+        idx = np.concatenate([np.arange(slices[k].start, slices[k].stop) for k in names])
         block = jnp.einsum("ncp,ncq->pq", g, g) / len(x)
         assert rel_err(block, ggn[np.ix_(idx, idx)]) < 1e-12, layer
 
@@ -223,15 +222,15 @@ def _head_features(p, xb):
     return jax.vmap(lambda xi: jnp.ravel(jax.nn.softplus(m.conv1(jnp.tanh(m.conv0(xi))))))(xb)
 
 
-def eqx_ekfac_provider(params):
+def eqx_ekfac_provider(params, features=_head_features):
     """The equinox CNN with every parameter in a declared layer (two convolutions
-    found by tracing, the head a dense layer with its features given)."""
+    found by tracing, the head a dense layer with ``features`` as its inputs)."""
     return JaxGradientProvider(
         _eqx_apply,
         params,
         cross_entropy,
         conv_layers=["conv0", "conv1"],
-        dense_layers={"head": _head_features},
+        dense_layers={"head": features},
     )
 
 
@@ -267,17 +266,14 @@ def test_ekfac_flax_layout_equals_torch_layout(second_order):
         "Dense_0": {"kernel": params.head.weight.T, "bias": params.head.bias},
     }
 
-    def flax_features(p, xb):
-        def inner(q, xs):  # the network up to the head's input
-            h = jnp.tanh(
-                nn.Conv(3, (3, 3), strides=(2, 2), padding=1).apply({"params": q["Conv_0"]}, xs)
-            )
-            h = jax.nn.softplus(
-                nn.Conv(4, (2, 2), padding=1, use_bias=False).apply({"params": q["Conv_1"]}, h)
-            )
-            return jnp.reshape(jnp.transpose(h, (0, 3, 1, 2)), (xs.shape[0], -1))
-
-        return inner(p, xb)
+    def flax_features(p, xb):  # the network up to the head's input
+        h = jnp.tanh(
+            nn.Conv(3, (3, 3), strides=(2, 2), padding=1).apply({"params": p["Conv_0"]}, xb)
+        )
+        h = jax.nn.softplus(
+            nn.Conv(4, (2, 2), padding=1, use_bias=False).apply({"params": p["Conv_1"]}, h)
+        )
+        return jnp.reshape(jnp.transpose(h, (0, 3, 1, 2)), (xb.shape[0], -1))
 
     flax_gp = JaxGradientProvider(
         flax_apply,
@@ -421,13 +417,7 @@ def test_a_wrong_features_function_is_caught_by_flat_grads():
         m = eqx.combine(p, _STATIC)
         return jax.vmap(lambda xi_: jnp.ravel(m.conv1(jnp.tanh(m.conv0(xi_)))))(xb)
 
-    gp = JaxGradientProvider(
-        _eqx_apply,
-        params,
-        cross_entropy,
-        conv_layers=["conv0", "conv1"],
-        dense_layers={"head": wrong},
-    )
+    gp = eqx_ekfac_provider(params, features=wrong)
     with pytest.raises(ValueError, match="do not reproduce the model's per-sample gradients"):
         gp.flat_grads(gp.prepare_batch(xi.Batch(x, y)))
 

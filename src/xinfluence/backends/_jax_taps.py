@@ -27,7 +27,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-__all__ = ["ConvTap", "find_conv_taps", "evaluate_with_taps", "conv_patches", "to_positions"]
+__all__ = [
+    "ConvTap",
+    "find_conv_taps",
+    "evaluate_with_taps",
+    "conv_patches",
+    "to_positions",
+    "kernel_layout",
+    "reorder_features",
+    "traced",
+]
 
 Path = tuple[int, ...]
 
@@ -42,7 +51,6 @@ class ConvTap:
 
     path: Path
     params: dict[str, Any]
-    lhs_shape: tuple[int, ...]
     rhs_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     out_dtype: Any
@@ -116,7 +124,6 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
                         ConvTap(
                             here,
                             dict(eqn.params),
-                            tuple(_aval(lhs).shape),
                             tuple(_aval(rhs).shape),
                             tuple(out_aval.shape),
                             out_aval.dtype,
