@@ -366,18 +366,12 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
     monkeypatch.setattr(_torch_conv, "_sequential_hvp_chunk", counting_chunk)
     act, p = activation_bytes(model, x), gp.n_parameters
     assert gp._activation_bytes(x) == act
-    # the structured products: layer outputs six times, conv patches twice
-    patches = 0
-    h = x[:1]
-    with torch.no_grad():
-        for layer in model:
-            out = layer(h)
-            if isinstance(layer, nn.Conv2d):
-                kh, kw = layer.kernel_size
-                patches += layer.in_channels * kh * kw * out.shape[2] * out.shape[3]
-            h = out
-    seq_vector = 10 * 8 * (x[:1].numel() + 2 * patches + 6 * (act // 8 - x[:1].numel()))
-    with xi.memory_budget_scope(5 * seq_vector + 3):
+    # the structured products: per vector and per sample, the input and the
+    # layer outputs twice (patches live in blocks of samples, outside the
+    # count); as much again per sample for the batch's values and cotangents
+    seq_vector = 10 * 8 * (x[:1].numel() + 2 * (act // 8 - x[:1].numel()))
+    seq_fixed = seq_vector  # ten samples
+    with xi.memory_budget_scope(5 * seq_vector + seq_fixed + 3):
         assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
         assert calls == [5, 5, 3]
     per_vector = 10 * act * torch_backend._PRODUCT_ACTIVATION_COPIES + 2 * p * 8
@@ -398,7 +392,7 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
         assert calls == [3]  # 10 samples in 4 chunks
     # one vector over the whole batch exceeds the budget: sub-batches of the
     # samples (3 per pass here), one vector at a time, their Hessians averaged
-    with xi.memory_budget_scope(seq_vector // 10 * 3 + 5):
+    with xi.memory_budget_scope((seq_vector + seq_fixed) // 10 * 3 + 5):
         calls.clear()
         samples.clear()
         assert rel_err(gp.hvp(batch, v), ref_h) < 1e-12
@@ -473,6 +467,45 @@ def test_cnn_hessian_products_match_autodiff(variant):
     assert gp._conv_structure is True  # the structured path ran
     assert rel_err(gp.hessian(batch), ref) < 1e-12
     with xi.memory_budget_scope(1):  # one vector per chunk
+        assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+
+
+# a convolution after the first (it has an input tangent and passes cotangents
+# back): stride, dilation, rectangular kernels, uneven and over-wide padding
+INNER_CONVS = {
+    "stride2": dict(kernel_size=3, stride=2, padding=1),
+    "dilated": dict(kernel_size=(3, 2), dilation=(1, 2), padding=(2, 1)),
+    "wide_pad": dict(kernel_size=2, padding=2),  # padding past the kernel's reach
+    "stride_uncovered": dict(kernel_size=2, stride=3),  # inputs no window reaches
+}
+
+
+@pytest.mark.parametrize("inner", list(INNER_CONVS))
+def test_cnn_hessian_products_through_an_inner_convolution(inner):
+    torch.manual_seed(4)
+    conv2 = nn.Conv2d(3, 4, **INNER_CONVS[inner])
+    with torch.no_grad():
+        out = conv2(torch.zeros(1, 3, 7, 7)).shape
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.Tanh(),
+            conv2,
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(out[1] * out[2] * out[3], 5),
+        )
+        .double()
+        .eval()
+    )
+    x, y = data(5)
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    ref = ref_hessian(model, x, y)
+    v = torch.randn(3, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(6))
+    assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
+    assert gp._conv_structure is True
+    with xi.memory_budget_scope(4096):  # scratch blocks of one or two samples
         assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
 
 

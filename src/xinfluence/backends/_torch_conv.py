@@ -23,6 +23,7 @@ that EK-FAC takes.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 __all__ = [
     "conv_supported",
@@ -130,9 +130,9 @@ def conv_param_layers(
 #
 # Forward-over-reverse differentiation written out per layer, for an
 # ``nn.Sequential`` of supported ``Conv2d``, ``Linear`` and parameter-free
-# layers (activations, pooling, flatten): the ``K`` vectors are folded into the
-# batch dimension, so that each layer costs a few large convolutions and matrix
-# products instead of ``vmap``-transformed autodiff. With ``z_l`` the layer
+# layers (activations, pooling, flatten): the ``K`` vectors are carried
+# together, so that each layer costs a few large matrix products instead of
+# ``vmap``-transformed autodiff. With ``z_l`` the layer
 # outputs, ``g_l = d phi / d z_l`` (``phi`` the batch's mean loss) and dots the
 # derivatives along a vector ``v``:
 #
@@ -206,41 +206,26 @@ def _expand(t: Tensor, k: int) -> Tensor:
     return t.unsqueeze(0).expand(k, *t.shape).reshape(k * t.shape[0], *t.shape[1:])
 
 
-def _geometry(module: Any) -> dict[str, Any]:
-    """Kernel size, dilation, padding and stride of a supported convolution."""
-    return {
-        "kernel_size": module.kernel_size,
-        "dilation": module.dilation,
-        "padding": _padding(module),
-        "stride": module.stride,
-    }
-
-
-def _conv(module: Any, x: Tensor, weight: Tensor) -> Tensor:
-    """``module``'s convolution of ``x`` with another ``weight``, without bias."""
-    geo = _geometry(module)
-    return torch.nn.functional.conv2d(
-        x, weight, None, stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"]
-    )
-
-
-def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, C*kh*kw, T)``."""
-    return torch.nn.functional.unfold(x, **_geometry(module))
-
-
 class _Rule:
     """The forward tangent and backward second-order cotangent of a
-    parameter-free layer, from quantities computed once per batch: tangents and
-    cotangents are ``(K, N, ...)``, the batch's own values ``(N, ...)``."""
+    parameter-free layer, from quantities computed once per batch (the batch's
+    own values ``(N, ...)``). Tangents and cotangents are ``(K, N, ...)``, or
+    ``(N, ..., K)`` where ``inner`` (:class:`_ConvBatch`'s layout)."""
 
-    def forward(self, t_in: Tensor) -> Tensor:
+    inner_ok = False  # whether the rule takes the K-innermost layout
+
+    def forward(self, t_in: Tensor, inner: bool) -> Tensor:
         raise NotImplementedError
 
-    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor) -> Tensor:
+    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor, inner: bool) -> Tensor:
         """``g'_in`` from ``g'_out`` (``dg``), the input tangent and the first-order
         cotangent at the output."""
         raise NotImplementedError
+
+
+def _bcast(x: Tensor, inner: bool) -> Tensor:
+    """A batch quantity ``(N, ...)`` broadcast against ``K`` vectors' tangents."""
+    return x.unsqueeze(-1) if inner else x
 
 
 @dataclass
@@ -249,15 +234,18 @@ class _Pointwise(_Rule):
 
     d1: Tensor
     d2: Tensor | None  # None where f'' = 0 (piecewise linear)
+    inner_ok = True
 
-    def forward(self, t_in: Tensor) -> Tensor:
-        return t_in * self.d1
+    def forward(self, t_in: Tensor, inner: bool) -> Tensor:
+        if self.d2 is None:  # the backward pass does not need t_in: scale it in place
+            return t_in.mul_(_bcast(self.d1, inner))
+        return t_in * _bcast(self.d1, inner)
 
-    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor) -> Tensor:
-        out = dg * self.d1
+    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor, inner: bool) -> Tensor:
+        dg.mul_(_bcast(self.d1, inner))  # dg is this pass's own
         if self.d2 is not None and t_in is not None:
-            out = out + t_in * (self.d2 * g_out)
-        return out
+            dg.addcmul_(t_in, _bcast(self.d2 * g_out, inner))
+        return dg
 
 
 @dataclass
@@ -265,10 +253,10 @@ class _Reshape(_Rule):
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
 
-    def forward(self, t_in: Tensor) -> Tensor:
+    def forward(self, t_in: Tensor, inner: bool) -> Tensor:
         return t_in.reshape(t_in.shape[0], *self.out_shape)
 
-    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor) -> Tensor:
+    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor, inner: bool) -> Tensor:
         return dg.reshape(dg.shape[0], *self.in_shape)
 
 
@@ -281,18 +269,31 @@ class _MaxPool(_Rule):
     index: Tensor
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    inner_ok = True
 
-    def forward(self, t_in: Tensor) -> Tensor:
+    def _index(self, k: int, inner: bool) -> Tensor:
+        if inner:
+            return self.index.unsqueeze(-1).expand(*self.index.shape, k)
+        return self.index.unsqueeze(0).expand(k, *self.index.shape)
+
+    def forward(self, t_in: Tensor, inner: bool) -> Tensor:
+        if inner:
+            k = t_in.shape[-1]
+            flat = t_in.flatten(2, 3)  # (N, C, H*W, K)
+            return flat.gather(2, self._index(k, True)).reshape(*self.out_shape, k)
         k = t_in.shape[0]
-        idx = self.index.unsqueeze(0).expand(k, *self.index.shape)
-        return t_in.flatten(3).gather(3, idx).reshape(k, *self.out_shape)
+        return t_in.flatten(3).gather(3, self._index(k, False)).reshape(k, *self.out_shape)
 
-    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor) -> Tensor:
-        k = dg.shape[0]
-        idx = self.index.unsqueeze(0).expand(k, *self.index.shape)
+    def backward(self, dg: Tensor, t_in: Tensor | None, g_out: Tensor, inner: bool) -> Tensor:
         n, c, h, w = self.in_shape
+        if inner:
+            k = dg.shape[-1]
+            out = dg.new_zeros(n, c, h * w, k)
+            out.scatter_add_(2, self._index(k, True), dg.flatten(2, 3))
+            return out.reshape(n, c, h, w, k)
+        k = dg.shape[0]
         out = dg.new_zeros(k, n, c, h * w)
-        out.scatter_add_(3, idx, dg.flatten(3))
+        out.scatter_add_(3, self._index(k, False), dg.flatten(3))
         return out.reshape(k, *self.in_shape)
 
 
@@ -330,20 +331,299 @@ def _rule(module: nn.Module, z_in: Tensor, z_out: Tensor) -> _Rule | None:
     return None
 
 
-def sequential_vector_bytes(layout: SequentialLayout, x: Tensor) -> int:
-    """Bytes one vector of :func:`sequential_hvp` holds per sample: every layer's
-    output about six times (values, tangents, cotangents, temporaries) and each
-    convolution's input patches twice (torch's float64 CPU convolutions unfold
-    their inputs)."""
-    total = x[:1].numel()
-    h = x[:1]
+# -- the convolutions of the products as matrix products ---------------------------
+#
+# torch's float64 CPU convolutions loop over images with an im2col and an
+# ``(O, I) @ (I, T)`` product each; both are slow for small images. Here a
+# convolution's tangents and cotangents are "K-innermost", ``(N, C, H, W, K)``:
+# the patches of one image's K tangents then form one ``(I, T*K)`` matrix, and
+# each of the product's convolutions is a large matrix product. Patches are
+# strided views of a zero-bordered copy, copied into buffers (torch's
+# ``unfold`` is several times slower), over blocks of samples that keep each
+# buffer near ``block_bytes`` whatever the number of vectors.
+
+_BLOCK_BYTES = 8 * 2**20  # the most per buffer; 4-32 MiB ran equally fast
+
+
+def _to_inner(t: Tensor) -> Tensor:
+    """``(K, N, ...)`` -> ``(N, ..., K)``."""
+    return t.movedim(0, -1).contiguous()
+
+
+def _to_outer(t: Tensor) -> Tensor:
+    """``(N, ..., K)`` -> ``(K, N, ...)``."""
+    return t.movedim(-1, 0).contiguous()
+
+
+def _blocks(n: int, per_sample: int, block_bytes: int) -> list[slice]:
+    size = max(1, block_bytes // max(per_sample, 1))
+    return [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A stride-``stride``, dilation-``dilation`` window of ``kernel`` over a
+    zero-bordered ``(B, C, Hp, Wp[, K])`` tensor, with ``out_hw`` positions."""
+
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    stride: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    def patches(self, xp: Tensor, out: Tensor, *, positions_first: bool) -> Tensor:
+        """Copies the patches of ``xp`` into ``out``, shaped ``(B, C, kh, kw, H',
+        W'[, K])``, or with ``positions_first`` ``(B, H', W', C, kh, kw[, K])``."""
+        st = xp.stride()
+        (kh, kw), (dh, dw), (sh, sw), (ho, wo) = (
+            self.kernel,
+            self.dilation,
+            self.stride,
+            self.out_hw,
+        )
+        dims = {
+            "b": (xp.shape[0], st[0]),
+            "c": (xp.shape[1], st[1]),
+            "ky": (kh, dh * st[2]),
+            "kx": (kw, dw * st[3]),
+            "h": (ho, sh * st[2]),
+            "w": (wo, sw * st[3]),
+        }
+        order = ("b", "h", "w", "c", "ky", "kx")
+        if not positions_first:
+            order = ("b", "c", "ky", "kx", "h", "w")
+        shape = [dims[d][0] for d in order] + list(xp.shape[4:])
+        stride = [dims[d][1] for d in order] + list(st[4:])
+        out.copy_(xp.as_strided(shape, stride))
+        return out
+
+
+class _Buffers:
+    """Reused scratch tensors by slot: a fresh allocation of tens of MB costs
+    its page faults each time. Slots ``a``-``d`` are shared by steps that never
+    hold them at once (:class:`_ConvBatch`)."""
+
+    def __init__(self, like: Tensor) -> None:
+        self._like = like
+        self._store: dict[str, Tensor] = {}
+
+    def get(self, name: str, *shape: int, zero_once: bool = False) -> Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._store.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = (self._like.new_zeros if zero_once else self._like.new_empty)(numel)
+            self._store[name] = buf
+        return buf[:numel].view(*shape)
+
+
+@dataclass
+class _ConvBatch:
+    """One convolution over one batch, for the products: the batch's input
+    ``z`` ``(N, C, H, W)`` and first-order output cotangents ``g`` ``(N, O, H',
+    W')``, the weight as ``(O, I)`` with ``I = C*kh*kw``, ``T = H'*W'`` output
+    and ``S = H*W`` input positions.
+
+    Two patch matrices of the batch, built per block of samples: ``pz``
+    ``(b*T, I)``, the input patches, and ``pg`` ``(b*S, J)`` with ``J = O*kh*kw``,
+    the patches of ``g`` seen from the input: ``pg[(n, s), (o, ky, kx)]`` is the
+    output cotangent that input position ``s`` meets through kernel tap
+    ``(kh-1-ky, kw-1-kx)`` (zero where none), so that the transposed
+    convolution and the weight gradient against an input tangent are each one
+    matrix product with ``pg``."""
+
+    z: Tensor
+    g: Tensor
+    w2d: Tensor
+    padding: tuple[int, int]
+    window: _Window  # the convolution's own
+    back: _Window  # the transposed convolution's, over the input positions
+    buffers: _Buffers
+    block_bytes: int
+
+    @classmethod
+    def build(cls, module: nn.Conv2d, z_in: Tensor, g_out: Tensor, block_bytes: int) -> _ConvBatch:
+        pad = _padding(module)
+        assert pad is not None  # conv_supported was checked
+        kernel = (int(module.kernel_size[0]), int(module.kernel_size[1]))
+        dilation = (int(module.dilation[0]), int(module.dilation[1]))
+        window = _Window(
+            kernel,
+            dilation,
+            (int(module.stride[0]), int(module.stride[1])),
+            (int(g_out.shape[2]), int(g_out.shape[3])),
+        )
+        back = _Window(kernel, dilation, (1, 1), (int(z_in.shape[2]), int(z_in.shape[3])))
+        return cls(
+            z_in,
+            g_out,
+            module.weight.detach().reshape(module.weight.shape[0], -1),
+            pad,
+            window,
+            back,
+            _Buffers(z_in),
+            block_bytes,
+        )
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return (int(self.z.shape[1]), int(self.z.shape[2]), int(self.z.shape[3]))
+
+    def _blocks(self, per_sample: int) -> list[slice]:
+        return _blocks(int(self.z.shape[0]), per_sample, self.block_bytes)
+
+    def _pz(self, blk: slice) -> Tensor:
+        """``(b*T, I)``: the input patches of the samples ``blk``."""
+        (ph, pw), (kh, kw), (ho, wo) = self.padding, self.window.kernel, self.window.out_hw
+        z = self.z[blk]
+        zp = torch.nn.functional.pad(z, (pw, pw, ph, ph))
+        buf = self.buffers.get("c", z.shape[0], ho, wo, z.shape[1], kh, kw)
+        return self.window.patches(zp, buf, positions_first=True).view(z.shape[0] * ho * wo, -1)
+
+    def _pg(self, blk: slice) -> Tensor:
+        """``(b*S, J)``: the output cotangents of the samples ``blk`` as seen from
+        each input position, by kernel tap (flipped)."""
+        g = self.g[blk]
+        b, o, ho, wo = g.shape
+        (_, h, w), (ph, pw) = self.in_shape, self.padding
+        (kh, kw), (dh, dw), (sh, sw) = self.window.kernel, self.window.dilation, self.window.stride
+        # g spread over the stride's grid, then bordered (negative: cropped) so
+        # that input position s meets tap k at s + k*dilation
+        d = g.new_zeros(b, o, (ho - 1) * sh + 1, (wo - 1) * sw + 1)
+        d[:, :, ::sh, ::sw] = g
+        lo_h, lo_w = (kh - 1) * dh - ph, (kw - 1) * dw - pw
+        hi_h, hi_w = h - 1 + ph - (ho - 1) * sh, w - 1 + pw - (wo - 1) * sw
+        dp = torch.nn.functional.pad(d, (lo_w, hi_w, lo_h, hi_h))
+        buf = self.buffers.get("c", b, h, w, o, kh, kw)
+        return self.back.patches(dp, buf, positions_first=True).view(b * h * w, -1)
+
+    def _padded(self, t: Tensor) -> Tensor:
+        """``t`` ``(b, C, H, W, K)`` copied into a reused zero-bordered buffer."""
+        (ph, pw), (c, h, w) = self.padding, self.in_shape
+        b, k = t.shape[0], t.shape[-1]
+        buf = self.buffers.get(f"pad{k}", b, c, h + 2 * ph, w + 2 * pw, k, zero_once=True)
+        buf[:, :, ph : ph + h, pw : pw + w].copy_(t)
+        return buf
+
+    def forward(self, t_in: Tensor | None, vw: Tensor | None, vb: Tensor | None, k: int) -> Tensor:
+        """The output tangent ``(N, O, H', W', K)``, ``W * t_in + V_k * z + v_b``,
+        for the input tangent ``t_in`` ``(N, C, H, W, K)`` (``None``: zero) and the
+        weight and bias tangents ``vw`` ``(K, O, I)`` and ``vb`` ``(K, O)``."""
+        n, (o, i), tn = int(self.z.shape[0]), self.w2d.shape, math.prod(self.window.out_hw)
+        c, (kh, kw) = self.in_shape[0], self.window.kernel
+        out = self.z.new_empty(n, o, tn, k)
+        vmat = None if vw is None else vw.permute(2, 1, 0).reshape(i, o * k)  # [i, (o, k)]
+        for blk in self._blocks(i * tn * k * out.element_size()):
+            b, dst = blk.stop - blk.start, out[blk]
+            if t_in is not None:
+                buf = self.buffers.get("a", b, c, kh, kw, *self.window.out_hw, k)
+                patches = self.window.patches(self._padded(t_in[blk]), buf, positions_first=False)
+                torch.matmul(self.w2d, patches.view(b, i, tn * k), out=dst.view(b, o, tn * k))
+            if vmat is not None:
+                r = self.buffers.get("b", b * tn, o * k)
+                torch.mm(self._pz(blk), vmat, out=r)
+                r4 = r.view(b, tn, o, k).transpose(1, 2)
+                if t_in is None:
+                    dst.copy_(r4)
+                else:
+                    dst += r4
+            elif t_in is None:
+                dst.zero_()
+            if vb is not None:
+                dst += vb.T.reshape(1, o, 1, k)
+        return out.view(n, o, *self.window.out_hw, k)
+
+    def weight_grad(self, dg: Tensor, t_in: Tensor | None) -> Tensor:
+        """``(H v)_W`` ``(K, O, I)``: ``sum_{n,t} dg_nt pz_nt^T`` plus the gradient of
+        ``g`` against the input tangent ``t_in`` ``(N, C, H, W, K)``, with ``dg``
+        ``(N, O, H', W', K)`` the tangents of the output cotangents."""
+        n, (o, i), k = int(self.z.shape[0]), self.w2d.shape, dg.shape[-1]
+        tn = math.prod(self.window.out_hw)
+        size = dg.element_size()
+        acc = self.z.new_zeros(o * k, i)
+        dgf = dg.view(n, o, tn, k)
+        for blk in self._blocks(tn * (o * k + i) * size):
+            d = self.buffers.get("a", blk.stop - blk.start, tn, o, k)
+            d.copy_(dgf[blk].transpose(1, 2))  # rows (n, t)
+            acc.addmm_(d.view(-1, o * k).T, self._pz(blk))
+        hw = acc.view(o, k, i).permute(1, 0, 2)
+        if t_in is None:
+            return hw
+        # sum_{n,s} pg[(n,s), (o,tap)] t[n, c, s, k]: t positions-first
+        (c, h, w), (kh, kw) = self.in_shape, self.window.kernel
+        cross = self.z.new_zeros(o * kh * kw, c * k)
+        for blk in self._blocks(h * w * (c * k + o * kh * kw) * size):
+            tpf = self.buffers.get("b", blk.stop - blk.start, h, w, c, k)
+            tpf.copy_(t_in[blk].permute(0, 2, 3, 1, 4))
+            cross.addmm_(self._pg(blk).T, tpf.view(-1, c * k))
+        cross5 = cross.view(o, kh, kw, c, k).flip(1, 2)  # taps back in the weight's order
+        return hw + cross5.permute(4, 0, 3, 1, 2).reshape(k, o, i)
+
+    def input_grad(self, dg: Tensor, vw: Tensor | None) -> Tensor:
+        """``g'_in`` ``(N, C, H, W, K)``: ``W^T dg`` (patch cotangents summed back
+        onto the zero-bordered image) ``+ V_k^T g`` (one product with ``pg``)."""
+        n, (o, i), k = int(self.z.shape[0]), self.w2d.shape, dg.shape[-1]
+        tn = math.prod(self.window.out_hw)
+        (c, h, w), (ph, pw) = self.in_shape, self.padding
+        (kh, kw), (dh, dw), (sh, sw), (ho, wo) = (
+            self.window.kernel,
+            self.window.dilation,
+            self.window.stride,
+            self.window.out_hw,
+        )
+        vflip = None
+        if vw is not None:  # [(o, tap flipped), (c, k)]
+            v5 = vw.reshape(k, o, c, kh, kw).flip(3, 4)
+            vflip = v5.permute(1, 3, 4, 2, 0).reshape(o * kh * kw, c * k)
+        dgf = dg.view(n, o, tn * k)
+        out = dg.new_empty(n, c, h, w, k)
+        wt = self.w2d.T
+        for blk in self._blocks(i * tn * k * dg.element_size()):
+            b = blk.stop - blk.start
+            cols = self.buffers.get("a", b, i, tn * k)
+            torch.matmul(wt, dgf[blk], out=cols)
+            cols7 = cols.view(b, c, kh, kw, ho, wo, k)
+            acc = self.buffers.get("b", b, c, h + 2 * ph, w + 2 * pw, k)
+            acc.zero_()
+            for ky in range(kh):
+                for kx in range(kw):
+                    acc[
+                        :,
+                        :,
+                        ky * dh : ky * dh + sh * (ho - 1) + 1 : sh,
+                        kx * dw : kx * dw + sw * (wo - 1) + 1 : sw,
+                    ] += cols7[:, :, ky, kx]
+            dst = out[blk]
+            dst.copy_(acc[:, :, ph : ph + h, pw : pw + w])
+            if vflip is not None:
+                r = self.buffers.get("d", b * h * w, c * k)
+                torch.mm(self._pg(blk), vflip, out=r)
+                dst += r.view(b, h, w, c, k).permute(0, 3, 1, 2, 4)
+        return out
+
+
+def _output_elements(layout: SequentialLayout, x: Tensor) -> int:
+    """The elements of one sample's layer outputs, all layers."""
+    total, h = 0, x[:1]
     with torch.no_grad():
         for module in layout.modules:
-            if isinstance(module, nn.Conv2d):
-                total += 2 * _conv_patches(module, h).numel()
             h = module(h)
-            total += 6 * h.numel()
-    return total * x.element_size()
+            total += h.numel()
+    return total
+
+
+def sequential_vector_bytes(layout: SequentialLayout, x: Tensor) -> int:
+    """Bytes one vector of :func:`sequential_hvp` holds per sample: every layer's
+    output twice (the tangents kept for the backward pass, cotangents, layout
+    copies; measured: about once on the benchmark CNN). Patches live in
+    buffers over blocks of samples, whatever the number of vectors."""
+    return (x[:1].numel() + 2 * _output_elements(layout, x)) * x.element_size()
+
+
+def sequential_sample_bytes(layout: SequentialLayout, x: Tensor) -> int:
+    """Bytes :func:`sequential_hvp` holds per sample whatever the number of
+    vectors: the batch's layer values and first-order cotangents."""
+    return (x[:1].numel() + 2 * _output_elements(layout, x)) * x.element_size()
 
 
 def sequential_hvp(
@@ -353,10 +633,12 @@ def sequential_hvp(
     y: Tensor,
     v: Tensor,
     chunk: int,
+    budget: int,
 ) -> Tensor:
     """``V H`` ``(K, P)`` for ``v`` ``(K, P)``: the Hessian of the mean over the
     batch of ``losses(output, y)`` (per-sample losses ``(N,)``), ``chunk``
-    vectors at a time."""
+    vectors at a time. ``budget`` (bytes) sizes the convolutions' scratch
+    buffers: each at most ``budget / 64``."""
     n = x.shape[0]
     modules = layout.modules
     # values z_l and cotangents g_l of the mean loss, by one autograd pass
@@ -370,13 +652,18 @@ def sequential_hvp(
     gs = [torch.zeros_like(z) if g is None else g.detach() for z, g in zip(zs[1:], gs)]
     out = torch.zeros_like(v)
     with torch.no_grad():  # the torch.func transforms inside still differentiate
-        rules = [
-            None if isinstance(m, (nn.Linear, nn.Conv2d)) else _rule(m, zs[i], zs[i + 1])
-            for i, m in enumerate(modules)
-        ]
+        steps: list[_Rule | _ConvBatch | None] = []
+        for i, m in enumerate(modules):
+            if isinstance(m, nn.Conv2d):
+                block = max(1, min(_BLOCK_BYTES, budget // 64))
+                steps.append(_ConvBatch.build(m, zs[i], gs[i], block))
+            elif isinstance(m, nn.Linear):
+                steps.append(None)
+            else:
+                steps.append(_rule(m, zs[i], zs[i + 1]))
         for lo in range(0, v.shape[0], chunk):
             _sequential_hvp_chunk(
-                layout, losses, zs, gs, rules, y, v[lo : lo + chunk], out[lo : lo + chunk]
+                layout, losses, zs, gs, steps, y, v[lo : lo + chunk], out[lo : lo + chunk]
             )
     return out
 
@@ -392,57 +679,67 @@ def _sequential_hvp_chunk(
     losses: Callable[[Tensor, Tensor], Tensor],
     zs: list[Tensor],
     gs: list[Tensor],
-    rules: list[_Rule | None],
+    steps: list[_Rule | _ConvBatch | None],
     y: Tensor,
     v: Tensor,
     out: Tensor,
 ) -> None:
+    """One chunk of :func:`sequential_hvp`. Tangents between convolutions,
+    pointwise layers and max pooling stay K-innermost (``(N, ..., K)``); other
+    layers take ``(K, N, ...)``, converted where the layout changes."""
     k, n = v.shape[0], zs[0].shape[0]
     modules = layout.modules
-    # forward tangents z'_l, (K, N, ...); None while zero
+    # forward tangents z'_l (None while zero); inner[l]: z'_l is K-innermost;
+    # used[l]: the input tangent of layer l in the layout the layer takes
     dz: list[Tensor | None] = [None]
+    inner = [False]
+    used: list[Tensor | None] = []
+    wants: list[bool] = []
     for i, module in enumerate(modules):
-        z_in, t_in = zs[i], dz[-1]
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        step = steps[i]
+        want = isinstance(step, _ConvBatch) or (
+            isinstance(step, _Rule) and step.inner_ok and inner[i]
+        )
+        t_in = dz[i]
+        if t_in is not None and want != inner[i]:
+            t_in = _to_inner(t_in) if want else _to_outer(t_in)
+        used.append(t_in)
+        wants.append(want)
+        vb_sl = layout.bias[i]
+        vb = None if vb_sl is None else v[:, vb_sl]
+        t_out: Tensor | None = None
+        if isinstance(step, _ConvBatch):
             vw = _weight_tangent(module, v, layout.weight[i])
-            vb = None if layout.bias[i] is None else v[:, layout.bias[i]]
-            t_out: Tensor | None = None
+            if t_in is not None or vw is not None or vb is not None:
+                t_out = step.forward(t_in, vw, vb, k)
+        elif isinstance(module, nn.Linear):
+            vw = _weight_tangent(module, v, layout.weight[i])
+            z_in = zs[i]
             if t_in is not None:
-                t_out = (
-                    module._conv_forward(_fold(t_in), module.weight, None)
-                    if isinstance(module, nn.Conv2d)
-                    else torch.nn.functional.linear(_fold(t_in), module.weight)
-                )
-                t_out = t_out.reshape(k, n, *t_out.shape[1:])
+                t_out = torch.nn.functional.linear(t_in, module.weight)
             if vw is not None:
-                if isinstance(module, nn.Conv2d):
-                    # the K weight tangents as one convolution with K*O filters
-                    filters = vw.reshape(k * vw.shape[1], *module.weight.shape[1:])
-                    term = _conv(module, z_in, filters)  # (N, K*O, H', W')
-                    term = term.reshape(n, k, -1, *term.shape[2:]).transpose(0, 1)
-                else:
-                    term = torch.einsum("koi,n...i->kn...o", vw, z_in)
+                term = torch.einsum("koi,n...i->kn...o", vw, z_in)
                 t_out = term if t_out is None else t_out + term
             if vb is not None:
-                shape = (
-                    (k, 1, -1, 1, 1)
-                    if isinstance(module, nn.Conv2d)
-                    else (k, *([1] * (zs[i + 1].ndim - 1)), -1)
-                )
-                term = vb.reshape(shape).expand(k, *zs[i + 1].shape)
-                t_out = term if t_out is None else t_out + term
-            dz.append(t_out)
+                term = vb.reshape(k, *([1] * (zs[i + 1].ndim - 1)), -1).expand(k, *zs[i + 1].shape)
+                # a copy where the term is alone: later layers may scale it in place
+                t_out = term.contiguous() if t_out is None else t_out + term
         elif t_in is None:
-            dz.append(None)
-        elif rules[i] is not None:
-            dz.append(rules[i].forward(t_in))  # type: ignore[union-attr]
+            pass
+        elif step is not None:
+            t_out = step.forward(t_in, want)
         else:
+            z_in = zs[i]
             t_out = jvp(module, (_expand(z_in, k),), (_fold(t_in),))[1]
-            dz.append(t_out.reshape(k, n, *t_out.shape[1:]))
+            t_out = t_out.reshape(k, n, *t_out.shape[1:])
+        dz.append(t_out)
+        inner.append(want if t_out is not None else False)
     # backward tangents g'_l, from the loss's second derivative at the output
     t_last = dz[-1]
     if t_last is None:  # no trainable parameter
         return
+    if inner[-1]:
+        t_last = _to_outer(t_last)
     y_rep = _expand(y, k)
 
     def out_grad(z: Tensor) -> Tensor:
@@ -450,99 +747,54 @@ def _sequential_hvp_chunk(
 
     dg_fold = jvp(out_grad, (_expand(zs[-1], k),), (_fold(t_last),))[1]
     dg = dg_fold.reshape(k, n, *dg_fold.shape[1:])
+    dg_inner = False  # the layout of dg
     for i in range(len(modules) - 1, -1, -1):
-        module, z_in, t_in, g_out = modules[i], zs[i], dz[i], gs[i]
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        module, step, t_in, g_out, want = modules[i], steps[i], used[i], gs[i], wants[i]
+        # every layer takes its output's cotangent in the layout of its input
+        if dg_inner != want:
+            dg = _to_inner(dg) if want else _to_outer(dg)
+            dg_inner = want
+        if isinstance(step, _ConvBatch):
             vw = _weight_tangent(module, v, layout.weight[i])
-            is_conv = isinstance(module, nn.Conv2d)
             if layout.weight[i] is not None:
-                if is_conv:
-                    # weight gradients by the convolution's own backward: z_in against
-                    # the K cotangents as K*O output channels, and the K input
-                    # tangents as K*C input channels against g_out
-                    geo = _geometry(module)
-                    o, rest = module.weight.shape[0], module.weight.shape[1:]
-                    hw = conv2d_weight(
-                        z_in,
-                        (k * o, *rest),
-                        dg.transpose(0, 1).reshape(n, k * o, *dg.shape[3:]),
-                        stride=geo["stride"],
-                        padding=geo["padding"],
-                        dilation=geo["dilation"],
-                    ).reshape(k, o, -1)
-                    if t_in is not None:
-                        cross = conv2d_weight(
-                            t_in.transpose(0, 1).reshape(n, k * rest[0], *t_in.shape[3:]),
-                            (o, k * rest[0], *rest[1:]),
-                            g_out,
-                            stride=geo["stride"],
-                            padding=geo["padding"],
-                            dilation=geo["dilation"],
-                        )
-                        hw = hw + cross.reshape(o, k, -1).transpose(0, 1)
-                else:
-                    hw = torch.einsum("kn...o,n...i->koi", dg, z_in)
-                    if t_in is not None:
-                        hw = hw + torch.einsum("n...o,kn...i->koi", g_out, t_in)
+                out[:, layout.weight[i]] = step.weight_grad(dg, t_in).reshape(k, -1)
+            if layout.bias[i] is not None:
+                out[:, layout.bias[i]] = dg.sum(dim=(0, 2, 3)).T
+            if i == 0:
+                break
+            dg = step.input_grad(dg, vw)
+        elif isinstance(module, nn.Linear):
+            vw = _weight_tangent(module, v, layout.weight[i])
+            z_in = zs[i]
+            if layout.weight[i] is not None:
+                hw = torch.einsum("kn...o,n...i->koi", dg, z_in)
+                if t_in is not None:
+                    hw = hw + torch.einsum("n...o,kn...i->koi", g_out, t_in)
                 out[:, layout.weight[i]] = hw.reshape(k, -1)
             if layout.bias[i] is not None:
-                dims = (
-                    (1, 3, 4)
-                    if is_conv
-                    else tuple(d for d in range(1, dg.ndim) if d != dg.ndim - 1)
-                )
+                dims = tuple(d for d in range(1, dg.ndim) if d != dg.ndim - 1)
                 out[:, layout.bias[i]] = dg.sum(dim=dims)
             if i == 0:
                 break
-            # g'_{l-1} = W^T g'_l + V^T g_l
-            if is_conv:
-                in_shape = (k * n, *z_in.shape[1:])
-                geo = _geometry(module)
-                new = conv2d_input(
-                    in_shape,
-                    module.weight,
-                    _fold(dg),
-                    stride=geo["stride"],
-                    padding=geo["padding"],
-                    dilation=geo["dilation"],
-                )
-                dg = new.reshape(k, n, *z_in.shape[1:])
-                if vw is not None:
-                    # V_k^T g_out for every k: the input gradient of one convolution
-                    # with the K weight tangents stacked along its input channels
-                    c = z_in.shape[1]
-                    stacked = (
-                        vw.reshape(k, vw.shape[1], c, -1)
-                        .transpose(0, 1)
-                        .reshape(vw.shape[1], k * c, *module.weight.shape[2:])
-                    )
-                    back = conv2d_input(
-                        (n, k * c, *z_in.shape[2:]),
-                        stacked,
-                        g_out,
-                        stride=geo["stride"],
-                        padding=geo["padding"],
-                        dilation=geo["dilation"],
-                    )
-                    dg = dg + back.reshape(n, k, *z_in.shape[1:]).transpose(0, 1)
-            else:
-                new = dg @ module.weight
-                if vw is not None:
-                    new = new + torch.einsum("koi,n...o->kn...i", vw, g_out)
-                dg = new
+            new = dg @ module.weight
+            if vw is not None:
+                new = new + torch.einsum("koi,n...o->kn...i", vw, g_out)
+            dg = new
         else:
             if i == 0:
                 break
-            rule = rules[i]
-            if rule is not None:
-                dg = rule.backward(dg, t_in, g_out)
-                continue
-            g_rep = _expand(g_out, k)
-            z_rep = _expand(z_in, k)
-            t_fold = torch.zeros_like(z_rep) if t_in is None else _fold(t_in)
+            if step is not None:
+                dg = step.backward(dg, t_in, g_out, want)
+            else:
+                z_in = zs[i]
+                g_rep = _expand(g_out, k)
+                z_rep = _expand(z_in, k)
+                t_fold = torch.zeros_like(z_rep) if t_in is None else _fold(t_in)
 
-            def pull(z: Tensor, g: Tensor, f: nn.Module = module) -> Tensor:
-                return vjp(f, z)[1](g)[0]
+                def pull(z: Tensor, g: Tensor, f: nn.Module = module) -> Tensor:
+                    return vjp(f, z)[1](g)[0]
 
-            new = jvp(pull, (z_rep, g_rep), (t_fold, _fold(dg)))[1]
-            dg = new.reshape(k, n, *z_in.shape[1:])
+                new = jvp(pull, (z_rep, g_rep), (t_fold, _fold(dg)))[1]
+                dg = new.reshape(k, n, *z_in.shape[1:])
+        # dg is now the input cotangent in the layout the layer took
+        dg_inner = want

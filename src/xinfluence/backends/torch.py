@@ -844,21 +844,24 @@ class TorchGradientProvider(GradientProvider):
                 return None
         layout, x, y = self._conv_layout, batch.x, batch.y
         n = int(x.shape[0])
-        per_sample = max(_conv.sequential_vector_bytes(layout, x), 1)
+        per_vector = max(_conv.sequential_vector_bytes(layout, x), 1)
+        fixed = _conv.sequential_sample_bytes(layout, x)
         budget = memory_budget()
         # Samples per pass: the whole batch unless one vector over it exceeds the
         # budget; then sub-batches, whose mean-loss Hessians are averaged.
-        rows = n if self.chunk_size is not None else max(1, min(n, budget // per_sample))
-        chunk = self.chunk_size or max(1, budget // (rows * per_sample))
+        rows = n if self.chunk_size is not None else max(1, min(n, budget // (fixed + per_vector)))
+        chunk = self.chunk_size or max(1, (budget - rows * fixed) // (rows * per_vector))
 
         def matmat(w: Tensor) -> Tensor:
             with _FORWARD_AD_LOCK:  # forward-mode levels are global to the process
                 if rows >= n:
-                    return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk)
+                    return _conv.sequential_hvp(layout, self._output_losses, x, y, w, chunk, budget)
                 total: Tensor | None = None
                 for lo in range(0, n, rows):
                     xs, ys = x[lo : lo + rows], y[lo : lo + rows]
-                    part = _conv.sequential_hvp(layout, self._output_losses, xs, ys, w, chunk)
+                    part = _conv.sequential_hvp(
+                        layout, self._output_losses, xs, ys, w, chunk, budget
+                    )
                     part.mul_(xs.shape[0] / n)
                     total = part if total is None else total.add_(part)
                 assert total is not None
