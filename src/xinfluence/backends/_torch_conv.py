@@ -72,7 +72,9 @@ def conv_supported(module: nn.Module) -> bool:
 
 
 def unfold_input(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """The input patches of ``x`` ``(N, C, H, W)``: ``(N, T, C*kh*kw)``."""
+    """The input patches of ``x`` ``(N, C, H, W)``: ``(N, T, C*kh*kw)``, in the
+    order of :func:`torch.nn.functional.unfold` (detached: a strided copy,
+    several times faster than ``unfold`` for float64 on the CPU)."""
     if x.ndim != 4:
         raise ValueError(
             f"expected a Conv2d input of shape (N, C, H, W), got {tuple(x.shape)} "
@@ -80,14 +82,14 @@ def unfold_input(module: nn.Conv2d, x: Tensor) -> Tensor:
         )
     pad = _padding(module)
     assert pad is not None  # conv_supported was checked
-    cols = torch.nn.functional.unfold(
-        x,
-        module.kernel_size,
-        dilation=module.dilation,
-        padding=pad,
-        stride=module.stride,
-    )
-    return cols.transpose(1, 2)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    n, c, h, w = x.shape
+    ho = (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
+    window = _Window((kh, kw), (dh, dw), (sh, sw), (ho, wo))
+    xp = torch.nn.functional.pad(x.detach(), (pad[1], pad[1], pad[0], pad[0]))
+    out = x.new_empty(n, ho, wo, c, kh, kw)
+    return window.patches(xp, out, positions_first=True).view(n, ho * wo, c * kh * kw)
 
 
 def output_grads(grad_out: Tensor) -> Tensor:
