@@ -253,9 +253,9 @@ class TorchGradientProvider(GradientProvider):
     ``nn.Sequential`` models of ``nn.Conv2d`` (``groups=1``, zero padding),
     ``nn.Linear`` and parameter-free layers (activations, pooling, flatten) get
     their products with several vectors from per-layer forward-over-reverse
-    products with the vectors folded into the batch (unfolded input patches for
-    the convolutions; :mod:`xinfluence.backends._torch_conv`), checked once
-    against autodiff; other models take the general path.
+    products, the convolutions as matrix products over the patches of all the
+    vectors' tangents at once (:mod:`xinfluence.backends._torch_conv`), checked
+    once against autodiff; other models take the general path.
 
     For EK-FAC, :meth:`kfac_layers` and :meth:`kfac_factors` expose the inputs
     and output gradients of the model's ``nn.Linear`` layers and the unfolded
