@@ -515,7 +515,10 @@ class _ConvBatch:
         c, (kh, kw) = self.in_shape[0], self.window.kernel
         out = self.z.new_empty(n, o, tn, k)
         vmat = None if vw is None else vw.permute(2, 1, 0).reshape(i, o * k)  # [i, (o, k)]
-        for blk in self._blocks(i * tn * k * out.element_size()):
+        (ph, pw), (_, h, w) = self.padding, self.in_shape
+        # per sample: patches and bordered copy of t_in, pz, the V_k * z rows
+        per_sample = tn * (i * k + i + o * k) + c * (h + 2 * ph) * (w + 2 * pw) * k
+        for blk in self._blocks(per_sample * out.element_size()):
             b, dst = blk.stop - blk.start, out[blk]
             if t_in is not None:
                 buf = self.buffers.get("a", b, c, kh, kw, *self.window.out_hw, k)
@@ -580,7 +583,11 @@ class _ConvBatch:
         dgf = dg.view(n, o, tn * k)
         out = dg.new_empty(n, c, h, w, k)
         wt = self.w2d.T
-        for blk in self._blocks(i * tn * k * dg.element_size()):
+        # per sample: patch cotangents, the bordered image, pg, the V_k^T g rows
+        per_sample = (
+            i * tn * k + c * (h + 2 * ph) * (w + 2 * pw) * k + h * w * (o * kh * kw + c * k)
+        )
+        for blk in self._blocks(per_sample * dg.element_size()):
             b = blk.stop - blk.start
             cols = self.buffers.get("a", b, i, tn * k)
             torch.matmul(wt, dgf[blk], out=cols)
@@ -614,18 +621,15 @@ def _output_elements(layout: SequentialLayout, x: Tensor) -> int:
     return total
 
 
-def sequential_vector_bytes(layout: SequentialLayout, x: Tensor) -> int:
-    """Bytes one vector of :func:`sequential_hvp` holds per sample: every layer's
-    output twice (the tangents kept for the backward pass, cotangents, layout
-    copies; measured: about once on the benchmark CNN). Patches live in
-    buffers over blocks of samples, whatever the number of vectors."""
-    return (x[:1].numel() + 2 * _output_elements(layout, x)) * x.element_size()
-
-
-def sequential_sample_bytes(layout: SequentialLayout, x: Tensor) -> int:
-    """Bytes :func:`sequential_hvp` holds per sample whatever the number of
-    vectors: the batch's layer values and first-order cotangents."""
-    return (x[:1].numel() + 2 * _output_elements(layout, x)) * x.element_size()
+def sequential_bytes(layout: SequentialLayout, x: Tensor) -> tuple[int, int]:
+    """Bytes :func:`sequential_hvp` holds per sample: ``(per vector, fixed)``.
+    Per vector, the input and every layer's output twice (the tangents kept for
+    the backward pass, cotangents, layout copies; measured: about once on the
+    benchmark CNN); patches live in buffers over blocks of samples, whatever the
+    number of vectors. Fixed, as much again: the batch's layer values and
+    first-order cotangents."""
+    total = (x[:1].numel() + 2 * _output_elements(layout, x)) * x.element_size()
+    return total, total
 
 
 def sequential_hvp(

@@ -844,8 +844,8 @@ class TorchGradientProvider(GradientProvider):
                 return None
         layout, x, y = self._conv_layout, batch.x, batch.y
         n = int(x.shape[0])
-        per_vector = max(_conv.sequential_vector_bytes(layout, x), 1)
-        fixed = _conv.sequential_sample_bytes(layout, x)
+        per_vector, fixed = _conv.sequential_bytes(layout, x)
+        per_vector = max(per_vector, 1)
         budget = memory_budget()
         # Samples per pass: the whole batch unless one vector over it exceeds the
         # budget; then sub-batches, whose mean-loss Hessians are averaged.
