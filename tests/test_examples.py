@@ -34,6 +34,28 @@ def test_every_example_is_listed():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
 
 
+THREADED = ["torch_mlp_digits.py", "torch_cnn.py"]  # take --threads, as xinfluence demo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", THREADED)
+def test_torch_examples_take_threads(script):
+    if BACKEND != "torch":
+        pytest.skip("runs in the torch session")
+    if not EXAMPLES.exists():
+        pytest.skip("examples/ not found (installed package)")
+    for m in CASES[script][1]:
+        pytest.importorskip(m)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--threads" in proc.stdout and "default 1" in proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs(script):
