@@ -388,6 +388,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subset(shown: int, total: int) -> str:
+    return f"all {total}" if shown == total else f"the first {shown} of {total}"
+
+
 def _plots(values: Any, out: Path) -> None:
     from ._report import pyplot
 
@@ -425,13 +429,9 @@ def _plots(values: Any, out: Path) -> None:
     clipped = int(np.count_nonzero(finite > lim))
     fig, ax = plt.subplots(figsize=(10, 3.5))
     im = ax.imshow(shown, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
-    subset = (
-        "all" if (rows_shown, cols_shown) == (n_test, n) else f"the first {rows_shown} of {n_test}"
-    )
     ax.set_title(
-        f"influence I[t, j]: {subset} test points x "
-        + ("all" if cols_shown == n else "the first")
-        + f" {cols_shown} of {n} training points",
+        f"influence I[t, j]: {_subset(rows_shown, n_test)} test points x "
+        f"{_subset(cols_shown, n)} training points",
         fontsize=10,
     )
     ax.set_xlabel("training point")
