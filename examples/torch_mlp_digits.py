@@ -34,6 +34,7 @@ parser.add_argument(
 args = parser.parse_args()
 if args.threads > 0:
     torch.set_num_threads(args.threads)
+print(f"torch threads: {torch.get_num_threads()}")
 
 torch.manual_seed(0)
 x, y = load_digits(return_X_y=True)
