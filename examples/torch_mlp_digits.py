@@ -11,7 +11,10 @@ loss plus (lambda / 2)|theta|^2, so H + lambda I is the Hessian of the training
 objective, positive definite at a minimum.
 
 Run: python examples/torch_mlp_digits.py   (needs torch and scikit-learn)
+     --threads N: torch threads (default 1; 0 keeps torch's default, one per core)
 """
+
+import argparse
 
 import numpy as np
 import torch
@@ -19,6 +22,19 @@ from sklearn.datasets import load_digits
 
 import xinfluence as xi
 from xinfluence.backends.torch import TorchGradientProvider
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument(
+    "--threads",
+    type=int,
+    default=1,
+    help="torch threads (default 1: a model this small only loses time to thread "
+    "contention, on a shared machine badly; 0 keeps torch's default, one per core)",
+)
+args = parser.parse_args()
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
+print(f"torch threads: {torch.get_num_threads()}")
 
 torch.manual_seed(0)
 x, y = load_digits(return_X_y=True)

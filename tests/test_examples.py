@@ -34,6 +34,9 @@ def test_every_example_is_listed():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
 
 
+THREADED = ["torch_mlp_digits.py", "torch_cnn.py"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs(script):
@@ -47,11 +50,15 @@ def test_example_runs(script):
         pytest.skip(f"needs {', '.join(missing)}")
     env = dict(os.environ)  # the same xinfluence as the tests (installed or PYTHONPATH)
     env.setdefault("OMP_NUM_THREADS", "1")  # small models: threads only contend
+    # the torch examples take --threads, as xinfluence demo, and print what they use
+    extra = ["--threads", "1"] if script in THREADED else []
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script)],
+        [sys.executable, str(EXAMPLES / script), *extra],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if script in THREADED:
+        assert "torch threads: 1\n" in proc.stdout

@@ -388,6 +388,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subset(shown: int, total: int) -> str:
+    return f"all {total}" if shown == total else f"the first {shown} of {total}"
+
+
 def _plots(values: Any, out: Path) -> None:
     from ._report import pyplot
 
@@ -416,13 +420,28 @@ def _plots(values: Any, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "distribution.png", dpi=90)
     plt.close(fig)
-    shown = np.asarray(values[: min(n_test, 50), : min(n, 400)], dtype=np.float64)
+    rows_shown, cols_shown = min(n_test, 50), min(n, 400)
+    shown = np.asarray(values[:rows_shown, :cols_shown], dtype=np.float64)
+    # a robust symmetric scale: a few outliers would otherwise wash out the rest
+    finite = np.abs(shown[np.isfinite(shown)])
+    lim = float(np.percentile(finite, 99)) if finite.size else 0.0
+    lim = lim or (float(finite.max()) if finite.size else 0.0) or 1.0
+    clipped = int(np.count_nonzero(finite > lim))
     fig, ax = plt.subplots(figsize=(10, 3.5))
-    lim = float(np.nanmax(np.abs(shown))) or 1.0
-    im = ax.imshow(shown, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
+    im = ax.imshow(shown, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.set_title(
+        f"influence I[t, j]: {_subset(rows_shown, n_test)} test points x "
+        f"{_subset(cols_shown, n)} training points",
+        fontsize=10,
+    )
     ax.set_xlabel("training point")
     ax.set_ylabel("test point")
-    fig.colorbar(im, ax=ax, label="influence")
+    fig.colorbar(
+        im,
+        ax=ax,
+        extend="both" if clipped else "neither",
+        label=f"influence, clipped at ±{lim:.3g}\n(99th percentile of |I|; {clipped} pairs beyond)",
+    )
     fig.tight_layout()
     fig.savefig(out / "matrix.png", dpi=90)
     plt.close(fig)
