@@ -198,16 +198,36 @@ def _as_arrays(data: Any, what: str) -> tuple[Any, Any]:
 def cmd_compute(args: argparse.Namespace) -> int:
     import xinfluence as xi
 
+    from ..compute import StoreDamagedError, StoreLockedError, StoreMismatchError, _store
+
     if args.top_k < 0:
         raise CliError(f"--top-k must be >= 0, got {args.top_k}")
     kwargs = parse_options(args.method, args.option, args)
     gp, train, test = load_recipe(args.recipe)
     model = getattr(xi, METHODS[args.method])(gp, **kwargs)
+
+    def cli_error(exc: Exception) -> CliError:
+        return CliError(str(exc).replace("overwrite=True", "--overwrite"))
+
+    # before the fit: what the path and the options alone decide
+    try:
+        if args.scheduler is not None:
+            _store.check_overwritable(Path(args.out))
+        else:
+            _store.precheck(
+                str(args.out),
+                _store.options_fingerprint(model, "influences", "up"),
+                overwrite=args.overwrite,
+            )
+    except StoreMismatchError as exc:
+        raise cli_error(exc) from exc
     t0 = time.perf_counter()
     print(f"fitting {type(model).__name__} ({gp.n_parameters} parameters) ...", flush=True)
     model.fit(train)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    computed: int | None = None
+    resumed = 0
     if args.scheduler is not None:
         values = _compute_dask(model, train, test, args)
     else:
@@ -219,18 +239,42 @@ def cmd_compute(args: argparse.Namespace) -> int:
             test_chunk_size=args.test_chunk_size,
             train_chunk_size=args.train_chunk_size,
         )
-        from ..compute import StoreMismatchError
-
+        lazy = calc.influences(test, train)
         try:
-            values = calc.influences(test, train).to_zarr(str(args.out), overwrite=args.overwrite)
-        except StoreMismatchError as exc:
-            raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+            values = lazy.to_zarr(str(args.out), overwrite=args.overwrite)
+        except (StoreMismatchError, StoreLockedError, StoreDamagedError) as exc:
+            raise cli_error(exc) from exc
+        computed, resumed = lazy.blocks_computed, lazy.blocks_resumed
     run_s = time.perf_counter() - t0
     import zarr
 
     group = zarr.open_group(str(args.out), mode="a")
+    previous: dict[str, Any] = dict(group.attrs.get(CLI_ATTRS, {}))  # type: ignore[arg-type]
+    if computed == 0:
+        # a finished store: the stored timings stay those of the runs that computed
+        if args.top_k and previous.get("top_k") != args.top_k:
+            _write_top_k(group, args.top_k)
+            group.attrs[CLI_ATTRS] = {**previous, "top_k": args.top_k}
+        print(
+            f"nothing to compute: all {resumed} blocks of {args.out} are done "
+            f"({tuple(values.shape)}; stored timings kept)"
+        )
+        return 0
     if args.top_k:
         _write_top_k(group, args.top_k)
+    runs = list(previous.get("runs", [])) if computed is not None else []
+    runs.append(
+        {
+            "started": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - fit_s - run_s)
+            ),
+            "fit_seconds": round(fit_s, 3),
+            "influence_seconds": round(run_s, 3),
+            "blocks_computed": computed,
+            "blocks_resumed": resumed,
+            "scheduler": args.scheduler,
+        }
+    )
     group.attrs[CLI_ATTRS] = {
         "recipe": args.recipe,
         "method": args.method,
@@ -238,12 +282,15 @@ def cmd_compute(args: argparse.Namespace) -> int:
         "options": {k: _jsonable(v) for k, v in kwargs.items()},
         "scheduler": args.scheduler,
         "top_k": args.top_k,
-        "fit_seconds": round(fit_s, 3),
-        "influence_seconds": round(run_s, 3),
+        # totals over the runs that computed blocks (an interrupted run, its resumptions)
+        "fit_seconds": round(sum(r["fit_seconds"] for r in runs), 3),
+        "influence_seconds": round(sum(r["influence_seconds"] for r in runs), 3),
+        "runs": runs,
     }
+    how = f", resumed: {resumed} blocks were done, {computed} computed" if resumed else ""
     print(
         f"wrote influences {tuple(values.shape)} to {args.out} "
-        f"(fit {fit_s:.1f} s, influences {run_s:.1f} s)"
+        f"(fit {fit_s:.1f} s, influences {run_s:.1f} s{how})"
     )
     return 0
 
@@ -274,12 +321,21 @@ def _compute_dask(model: Any, train: Any, test: Any, args: argparse.Namespace) -
     xt, yt = chunked(test, "test_data", args.test_chunk_size)
     import zarr
 
-    if Path(args.out).exists() and not args.overwrite:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CliError(f"{args.out} exists: a dask run does not resume; pass --overwrite")
+    from ..compute import _store
+
+    try:
+        _store.check_overwritable(out)  # again: the fit took time
+    except _store.StoreMismatchError as exc:
+        raise CliError(str(exc)) from exc
     with Client(args.scheduler) as client:
         # the provider's namespace: chunks go to the model as the recipe's arrays
         lazy = DaskInfluenceCalculator(model, client=client).influences(xt, yt, x, y)
         group = zarr.open_group(str(args.out), mode="w")
+        # marks the store as xinfluence's before any block (so --overwrite may replace it)
+        group.attrs[CLI_ATTRS] = {"scheduler": args.scheduler, "finished": False}
         lazy.to_zarr(group.store, component="values", overwrite=True)
     return zarr.open_group(str(args.out), mode="r")["values"]
 
@@ -359,7 +415,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"options: {json.dumps(cli.get('options', {}), sort_keys=True)}")
         print(
             f"timings: fit {cli.get('fit_seconds')} s, influences {cli.get('influence_seconds')} s"
+            + (f" (over {len(cli['runs'])} runs)" if len(cli.get("runs", [])) > 1 else "")
         )
+        if len(cli.get("runs", [])) > 1:
+            for n_run, run in enumerate(cli["runs"], 1):
+                print(
+                    f"  run {n_run} ({run.get('started')}): fit {run.get('fit_seconds')} s, "
+                    f"influences {run.get('influence_seconds')} s, "
+                    f"{run.get('blocks_computed')} blocks computed"
+                )
     if fingerprint:
         print(f"provider: {model.get('provider')}, mode {fingerprint.get('mode')}")
         done = len(list(group["done"].group_keys())) if "done" in group else None
@@ -371,9 +435,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CliError(f"--top-k must be >= 1, got {args.top_k}")
     k = min(args.top_k, n)
     shown = min(args.rows, n_test)
-    block = np.asarray(values[:shown], dtype=np.float64)
+    if fingerprint:
+        # a calculator's store: every block read is checked against its checksum
+        from ..compute import StoreDamagedError, open_influences
+
+        try:
+            block = np.asarray(open_influences(str(args.store))[:shown], dtype=np.float64)
+        except StoreDamagedError as exc:
+            raise CliError(str(exc).replace("the computation", "the compute command")) from exc
+    else:
+        block = np.asarray(values[:shown], dtype=np.float64)
     if np.isnan(block).any():
-        print("note: the store is incomplete (NaN blocks): rerun the compute command to resume")
+        print("note: the store is incomplete (NaN blocks): rerun the compute command")
     print(f"top {k} training points (index: score) for the first {shown} test points:")
     for t in range(shown):
         row = block[t]
