@@ -172,7 +172,7 @@ def _diff(stored: Any, now: Any, path: str = "") -> list[str]:
 def _uniform(d: dict[str, Any]) -> bool:
     values = [json.dumps(v, sort_keys=True) for v in d.values()]
     return (
-        len(values) > 1 and len(set(values)) == 1 and not isinstance(next(iter(d.values())), dict)
+        len(values) >= 1 and len(set(values)) == 1 and not isinstance(next(iter(d.values())), dict)
     )
 
 
