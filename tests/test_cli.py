@@ -340,3 +340,51 @@ def test_compute_resume_keeps_every_run_and_checks_options_before_the_fit(recipe
     assert main(["report", str(store)]) == 1
     err = capsys.readouterr().err
     assert "block (0, 1)" in err and err.count("\n") == 1
+
+
+@numpy_session
+def test_compute_on_a_dask_scheduler_resumes(tmp_path, capsys):
+    pytest.importorskip("zarr")
+    distributed = pytest.importorskip("distributed")
+    import zarr
+
+    import xinfluence as xi
+
+    path = tmp_path / "arrays.py"
+    path.write_text(
+        RECIPE.replace("return gp, train, (x[:7], y[:7])", "return gp, (x, y), (x[:7], y[:7])")
+    )
+    store = tmp_path / "dask.zarr"
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        args = ["compute", f"{path}:build", "--method", "direct", "--regularization", "1e-3"]
+        args += ["--scheduler", cluster.scheduler_address, "--train-chunk-size", "20"]
+        args += ["--test-chunk-size", "4", "--out", str(store)]
+        assert main(args) == 0  # 2 x 3 blocks
+        group = zarr.open_group(str(store), mode="r")
+        assert sorted(group["done"].group_keys()) == [f"{i}.{j}" for i in (0, 1) for j in (0, 1, 2)]
+        values = np.asarray(group["values"][...])
+        (store / "values" / "c" / "0" / "1").unlink()
+        capsys.readouterr()
+        with pytest.warns(UserWarning, match=r"block \(0, 1\)"):
+            assert main(args) == 0
+        captured = capsys.readouterr()
+        assert "resuming: 5 of 6 blocks done" in captured.err
+        assert (
+            " 5/6 [" in captured.err and "resumed: 5 blocks were done, 1 computed" in captured.out
+        )
+        assert main(args) == 0
+        assert "nothing to compute: all 6 blocks" in capsys.readouterr().out
+        runs = zarr.open_group(str(store), mode="r").attrs["xinfluence_cli"]["runs"]
+        assert [r["blocks_computed"] for r in runs] == [6, 1]
+        # the same store without the scheduler is another computation (other digests)
+        assert main(args[:6] + args[8:]) == 1
+        assert "runner: store 'dask', now None" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(store))["values"][...]), values)
+    ns: dict = {}
+    exec(RECIPE, ns)
+    x, y = ns["x"], ns["y"]
+    gp = ns["build"]()[0]
+    ref = xi.DirectInfluence(gp, regularization=1e-3).fit((x, y)).influences(x[:7], y[:7], x, y)
+    np.testing.assert_allclose(values, ref, rtol=1e-12, atol=0)

@@ -89,7 +89,11 @@ def add_compute_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--scheduler",
         default=None,
         metavar="ADDRESS",
-        help="run on a dask.distributed scheduler (needs arrays, not iterables)",
+        help=(
+            "run the blocks as tasks on a dask.distributed scheduler (the recipe must return "
+            "(x, y) arrays, not iterables); this process writes each finished block, so the "
+            "store resumes and shows progress as a sequential run does"
+        ),
     )
     p.add_argument("--test-chunk-size", type=int, default=None, help="test samples per block")
     p.add_argument("--train-chunk-size", type=int, default=None, help="training samples per block")
@@ -211,14 +215,10 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
     # before the fit: what the path and the options alone decide
     try:
+        options = _store.options_fingerprint(model, "influences", "up")
         if args.scheduler is not None:
-            _store.check_overwritable(Path(args.out))
-        else:
-            _store.precheck(
-                str(args.out),
-                _store.options_fingerprint(model, "influences", "up"),
-                overwrite=args.overwrite,
-            )
+            options["runner"] = "dask"
+        _store.precheck(str(args.out), options, overwrite=args.overwrite)
     except StoreMismatchError as exc:
         raise cli_error(exc) from exc
     t0 = time.perf_counter()
@@ -226,10 +226,9 @@ def cmd_compute(args: argparse.Namespace) -> int:
     model.fit(train)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    computed: int | None = None
-    resumed = 0
+    computed, resumed = 0, 0
     if args.scheduler is not None:
-        values = _compute_dask(model, train, test, args)
+        values, computed, resumed = _compute_dask(model, train, test, args)
     else:
         from ..compute import SequentialInfluenceCalculator
 
@@ -262,7 +261,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
         return 0
     if args.top_k:
         _write_top_k(group, args.top_k)
-    runs = list(previous.get("runs", [])) if computed is not None else []
+    runs = list(previous.get("runs", []))
     runs.append(
         {
             "started": time.strftime(
@@ -299,45 +298,121 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
-def _compute_dask(model: Any, train: Any, test: Any, args: argparse.Namespace) -> Any:
+def _compute_dask(
+    model: Any, train: Any, test: Any, args: argparse.Namespace
+) -> tuple[Any, int, int]:
+    """Blocks as dask tasks on the scheduler, written by this process as they
+    finish into a calculator store (done flags, checksums, resumable, a progress
+    bar). Returns the values, the blocks computed and the blocks already done."""
     try:
         import dask.array as da
-        from dask.distributed import Client
+        from dask.distributed import Client, as_completed
     except ImportError as exc:
         raise CliError(
             "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
         ) from exc
-    from .. import _xp
-    from ..compute import DaskInfluenceCalculator
+    import warnings
 
-    def chunked(data: Any, what: str, rows: int | None) -> tuple[Any, Any]:
-        x, y = (_xp.to_numpy(a) for a in _as_arrays(data, what))
-        n = rows or max(1, min(len(x), 1024))
-        return da.from_array(x, chunks=(n, *x.shape[1:])), da.from_array(
-            y, chunks=(n, *y.shape[1:])
-        )
+    from .. import _chunking, _xp
+    from ..compute import DaskInfluenceCalculator, _store
+    from ..compute._progress import note, progress_bar
+    from ..types import Batch
 
-    x, y = chunked(train, "train_data", args.train_chunk_size)
-    xt, yt = chunked(test, "test_data", args.test_chunk_size)
-    import zarr
-
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CliError(f"{args.out} exists: a dask run does not resume; pass --overwrite")
-    from ..compute import _store
-
+    (x0, y0), (xt0, yt0) = _as_arrays(train, "train_data"), _as_arrays(test, "test_data")
+    x, y, xt, yt = (_xp.to_numpy(a) for a in (x0, y0, xt0, yt0))
+    rows = args.train_chunk_size or max(1, min(len(x), 1024))
+    rows_t = args.test_chunk_size or max(1, min(len(xt), 1024))
+    fingerprint = {
+        **_store.options_fingerprint(model, "influences", "up"),
+        "runner": "dask",
+        "trailing": [],
+        "test_rows": rows_t,
+        "train_rows": rows,
+    }
     try:
-        _store.check_overwritable(out)  # again: the fit took time
-    except _store.StoreMismatchError as exc:
-        raise CliError(str(exc)) from exc
-    with Client(args.scheduler) as client:
-        # the provider's namespace: chunks go to the model as the recipe's arrays
-        lazy = DaskInfluenceCalculator(model, client=client).influences(xt, yt, x, y)
-        group = zarr.open_group(str(args.out), mode="w")
-        # marks the store as xinfluence's before any block (so --overwrite may replace it)
-        group.attrs[CLI_ATTRS] = {"scheduler": args.scheduler, "finished": False}
-        lazy.to_zarr(group.store, component="values", overwrite=True)
-    return zarr.open_group(str(args.out), mode="r")["values"]
+        bs = _store.open_store(str(args.out), fingerprint, overwrite=args.overwrite)
+    except (_store.StoreMismatchError, _store.StoreLockedError) as exc:
+        raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+    try:
+        gp = model.gradient_provider
+        mapper = model._fitted_mapper()
+        one = gp.prepare_batch(Batch(xt0[:1, ...], yt0[:1, ...]))
+        factors = mapper.transformed_grads(one)
+        probe = np.ravel(np.concatenate([_xp.to_numpy(v) for v in factors.values()], axis=-1))
+        one = gp.prepare_batch(Batch(x0[:1, ...], y0[:1, ...]))
+        try:
+            bs.check_probe("probe_test", probe, "another model, other parameters or another fit")
+            bs.check_probe(
+                "probe_train",
+                np.ravel(_xp.to_numpy(gp.flat_grads(one))),
+                "other training data or other parameters",
+            )
+        except _store.StoreMismatchError as exc:
+            raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+        damaged = bs.drop_damaged()
+        if damaged:
+            shown = "; ".join(f"block {k}: {why}" for k, why in damaged[:5])
+            warnings.warn(
+                f"{len(damaged)} finished block(s) of the store are damaged and are "
+                f"recomputed ({shown})",
+                UserWarning,
+                stacklevel=2,
+            )
+        n_i, n_j = -(-len(xt) // rows_t), -(-len(x) // rows)
+
+        def span(k: int, size: int, n: int) -> tuple[int, int]:
+            return k * size, min((k + 1) * size, n)
+
+        test_digests = [
+            _chunking.digest(Batch(*(a[slice(*span(i, rows_t, len(xt)))] for a in (xt, yt))))
+            for i in range(n_i)
+        ]
+        train_digests = [
+            _chunking.digest(Batch(*(a[slice(*span(j, rows, len(x)))] for a in (x, y))))
+            for j in range(n_j)
+        ]
+        todo = [
+            (i, j)
+            for i in range(n_i)
+            for j in range(n_j)
+            if not bs.check_done(i, j, test_digests[i], train_digests[j])
+        ]
+        resumed = n_i * n_j - len(todo)
+        progress = not args.no_progress
+        if resumed:
+            note(progress, f"resuming: {resumed} of {n_i * n_j} blocks done")
+        chunks = (min(rows_t, len(xt)), min(rows, len(x)))
+        if todo:
+            dx = da.from_array(x, chunks=(rows, *x.shape[1:]))
+            dy = da.from_array(y, chunks=(rows, *y.shape[1:]))
+            dxt = da.from_array(xt, chunks=(rows_t, *xt.shape[1:]))
+            dyt = da.from_array(yt, chunks=(rows_t, *yt.shape[1:]))
+            bar = progress_bar(progress, total=n_i * n_j, desc="dask", initial=resumed)
+            try:
+                with Client(args.scheduler) as client:
+                    lazy = DaskInfluenceCalculator(model, client=client).influences(
+                        dxt, dyt, dx, dy
+                    )
+                    futures = client.compute([lazy.blocks[i, j] for i, j in todo])
+                    where = {f.key: ij for f, ij in zip(futures, todo)}
+                    for future in as_completed(futures):
+                        i, j = where[future.key]
+                        r, c = span(i, rows_t, len(xt)), span(j, rows, len(x))
+                        record = {
+                            "test": test_digests[i],
+                            "train": train_digests[j],
+                            "rows": list(r),
+                            "cols": list(c),
+                        }
+                        bs.write(i, j, r, c, np.asarray(future.result()), chunks, record)
+                        bar.update(1)
+            finally:
+                bar.close()
+        else:
+            note(progress, f"nothing to compute: all {resumed} blocks of the store are done")
+        return bs.finish((len(xt), len(x))), len(todo), resumed
+    finally:
+        bs.close()
 
 
 def _write_top_k(group: Any, k: int) -> None:
