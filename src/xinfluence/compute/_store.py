@@ -475,7 +475,9 @@ def open_store(store: Any, fingerprint: dict[str, Any], *, overwrite: bool) -> B
                 members = list(group.keys())
             if members or len(dict(group.attrs)):
                 raise StoreMismatchError(
-                    "the store holds data that no xinfluence calculator wrote: use an empty store"
+                    "the store holds data without a calculator's fingerprint (another "
+                    "program's, or a dask run of an earlier xinfluence): use an empty store, "
+                    "or overwrite=True where xinfluence wrote it"
                 )
             group.attrs["xinfluence"] = fingerprint
         elif existing != fingerprint:
