@@ -272,3 +272,119 @@ def test_compute_on_a_dask_scheduler(tmp_path, capsys):
     gp = ns["build"]()[0]
     ref = xi.DirectInfluence(gp, regularization=1e-3).fit((x, y)).influences(x[:7], y[:7], x, y)
     np.testing.assert_allclose(values, ref, rtol=1e-12, atol=0)
+
+
+@numpy_session
+@pytest.mark.parametrize("dask", [False, True])
+def test_overwrite_refuses_a_directory_of_user_files(recipe, tmp_path, capsys, dask):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "paper.tex").write_text("mine")
+    (target / "figures").mkdir()
+    (target / "figures" / "a.png").write_bytes(b"png")
+    args = ["compute", f"{recipe}:build", "--method", "direct", "--regularization", "1e-3"]
+    args += ["--out", str(target), "--overwrite", "--no-progress"]
+    if dask:  # refused before anything connects to the scheduler
+        args += ["--scheduler", "tcp://127.0.0.1:1"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "refusing to overwrite" in captured.err and str(target) in captured.err
+    assert "paper.tex" in captured.err and captured.err.count("\n") == 1
+    assert "fitting" not in captured.out  # before the fit
+    assert (target / "paper.tex").read_text() == "mine"
+    assert (target / "figures" / "a.png").read_bytes() == b"png"
+    assert sorted(os.listdir(target)) == ["figures", "paper.tex"]
+
+
+@numpy_session
+def test_compute_resume_keeps_every_run_and_checks_options_before_the_fit(recipe, tmp_path, capsys):
+    pytest.importorskip("zarr")
+    import zarr
+
+    store = tmp_path / "scores.zarr"
+    args = ["compute", f"{recipe}:build", "--method", "direct", "--regularization", "1e-3"]
+    args += ["--out", str(store), "--no-progress", "--train-chunk-size", "20"]
+    args += ["--test-chunk-size", "4"]
+    assert main(args) == 0  # 2 x 3 blocks
+    first = dict(zarr.open_group(str(store), mode="r").attrs["xinfluence_cli"])
+    assert len(first["runs"]) == 1 and first["runs"][0]["blocks_computed"] == 6
+    values = np.asarray(zarr.open_group(str(store), mode="r")["values"][...])
+
+    # a finished store: nothing to compute, the timings stay
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "nothing to compute: all 6 blocks" in capsys.readouterr().out
+    assert dict(zarr.open_group(str(store), mode="r").attrs["xinfluence_cli"]) == first
+
+    # a damaged block: recomputed, this run's timings added to the first's
+    (store / "values" / "c" / "1" / "2").unlink()
+    with pytest.warns(UserWarning, match=r"block \(1, 2\)"):
+        assert main(args) == 0
+    assert "resumed: 5 blocks were done, 1 computed" in capsys.readouterr().out
+    group = zarr.open_group(str(store), mode="r")
+    runs = group.attrs["xinfluence_cli"]["runs"]
+    assert runs[0] == first["runs"][0] and len(runs) == 2 and runs[1]["blocks_computed"] == 1
+    np.testing.assert_array_equal(np.asarray(group["values"][...]), values)
+
+    # other options: refused before the fit, naming only what differs
+    other = [a if a != "1e-3" else "1e-2" for a in args]
+    assert main(other) == 1
+    captured = capsys.readouterr()
+    assert "fitting" not in captured.out
+    assert "regularization: store 0.001, now 0.01" in captured.err
+    assert len(captured.err) < 200 and "--overwrite" in captured.err
+
+    # report names a damaged block instead of printing its numbers
+    chunk = store / "values" / "c" / "0" / "1"
+    chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))
+    assert main(["report", str(store)]) == 1
+    err = capsys.readouterr().err
+    assert "block (0, 1)" in err and err.count("\n") == 1
+
+
+@numpy_session
+def test_compute_on_a_dask_scheduler_resumes(tmp_path, capsys):
+    pytest.importorskip("zarr")
+    distributed = pytest.importorskip("distributed")
+    import zarr
+
+    import xinfluence as xi
+
+    path = tmp_path / "arrays.py"
+    path.write_text(
+        RECIPE.replace("return gp, train, (x[:7], y[:7])", "return gp, (x, y), (x[:7], y[:7])")
+    )
+    store = tmp_path / "dask.zarr"
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        args = ["compute", f"{path}:build", "--method", "direct", "--regularization", "1e-3"]
+        args += ["--scheduler", cluster.scheduler_address, "--train-chunk-size", "20"]
+        args += ["--test-chunk-size", "4", "--out", str(store)]
+        assert main(args) == 0  # 2 x 3 blocks
+        group = zarr.open_group(str(store), mode="r")
+        assert sorted(group["done"].group_keys()) == [f"{i}.{j}" for i in (0, 1) for j in (0, 1, 2)]
+        values = np.asarray(group["values"][...])
+        (store / "values" / "c" / "0" / "1").unlink()
+        capsys.readouterr()
+        with pytest.warns(UserWarning, match=r"block \(0, 1\)"):
+            assert main(args) == 0
+        captured = capsys.readouterr()
+        assert "resuming: 5 of 6 blocks done" in captured.err
+        assert (
+            " 5/6 [" in captured.err and "resumed: 5 blocks were done, 1 computed" in captured.out
+        )
+        assert main(args) == 0
+        assert "nothing to compute: all 6 blocks" in capsys.readouterr().out
+        runs = zarr.open_group(str(store), mode="r").attrs["xinfluence_cli"]["runs"]
+        assert [r["blocks_computed"] for r in runs] == [6, 1]
+        # the same store without the scheduler is another computation (other digests)
+        assert main(args[:6] + args[8:]) == 1
+        assert "runner: store 'dask', now None" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(zarr.open_group(str(store))["values"][...]), values)
+    ns: dict = {}
+    exec(RECIPE, ns)
+    x, y = ns["x"], ns["y"]
+    gp = ns["build"]()[0]
+    ref = xi.DirectInfluence(gp, regularization=1e-3).fit((x, y)).influences(x[:7], y[:7], x, y)
+    np.testing.assert_allclose(values, ref, rtol=1e-12, atol=0)

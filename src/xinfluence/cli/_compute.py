@@ -89,7 +89,11 @@ def add_compute_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--scheduler",
         default=None,
         metavar="ADDRESS",
-        help="run on a dask.distributed scheduler (needs arrays, not iterables)",
+        help=(
+            "run the blocks as tasks on a dask.distributed scheduler (the recipe must return "
+            "(x, y) arrays, not iterables); this process writes each finished block, so the "
+            "store resumes and shows progress as a sequential run does"
+        ),
     )
     p.add_argument("--test-chunk-size", type=int, default=None, help="test samples per block")
     p.add_argument("--train-chunk-size", type=int, default=None, help="training samples per block")
@@ -198,18 +202,33 @@ def _as_arrays(data: Any, what: str) -> tuple[Any, Any]:
 def cmd_compute(args: argparse.Namespace) -> int:
     import xinfluence as xi
 
+    from ..compute import StoreDamagedError, StoreLockedError, StoreMismatchError, _store
+
     if args.top_k < 0:
         raise CliError(f"--top-k must be >= 0, got {args.top_k}")
     kwargs = parse_options(args.method, args.option, args)
     gp, train, test = load_recipe(args.recipe)
     model = getattr(xi, METHODS[args.method])(gp, **kwargs)
+
+    def cli_error(exc: Exception) -> CliError:
+        return CliError(str(exc).replace("overwrite=True", "--overwrite"))
+
+    # before the fit: what the path and the options alone decide
+    try:
+        options = _store.options_fingerprint(model, "influences", "up")
+        if args.scheduler is not None:
+            options["runner"] = "dask"
+        _store.precheck(str(args.out), options, overwrite=args.overwrite)
+    except StoreMismatchError as exc:
+        raise cli_error(exc) from exc
     t0 = time.perf_counter()
     print(f"fitting {type(model).__name__} ({gp.n_parameters} parameters) ...", flush=True)
     model.fit(train)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    computed, resumed = 0, 0
     if args.scheduler is not None:
-        values = _compute_dask(model, train, test, args)
+        values, computed, resumed = _compute_dask(model, train, test, args)
     else:
         from ..compute import SequentialInfluenceCalculator
 
@@ -219,18 +238,42 @@ def cmd_compute(args: argparse.Namespace) -> int:
             test_chunk_size=args.test_chunk_size,
             train_chunk_size=args.train_chunk_size,
         )
-        from ..compute import StoreMismatchError
-
+        lazy = calc.influences(test, train)
         try:
-            values = calc.influences(test, train).to_zarr(str(args.out), overwrite=args.overwrite)
-        except StoreMismatchError as exc:
-            raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+            values = lazy.to_zarr(str(args.out), overwrite=args.overwrite)
+        except (StoreMismatchError, StoreLockedError, StoreDamagedError) as exc:
+            raise cli_error(exc) from exc
+        computed, resumed = lazy.blocks_computed, lazy.blocks_resumed
     run_s = time.perf_counter() - t0
     import zarr
 
     group = zarr.open_group(str(args.out), mode="a")
+    previous: dict[str, Any] = dict(group.attrs.get(CLI_ATTRS, {}))  # type: ignore[arg-type]
+    if computed == 0:
+        # a finished store: the stored timings stay those of the runs that computed
+        if args.top_k and previous.get("top_k") != args.top_k:
+            _write_top_k(group, args.top_k)
+            group.attrs[CLI_ATTRS] = {**previous, "top_k": args.top_k}
+        print(
+            f"nothing to compute: all {resumed} blocks of {args.out} are done "
+            f"({tuple(values.shape)}; stored timings kept)"
+        )
+        return 0
     if args.top_k:
         _write_top_k(group, args.top_k)
+    runs = list(previous.get("runs", []))
+    runs.append(
+        {
+            "started": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - fit_s - run_s)
+            ),
+            "fit_seconds": round(fit_s, 3),
+            "influence_seconds": round(run_s, 3),
+            "blocks_computed": computed,
+            "blocks_resumed": resumed,
+            "scheduler": args.scheduler,
+        }
+    )
     group.attrs[CLI_ATTRS] = {
         "recipe": args.recipe,
         "method": args.method,
@@ -238,12 +281,15 @@ def cmd_compute(args: argparse.Namespace) -> int:
         "options": {k: _jsonable(v) for k, v in kwargs.items()},
         "scheduler": args.scheduler,
         "top_k": args.top_k,
-        "fit_seconds": round(fit_s, 3),
-        "influence_seconds": round(run_s, 3),
+        # totals over the runs that computed blocks (an interrupted run, its resumptions)
+        "fit_seconds": round(sum(r["fit_seconds"] for r in runs), 3),
+        "influence_seconds": round(sum(r["influence_seconds"] for r in runs), 3),
+        "runs": runs,
     }
+    how = f", resumed: {resumed} blocks were done, {computed} computed" if resumed else ""
     print(
         f"wrote influences {tuple(values.shape)} to {args.out} "
-        f"(fit {fit_s:.1f} s, influences {run_s:.1f} s)"
+        f"(fit {fit_s:.1f} s, influences {run_s:.1f} s{how})"
     )
     return 0
 
@@ -252,36 +298,121 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
-def _compute_dask(model: Any, train: Any, test: Any, args: argparse.Namespace) -> Any:
+def _compute_dask(
+    model: Any, train: Any, test: Any, args: argparse.Namespace
+) -> tuple[Any, int, int]:
+    """Blocks as dask tasks on the scheduler, written by this process as they
+    finish into a calculator store (done flags, checksums, resumable, a progress
+    bar). Returns the values, the blocks computed and the blocks already done."""
     try:
         import dask.array as da
-        from dask.distributed import Client
+        from dask.distributed import Client, as_completed
     except ImportError as exc:
         raise CliError(
             "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
         ) from exc
-    from .. import _xp
-    from ..compute import DaskInfluenceCalculator
+    import warnings
 
-    def chunked(data: Any, what: str, rows: int | None) -> tuple[Any, Any]:
-        x, y = (_xp.to_numpy(a) for a in _as_arrays(data, what))
-        n = rows or max(1, min(len(x), 1024))
-        return da.from_array(x, chunks=(n, *x.shape[1:])), da.from_array(
-            y, chunks=(n, *y.shape[1:])
-        )
+    from .. import _chunking, _xp
+    from ..compute import DaskInfluenceCalculator, _store
+    from ..compute._progress import note, progress_bar
+    from ..types import Batch
 
-    x, y = chunked(train, "train_data", args.train_chunk_size)
-    xt, yt = chunked(test, "test_data", args.test_chunk_size)
-    import zarr
+    (x0, y0), (xt0, yt0) = _as_arrays(train, "train_data"), _as_arrays(test, "test_data")
+    x, y, xt, yt = (_xp.to_numpy(a) for a in (x0, y0, xt0, yt0))
+    rows = args.train_chunk_size or max(1, min(len(x), 1024))
+    rows_t = args.test_chunk_size or max(1, min(len(xt), 1024))
+    fingerprint = {
+        **_store.options_fingerprint(model, "influences", "up"),
+        "runner": "dask",
+        "trailing": [],
+        "test_rows": rows_t,
+        "train_rows": rows,
+    }
+    try:
+        bs = _store.open_store(str(args.out), fingerprint, overwrite=args.overwrite)
+    except (_store.StoreMismatchError, _store.StoreLockedError) as exc:
+        raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+    try:
+        gp = model.gradient_provider
+        mapper = model._fitted_mapper()
+        one = gp.prepare_batch(Batch(xt0[:1, ...], yt0[:1, ...]))
+        factors = mapper.transformed_grads(one)
+        probe = np.ravel(np.concatenate([_xp.to_numpy(v) for v in factors.values()], axis=-1))
+        one = gp.prepare_batch(Batch(x0[:1, ...], y0[:1, ...]))
+        try:
+            bs.check_probe("probe_test", probe, "another model, other parameters or another fit")
+            bs.check_probe(
+                "probe_train",
+                np.ravel(_xp.to_numpy(gp.flat_grads(one))),
+                "other training data or other parameters",
+            )
+        except _store.StoreMismatchError as exc:
+            raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
+        damaged = bs.drop_damaged()
+        if damaged:
+            shown = "; ".join(f"block {k}: {why}" for k, why in damaged[:5])
+            warnings.warn(
+                f"{len(damaged)} finished block(s) of the store are damaged and are "
+                f"recomputed ({shown})",
+                UserWarning,
+                stacklevel=2,
+            )
+        n_i, n_j = -(-len(xt) // rows_t), -(-len(x) // rows)
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise CliError(f"{args.out} exists: a dask run does not resume; pass --overwrite")
-    with Client(args.scheduler) as client:
-        # the provider's namespace: chunks go to the model as the recipe's arrays
-        lazy = DaskInfluenceCalculator(model, client=client).influences(xt, yt, x, y)
-        group = zarr.open_group(str(args.out), mode="w")
-        lazy.to_zarr(group.store, component="values", overwrite=True)
-    return zarr.open_group(str(args.out), mode="r")["values"]
+        def span(k: int, size: int, n: int) -> tuple[int, int]:
+            return k * size, min((k + 1) * size, n)
+
+        test_digests = [
+            _chunking.digest(Batch(*(a[slice(*span(i, rows_t, len(xt)))] for a in (xt, yt))))
+            for i in range(n_i)
+        ]
+        train_digests = [
+            _chunking.digest(Batch(*(a[slice(*span(j, rows, len(x)))] for a in (x, y))))
+            for j in range(n_j)
+        ]
+        todo = [
+            (i, j)
+            for i in range(n_i)
+            for j in range(n_j)
+            if not bs.check_done(i, j, test_digests[i], train_digests[j])
+        ]
+        resumed = n_i * n_j - len(todo)
+        progress = not args.no_progress
+        if resumed:
+            note(progress, f"resuming: {resumed} of {n_i * n_j} blocks done")
+        chunks = (min(rows_t, len(xt)), min(rows, len(x)))
+        if todo:
+            dx = da.from_array(x, chunks=(rows, *x.shape[1:]))
+            dy = da.from_array(y, chunks=(rows, *y.shape[1:]))
+            dxt = da.from_array(xt, chunks=(rows_t, *xt.shape[1:]))
+            dyt = da.from_array(yt, chunks=(rows_t, *yt.shape[1:]))
+            bar = progress_bar(progress, total=n_i * n_j, desc="dask", initial=resumed)
+            try:
+                with Client(args.scheduler) as client:
+                    lazy = DaskInfluenceCalculator(model, client=client).influences(
+                        dxt, dyt, dx, dy
+                    )
+                    futures = client.compute([lazy.blocks[i, j] for i, j in todo])
+                    where = {f.key: ij for f, ij in zip(futures, todo)}
+                    for future in as_completed(futures):
+                        i, j = where[future.key]
+                        r, c = span(i, rows_t, len(xt)), span(j, rows, len(x))
+                        record = {
+                            "test": test_digests[i],
+                            "train": train_digests[j],
+                            "rows": list(r),
+                            "cols": list(c),
+                        }
+                        bs.write(i, j, r, c, np.asarray(future.result()), chunks, record)
+                        bar.update(1)
+            finally:
+                bar.close()
+        else:
+            note(progress, f"nothing to compute: all {resumed} blocks of the store are done")
+        return bs.finish((len(xt), len(x))), len(todo), resumed
+    finally:
+        bs.close()
 
 
 def _write_top_k(group: Any, k: int) -> None:
@@ -359,7 +490,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"options: {json.dumps(cli.get('options', {}), sort_keys=True)}")
         print(
             f"timings: fit {cli.get('fit_seconds')} s, influences {cli.get('influence_seconds')} s"
+            + (f" (over {len(cli['runs'])} runs)" if len(cli.get("runs", [])) > 1 else "")
         )
+        if len(cli.get("runs", [])) > 1:
+            for n_run, run in enumerate(cli["runs"], 1):
+                print(
+                    f"  run {n_run} ({run.get('started')}): fit {run.get('fit_seconds')} s, "
+                    f"influences {run.get('influence_seconds')} s, "
+                    f"{run.get('blocks_computed')} blocks computed"
+                )
     if fingerprint:
         print(f"provider: {model.get('provider')}, mode {fingerprint.get('mode')}")
         done = len(list(group["done"].group_keys())) if "done" in group else None
@@ -371,9 +510,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CliError(f"--top-k must be >= 1, got {args.top_k}")
     k = min(args.top_k, n)
     shown = min(args.rows, n_test)
-    block = np.asarray(values[:shown], dtype=np.float64)
+    if fingerprint:
+        # a calculator's store: every block read is checked against its checksum
+        from ..compute import StoreDamagedError, open_influences
+
+        try:
+            block = np.asarray(open_influences(str(args.store))[:shown], dtype=np.float64)
+        except StoreDamagedError as exc:
+            raise CliError(str(exc).replace("the computation", "the compute command")) from exc
+    else:
+        block = np.asarray(values[:shown], dtype=np.float64)
     if np.isnan(block).any():
-        print("note: the store is incomplete (NaN blocks): rerun the compute command to resume")
+        print("note: the store is incomplete (NaN blocks): rerun the compute command")
     print(f"top {k} training points (index: score) for the first {shown} test points:")
     for t in range(shown):
         row = block[t]

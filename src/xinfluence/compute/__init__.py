@@ -2,7 +2,9 @@
 
 * :class:`SequentialInfluenceCalculator`: influences over iterables of batches,
   one block at a time, collected in memory (``.compute()``) or written to a
-  zarr store block by block (``.to_zarr(path)``, resumable after a kill).
+  zarr store block by block (``.to_zarr(path)``, resumable after a kill,
+  checksummed per block; :func:`open_influences` reads such a store with
+  every block verified).
 * :class:`DaskInfluenceCalculator`: the same over dask arrays, on dask's local
   schedulers or a ``dask.distributed`` cluster.
 * Streaming reductions that never hold the ``(N_test, N)`` matrix:
@@ -17,7 +19,13 @@ Importing this package imports neither dask, zarr nor tqdm; they are extras
 from __future__ import annotations
 
 from ._reductions import TopK
-from ._store import StoreMismatchError
+from ._store import (
+    StoreDamagedError,
+    StoredInfluences,
+    StoreLockedError,
+    StoreMismatchError,
+    open_influences,
+)
 from .dask import DaskInfluenceCalculator
 from .reductions import self_influence, top_k, total_influence
 from .sequential import LazyInfluences, SequentialInfluenceCalculator
@@ -26,8 +34,12 @@ __all__ = [
     "DaskInfluenceCalculator",
     "LazyInfluences",
     "SequentialInfluenceCalculator",
+    "StoreDamagedError",
+    "StoreLockedError",
     "StoreMismatchError",
+    "StoredInfluences",
     "TopK",
+    "open_influences",
     "self_influence",
     "top_k",
     "total_influence",

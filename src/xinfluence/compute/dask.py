@@ -27,6 +27,51 @@ def _dask() -> Any:
     return dask
 
 
+def _enable_x64() -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+class _EnableX64:
+    """Unpickles by turning on ``jax_enable_x64`` in the receiving process."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_enable_x64, ())
+
+
+def _unship(_: None, model: ComposableInfluence) -> ComposableInfluence:
+    return model
+
+
+class _Shipped:
+    """A float64 jax model as sent to dask workers: it unpickles as the model
+    itself, but turns on ``jax_enable_x64`` first, so that the worker neither
+    truncates the model's arrays nor the chunks to float32 (pickle builds the
+    arguments of ``_unship`` in order: the switch, then the model)."""
+
+    def __init__(self, model: ComposableInfluence):
+        self.model = model
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unship, (_EnableX64(), self.model))
+
+
+def _shipped(model: ComposableInfluence) -> Any:
+    """What goes into the graph for ``model``."""
+    import array_api_compat
+
+    gp = model.gradient_provider
+    if array_api_compat.is_jax_namespace(gp.xp) and np.dtype(str(gp.dtype)) == np.float64:
+        return _Shipped(model)
+    return model
+
+
+def _unwrap(model: Any) -> ComposableInfluence:
+    # a threaded or synchronous scheduler passes the object without pickling it
+    return model.model if isinstance(model, _Shipped) else model
+
+
 def _to_provider(model: ComposableInfluence, a: Any) -> Array:
     """A chunk (numpy or cupy) as an array of the provider's namespace and device."""
     gp = model.gradient_provider
@@ -53,6 +98,7 @@ def _to_chunk(model: ComposableInfluence, a: Array) -> Any:
 
 
 def _factors_task(model: ComposableInfluence, x: Any, y: Any) -> Any:
+    model = _unwrap(model)
     mapper = model._fitted_mapper()
     batch = model.gradient_provider.prepare_batch(
         Batch(_to_provider(model, x), _to_provider(model, y))
@@ -61,6 +107,7 @@ def _factors_task(model: ComposableInfluence, x: Any, y: Any) -> Any:
 
 
 def _block_task(model: ComposableInfluence, factors: Any, x: Any, y: Any, mode: str) -> Any:
+    model = _unwrap(model)
     mapper = model._fitted_mapper()
     gp = model.gradient_provider
     batch = gp.prepare_batch(Batch(_to_provider(model, x), _to_provider(model, y)))
@@ -72,6 +119,7 @@ def _block_task(model: ComposableInfluence, factors: Any, x: Any, y: Any, mode: 
 
 
 def _factors_out(model: ComposableInfluence, factors: Any) -> Any:
+    model = _unwrap(model)
     gp = model.gradient_provider
     values = list(factors.values())
     value = values[0] if len(values) == 1 else gp.xp.concat(values, axis=-1)
@@ -88,6 +136,18 @@ class DaskInfluenceCalculator:
     with ``dask.distributed``); each test chunk's factors are one task shared by
     the blocks of its row. Results are lazy dask arrays of numpy chunks (cupy
     chunks for cupy providers): ``.compute()`` them or ``.to_zarr(path)``.
+
+    Chunks are numpy (or cupy) arrays, converted in the tasks to the
+    provider's namespace, device and dtype. ``da.from_array`` does not take a
+    torch tensor (dask cannot read torch dtypes: "Cannot interpret
+    'torch.float64' as a data type"): pass ``tensor.cpu().numpy()``. A float64
+    jax model turns on ``jax_enable_x64`` in the worker processes that
+    receive it (before its arrays are unpickled), so neither it nor the chunks
+    are truncated to float32 there.
+
+    Unlike :meth:`SequentialInfluenceCalculator.influences(...).to_zarr
+    <LazyInfluences.to_zarr>`, the dask arrays' own ``to_zarr`` records no
+    finished blocks and no checksums: an interrupted run starts again.
 
     Args:
         model: a fitted influence model (numpy, torch on CPU, jax or cupy
@@ -112,9 +172,11 @@ class DaskInfluenceCalculator:
         if self._model_ref is None:
             dask = _dask()
             if self.client is not None:
-                self._model_ref = self.client.scatter(self.model, broadcast=True, hash=False)
+                self._model_ref = self.client.scatter(
+                    _shipped(self.model), broadcast=True, hash=False
+                )
             else:
-                self._model_ref = dask.delayed(self.model, pure=True)
+                self._model_ref = dask.delayed(_shipped(self.model), pure=True)
         return self._model_ref
 
     def _check(self, x: Any, y: Any, what: str) -> tuple[Any, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
@@ -12,7 +13,7 @@ from .. import _chunking, _xp
 from .._xp import Array
 from ..types import Batch, InfluenceMode, iter_batches
 from . import _store
-from ._progress import progress_bar
+from ._progress import note, progress_bar
 from ._reductions import ColumnSumReducer, TopK, TopKReducer
 
 if TYPE_CHECKING:
@@ -214,6 +215,8 @@ class LazyInfluences:
         self._train = None if train is None else _batches(train)
         self._used = False
         self.blocks_computed = 0
+        self.blocks_resumed = 0
+        self.blocks_total: int | None = None
 
     # -- the block loop ------------------------------------------------------
     def _sources(self) -> tuple[Any, Any]:
@@ -398,31 +401,48 @@ class LazyInfluences:
         the blocks not yet recorded as finished; a store written with other data,
         another model or other options raises
         :class:`~xinfluence.compute.StoreMismatchError` (``overwrite=True``
-        starts afresh). ``on_block(i, j)`` is called after each block is written
-        and recorded.
+        starts afresh, but only on a store that xinfluence wrote or an empty
+        directory: anything else is refused). ``on_block(i, j)`` is called after
+        each block is written and recorded.
+
+        Each finished block is recorded with a checksum of its values; a rerun
+        verifies them and recomputes damaged blocks (with a warning), and
+        :func:`~xinfluence.compute.open_influences` verifies them on reading. A
+        local directory is locked while a run writes to it: a second writer
+        raises :class:`~xinfluence.compute.StoreLockedError`. After the call,
+        ``blocks_resumed`` counts the blocks that were already done and
+        ``blocks_total`` all blocks (None where the data's size is unknown).
         """
         model = self.calc.model
-        gp = model.gradient_provider
         mapper = model._fitted_mapper()
         plan, test, train, first_train = self._layout()
         trailing: list[int] = []
         if self.mode is InfluenceMode.Perturbation and first_train is not None:
             trailing = [int(d) for d in first_train.x.shape[1:]]
         fingerprint = {
-            "format": _store.FORMAT,
-            "kind": self.kind,
-            "model": _store.model_options(model),
-            "mode": self.mode.value,
-            "dtype": str(gp.dtype),
-            "n_parameters": gp.n_parameters,
-            # SHA-256 of the parameters (None where the provider has none): an
-            # optimizer step, however small, is another computation
-            "parameters": gp.parameter_fingerprint(),
+            **_store.options_fingerprint(model, self.kind, self.mode),
             "trailing": trailing,
             "test_rows": plan.test_rows,
             "train_rows": plan.train_rows if self.kind != "factors" else None,
         }
         bs = _store.open_store(store, fingerprint, overwrite=overwrite)
+        try:
+            return self._write(bs, plan, test, train, first_train, trailing, mapper, on_block)
+        finally:
+            bs.close()
+
+    def _write(
+        self,
+        bs: _store.BlockStore,
+        plan: _chunking.ChunkPlan,
+        test: Any,
+        train: Any,
+        first_train: Batch | None,
+        trailing: list[int],
+        mapper: Any,
+        on_block: Callable[[int, int], None] | None,
+    ) -> Any:
+        progress = self.calc.progress
         probe_test, probe_train = self._probe(test, first_train, mapper)
         bs.check_probe(
             "probe_test",
@@ -437,6 +457,21 @@ class LazyInfluences:
                 "other training data or other parameters (the gradient of the first "
                 "training point differs)",
             )
+        damaged = bs.drop_damaged()
+        if damaged:
+            shown = "; ".join(f"block {k}: {why}" for k, why in damaged[:5])
+            warnings.warn(
+                f"{len(damaged)} finished block(s) of the store are damaged and are "
+                f"recomputed ({shown})",
+                UserWarning,
+                stacklevel=3,
+            )
+        total = self._total(plan)
+        self.blocks_resumed = len(bs.done)
+        self.blocks_total = total
+        of = "" if total is None else f" of {total}"
+        if self.blocks_resumed:
+            note(progress, f"resuming: {self.blocks_resumed}{of} blocks done")
         # digests of the current test chunk and of the training chunk just checked:
         # _blocks calls skip() right before it computes a block
         last: dict[str, Any] = {"i": -1, "test": "", "train": ""}
@@ -448,7 +483,7 @@ class LazyInfluences:
             return bs.check_done(i, j, last["test"], last["train"])
 
         self.blocks_computed = 0
-        bar = progress_bar(self.calc.progress, total=self._total(plan), desc="to_zarr")
+        bar = progress_bar(progress, total=total, desc="to_zarr", initial=self.blocks_resumed)
         try:
             for block in self._blocks(plan, test, train, skip):
                 record = {
@@ -468,6 +503,8 @@ class LazyInfluences:
                 bar.update(1)
         finally:
             bar.close()
+        if self.blocks_computed == 0:
+            note(progress, f"nothing to compute: all {len(bs.done)} blocks of the store are done")
         records = list(bs.done.values())
         shape = (
             max(r["rows"][1] for r in records),
