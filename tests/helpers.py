@@ -25,3 +25,23 @@ def split(n: int, sizes: list[int]) -> list[slice]:
         out.append(slice(start, start + s))
         start += s
     return out
+
+
+def kronecker_basis(op) -> np.ndarray:
+    """The Kronecker eigenbasis of an EK-FAC block ``op`` as a dense ``(P_b, P_b)``
+    matrix: columns ``vec(q_s[:, o] q_a[:, i]^T)`` in the block's flat order,
+    ``(o, i)`` row-major (asserted orthonormal)."""
+    q_s, q_a = to_numpy(op.q_s), to_numpy(op.q_a)
+    cols = []
+    for o in range(q_s.shape[1]):
+        for i in range(q_a.shape[1]):
+            m = np.outer(q_s[:, o], q_a[:, i])  # (O, I') in s a^T layout
+            t = np.zeros(op.input_size)
+            wpart = m[:, : op.n_in]
+            t[op.weight_slice] = (wpart if op.layout == "oi" else wpart.T).ravel()
+            if op.bias_slice is not None:
+                t[op.bias_slice] = m[:, op.n_in]
+            cols.append(t)
+    basis = np.array(cols).T
+    assert np.abs(basis.T @ basis - np.eye(basis.shape[1])).max() <= 1e-10
+    return basis

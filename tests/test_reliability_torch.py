@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
 from helpers import rel_err  # noqa: E402
-from torch_helpers import ref_grads, ref_hessian, single_thread  # noqa: E402, F401
+from torch_helpers import mlp, ref_grads, ref_hessian, single_thread  # noqa: E402, F401
 from xinfluence import Batch  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
 
@@ -36,11 +36,6 @@ def ref_influences(h, reg, g_test, g_train):
     h = h.numpy()
     solved = np.linalg.solve(h + reg * np.eye(h.shape[0]), g_train.numpy().T)
     return g_test.numpy() @ solved
-
-
-def mlp(n_in=4, hidden=5, n_out=3, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out)).double()
 
 
 def _xy(n=9, d=4, classes=3, seed=1):

@@ -65,3 +65,11 @@ def ref_hessian(model, loss, x, y, names=None, *, output_fn=None):
     """Hessian of the batch's mean loss by ``torch.autograd.functional.hessian``: ``(P, P)``."""
     f, theta = flat_loss(model, loss, x, y, names, output_fn=output_fn)
     return torch.autograd.functional.hessian(f, theta)
+
+
+def mlp(n_in=4, hidden=5, n_out=3, seed=0):
+    """``Linear -> Tanh -> Linear`` in float64, initialised after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_out)
+    ).double()
