@@ -17,6 +17,17 @@ def rel_err(actual, expected) -> float:
     return float(np.max(np.abs(a - e)) / scale)
 
 
+def sigmoid(z):
+    """The logistic function, stable for both signs (host numpy)."""
+    return 0.5 * (1 + np.tanh(z / 2))
+
+
+def logistic_losses(theta, xa, y):
+    """Per-sample logistic losses ``log(1 + e^z) - y z``, ``z = xa @ theta`` (host numpy)."""
+    z = xa @ theta
+    return np.logaddexp(0, z) - y * z
+
+
 def split(n: int, sizes: list[int]) -> list[slice]:
     """Consecutive slices of the given sizes covering range(n)."""
     assert sum(sizes) == n
