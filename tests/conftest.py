@@ -154,3 +154,30 @@ def pytest_collection_modifyitems(config, items):
         if module not in JAX_GENERIC_MODULES or key in seen:
             item.add_marker(pytest.mark.skip(reason=reason))
         seen.add(key)
+
+
+# Property-based tests (hypothesis): few examples, the same ones on every run
+# (derandomized, no example database), no per-example deadline (the first
+# example pays for imports). array-api-strict wraps every operation in Python:
+# fewer examples there. HYPOTHESIS_PROFILE=explore draws many random ones.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test dependency; the tests importorskip it
+    pass
+else:
+    settings.register_profile(
+        "xinfluence",
+        max_examples=6 if BACKEND == "array_api_strict" else 10,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "explore",
+        max_examples=300,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "xinfluence"))

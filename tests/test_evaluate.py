@@ -15,22 +15,13 @@ import numpy as np
 import pytest
 
 import xinfluence as xi
-from helpers import rel_err
+from helpers import logistic_losses, rel_err, sigmoid
 from xinfluence._xp import to_numpy
 from xinfluence.backends.numpy import LogisticRegressionGradients, SoftmaxRegressionGradients
 from xinfluence.evaluate import lds, loo, newton_loo
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 pytest.importorskip("scipy")
-
-
-def _sigmoid(z):
-    return 0.5 * (1 + np.tanh(z / 2))
-
-
-def _loss(theta, xa, y):
-    z = xa @ theta
-    return np.logaddexp(0, z) - y * z
 
 
 class Logistic:
@@ -47,13 +38,13 @@ class Logistic:
         self.theta = self._newton(np.arange(n_train), np.zeros(self.xa.shape[1]))
         d = x.shape[1]
         self.w, self.b = self.theta[None, :d], self.theta[d:]
-        self.test_losses = _loss(self.theta, self.xa[n_train:], self.y[n_train:])
+        self.test_losses = logistic_losses(self.theta, self.xa[n_train:], self.y[n_train:])
 
     def _newton(self, idx, theta0):
         xs, ys = self.xa[idx], self.y[idx]
         theta = theta0.copy()
         for _ in range(100):
-            p = _sigmoid(xs @ theta)
+            p = sigmoid(xs @ theta)
             grad = xs.T @ (p - ys) / self.n + self.lam * theta
             if np.linalg.norm(grad) < 1e-12:
                 return theta
@@ -67,7 +58,7 @@ class Logistic:
 
     @staticmethod
     def test_loss(theta, x_test, y_test):
-        return _loss(theta, np.asarray(to_numpy(x_test)), np.asarray(to_numpy(y_test)))
+        return logistic_losses(theta, np.asarray(to_numpy(x_test)), np.asarray(to_numpy(y_test)))
 
     def worst(self, k):
         """The k test points of highest loss (indices into the test set)."""
@@ -108,7 +99,7 @@ def test_loo_of_first_order_influence(xp, to_xp, strong):
     j = 17
     theta_j = strong._newton(np.delete(np.arange(strong.n), j), strong.theta)
     full = strong.retrain(np.arange(strong.n))
-    expected = _loss(theta_j, xa_t, y_t) - _loss(full, xa_t, y_t)
+    expected = logistic_losses(theta_j, xa_t, y_t) - logistic_losses(full, xa_t, y_t)
     assert np.allclose(result.actual[:, j], expected, rtol=1e-10, atol=1e-14)
     print("LOO pearson", result.pearson, "slope", result.slope)
     assert np.all(result.pearson >= 0.99), result.pearson
@@ -172,7 +163,7 @@ def test_lds(xp, to_xp, strong):
     s = to_numpy(scores)
     assert np.allclose(result.predicted[:, 4], s[:, ~result.subsets[4]].sum(axis=1) / strong.n)
     kept = np.flatnonzero(result.subsets[4])
-    assert np.allclose(result.actual[:, 4], _loss(strong.retrain(kept), xa_t, y_t))
+    assert np.allclose(result.actual[:, 4], logistic_losses(strong.retrain(kept), xa_t, y_t))
     print("LDS", result.lds, result.spearman)
     assert result.lds >= 0.8
     noise = np.random.default_rng(0).normal(size=s.shape)
@@ -199,7 +190,7 @@ def test_influence_model_and_executors(strong):
     model = xi.DirectInfluence(gp, regularization=strong.lam).fit(train)
 
     def test_loss(theta, x_raw, y):
-        return _loss(theta, np.hstack([x_raw, np.ones((len(x_raw), 1))]), y)
+        return logistic_losses(theta, np.hstack([x_raw, np.ones((len(x_raw), 1))]), y)
 
     kw = dict(n_subsets=5, seed=1, train=train)
     sequential = lds(strong.retrain, test_loss, x_t, y_t, model, **kw)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import xinfluence as xi
-from helpers import rel_err, split
+from helpers import kronecker_basis, rel_err, split
 from xinfluence._xp import to_numpy
 from xinfluence.backends.numpy import (
     FiniteDifferenceGradients,
@@ -103,27 +103,9 @@ def _softmax_ggn_oracle(x, y, w, b):
     return g[np.ix_(perm, perm)], h, xt
 
 
-def _kronecker_basis(op):
-    """Columns ``vec(q_s[:, o] q_a[:, i]^T)`` in the block's flat order, (o, i) row-major."""
-    q_s, q_a = to_numpy(op.q_s), to_numpy(op.q_a)
-    cols = []
-    for o in range(q_s.shape[1]):
-        for i in range(q_a.shape[1]):
-            m = np.outer(q_s[:, o], q_a[:, i])
-            t = np.zeros(op.input_size)
-            wpart = m[:, : op.n_in]
-            t[op.weight_slice] = (wpart if op.layout == "oi" else wpart.T).ravel()
-            if op.bias_slice is not None:
-                t[op.bias_slice] = m[:, op.n_in]
-            cols.append(t)
-    basis = np.array(cols).T
-    assert np.abs(basis.T @ basis - np.eye(basis.shape[1])).max() <= 1e-10
-    return basis
-
-
 def _check_ekfac_layer(op, g_block, a_cov=None, s_cov=None):
     """Corrected eigenvalues = diag(B^T G B) and the factors' eigenbases."""
-    basis = _kronecker_basis(op)
+    basis = kronecker_basis(op)
     expected = np.diag(basis.T @ g_block @ basis)
     got = to_numpy(op.eigenvalues).ravel()
     assert np.max(np.abs(got - expected)) <= 1e-12 * np.max(np.abs(expected))

@@ -20,16 +20,13 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
+from helpers import rel_err  # noqa: E402
 from xinfluence.backends.jax import JaxGradientProvider  # noqa: E402
 
 nn = pytest.importorskip("flax.linen")
 eqx = pytest.importorskip("equinox")
 
 F64 = jnp.float64
-
-
-def rel_err(a, b) -> float:
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 def cross_entropy(z, y):

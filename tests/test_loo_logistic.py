@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import xinfluence as xi
+from helpers import logistic_losses, sigmoid
 from xinfluence._xp import to_numpy
 from xinfluence.backends.numpy import LogisticRegressionGradients
 
@@ -22,20 +23,11 @@ LAM = 0.1
 N_TRAIN = 400
 
 
-def _sigmoid(z):
-    return 0.5 * (1 + np.tanh(z / 2))
-
-
-def _loss(theta, xa, y):
-    z = xa @ theta
-    return np.logaddexp(0, z) - y * z
-
-
 def _newton(xa, y, weights, n, theta0, tol=1e-12):
     """argmin (1/n) sum_i w_i l_i + lam/2 |theta|^2 (w_i in {0, 1})."""
     theta = theta0.copy()
     for _ in range(100):
-        p = _sigmoid(xa @ theta)
+        p = sigmoid(xa @ theta)
         grad = xa.T @ (weights * (p - y)) / n + LAM * theta
         if np.linalg.norm(grad) < tol:
             return theta
@@ -54,7 +46,7 @@ def fitted():
     xa = np.hstack([x, np.ones((len(x), 1))])
     xtr, ytr = xa[:N_TRAIN], y[:N_TRAIN]
     theta = _newton(xtr, ytr, np.ones(N_TRAIN), N_TRAIN, np.zeros(xa.shape[1]))
-    p = _sigmoid(xtr @ theta)
+    p = sigmoid(xtr @ theta)
     assert np.linalg.norm(xtr.T @ (p - ytr) / N_TRAIN + LAM * theta) < 1e-10
     return x, y, theta
 
@@ -64,7 +56,7 @@ def test_leave_one_out_matches_influence(xp, to_xp, fitted):
     d = x.shape[1]
     xa = np.hstack([x, np.ones((len(x), 1))])
     xtr, ytr, xte, yte = xa[:N_TRAIN], y[:N_TRAIN], xa[N_TRAIN:], y[N_TRAIN:]
-    test_losses = _loss(theta, xte, yte)
+    test_losses = logistic_losses(theta, xte, yte)
     worst = np.argsort(test_losses)[-3:]
 
     gp = LogisticRegressionGradients(to_xp(theta[None, :d]), to_xp(theta[d:]))
@@ -91,7 +83,7 @@ def test_leave_one_out_matches_influence(xp, to_xp, fitted):
             w = np.ones(N_TRAIN)
             w[j] = 0.0
             theta_j = _newton(xtr, ytr, w, N_TRAIN, theta)
-            actual[k] = _loss(theta_j, xte[t : t + 1], yte[t : t + 1])[0] - test_losses[t]
+            actual[k] = logistic_losses(theta_j, xte[t : t + 1], yte[t : t + 1])[0] - test_losses[t]
         pred = predicted[row, chosen]
         pearson = np.corrcoef(pred, actual)[0, 1]
         slope = float(pred @ actual / (pred @ pred))  # least squares actual ~ slope * pred

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import xinfluence as xi
-from helpers import rel_err, split
+from helpers import kronecker_basis, rel_err, split
 from xinfluence._xp import to_numpy
 from xinfluence.backends.numpy import SoftmaxRegressionGradients
 
@@ -329,25 +329,13 @@ def _layer_blocks(gp):
 
 def test_ekfac_curvature_equals_dense_construction(case):
     """With update_diagonal, the EK-FAC curvature of each layer is
-    B diag(mean_n (B^T g_n)^2) B^T, B the Kronecker eigenbasis (built here)."""
+    B diag(mean_n (B^T g_n)^2) B^T, B the Kronecker eigenbasis (helpers.kronecker_basis)."""
     gp, batches, xtr, ytr, *_ = case
     model = xi.EkfacInfluence(gp, regularization=1e-3, second_order="empirical_fisher").fit(batches)
     for comp in model._mapper.composable_block_dict.values():
         op = comp.op
-        q_s, q_a = to_numpy(op.q_s), to_numpy(op.q_a)
         g = to_numpy(comp.gp.flat_grads(comp.gp.prepare_batch(xi.Batch(xtr, ytr))))
-        basis = []
-        for o in range(q_s.shape[1]):
-            for i in range(q_a.shape[1]):
-                m = np.outer(q_s[:, o], q_a[:, i])  # (O, I') in s a^T layout
-                t = np.zeros(op.input_size)
-                w = m[:, : op.n_in]
-                t[op.weight_slice] = (w if op.layout == "oi" else w.T).ravel()
-                if op.bias_slice is not None:
-                    t[op.bias_slice] = m[:, op.n_in]
-                basis.append(t)
-        basis = np.array(basis).T
-        assert np.abs(basis.T @ basis - np.eye(len(basis))).max() <= 1e-10
+        basis = kronecker_basis(op)
         expected = basis @ np.diag(np.mean((g @ basis) ** 2, axis=0)) @ basis.T
         assert rel_err(op.dense_curvature(), expected) <= 1e-10
 

@@ -261,12 +261,10 @@ def test_indefinite_operator_advice_suffices(xp, to_xp, solve):
 
 def _torch_untrained_mlp():
     torch = pytest.importorskip("torch")
+    from torch_helpers import mlp
     from xinfluence.backends.torch import TorchGradientProvider
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
-    ).double()
+    model = mlp(n_in=4, hidden=6, n_out=3, seed=0)
     x = torch.randn(90, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (90,))
     gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)

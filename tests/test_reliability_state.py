@@ -65,10 +65,9 @@ def test_jax_provider_version_is_constant(backend_name):
 
 def _torch_mlp():
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
-    ).double()
+    from torch_helpers import mlp
+
+    model = mlp(n_in=4, hidden=6, n_out=3, seed=0)
     x = torch.randn(40, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (40,))
     return torch, model, x, y

@@ -17,60 +17,18 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
 from helpers import rel_err  # noqa: E402
+from torch_helpers import mlp, ref_grads, ref_hessian, single_thread  # noqa: E402, F401
 from xinfluence import Batch  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
 
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: OpenMP threads only spin against each other (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- oracles ---------------------------------------------------------------------
-
-
-def _flat_loss(model, loss, x, y, output_fn=None):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def mean_loss(t):
-        parts, start = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            size = int(np.prod(s))
-            parts[n] = t[start : start + size].reshape(s)
-            start += size
-        out = functional_call(model, parts, (x,))
-        return loss(out if output_fn is None else output_fn(out), y)
-
-    return mean_loss, theta
-
-
-def ref_grads(model, loss, x, y, output_fn=None):
-    """Per-sample gradients, one sample at a time: (N, P)."""
-    rows = []
-    for i in range(x.shape[0]):
-        f, theta = _flat_loss(model, loss, x[i : i + 1], y[i : i + 1], output_fn)
-        theta = theta.clone().requires_grad_(True)
-        rows.append(torch.autograd.grad(f(theta), theta)[0])
-    return torch.stack(rows)
-
-
-def ref_hessian(model, loss, x, y, output_fn=None):
-    f, theta = _flat_loss(model, loss, x, y, output_fn)
-    return torch.autograd.functional.hessian(f, theta)
 
 
 def ref_influences(h, reg, g_test, g_train):
@@ -78,11 +36,6 @@ def ref_influences(h, reg, g_test, g_train):
     h = h.numpy()
     solved = np.linalg.solve(h + reg * np.eye(h.shape[0]), g_train.numpy().T)
     return g_test.numpy() @ solved
-
-
-def mlp(n_in=4, hidden=5, n_out=3, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out)).double()
 
 
 def _xy(n=9, d=4, classes=3, seed=1):

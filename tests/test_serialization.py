@@ -142,10 +142,9 @@ def _only_on(backend_name, wanted):
 
 def _torch_problem():
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
-    ).double()
+    from torch_helpers import mlp
+
+    model = mlp(n_in=4, hidden=5, n_out=3, seed=0)
     rng = np.random.default_rng(3)
     x = torch.tensor(rng.normal(size=(29, 4)))
     y = torch.tensor(rng.integers(0, 3, size=29))

@@ -19,9 +19,10 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from helpers import rel_err  # noqa: E402
+from torch_helpers import flat_loss, ref_grads, ref_hessian, single_thread  # noqa: E402, F401
 from xinfluence import Batch, DirectInfluence  # noqa: E402
 from xinfluence.backends import _torch_linear  # noqa: E402
 from xinfluence.backends.numpy import (  # noqa: E402
@@ -35,57 +36,11 @@ F64 = torch.float64
 REG = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP
-    spinning makes them slower by orders of magnitude; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a, b) -> float:
-    a = torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a
-    b = torch.as_tensor(np.asarray(b)) if isinstance(b, np.ndarray) else b
-    return float((a - b).abs().max() / b.abs().max())
-
-
 # -- references (plain autograd) ---------------------------------------------------
 
 
 def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def ref_grads(model, loss, x, y, names):
-    """Per-sample gradients by a python loop: (N, P)."""
-    params = dict(model.named_parameters())
-    rows = []
-    for i in range(x.shape[0]):
-        value = loss(model(x[i : i + 1]), y[i : i + 1])
-        g = torch.autograd.grad(value, [params[n] for n in names])
-        rows.append(torch.cat([t.reshape(-1) for t in g]))
-    return torch.stack(rows)
-
-
-def _flat_loss(model, loss, x, y, names):
-    shapes = [dict(model.named_parameters())[n].shape for n in names]
-    sizes = [int(np.prod(s)) for s in shapes]
-
-    def mean_loss(theta):
-        parts = theta.split(sizes)
-        override = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
-        return loss(functional_call(model, override, (x,)), y)
-
-    theta = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
-    return mean_loss, theta
-
-
-def ref_hessian(model, loss, x, y, names):
-    """Hessian of the full-batch mean loss: (P, P)."""
-    mean_loss, theta = _flat_loss(model, loss, x, y, names)
-    return torch.autograd.functional.hessian(mean_loss, theta)
 
 
 def ref_mixed_contracted(model, loss, x, y, names, f):
@@ -95,7 +50,7 @@ def ref_mixed_contracted(model, loss, x, y, names, f):
     per-sample mixed derivative contracted with f.
     """
     x = x.detach().clone().requires_grad_(True)
-    mean_loss, theta = _flat_loss(model, loss, x, y, names)
+    mean_loss, theta = flat_loss(model, loss, x, y, names)
     theta = theta.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(mean_loss(theta) * x.shape[0], theta, create_graph=True)
     rows = [torch.autograd.grad(g @ fk, x, retain_graph=True)[0] for fk in f]

@@ -8,8 +8,6 @@ gradients from running the two halves of an ``nn.Sequential`` by hand.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,24 +16,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
+from helpers import rel_err  # noqa: E402
+from torch_helpers import ref_grads, ref_hessian, single_thread  # noqa: E402, F401
 from xinfluence import Batch  # noqa: E402
 from xinfluence.backends import _torch_conv  # noqa: E402
 from xinfluence.backends import torch as torch_backend  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # conv keyword variants: stride, padding, dilation, no bias, "same" padding
@@ -75,16 +63,6 @@ def data(n: int, seed: int = 1):
     x = torch.randn(n, 2, 7, 7, generator=gen, dtype=F64)
     y = torch.randint(0, 5, (n,), generator=gen)
     return x, y
-
-
-def ref_grads(model, x, y):
-    """Per-sample gradients ``(N, P)`` by autograd, one sample at a time."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
 
 
 def ref_patches(conv: nn.Conv2d, x):
@@ -134,7 +112,7 @@ def test_conv_kfac_factors_match_autodiff(variant):
         "6": ("6.weight", "6.bias"),
     }
     batch = gp.prepare_batch(Batch(x, y))
-    grads = ref_grads(model, x, y)
+    grads = ref_grads(model, F.cross_entropy, x, y)
     slices = gp.parameter_slices
     factors = gp.kfac_factors(batch)
     for layer, index in (("0", 0), ("2", 2)):
@@ -169,7 +147,7 @@ def test_unsupported_convolutions_are_left_out():
     # the general path still gives the right gradients
     x, y = torch.randn(3, 2, 5, 5, dtype=F64), torch.randint(0, 2, (3,))
     g = gp.flat_grads(gp.prepare_batch(Batch(x, y)))
-    assert rel_err(g, ref_grads(model, x, y)) < 1e-12
+    assert rel_err(g, ref_grads(model, F.cross_entropy, x, y)) < 1e-12
 
 
 # -- EK-FAC on convolutions ----------------------------------------------------------
@@ -187,7 +165,7 @@ def dense_kfac(model, gp, x, y, layer: str, index: int):
     n = x.shape[0]
     a_cov = torch.einsum("nti,ntj->ij", a, a) / n
     s_cov = torch.einsum("nti,ntj->ij", s, s) / (n * positions)
-    grads = ref_grads(model, x, y)
+    grads = ref_grads(model, F.cross_entropy, x, y)
     w, b = gp.kfac_layers()[layer]
     g = grads[:, gp.parameter_slices[w]].reshape(n, conv.out_channels, -1)
     if b is not None:
@@ -243,7 +221,10 @@ def test_conv_ekfac_influences_from_dense_curvature(second_order):
         [(x[:7], y[:7]), (x[7:], y[7:])]
     )
     scores = infl.influences(xt, yt, x, y)
-    g_train, g_test = ref_grads(model, x, y), ref_grads(model, xt, yt)
+    g_train, g_test = (
+        ref_grads(model, F.cross_entropy, x, y),
+        ref_grads(model, F.cross_entropy, xt, yt),
+    )
     expected = torch.zeros(4, 20, dtype=F64)
     for layer, comp in infl._mapper.composable_block_dict.items():
         op = comp.op
@@ -413,7 +394,7 @@ def test_jacobian_prod_of_many_vectors_through_per_sample_gradients(monkeypatch)
     batch = gp.prepare_batch(Batch(x, y))
     assert 9 < gp._weight_reuse(x) < 13
     v = torch.randn(40, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(5))
-    ref = ref_grads(model, x, y) @ v.T
+    ref = ref_grads(model, F.cross_entropy, x, y) @ v.T
     sizes: list[int] = []
     real = TorchGradientProvider.flat_grads
 
@@ -435,33 +416,13 @@ def test_jacobian_prod_of_many_vectors_through_per_sample_gradients(monkeypatch)
 # -- exact Hessian products of sequential CNNs -----------------------------------------
 
 
-def ref_hessian(model, x, y):
-    """Dense Hessian of the batch's mean loss by torch.autograd.functional.hessian."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
-    flat = torch.cat(
-        [p.detach().reshape(-1) for _, p in model.named_parameters() if p.requires_grad]
-    )
-
-    def mean_loss(theta):
-        params, start = {}, 0
-        for name, shape in zip(names, shapes):
-            size = math.prod(shape)
-            params[name] = theta[start : start + size].reshape(shape)
-            start += size
-        out = torch.func.functional_call(model, params, (x,))
-        return F.cross_entropy(out, y)
-
-    return torch.autograd.functional.hessian(mean_loss, flat)
-
-
 def products_match_autodiff(model, n: int, k: int, seed: int):
     """The structured products of ``model`` on ``n`` samples against ``k``
     vectors times the autodiff Hessian; returns the provider, batch and Hessian."""
     x, y = data(n)
     gp = TorchGradientProvider(model, F.cross_entropy)
     batch = gp.prepare_batch(Batch(x, y))
-    ref = ref_hessian(model, x, y)
+    ref = ref_hessian(model, F.cross_entropy, x, y)
     v = torch.randn(k, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(seed))
     assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
     assert gp._conv_structure is True  # the structured path ran
@@ -511,7 +472,7 @@ def test_cnn_hessian_products_with_frozen_layers():
     x, y = data(5)
     gp = TorchGradientProvider(model, F.cross_entropy)
     batch = gp.prepare_batch(Batch(x, y))
-    ref = ref_hessian(model, x, y)
+    ref = ref_hessian(model, F.cross_entropy, x, y)
     v = torch.randn(3, gp.n_parameters, dtype=F64)
     assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
     assert gp._conv_structure is True
@@ -532,7 +493,7 @@ def test_kronecker_projection_of_conv_layers_equals_projected_gradients():
     layers = list(gp.kfac_layers())
     proj = KroneckerProjection(gp, layers, gp, (3, 7), seed=2)
     batch = gp.prepare_batch(Batch(x, y))
-    direct = proj.project(ref_grads(model, x, y))
+    direct = proj.project(ref_grads(model, F.cross_entropy, x, y))
     assert rel_err(proj.project_grads(gp, batch), direct) < 1e-12
     # and the influence model runs on them
     infl = xi.ProjectedInfluence(gp, k=(3, 7), projection="kronecker", regularization=1e-3)
@@ -578,7 +539,7 @@ def test_cnn_hessian_products_through_every_specialised_layer():
         "_Reshape",
         "_Reshape",
     ]
-    ref = ref_hessian(model, x, y)
+    ref = ref_hessian(model, F.cross_entropy, x, y)
     v = torch.randn(4, gp.n_parameters, dtype=F64, generator=torch.Generator().manual_seed(3))
     assert rel_err(gp.hvp(batch, v), v @ ref) < 1e-12
     assert gp._conv_structure is True

@@ -15,16 +15,16 @@ from __future__ import annotations
 import copy
 import os
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
 
 import xinfluence as xi  # noqa: E402
+from helpers import rel_err  # noqa: E402
+from torch_helpers import ref_hessian  # noqa: E402
 from xinfluence import Batch  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
 
@@ -38,12 +38,6 @@ pytestmark = [
         DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
     ),
 ]
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach().cpu(), b.detach().cpu()
-    assert a.shape == b.shape
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -82,28 +76,12 @@ def batches(x, y, device, sizes=(17, 29, 7)):
     return out
 
 
-def ref_hessian(model, x, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-
-    def mean_loss(flat):
-        params, start = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = int(np.prod(s))
-            params[n] = flat[start : start + k].reshape(s)
-            start += k
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return torch.autograd.functional.hessian(mean_loss, theta)
-
-
 def test_structured_hessian_and_products_on_device(problem):
     cpu_model, model, x, y, _, _ = problem
     gp = TorchGradientProvider(model, F.cross_entropy)
     assert gp.device.type == DEVICE.type
     batch = gp.prepare_batch(Batch(x[:23].to(DEVICE), y[:23].to(DEVICE)))
-    ref = ref_hessian(cpu_model, x[:23], y[:23])
+    ref = ref_hessian(cpu_model, F.cross_entropy, x[:23], y[:23])
     hess = gp.hessian(batch)
     assert hess.device.type == DEVICE.type and hess.dtype == F64
     assert rel_err(hess, ref) < 1e-12
