@@ -431,6 +431,8 @@ class ComposableInfluence(PicklableState, ABC):
 
         Raises:
             ValueError: not a saved model, or parameter names, shapes or dtype differ.
+            CorruptFileError: the file is empty, truncated or damaged, or an array or
+                the metadata differ from the digests recorded at save (a ValueError).
             TypeError: the file holds another model class than ``cls``.
             StaleFitError: the parameter values differ (``on_mismatch="raise"``).
         """
