@@ -94,6 +94,37 @@ def test_torch_optimizer_step_after_fit_raises(backend_name, cls):
     assert float((after - before).abs().max()) > 1e-3  # the step did change the answer
 
 
+@pytest.mark.parametrize("cls", [xi.DirectInfluence, xi.CgInfluence])
+def test_torch_update_through_data_after_fit_raises(backend_name, cls):
+    """``p.data`` updates bypass the version counters: the value checksum sees them."""
+    if backend_name != "torch":
+        pytest.skip("runs in the torch session")
+    torch, model, x, y = _torch_mlp()
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    model.float()  # float32: the checksum also sees a change of 1e-2 in one entry there
+    x = x.float()
+    gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+    infl = cls(gp, regularization=1.0).fit((x, y))
+    before = infl.influences(x[:3], y[:3], x, y)
+    weight = model[0].weight
+    version = weight._version
+    weight.data.add_(1e-2)
+    assert weight._version == version  # the counter did not move
+    with pytest.raises(xi.StaleFitError, match="changed after .*fit"):
+        infl.influences(x[:3], y[:3], x, y)
+    infl.fit((x, y))
+    weight.data[2, 1] -= 1e-2  # one entry, a small step
+    with pytest.raises(xi.StaleFitError):
+        infl.influence_factors(x[:3], y[:3])
+    after = infl.fit((x, y)).influences(x[:3], y[:3], x, y)
+    assert float((after - before).abs().max()) > 1e-4  # the update did change the answer
+    # the refit uses the new values: the same as a fresh provider's fit
+    fresh = cls(TorchGradientProvider(model, torch.nn.functional.cross_entropy), regularization=1.0)
+    expected = fresh.fit((x, y)).influences(x[:3], y[:3], x, y)
+    assert rel_err(after, expected) < 1e-5
+
+
 # -- dropped parameters ----------------------------------------------------------
 
 

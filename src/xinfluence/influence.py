@@ -145,7 +145,12 @@ class ComposableInfluence(PicklableState, ABC):
     @_mapper.setter
     def _mapper(self, mapper: BlockMapper | None) -> None:
         self._fitted = mapper
-        self._fit_version = None if mapper is None else self.gradient_provider.parameter_version()
+        self._fit_version = None if mapper is None else self._parameter_state()
+
+    def _parameter_state(self) -> tuple[Any, Any]:
+        """The provider's version token and value checksum (see :meth:`_is_fresh`)."""
+        gp = self.gradient_provider
+        return gp.parameter_version(), gp.parameter_checksum()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -156,19 +161,25 @@ class ComposableInfluence(PicklableState, ABC):
         stale = state.pop("_stale", False)
         super().__setstate__(state)
         if self._mapper is not None:  # torch version counters restart in a copy
-            version = self.gradient_provider.parameter_version()
-            self._fit_version = _NEVER if stale else version
+            self._fit_version = _NEVER if stale else self._parameter_state()
 
     def _is_fresh(self) -> bool:
-        return bool(self.gradient_provider.parameter_version() == self._fit_version)
+        # the version first (cheap, and enough for most changes); the checksum for
+        # what versions miss (torch: updates through p.data)
+        fit = self._fit_version
+        if not isinstance(fit, tuple) or len(fit) != 2:
+            return False
+        gp = self.gradient_provider
+        return bool(gp.parameter_version() == fit[0]) and bool(gp.parameter_checksum() == fit[1])
 
     def _check_fresh(self) -> None:
         if not self._is_fresh():
             raise StaleFitError(
                 f"the model's parameters changed after {type(self).__name__}.fit (an optimizer "
-                "step or load_state_dict, say): the fitted curvature belongs to the old "
-                "parameters and the gradients would come from the new ones. Call fit(data) "
-                "again (or build the provider from a copy of the model to keep training it)"
+                "step, load_state_dict or an update through p.data, say): the fitted "
+                "curvature belongs to the old parameters and the gradients would come from "
+                "the new ones. Call fit(data) again (or build the provider from a copy of "
+                "the model to keep training it)"
             )
 
     def __init__(
