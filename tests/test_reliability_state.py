@@ -242,6 +242,32 @@ def test_torch_nan_output_is_an_error(backend_name):
         infl.influences(x_bad, y, x, y)
 
 
+def test_torch_label_out_of_range_names_the_samples(backend_name):
+    """torch's cross-entropy raises on a label out of range (``index 5 is out of
+    bounds``): a NonFiniteError naming the samples, as a NaN loss gives."""
+    if backend_name != "torch":
+        pytest.skip("runs in the torch session")
+    torch, model, x, y = _torch_mlp()  # 3 classes
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+    infl = xi.DirectInfluence(gp, regularization=1.0).fit((x, y))
+    y_bad = y.clone()
+    y_bad[4], y_bad[9] = 3, -2
+    match = r"the loss cannot be computed at sample\(s\) \[4, 9\].*out of bounds.*class label out of range"
+    with pytest.raises(xi.NonFiniteError, match=r"test points\): " + match):
+        infl.influences(x, y_bad, x, y)
+    with pytest.raises(xi.NonFiniteError, match="training points.*" + match):
+        infl.influences(x[:2], y[:2], x, y_bad)
+    # in fit, indices count over all batches (uneven)
+    batches = [(x[:7], y[:7]), (x[7:20], y_bad[7:20]), (x[20:], y[20:])]
+    with pytest.raises(xi.NonFiniteError, match=r"fit: .*sample\(s\) \[9\]"):
+        xi.CgInfluence(gp, regularization=1.0).fit(batches)
+    # an error that is not about samples propagates unchanged
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        infl.influences(x[:3], torch.full((3,), 7), x, y)
+
+
 # -- loose scalars and lists -----------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar, final
+from typing import Any, NoReturn, TypeVar, final
 
 import numpy as np
 
@@ -292,7 +292,10 @@ class ComposableInfluence(PicklableState, ABC):
         gp = self.gradient_provider
         if len(batch) == 0:
             return
-        losses = gp.per_sample_losses(batch)
+        try:
+            losses = gp.per_sample_losses(batch)
+        except (IndexError, RuntimeError) as e:
+            self._raise_failing_samples(batch, what, offset, e)
         if losses is None or not _xp.any_nonfinite(losses, xp=gp.xp):
             return
         bad = np.flatnonzero(~np.isfinite(_xp.to_numpy(losses))) + offset
@@ -302,6 +305,30 @@ class ComposableInfluence(PicklableState, ABC):
             "their gradients (and a curvature fitted on them) would be meaningless. Fix or drop "
             "those samples"
         )
+
+    def _raise_failing_samples(
+        self, batch: Batch, what: str, offset: int, error: Exception
+    ) -> NoReturn:
+        """The batch's loss raised (torch's cross-entropy on a class label out of
+        range: ``index 5 is out of bounds``): find the samples whose own loss raises,
+        one at a time, and name them in a :class:`NonFiniteError`, as for a NaN loss.
+        Where every sample fails alone (or none), the error is not about samples:
+        it propagates unchanged."""
+        gp = self.gradient_provider
+        bad = []
+        for i in range(len(batch)):
+            try:
+                gp.per_sample_losses(Batch(batch.x[i : i + 1, ...], batch.y[i : i + 1, ...]))
+            except (IndexError, RuntimeError):
+                bad.append(i)
+        if not bad or len(bad) == len(batch):
+            raise error
+        raise NonFiniteError(
+            f"{what}: the loss cannot be computed at sample(s) "
+            f"{_indices(np.asarray(bad) + offset)} ({type(error).__name__}: {error}); a "
+            "class label out of range for the model's outputs, say (labels must lie in "
+            "0 .. n_classes - 1). Fix or drop those samples"
+        ) from error
 
     def _finite(self, results: OrderedDict[str, Array], what: str) -> OrderedDict[str, Array]:
         xp = self.gradient_provider.xp
