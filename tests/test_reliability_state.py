@@ -254,7 +254,7 @@ def test_torch_label_out_of_range_names_the_samples(backend_name):
     infl = xi.DirectInfluence(gp, regularization=1.0).fit((x, y))
     y_bad = y.clone()
     y_bad[4], y_bad[9] = 3, -2
-    match = r"the loss cannot be computed at sample\(s\) \[4, 9\].*out of bounds.*label out of range"
+    match = r"the loss cannot be computed at sample\(s\) \[4, 9\].*out of bounds.*label out of"
     with pytest.raises(xi.NonFiniteError, match=r"test points\): " + match):
         infl.influences(x, y_bad, x, y)
     with pytest.raises(xi.NonFiniteError, match="training points.*" + match):
