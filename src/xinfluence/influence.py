@@ -618,7 +618,9 @@ class LissaInfluence(_CurvatureInfluence):
     default ``scale`` is the Lanczos estimate of the top eigenvalue plus the
     regularization (doubled with sampled batches), so it converges without
     tuning; a diverging iteration raises
-    :class:`~xinfluence.errors.DivergenceError` naming the scale to use.
+    :class:`~xinfluence.errors.DivergenceError` naming the scale to use, or, where
+    ``H + lambda I`` has a negative eigenvalue (no scale helps), the
+    regularization that suffices.
 
     It stops when ``|g - (H + mu I) x| <= rtol |g|`` for every right-hand side
     ``g``, with ``mu = lambda + dampen * scale``; ``rtol=None`` (default) is 1e-6
