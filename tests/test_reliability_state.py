@@ -266,6 +266,8 @@ def test_torch_label_out_of_range_names_the_samples(backend_name):
     # an error that is not about samples propagates unchanged
     with pytest.raises(RuntimeError, match="out of bounds"):
         infl.influences(x[:3], torch.full((3,), 7), x, y)
+    with pytest.raises(RuntimeError, match="out of bounds"):  # stops after 16 samples
+        infl.influences(x[:30], torch.full((30,), 7), x, y)
 
 
 # -- loose scalars and lists -----------------------------------------------------------

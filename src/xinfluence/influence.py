@@ -312,8 +312,8 @@ class ComposableInfluence(PicklableState, ABC):
         """The batch's loss raised (torch's cross-entropy on a class label out of
         range: ``index 5 is out of bounds``): find the samples whose own loss raises,
         one at a time, and name them in a :class:`NonFiniteError`, as for a NaN loss.
-        Where every sample fails alone (or none), the error is not about samples:
-        it propagates unchanged."""
+        Where every sample fails alone (or none, or the first 16), the error is not
+        about samples: it propagates unchanged."""
         gp = self.gradient_provider
         bad = []
         for i in range(len(batch)):
@@ -321,6 +321,8 @@ class ComposableInfluence(PicklableState, ABC):
                 gp.per_sample_losses(Batch(batch.x[i : i + 1, ...], batch.y[i : i + 1, ...]))
             except (IndexError, RuntimeError):
                 bad.append(i)
+            if len(bad) == i + 1 == 16:  # the first 16 all fail: not about samples
+                raise error
         if not bad or len(bad) == len(batch):
             raise error
         raise NonFiniteError(
