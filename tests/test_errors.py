@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import xinfluence as xi
+from xinfluence._xp import to_numpy
 from xinfluence.backends.numpy import FiniteDifferenceGradients, LinearRegressionGradients
 
 
@@ -184,3 +185,31 @@ def test_plus_diagonal_copies(xp, to_xp):
     out = _xp.plus_diagonal(x, 0.5, xp=xp)
     np.testing.assert_array_equal(_xp.to_numpy(out), a + 0.5 * np.eye(3))
     np.testing.assert_array_equal(_xp.to_numpy(x), a)  # the input is untouched
+
+
+def _saddle_loss(params, x, y):  # Hessian diag(-2 mean x0, 2 mean x1)
+    w = params["w"]
+    return -x[:, 0] * w[0] ** 2 + x[:, 1] * w[1] ** 2 + 0 * y
+
+
+def test_lissa_on_indefinite_curvature_names_the_regularization(to_xp):
+    """No scale makes LiSSA converge on a negative eigenvalue of H + lambda I: the
+    error says so, with the regularization that suffices (as Direct and CG do)."""
+    gp = FiniteDifferenceGradients(_saddle_loss, {"w": to_xp(np.array([1.0, 0.5]))})
+    x = to_xp(np.array([[1.0, 2.0], [3.0, 1.0], [2.0, 0.5]]))  # H = diag(-4, 7/3)
+    y = to_xp(np.zeros(3))
+    model = xi.LissaInfluence(gp, regularization=1.0, maxiter=500).fit((x, y))
+    with pytest.raises(xi.DivergenceError, match="negative eigenvalue") as info:
+        model.influences(x, y)
+    message = str(info.value)
+    assert "raise scale" not in message and "regularization to at least" in message
+    assert abs(info.value.smallest_eigenvalue - (-3.0)) < 0.1  # -4 + 1
+    suggested = info.value.suggested_regularization
+    assert 4.0 < suggested <= 10.0  # enough (> |-4|), not absurd
+    # with it, LiSSA converges to the dense solve
+    h = np.diag([-4.0, 7.0 / 3.0]) + suggested * np.eye(2)
+    g = np.array([[-2.0, 2.0], [-6.0, 1.0], [-4.0, 0.5]])  # (-2 x0 w0, 2 x1 w1)
+    expected = g @ np.linalg.solve(h, g.T)
+    got = xi.LissaInfluence(gp, regularization=suggested, rtol=1e-8, maxiter=1000).fit((x, y))
+    got = to_numpy(got.influences(x, y))
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))

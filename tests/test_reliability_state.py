@@ -93,6 +93,37 @@ def test_torch_optimizer_step_after_fit_raises(backend_name, cls):
     assert float((after - before).abs().max()) > 1e-3  # the step did change the answer
 
 
+@pytest.mark.parametrize("cls", [xi.DirectInfluence, xi.CgInfluence])
+def test_torch_update_through_data_after_fit_raises(backend_name, cls):
+    """``p.data`` updates bypass the version counters: the value checksum sees them."""
+    if backend_name != "torch":
+        pytest.skip("runs in the torch session")
+    torch, model, x, y = _torch_mlp()
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    model.float()  # float32: the checksum also sees a change of 1e-2 in one entry there
+    x = x.float()
+    gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+    infl = cls(gp, regularization=1.0).fit((x, y))
+    before = infl.influences(x[:3], y[:3], x, y)
+    weight = model[0].weight
+    version = weight._version
+    weight.data.add_(1e-2)
+    assert weight._version == version  # the counter did not move
+    with pytest.raises(xi.StaleFitError, match="changed after .*fit"):
+        infl.influences(x[:3], y[:3], x, y)
+    infl.fit((x, y))
+    weight.data[2, 1] -= 1e-2  # one entry, a small step
+    with pytest.raises(xi.StaleFitError):
+        infl.influence_factors(x[:3], y[:3])
+    after = infl.fit((x, y)).influences(x[:3], y[:3], x, y)
+    assert float((after - before).abs().max()) > 1e-4  # the update did change the answer
+    # the refit uses the new values: the same as a fresh provider's fit
+    fresh = cls(TorchGradientProvider(model, torch.nn.functional.cross_entropy), regularization=1.0)
+    expected = fresh.fit((x, y)).influences(x[:3], y[:3], x, y)
+    assert rel_err(after, expected) < 1e-5
+
+
 # -- dropped parameters ----------------------------------------------------------
 
 
@@ -208,6 +239,34 @@ def test_torch_nan_output_is_an_error(backend_name):
     x_bad[5, 0] = -1.0
     with pytest.raises(xi.NonFiniteError, match=r"sample\(s\) \[5\]"):
         infl.influences(x_bad, y, x, y)
+
+
+def test_torch_label_out_of_range_names_the_samples(backend_name):
+    """torch's cross-entropy raises on a label out of range (``index 5 is out of
+    bounds``): a NonFiniteError naming the samples, as a NaN loss gives."""
+    if backend_name != "torch":
+        pytest.skip("runs in the torch session")
+    torch, model, x, y = _torch_mlp()  # 3 classes
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    gp = TorchGradientProvider(model, torch.nn.functional.cross_entropy)
+    infl = xi.DirectInfluence(gp, regularization=1.0).fit((x, y))
+    y_bad = y.clone()
+    y_bad[4], y_bad[9] = 3, -2
+    match = r"the loss cannot be computed at sample\(s\) \[4, 9\].*out of bounds.*label out of"
+    with pytest.raises(xi.NonFiniteError, match=r"test points\): " + match):
+        infl.influences(x, y_bad, x, y)
+    with pytest.raises(xi.NonFiniteError, match="training points.*" + match):
+        infl.influences(x[:2], y[:2], x, y_bad)
+    # in fit, indices count over all batches (uneven)
+    batches = [(x[:7], y[:7]), (x[7:20], y_bad[7:20]), (x[20:], y[20:])]
+    with pytest.raises(xi.NonFiniteError, match=r"fit: .*sample\(s\) \[9\]"):
+        xi.CgInfluence(gp, regularization=1.0).fit(batches)
+    # an error that is not about samples propagates unchanged
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        infl.influences(x[:3], torch.full((3,), 7), x, y)
+    with pytest.raises(RuntimeError, match="out of bounds"):  # stops after 16 samples
+        infl.influences(x[:30], torch.full((30,), 7), x, y)
 
 
 # -- loose scalars and lists -----------------------------------------------------------

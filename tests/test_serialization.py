@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -430,3 +432,90 @@ def test_save_refuses_what_it_cannot_save(xp, to_xp, tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="not a saved xinfluence model"):
         xi.load(tmp_path / "other.npz", gp)
+
+
+# -- saved files are verified: digests of every array and of the metadata ----------
+
+
+def _saved_file(to_xp, tmp_path, name="model.npz"):
+    gp, x, y = _softmax_problem(to_xp)
+    infl = xi.DirectInfluence(gp, regularization=1e-3, block_structure="parameter").fit((x, y))
+    path = tmp_path / name
+    infl.save(path)
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    return gp, x, y, infl, path, arrays
+
+
+def _rewrite(path, arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_saved_model_round_trip_is_bit_identical(xp, to_xp, tmp_path):
+    gp, x, y, infl, path, arrays = _saved_file(to_xp, tmp_path)
+    assert "__metadata_sha256__" in arrays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a verified file loads without a warning
+        loaded = xi.load(path, gp)
+    assert _same(
+        loaded.influences(x[:5, ...], y[:5], x, y), infl.influences(x[:5, ...], y[:5], x, y)
+    )
+    assert loaded.regularization == infl.regularization
+
+
+def test_load_refuses_tampered_arrays(xp, to_xp, tmp_path):
+    gp, _, _, _, path, arrays = _saved_file(to_xp, tmp_path)
+    for key in ("block0/_factor", "block1/curvature"):  # scaled by 2: shape and dtype kept
+        _rewrite(path, {**arrays, key: arrays[key] * 2})
+        with pytest.raises(xi.CorruptFileError, match=rf"model\.npz.*array '{key}' .*differs"):
+            xi.load(path, gp)
+    removed = {k: v for k, v in arrays.items() if k != "block0/_factor"}
+    _rewrite(path, removed)
+    with pytest.raises(xi.CorruptFileError, match="array 'block0/_factor' is missing"):
+        xi.load(path, gp)
+    _rewrite(path, {**arrays, "block9/extra": np.zeros(3)})
+    with pytest.raises(xi.CorruptFileError, match="array 'block9/extra' was added"):
+        xi.load(path, gp)
+
+
+def test_load_refuses_tampered_metadata(xp, to_xp, tmp_path):
+    gp, _, _, _, path, arrays = _saved_file(to_xp, tmp_path)
+    metadata = json.loads(bytes(arrays["__metadata__"]))
+    metadata["regularization"]["weight"] = 0.5
+    edited = np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
+    _rewrite(path, {**arrays, "__metadata__": edited})
+    with pytest.raises(xi.CorruptFileError, match=r"model\.npz.*metadata .*differ from the SHA"):
+        xi.load(path, gp)
+    # the metadata's digest itself removed: refused too (a version-2 file always has it)
+    del arrays["__metadata_sha256__"]
+    _rewrite(path, arrays)
+    with pytest.raises(xi.CorruptFileError, match="digest .* is missing"):
+        xi.load(path, gp)
+
+
+def test_load_names_truncated_and_empty_files(xp, to_xp, tmp_path):
+    gp, _, _, _, path, _ = _saved_file(to_xp, tmp_path)
+    raw = path.read_bytes()
+    for keep in (len(raw) // 2, len(raw) - 7, 0):
+        cut = tmp_path / f"cut{keep}.npz"
+        cut.write_bytes(raw[:keep])
+        expected = "is empty" if keep == 0 else "is not a complete .npz"
+        with pytest.raises(xi.CorruptFileError, match=rf"cut{keep}\.npz.*{expected}"):
+            xi.load(cut, gp)
+    with pytest.raises(FileNotFoundError):  # a missing file stays a missing file
+        xi.load(tmp_path / "absent.npz", gp)
+
+
+def test_version_1_files_load_with_a_warning(xp, to_xp, tmp_path):
+    gp, x, y, infl, path, arrays = _saved_file(to_xp, tmp_path)
+    metadata = json.loads(bytes(arrays.pop("__metadata__")))
+    del arrays["__metadata_sha256__"], metadata["digests"]
+    metadata["format_version"] = 1  # as the previous xinfluence wrote it
+    arrays["__metadata__"] = np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
+    _rewrite(path, arrays)
+    with pytest.warns(UserWarning, match=r"model\.npz.*format version 1.*cannot be verified"):
+        loaded = xi.load(path, gp)
+    assert _same(
+        loaded.influences(x[:5, ...], y[:5], x, y), infl.influences(x[:5, ...], y[:5], x, y)
+    )

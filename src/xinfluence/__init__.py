@@ -13,6 +13,7 @@ import os
 from . import evaluate
 from ._config import memory_budget, memory_budget_scope, set_memory_budget
 from .errors import (
+    CorruptFileError,
     DivergenceError,
     NamespaceMismatchError,
     NonFiniteError,
@@ -86,6 +87,7 @@ __all__ = [
     "OperatorGradientComposition",
     "ProjectedInfluence",
     "StaleFitError",
+    "CorruptFileError",
     "XinfluenceError",
     "evaluate",
     "load",

@@ -14,6 +14,16 @@ A file is one ``.npz`` archive (numpy's zip of ``.npy`` arrays, read with
   operators are rebuilt from that data and the saved options on load (CG's
   preconditioner and LiSSA's scale estimate are recomputed; both are seeded).
 
+* ``__metadata_sha256__``: the SHA-256 (hex, as bytes) of the metadata's bytes.
+
+The metadata record the SHA-256 of every array (its name, shape, dtype and
+bytes) under ``digests``; :func:`load` verifies every digest and the set of
+arrays, and raises :class:`~xinfluence.errors.CorruptFileError` naming the file
+and what differs (an array scaled by 2, an edited regularization, an array
+removed or added, a truncated or empty file). The digests detect damage and
+edits, not a forger who recomputes them. Files of format version 1 (no digests)
+still load, with a warning that they cannot be verified.
+
 Nothing in a file is executed: loading reads arrays and JSON, instantiates
 only the classes named in :data:`_MODELS` and :data:`_STATE_OPERATORS`, and
 takes the gradient provider (the model) from the caller.
@@ -21,15 +31,20 @@ takes the gradient provider (the model) from the caller.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
+import zipfile
+import zlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _xp
+from ._state import fingerprint
+from .errors import CorruptFileError, warn
 from .operators import (
     CgOperator,
     DirectOperator,
@@ -47,7 +62,11 @@ if TYPE_CHECKING:
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "xinfluence.fitted-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# versions load reads; version 1 has no digests (loaded with a warning)
+_READABLE_VERSIONS = (1, 2)
+_METADATA = "__metadata__"
+_METADATA_DIGEST = "__metadata_sha256__"
 
 # Operators whose state (arrays and scalars) is the whole fitted state.
 _STATE_OPERATORS: dict[str, Any] = {
@@ -200,27 +219,108 @@ def save(model: ComposableInfluence, path: str | os.PathLike[str]) -> None:
         "operators": blocks,
         "data_batches": n_batches,
     }
-    text = json.dumps(metadata, default=_json_default)
-    arrays["__metadata__"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    with open(os.fspath(path), "wb") as f:  # np.savez(path) would append ".npz"
-        np.savez(f, **arrays)  # type: ignore[arg-type]
+    metadata["digests"] = {k: _digest(k, a) for k, a in arrays.items()}
+    raw = json.dumps(metadata, default=_json_default).encode("utf-8")
+    arrays[_METADATA] = np.frombuffer(raw, dtype=np.uint8)
+    arrays[_METADATA_DIGEST] = np.frombuffer(
+        hashlib.sha256(raw).hexdigest().encode("ascii"), dtype=np.uint8
+    )
+    # write a sibling file, then rename: an interrupted save leaves no truncated file
+    target = os.fspath(path)
+    partial = target + ".partial"
+    try:
+        with open(partial, "wb") as f:  # np.savez(path) would append ".npz"
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _digest(name: str, a: np.ndarray) -> str:
+    return fingerprint([(name, a)])
+
+
+def _open_archive(name: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file; :class:`CorruptFileError` where it cannot be read."""
+    try:
+        with np.load(name, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise CorruptFileError(f"{name!r} is a single .npy array, not a saved model")
+            return {k: archive[k] for k in archive.files}
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except CorruptFileError:
+        raise
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
+        size = os.path.getsize(name) if os.path.isfile(name) else None
+        if size == 0:
+            what = "is empty (0 bytes)"
+        elif not zipfile.is_zipfile(name):
+            what = f"({size} bytes) is not a complete .npz (zip) archive"
+        else:
+            what = f"({size} bytes) has an unreadable array ({type(e).__name__}: {e})"
+        raise CorruptFileError(
+            f"{name!r} {what}: the file is truncated or damaged, or was not written by "
+            "save. Save the model again"
+        ) from e
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with np.load(os.fspath(path), allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    raw = arrays.pop("__metadata__", None)
-    if raw is None:
-        raise ValueError(f"{os.fspath(path)!r} is not a saved xinfluence model (no metadata)")
-    metadata = json.loads(bytes(raw).decode("utf-8"))
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a saved xinfluence model")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{os.fspath(path)!r} has format version {metadata.get('format_version')}; "
-            f"this xinfluence reads version {FORMAT_VERSION}"
+    name = os.fspath(path)
+    arrays = _open_archive(name)
+    raw_array = arrays.pop(_METADATA, None)
+    if raw_array is None:
+        raise ValueError(f"{name!r} is not a saved xinfluence model (no metadata)")
+    raw = bytes(raw_array)
+    stored = arrays.pop(_METADATA_DIGEST, None)
+    if stored is not None and bytes(stored).decode("ascii", "replace") != (
+        hashlib.sha256(raw).hexdigest()
+    ):
+        raise CorruptFileError(
+            f"{name!r}: the metadata (class, options, regularization, blocks, parameter "
+            "fingerprint, array digests) differ from the SHA-256 recorded at save: the file "
+            "was edited or damaged. Save the model again"
         )
+    try:
+        metadata = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{name!r}: the metadata are not readable JSON ({e})") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(f"{name!r} is not a saved xinfluence model")
+    version = metadata.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"{name!r} has format version {version}; this xinfluence reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}"
+        )
+    if version == 1:
+        warn(
+            f"{name!r} was saved by an older xinfluence (format version 1) without digests: "
+            "its arrays and metadata cannot be verified. Save it again to add them"
+        )
+        return metadata, arrays
+    if stored is None:
+        raise CorruptFileError(f"{name!r}: the metadata's digest ({_METADATA_DIGEST}) is missing")
+    _verify_arrays(name, metadata.get("digests", {}), arrays)
     return metadata, arrays
+
+
+def _verify_arrays(name: str, digests: dict[str, str], arrays: dict[str, np.ndarray]) -> None:
+    """:class:`CorruptFileError` listing every array missing, added or changed."""
+    problems = [f"array {k!r} is missing" for k in digests if k not in arrays]
+    problems += [f"array {k!r} was added" for k in arrays if k not in digests]
+    for k, a in arrays.items():
+        if k in digests and _digest(k, a) != digests[k]:
+            problems.append(
+                f"array {k!r} ({a.dtype}, shape {a.shape}) differs from its SHA-256 at save"
+            )
+    if problems:
+        raise CorruptFileError(
+            f"{name!r} was edited or damaged after save: "
+            + "; ".join(problems)
+            + ". Save the model again"
+        )
 
 
 def _check_parameters(saved: dict[str, Any], gp: GradientProvider, on_mismatch: str) -> None:

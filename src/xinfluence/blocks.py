@@ -189,6 +189,9 @@ class SubsetGradients(GradientProvider):
     def parameter_version(self) -> Any:
         return self.base.parameter_version()
 
+    def parameter_checksum(self) -> Any:
+        return self.base.parameter_checksum()
+
     def restrict(self, names: Sequence[str]) -> SubsetGradients:
         unknown = [n for n in names if n not in self._names]
         if unknown:

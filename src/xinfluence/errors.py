@@ -14,6 +14,7 @@ __all__ = [
     "user_stacklevel",
     "warn",
     "StaleFitError",
+    "CorruptFileError",
 ]
 
 
@@ -48,6 +49,11 @@ class DivergenceError(XinfluenceError, FloatingPointError):
 class StaleFitError(XinfluenceError, RuntimeError):
     """The model's parameters changed after ``fit`` (an optimizer step, say): the
     fitted curvature no longer belongs to them. Refit."""
+
+
+class CorruptFileError(XinfluenceError, ValueError):
+    """A saved model file is truncated, empty, not a readable archive, or its arrays
+    or metadata differ from the SHA-256 digests recorded when it was saved."""
 
 
 class NotConvergedWarning(UserWarning):

@@ -30,7 +30,7 @@ import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar, final
+from typing import Any, NoReturn, TypeVar, final
 
 import numpy as np
 
@@ -145,7 +145,12 @@ class ComposableInfluence(PicklableState, ABC):
     @_mapper.setter
     def _mapper(self, mapper: BlockMapper | None) -> None:
         self._fitted = mapper
-        self._fit_version = None if mapper is None else self.gradient_provider.parameter_version()
+        self._fit_version = None if mapper is None else self._parameter_state()
+
+    def _parameter_state(self) -> tuple[Any, Any]:
+        """The provider's version token and value checksum (see :meth:`_is_fresh`)."""
+        gp = self.gradient_provider
+        return gp.parameter_version(), gp.parameter_checksum()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -156,19 +161,25 @@ class ComposableInfluence(PicklableState, ABC):
         stale = state.pop("_stale", False)
         super().__setstate__(state)
         if self._mapper is not None:  # torch version counters restart in a copy
-            version = self.gradient_provider.parameter_version()
-            self._fit_version = _NEVER if stale else version
+            self._fit_version = _NEVER if stale else self._parameter_state()
 
     def _is_fresh(self) -> bool:
-        return bool(self.gradient_provider.parameter_version() == self._fit_version)
+        # the version first (cheap, and enough for most changes); the checksum for
+        # what versions miss (torch: updates through p.data)
+        fit = self._fit_version
+        if not isinstance(fit, tuple) or len(fit) != 2:
+            return False
+        gp = self.gradient_provider
+        return bool(gp.parameter_version() == fit[0]) and bool(gp.parameter_checksum() == fit[1])
 
     def _check_fresh(self) -> None:
         if not self._is_fresh():
             raise StaleFitError(
                 f"the model's parameters changed after {type(self).__name__}.fit (an optimizer "
-                "step or load_state_dict, say): the fitted curvature belongs to the old "
-                "parameters and the gradients would come from the new ones. Call fit(data) "
-                "again (or build the provider from a copy of the model to keep training it)"
+                "step, load_state_dict or an update through p.data, say): the fitted "
+                "curvature belongs to the old parameters and the gradients would come from "
+                "the new ones. Call fit(data) again (or build the provider from a copy of "
+                "the model to keep training it)"
             )
 
     def __init__(
@@ -281,7 +292,10 @@ class ComposableInfluence(PicklableState, ABC):
         gp = self.gradient_provider
         if len(batch) == 0:
             return
-        losses = gp.per_sample_losses(batch)
+        try:
+            losses = gp.per_sample_losses(batch)
+        except (IndexError, RuntimeError) as e:
+            self._raise_failing_samples(batch, what, offset, e)
         if losses is None or not _xp.any_nonfinite(losses, xp=gp.xp):
             return
         bad = np.flatnonzero(~np.isfinite(_xp.to_numpy(losses))) + offset
@@ -291,6 +305,32 @@ class ComposableInfluence(PicklableState, ABC):
             "their gradients (and a curvature fitted on them) would be meaningless. Fix or drop "
             "those samples"
         )
+
+    def _raise_failing_samples(
+        self, batch: Batch, what: str, offset: int, error: Exception
+    ) -> NoReturn:
+        """The batch's loss raised (torch's cross-entropy on a class label out of
+        range: ``index 5 is out of bounds``): find the samples whose own loss raises,
+        one at a time, and name them in a :class:`NonFiniteError`, as for a NaN loss.
+        Where every sample fails alone (or none, or the first 16), the error is not
+        about samples: it propagates unchanged."""
+        gp = self.gradient_provider
+        bad = []
+        for i in range(len(batch)):
+            try:
+                gp.per_sample_losses(Batch(batch.x[i : i + 1, ...], batch.y[i : i + 1, ...]))
+            except (IndexError, RuntimeError):
+                bad.append(i)
+            if len(bad) == i + 1 == 16:  # the first 16 all fail: not about samples
+                raise error
+        if not bad or len(bad) == len(batch):
+            raise error
+        raise NonFiniteError(
+            f"{what}: the loss cannot be computed at sample(s) "
+            f"{_indices(np.asarray(bad) + offset)} ({type(error).__name__}: {error}); a "
+            "class label out of range for the model's outputs, say (labels must lie in "
+            "0 .. n_classes - 1). Fix or drop those samples"
+        ) from error
 
     def _finite(self, results: OrderedDict[str, Array], what: str) -> OrderedDict[str, Array]:
         xp = self.gradient_provider.xp
@@ -431,6 +471,8 @@ class ComposableInfluence(PicklableState, ABC):
 
         Raises:
             ValueError: not a saved model, or parameter names, shapes or dtype differ.
+            CorruptFileError: the file is empty, truncated or damaged, or an array or
+                the metadata differ from the digests recorded at save (a ValueError).
             TypeError: the file holds another model class than ``cls``.
             StaleFitError: the parameter values differ (``on_mismatch="raise"``).
         """
@@ -578,7 +620,9 @@ class LissaInfluence(_CurvatureInfluence):
     default ``scale`` is the Lanczos estimate of the top eigenvalue plus the
     regularization (doubled with sampled batches), so it converges without
     tuning; a diverging iteration raises
-    :class:`~xinfluence.errors.DivergenceError` naming the scale to use.
+    :class:`~xinfluence.errors.DivergenceError` naming the scale to use, or, where
+    ``H + lambda I`` has a negative eigenvalue (no scale helps), the
+    regularization that suffices.
 
     It stops when ``|g - (H + mu I) x| <= rtol |g|`` for every right-hand side
     ``g``, with ``mu = lambda + dampen * scale``; ``rtol=None`` (default) is 1e-6

@@ -599,6 +599,36 @@ class LissaOperator(Operator):
 
         return matmat, max(1, math.ceil(n / batch_size))
 
+    def _divergence(self, iteration: int, norm: float) -> DivergenceError:
+        """The error for a diverged iteration, with its cause: a negative eigenvalue
+        of ``C + lambda I`` (no scale helps: the regularization that suffices, as
+        Direct and CG give it), else a scale below the top eigenvalue."""
+        c, reg, scale = self.curvature, self.regularization, self.scale
+        # the leftmost eigenvalue of the damped curvature (a short Lanczos run and a
+        # verified shift; only on this error path)
+        lowest, shift = positive_definite_shift(
+            _damped(c, reg), c.size, xp=c.xp, dtype=c.dtype, device=c.device
+        )
+        head = f"LiSSA diverged at iteration {iteration} (|h| grew to {norm:.3e})"
+        if lowest < -1e-8 * scale:
+            suggestion = round_up_2(reg + shift)
+            error = DivergenceError(
+                f"{head}: the curvature plus regularization {reg:g} has a negative "
+                f"eigenvalue (about {lowest:.3e}, by Lanczos), so the iteration diverges at "
+                f"any scale; raise the regularization to at least {suggestion:.2g}, or use a "
+                "positive semi-definite curvature: second_order='gauss_newton' or "
+                "'empirical_fisher'"
+            )
+            error.smallest_eigenvalue = lowest  # type: ignore[attr-defined]
+            error.suggested_regularization = suggestion  # type: ignore[attr-defined]
+            return error
+        top = self._top_estimate()
+        return DivergenceError(
+            f"{head}: scale {scale:.4g} is below the top eigenvalue of the damped curvature "
+            f"(the Lanczos estimate is {top + reg:.4g}); raise scale (for example to "
+            f"{2 * top + reg:.4g}) or leave scale=None (estimated)"
+        )
+
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
         o = self.options
@@ -619,13 +649,7 @@ class LissaOperator(Operator):
             new = t + keep * h - product / scale
             norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
             if not np.all(np.isfinite(norms)) or np.any(norms > limit):
-                raise DivergenceError(
-                    f"LiSSA diverged at iteration {it} (|h| grew to {np.max(norms):.3e}): "
-                    f"scale {scale:.4g} is below the top eigenvalue of the damped curvature "
-                    f"(the Lanczos estimate is {self._top_estimate():.4g}) or the curvature "
-                    f"is not positive definite; raise scale (for example to "
-                    f"{2 * self._top_estimate() + reg:.4g}) or the regularization"
-                )
+                raise self._divergence(it, float(np.max(norms)))
             known = False
             if not sampled:
                 # b - (C + mu I) h / scale = new - h: the exact residual of x = h / scale

@@ -175,6 +175,12 @@ class GradientProvider(PicklableState, ABC):
         with a fitted model and checked on load."""
         return None
 
+    def parameter_checksum(self) -> Any:
+        """A cheap summary of the parameter values, compared at every query where
+        :meth:`parameter_version` cannot see every change (torch's ``p.data``
+        updates bypass the version counters), or None (default: no check)."""
+        return None
+
     def parameter_version(self) -> Any:
         """A cheap token that changes whenever the parameters change: a fitted
         model compares it at every query and raises

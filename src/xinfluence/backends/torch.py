@@ -403,6 +403,28 @@ class TorchGradientProvider(GradientProvider):
             t._version for t in self._constants.values()
         )
 
+    def parameter_checksum(self) -> bytes:
+        """Per parameter and buffer, the float64 sum and 2-norm of its values (two
+        reductions on its device, one transfer of ``16 * n_tensors`` bytes).
+
+        Catches what the version counters miss: updates through ``p.data`` or
+        under ``torch.no_grad`` on a detached alias. About 0.36 ms on a
+        1M-parameter float64 MLP on one CPU thread (``benchmarks/state_checks.py``).
+        A change that keeps both the sum and the norm of every tensor (a
+        permutation of a tensor's entries) is not detected.
+        """
+        sums = []
+        for t in (*self._trainable.values(), *self._constants.values()):
+            t = t.detach()
+            if t.is_complex():
+                t = torch.view_as_real(t)
+            if not t.is_floating_point():
+                t = t.to(torch.float64)
+            sums.append(t.sum(dtype=torch.float64))
+            sums.append(torch.linalg.vector_norm(t, dtype=torch.float64))
+        # bytes, not floats: a NaN parameter compares equal to itself
+        return torch.stack(sums).cpu().numpy().tobytes() if sums else b""
+
     def parameter_fingerprint(self) -> str:
         """SHA-256 of the trainable parameters, then the frozen ones and buffers."""
         tensors = [*self._trainable.items(), *sorted(self._constants.items())]
