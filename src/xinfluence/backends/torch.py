@@ -1160,23 +1160,34 @@ class TorchGradientProvider(GradientProvider):
         return h.reshape(n, m, m)
 
     def _output_hessian_root(self, out: Tensor, y: Tensor) -> Tensor:
-        """``L_i`` with ``H_i = L_i L_i^T``, ``(N, M, M)``, from an eigendecomposition.
+        """``L_i`` with ``H_i = L_i L_i^T``, ``(N, M, M)``, from an eigendecomposition
+        (computed in float64: torch's float32 ``eigh`` returns NaN or fails to
+        converge on the nearly-zero ``H_i`` of confidently classified samples);
+        eigenvalues that rounding put below zero are clipped to zero.
 
         Raises:
-            ValueError: the loss is not convex in the output (an eigenvalue of
-                some ``H_i`` below ``-1e-10`` times the largest).
+            ValueError: the loss is not convex in the output: an eigenvalue of
+                some ``H_i`` below ``-10 M eps max(1, |H|)`` (``eps`` of the
+                parameters' dtype, :func:`xinfluence._xp.psd_rounding_tolerance`;
+                ``|H|`` the largest eigenvalue magnitude over the batch).
         """
         h = self._output_hessians(out, y)
-        lam, vec = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
-        top = lam.abs().amax().clamp_min(torch.finfo(lam.dtype).tiny)
-        if bool(torch.any(lam < -1e-10 * top)):
+        work = torch.float64 if h.device.type != "mps" else h.dtype  # mps has no float64
+        lam, vec = torch.linalg.eigh(((h + h.transpose(1, 2)) / 2).to(work))
+        top = float(lam.abs().amax()) if lam.numel() else 0.0
+        # the entries of H_i carry absolute rounding errors of about eps times the
+        # terms they are formed from (for cross-entropy the probabilities, O(1)
+        # however small H_i is for confidently classified samples): scale >= 1
+        tol = _xp.psd_rounding_tolerance(h.dtype, h.shape[-1], max(top, 1.0), xp=self.xp)
+        if lam.numel() and float(lam.min()) < -tol:
             raise ValueError(
                 "the loss Hessian on the model output has negative eigenvalues "
-                f"(smallest {float(lam.min()):.3e}): the loss is not convex in the output, so "
+                f"(smallest {float(lam.min()):.3e}, largest magnitude {top:.3e}, rounding "
+                f"tolerance {tol:.1e}): the loss is not convex in the output, so "
                 "the Gauss-Newton matrix has no factorisation into pseudo-gradients; use "
                 "second_order='empirical_fisher' for EK-FAC"
             )
-        return vec * lam.clamp_min(0).sqrt()[:, None, :]
+        return (vec * lam.clamp_min(0).sqrt()[:, None, :]).to(h.dtype)
 
     @_serialised
     def ggn_matmat(self, batch: Batch, v: Tensor) -> Tensor:
