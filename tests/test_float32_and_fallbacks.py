@@ -157,3 +157,149 @@ def test_ekfac_gauss_newton_still_refuses_an_indefinite_loss(framework, precisio
     for loss in _indefinite_losses(framework):
         with pytest.raises(ValueError, match="not convex in the output"):
             scores(dtype, loss)
+
+
+# -- torch: operations without forward-mode rules ------------------------------
+def _torch_reference(net, x_test, y_test, x, y, reg):
+    """``G_test (H + reg I)^-1 G^T`` from per-sample gradients (a loop of plain
+    autograd calls) and the dense Hessian of the mean loss over a flat parameter
+    vector (``torch.autograd.functional.hessian``)."""
+    import torch
+    from torch.func import functional_call
+
+    f = torch.nn.functional
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    names = [n for n, _ in params]
+    shapes = [p.shape for _, p in params]
+    sizes = [p.numel() for _, p in params]
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in params])
+
+    def unflat(flat):
+        return {
+            n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes, strict=True)
+        }
+
+    def grads(xs, ys):
+        rows = []
+        for i in range(len(xs)):
+            loss = f.cross_entropy(net(xs[i : i + 1]), ys[i : i + 1])
+            found = torch.autograd.grad(loss, [p for _, p in params])
+            rows.append(torch.cat([g.reshape(-1) for g in found]))
+        return torch.stack(rows)
+
+    def mean_loss(flat):
+        return f.cross_entropy(functional_call(net, unflat(flat), (x,)), y)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no second derivative
+        h = torch.autograd.functional.hessian(mean_loss, flat0, vectorize=True)
+    h = (h + h.T) / 2
+    lowest = float(torch.linalg.eigvalsh(h)[0])
+    reg = reg + max(-lowest, 0.0)  # positive definite whatever the random init gives
+    solved = torch.linalg.solve(h + reg * torch.eye(len(flat0), dtype=h.dtype), grads(x, y).T)
+    return grads(x_test, y_test) @ solved, reg
+
+
+def test_torch_transformer_encoder_calculator_matches_dense_reference(tmp_path):
+    """An eval-mode ``nn.TransformerEncoder`` through the chunked calculator: its
+    fused fast path (``aten::_transformer_encoder_layer_fwd``) has no forward-mode
+    rule, and the calculator's ``jacobian_prod`` runs forward mode; ``to_zarr``
+    raised NotImplementedError while ``model.influences`` worked. Both now equal
+    a dense reference built here."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("zarr")
+    from xinfluence.backends.torch import TorchGradientProvider
+    from xinfluence.compute import SequentialInfluenceCalculator
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(
+                8, 2, dim_feedforward=8, dropout=0.0, batch_first=True
+            )
+            self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x).mean(1))
+
+    torch.manual_seed(3)
+    net = Net().double().eval()
+    for name, p in net.named_parameters():  # attention and head: 315 parameters
+        p.requires_grad_(name.startswith(("head", "encoder.layers.0.self_attn")))
+    x = torch.randn(10, 3, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    x_test, y_test, x_train, y_train = x[:3], y[:3], x[3:], y[3:]
+    expected, reg = _torch_reference(net, x_test, y_test, x_train, y_train, 1e-2)
+
+    gp = TorchGradientProvider(net, torch.nn.functional.cross_entropy)
+    model = xi.DirectInfluence(gp, regularization=reg).fit(
+        [(x_train[:4], y_train[:4]), (x_train[4:], y_train[4:])]
+    )
+    assert rel_err(model.influences(x_test, y_test, x_train, y_train), expected) <= 1e-8
+    calc = SequentialInfluenceCalculator(
+        model, progress=False, test_chunk_size=2, train_chunk_size=3
+    )
+    lazy = calc.influences(
+        (x_test, y_test), [(x_train[:5], y_train[:5]), (x_train[5:], y_train[5:])]
+    )
+    stored = lazy.to_zarr(str(tmp_path / "store"))
+    assert rel_err(np.asarray(stored[...]), expected) <= 1e-8
+    assert rel_err(lazy.compute(), expected) <= 1e-8
+    assert gp.forward_ad  # the fast path was off; forward mode itself worked
+
+
+def test_torch_forward_ad_fallback_to_reverse_mode():
+    """An operation without a forward-mode rule (a custom autograd.Function with
+    no jvp): the provider warns once, goes on in reverse mode, and its products
+    equal per-sample gradients from plain autograd."""
+    torch = pytest.importorskip("torch")
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    class Square(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(z):
+            return z * z
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (z,) = ctx.saved_tensors
+            return 2 * z * g
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(Square.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,))
+    gp = TorchGradientProvider(net, torch.nn.functional.cross_entropy)
+    rows = []
+    for i in range(7):
+        loss = torch.nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1])
+        rows.append(
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(net.parameters()))])
+        )
+    grads = torch.stack(rows)
+    v = torch.randn(3, gp.n_parameters, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="without forward-mode derivatives"):
+        first = gp.jacobian_prod(xi.Batch(x, y), v)
+    assert not gp.forward_ad
+    assert rel_err(first, grads @ v.T) <= 1e-12
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = gp.jacobian_prod(xi.Batch(x, y), v)
+    assert rel_err(again, grads @ v.T) <= 1e-12

@@ -42,6 +42,7 @@ import contextlib
 import copy
 import functools
 import math
+import re
 import threading
 import warnings
 import weakref
@@ -106,20 +107,29 @@ _FORWARD_AD_LOCK = threading.RLock()
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# torch's NotImplementedError for an operation without a forward-mode rule: "Trying
+# to use forward AD with aten::...", "... to use it with forward mode AD"
+_FORWARD_AD_MISSING = re.compile(r"forward[ -](mode )?AD|\bjvp\b", re.IGNORECASE)
+
 
 class _MathAttention:
-    """Selects torch's math attention kernel while a provider call runs (models
-    with ``nn.MultiheadAttention``, or whose call failed in a fused kernel).
+    """Selects torch's math attention kernel and turns off the fused fast path of
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` while a provider
+    call runs (models with ``nn.MultiheadAttention``, or whose call failed in a
+    fused kernel).
 
     The fused CPU kernel (flash attention) has no second derivatives, so Hessian
-    products of a ``TransformerEncoder`` fail under the default. The kernel flags
-    are global to the process, so concurrent calls count their entries: the
-    first sets the flags, the last one out restores the caller's."""
+    products of a ``TransformerEncoder`` fail under the default; the eval-mode
+    fast path (``aten::_transformer_encoder_layer_fwd``, taken when no input
+    requires grad, as inside ``jvp``) has no forward-mode rule. The flags are
+    global to the process, so concurrent calls count their entries: the first
+    sets the flags, the last one out restores the caller's."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._users = 0
         self._context: contextlib.AbstractContextManager[Any] | None = None
+        self._fastpath = True
 
     def __enter__(self) -> None:
         with self._guard:
@@ -127,6 +137,8 @@ class _MathAttention:
                 context = sdpa_kernel(SDPBackend.MATH)
                 context.__enter__()
                 self._context = context
+                self._fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
             self._users += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -134,6 +146,7 @@ class _MathAttention:
             self._users -= 1
             if self._users == 0 and self._context is not None:
                 context, self._context = self._context, None
+                torch.backends.mha.set_fastpath_enabled(self._fastpath)
                 context.__exit__(None, None, None)
 
 
@@ -152,24 +165,36 @@ def _serialised(method: _F) -> _F:
     """Run ``method`` under the lock of the provider's module, after checking that
     the model is in eval mode (it may have been switched since construction)."""
 
+    def attempt(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
+        if self._math_attention:
+            with _MATH_ATTENTION:
+                return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as exc:
+            # a fused attention kernel without the derivative asked for
+            # (attention outside nn.MultiheadAttention): math from now on
+            if "scaled_dot_product" not in str(exc):
+                raise
+            self._math_attention = True
+        with _MATH_ATTENTION:
+            return method(self, *args, **kwargs)
+
     @functools.wraps(method)
     def locked(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
         with _module_lock(self.model):
             self._check_eval_mode()
             try:
-                if self._math_attention:
-                    with _MATH_ATTENTION:
-                        return method(self, *args, **kwargs)
                 try:
-                    return method(self, *args, **kwargs)
-                except RuntimeError as exc:
-                    # a fused attention kernel without the derivative asked for
-                    # (attention outside nn.MultiheadAttention): math from now on
-                    if "scaled_dot_product" not in str(exc):
+                    return attempt(self, *args, **kwargs)
+                except NotImplementedError as exc:
+                    # an operation of the model without a forward-mode rule: the
+                    # same products in reverse mode from now on (a call fails as a
+                    # whole, so the retry starts afresh)
+                    if not self.forward_ad or not _FORWARD_AD_MISSING.search(str(exc)):
                         raise
-                    self._math_attention = True
-                with _MATH_ATTENTION:
-                    return method(self, *args, **kwargs)
+                    self._forward_ad_unsupported(exc)
+                return attempt(self, *args, **kwargs)
             except RuntimeError as exc:
                 if "randomness" not in str(exc):
                     raise
@@ -507,6 +532,18 @@ class TorchGradientProvider(GradientProvider):
             y = _xp.as_float(y, dtype=self._dtype, xp=self.xp, what="y")
         self._probe(x, y, x_dtype)
         return Batch(x, y)
+
+    def _forward_ad_unsupported(self, exc: NotImplementedError) -> None:
+        """Switch this provider to reverse mode (``forward_ad=False``) after the
+        model met an operation without a forward-mode rule; warns once."""
+        self.forward_ad = False
+        warnings.warn(
+            f"the model has an operation without forward-mode derivatives ({_first_line(exc)}); "
+            "this provider computes its products in reverse mode from now on (pass "
+            "forward_ad=False to choose this from the start)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _check_eval_mode(self) -> None:
         training = _training_layers(self._coupled)
