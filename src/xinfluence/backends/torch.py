@@ -235,8 +235,10 @@ class TorchGradientProvider(GradientProvider):
             Use forward-mode products (``jvp``) for ``jacobian_prod`` and
             ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
             ``hessian`` (default). ``False`` switches to reverse mode only, for
-            models whose operations lack forward-mode rules. The general ``hvp`` is
-            reverse-over-reverse either way: against forward-over-reverse it was
+            models whose operations lack forward-mode rules; a provider whose model
+            meets such an operation (a ``NotImplementedError`` from forward mode)
+            switches by itself, with a warning, and repeats the call. The general
+            ``hvp`` is reverse-over-reverse either way: against forward-over-reverse it was
             11-41% faster on two MLPs and, on a small convolutional net, 13% faster
             for 200 vectors and 3% slower for 50.
         cast_inputs:
