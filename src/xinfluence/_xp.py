@@ -45,6 +45,7 @@ __all__ = [
     "from_numpy",
     "random_normal",
     "finfo_eps",
+    "psd_rounding_tolerance",
     "symmetrize",
 ]
 
@@ -216,6 +217,21 @@ def check_finite(x: Array, /, *, xp: Namespace, what: str) -> Array:
 
 def finfo_eps(dtype: Any, /, *, xp: Namespace) -> float:
     return float(xp.finfo(dtype).eps)
+
+
+def psd_rounding_tolerance(dtype: Any, /, size: int, scale: float, *, xp: Namespace) -> float:
+    """How far below zero rounding alone puts the computed eigenvalues of a
+    positive semi-definite ``size x size`` matrix in ``dtype``:
+    ``10 * size * eps * scale``, ``scale`` the magnitude the matrix's entries
+    were computed from (at least its largest eigenvalue).
+
+    A backward-stable ``eigh`` errs by ``O(size * eps * |A|)`` and forming ``A``
+    adds ``O(eps)`` relative errors per entry; an exact zero eigenvalue (the
+    softmax Hessian ``diag(p) - p p^T`` has one) comes back as about
+    ``+-eps * scale`` (measured: at most ``5 * eps * scale`` for cross-entropy
+    with 2 to 300 classes). Eigenvalues below minus this are genuinely negative.
+    """
+    return 10.0 * max(int(size), 1) * finfo_eps(dtype, xp=xp) * float(scale)
 
 
 def eye(n: int, /, *, dtype: Any, device: Any, xp: Namespace) -> Array:

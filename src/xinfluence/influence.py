@@ -1031,6 +1031,8 @@ class EkfacInfluence(ComposableInfluence):
         for layer, (a_cov, s_cov) in cov.items():
             lam_a, q_a = xp.linalg.eigh(_xp.symmetrize(a_cov / n, xp=xp))
             lam_s, q_s = xp.linalg.eigh(_xp.symmetrize(s_cov / n, xp=xp))
+            # covariances are PSD: rounding's slightly negative eigenvalues are zeros
+            lam_s, lam_a = xp.clip(lam_s, min=0.0), xp.clip(lam_a, min=0.0)
             bases[layer] = (q_s, q_a, lam_s[:, None] * lam_a[None, :])
         if self.update_diagonal:
             corrected: dict[str, Array] = {}

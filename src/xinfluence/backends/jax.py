@@ -1103,7 +1103,9 @@ class JaxGradientProvider(GradientProvider):
         ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``.
 
         Raises:
-            ValueError: the loss is not convex in the output.
+            ValueError: the loss is not convex in the output: an eigenvalue of some
+                ``H_i`` below ``-10 M eps max(1, |H|)``
+                (:func:`xinfluence._xp.psd_rounding_tolerance`).
         """
         layers = self.kfac_layers()
         if not layers:
@@ -1116,11 +1118,16 @@ class JaxGradientProvider(GradientProvider):
             fn = m.conv_fn(batch.x, ggn=True, layers=tuple(m.conv))
             conv, lam = fn(m.leaves, batch.x, batch.y)
             out.update(conv)
+        # the pseudo-gradients used the eigenvalues clipped to zero; rounding puts
+        # the exact zero eigenvalue of a softmax Hessian at about +-eps (entries of
+        # H_i err by eps times the O(1) probabilities however small H_i is): scale >= 1
         top = float(jnp.max(jnp.abs(lam))) if lam.size else 0.0
-        if lam.size and float(jnp.min(lam)) < -1e-10 * top:
+        tol = _xp.psd_rounding_tolerance(lam.dtype, lam.shape[-1], max(top, 1.0), xp=self.xp)
+        if lam.size and float(jnp.min(lam)) < -tol:
             raise ValueError(
                 "the loss Hessian on the model output has negative eigenvalues "
-                f"(smallest {float(jnp.min(lam)):.3e}): the loss is not convex in the output; "
+                f"(smallest {float(jnp.min(lam)):.3e}, largest magnitude {top:.3e}, rounding "
+                f"tolerance {tol:.1e}): the loss is not convex in the output; "
                 "use second_order='empirical_fisher' for EK-FAC"
             )
         result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()

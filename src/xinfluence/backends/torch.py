@@ -42,6 +42,7 @@ import contextlib
 import copy
 import functools
 import math
+import re
 import threading
 import warnings
 import weakref
@@ -106,20 +107,29 @@ _FORWARD_AD_LOCK = threading.RLock()
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# torch's NotImplementedError for an operation without a forward-mode rule: "Trying
+# to use forward AD with aten::...", "... to use it with forward mode AD"
+_FORWARD_AD_MISSING = re.compile(r"forward[ -](mode )?AD|\bjvp\b", re.IGNORECASE)
+
 
 class _MathAttention:
-    """Selects torch's math attention kernel while a provider call runs (models
-    with ``nn.MultiheadAttention``, or whose call failed in a fused kernel).
+    """Selects torch's math attention kernel and turns off the fused fast path of
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` while a provider
+    call runs (models with ``nn.MultiheadAttention``, or whose call failed in a
+    fused kernel).
 
     The fused CPU kernel (flash attention) has no second derivatives, so Hessian
-    products of a ``TransformerEncoder`` fail under the default. The kernel flags
-    are global to the process, so concurrent calls count their entries: the
-    first sets the flags, the last one out restores the caller's."""
+    products of a ``TransformerEncoder`` fail under the default; the eval-mode
+    fast path (``aten::_transformer_encoder_layer_fwd``, taken when no input
+    requires grad, as inside ``jvp``) has no forward-mode rule. The flags are
+    global to the process, so concurrent calls count their entries: the first
+    sets the flags, the last one out restores the caller's."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._users = 0
         self._context: contextlib.AbstractContextManager[Any] | None = None
+        self._fastpath = True
 
     def __enter__(self) -> None:
         with self._guard:
@@ -127,6 +137,8 @@ class _MathAttention:
                 context = sdpa_kernel(SDPBackend.MATH)
                 context.__enter__()
                 self._context = context
+                self._fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
             self._users += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -134,6 +146,7 @@ class _MathAttention:
             self._users -= 1
             if self._users == 0 and self._context is not None:
                 context, self._context = self._context, None
+                torch.backends.mha.set_fastpath_enabled(self._fastpath)
                 context.__exit__(None, None, None)
 
 
@@ -152,24 +165,36 @@ def _serialised(method: _F) -> _F:
     """Run ``method`` under the lock of the provider's module, after checking that
     the model is in eval mode (it may have been switched since construction)."""
 
+    def attempt(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
+        if self._math_attention:
+            with _MATH_ATTENTION:
+                return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as exc:
+            # a fused attention kernel without the derivative asked for
+            # (attention outside nn.MultiheadAttention): math from now on
+            if "scaled_dot_product" not in str(exc):
+                raise
+            self._math_attention = True
+        with _MATH_ATTENTION:
+            return method(self, *args, **kwargs)
+
     @functools.wraps(method)
     def locked(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
         with _module_lock(self.model):
             self._check_eval_mode()
             try:
-                if self._math_attention:
-                    with _MATH_ATTENTION:
-                        return method(self, *args, **kwargs)
                 try:
-                    return method(self, *args, **kwargs)
-                except RuntimeError as exc:
-                    # a fused attention kernel without the derivative asked for
-                    # (attention outside nn.MultiheadAttention): math from now on
-                    if "scaled_dot_product" not in str(exc):
+                    return attempt(self, *args, **kwargs)
+                except NotImplementedError as exc:
+                    # an operation of the model without a forward-mode rule: the
+                    # same products in reverse mode from now on (a call fails as a
+                    # whole, so the retry starts afresh)
+                    if not self.forward_ad or not _FORWARD_AD_MISSING.search(str(exc)):
                         raise
-                    self._math_attention = True
-                with _MATH_ATTENTION:
-                    return method(self, *args, **kwargs)
+                    self._forward_ad_unsupported(exc)
+                return attempt(self, *args, **kwargs)
             except RuntimeError as exc:
                 if "randomness" not in str(exc):
                     raise
@@ -210,8 +235,10 @@ class TorchGradientProvider(GradientProvider):
             Use forward-mode products (``jvp``) for ``jacobian_prod`` and
             ``flat_mixed_grads``, and the nn.Linear fast path of ``hvp`` and
             ``hessian`` (default). ``False`` switches to reverse mode only, for
-            models whose operations lack forward-mode rules. The general ``hvp`` is
-            reverse-over-reverse either way: against forward-over-reverse it was
+            models whose operations lack forward-mode rules; a provider whose model
+            meets such an operation (a ``NotImplementedError`` from forward mode)
+            switches by itself, with a warning, and repeats the call. The general
+            ``hvp`` is reverse-over-reverse either way: against forward-over-reverse it was
             11-41% faster on two MLPs and, on a small convolutional net, 13% faster
             for 200 vectors and 3% slower for 50.
         cast_inputs:
@@ -529,6 +556,18 @@ class TorchGradientProvider(GradientProvider):
             y = _xp.as_float(y, dtype=self._dtype, xp=self.xp, what="y")
         self._probe(x, y, x_dtype)
         return Batch(x, y)
+
+    def _forward_ad_unsupported(self, exc: NotImplementedError) -> None:
+        """Switch this provider to reverse mode (``forward_ad=False``) after the
+        model met an operation without a forward-mode rule; warns once."""
+        self.forward_ad = False
+        warnings.warn(
+            f"the model has an operation without forward-mode derivatives ({_first_line(exc)}); "
+            "this provider computes its products in reverse mode from now on (pass "
+            "forward_ad=False to choose this from the start)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _check_eval_mode(self) -> None:
         training = _training_layers(self._coupled)
@@ -1182,23 +1221,34 @@ class TorchGradientProvider(GradientProvider):
         return h.reshape(n, m, m)
 
     def _output_hessian_root(self, out: Tensor, y: Tensor) -> Tensor:
-        """``L_i`` with ``H_i = L_i L_i^T``, ``(N, M, M)``, from an eigendecomposition.
+        """``L_i`` with ``H_i = L_i L_i^T``, ``(N, M, M)``, from an eigendecomposition
+        (computed in float64: torch's float32 ``eigh`` returns NaN or fails to
+        converge on the nearly-zero ``H_i`` of confidently classified samples);
+        eigenvalues that rounding put below zero are clipped to zero.
 
         Raises:
-            ValueError: the loss is not convex in the output (an eigenvalue of
-                some ``H_i`` below ``-1e-10`` times the largest).
+            ValueError: the loss is not convex in the output: an eigenvalue of
+                some ``H_i`` below ``-10 M eps max(1, |H|)`` (``eps`` of the
+                parameters' dtype, :func:`xinfluence._xp.psd_rounding_tolerance`;
+                ``|H|`` the largest eigenvalue magnitude over the batch).
         """
         h = self._output_hessians(out, y)
-        lam, vec = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
-        top = lam.abs().amax().clamp_min(torch.finfo(lam.dtype).tiny)
-        if bool(torch.any(lam < -1e-10 * top)):
+        work = torch.float64 if h.device.type != "mps" else h.dtype  # mps has no float64
+        lam, vec = torch.linalg.eigh(((h + h.transpose(1, 2)) / 2).to(work))
+        top = float(lam.abs().amax()) if lam.numel() else 0.0
+        # the entries of H_i carry absolute rounding errors of about eps times the
+        # terms they are formed from (for cross-entropy the probabilities, O(1)
+        # however small H_i is for confidently classified samples): scale >= 1
+        tol = _xp.psd_rounding_tolerance(h.dtype, h.shape[-1], max(top, 1.0), xp=self.xp)
+        if lam.numel() and float(lam.min()) < -tol:
             raise ValueError(
                 "the loss Hessian on the model output has negative eigenvalues "
-                f"(smallest {float(lam.min()):.3e}): the loss is not convex in the output, so "
+                f"(smallest {float(lam.min()):.3e}, largest magnitude {top:.3e}, rounding "
+                f"tolerance {tol:.1e}): the loss is not convex in the output, so "
                 "the Gauss-Newton matrix has no factorisation into pseudo-gradients; use "
                 "second_order='empirical_fisher' for EK-FAC"
             )
-        return vec * lam.clamp_min(0).sqrt()[:, None, :]
+        return (vec * lam.clamp_min(0).sqrt()[:, None, :]).to(h.dtype)
 
     @_serialised
     def ggn_matmat(self, batch: Batch, v: Tensor) -> Tensor:
