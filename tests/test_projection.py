@@ -63,7 +63,7 @@ def test_full_dimension_invertible_map_equals_direct(
         second_order=second_order,
         seed=5,
     ).fit(batches)
-    r = to_numpy(model.projections()["full"].matrix())
+    r = to_numpy(model.projections()["full"].base.matrix())  # R, before orthonormalizing
     assert r.shape == (p, p) and np.linalg.cond(r) < 100
     xt, yt = x[:7, ...], y[:7, ...]
     for mode in ("up", "perturbation"):
@@ -75,23 +75,30 @@ def test_full_dimension_invertible_map_equals_direct(
     assert rel_err(model.influences(xt, yt), direct.influences(xt, yt)) <= 1e-10
 
 
+@pytest.mark.parametrize("space", ["parameter", "projected"])
 @pytest.mark.parametrize("projection", ["dense", "kronecker"])
-def test_matches_dense_formula_with_damping(xp, to_xp, linreg_data, projection):
-    """k < P, lambda > 0: (R g_t)^T (R C R^T + lambda I)^-1 (R g_j), C = mean g g^T."""
+def test_matches_dense_formula_with_damping(xp, to_xp, linreg_data, projection, space):
+    """k < P, lambda > 0: (R g_t)^T (R C R^T + lambda D)^-1 (R g_j), C = mean g g^T, with
+    D = R R^T (regularization_space="parameter") or I_k ("projected")."""
     gp, batches, x, y = _linreg(to_xp, linreg_data)
     lam, k = 0.3, 8 if projection == "dense" else (2, 4)
-    model = xi.ProjectedInfluence(gp, k=k, projection=projection, regularization=lam)
+    kw = dict(k=k, projection=projection, regularization_space=space)
+    model = xi.ProjectedInfluence(gp, regularization=lam, **kw)
     model.fit(batches)
-    r = to_numpy(model.projections()["full"].matrix())
+    proj = model.projections()["full"]
+    r = to_numpy(proj.base.matrix() if space == "parameter" else proj.matrix())
     g = to_numpy(gp.flat_grads(gp.prepare_batch(xi.Batch(x, y))))
     pg = g @ r.T
     c = pg.T @ pg / len(g)
     assert r.shape[0] == 8
-    expected = pg[:5] @ np.linalg.solve(c + lam * np.eye(len(c)), pg.T)
+    damping = r @ r.T if space == "parameter" else np.eye(len(c))
+    assert rel_err(r @ r.T, np.eye(8)) > 0.1  # the two spaces differ here
+    expected = pg[:5] @ np.linalg.solve(c + lam * damping, pg.T)
     assert rel_err(model.influences(x[:5, ...], y[:5, ...], x, y), expected) <= 1e-12
-    assert rel_err(model.projected_curvatures()["full"], c) <= 1e-12
+    q = to_numpy(proj.matrix())  # the map used: R, or R with orthonormalized rows
+    assert rel_err(model.projected_curvatures()["full"], q @ g.T @ g @ q.T / len(g)) <= 1e-12
     # with_regularization refactorises without a new pass and equals a fresh fit
-    fresh = xi.ProjectedInfluence(gp, k=k, projection=projection, regularization=0.05)
+    fresh = xi.ProjectedInfluence(gp, regularization=0.05, **kw)
     fresh.fit(batches)
     model.with_regularization(0.05)
     assert (
@@ -101,6 +108,44 @@ def test_matches_dense_formula_with_damping(xp, to_xp, linreg_data, projection):
         )
         <= 1e-12
     )
+
+
+@pytest.mark.parametrize("second_order", ["empirical_fisher", "hessian"])
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_full_dimension_with_damping_equals_direct(
+    xp, to_xp, linreg_data, second_order, projection
+):
+    """k = P, lambda > 0: damping lambda R R^T (the default) reproduces Direct with the same
+    curvature, R^T (R (C + lambda I) R^T)^-1 R = (C + lambda I)^-1; lambda I_k does not."""
+    gp, batches, x, y = _linreg(to_xp, linreg_data)
+    lam, p = 0.1, gp.n_parameters
+    direct = xi.DirectInfluence(gp, regularization=lam, second_order=second_order).fit(batches)
+    xt, yt = x[:7, ...], y[:7, ...]
+    expected = direct.influences(xt, yt, x, y)
+    got = {}
+    for space in ("parameter", "projected"):
+        model = xi.ProjectedInfluence(
+            gp,
+            k=p if projection == "dense" else (3, 5),
+            projection=projection,
+            second_order=second_order,
+            regularization=lam,
+            regularization_space=space,
+            seed=5,
+        ).fit(batches)
+        assert model.projections()["full"].output_size == p
+        got[space] = rel_err(model.influences(xt, yt, x, y), expected)
+        if space == "parameter":
+            assert (
+                rel_err(model.influence_factors(xt, yt), direct.influence_factors(xt, yt)) <= 1e-10
+            )
+            perturbation = model.influences(xt, yt, x, y, mode="perturbation")
+            assert (
+                rel_err(perturbation, direct.influences(xt, yt, x, y, mode="perturbation")) <= 1e-10
+            )
+    print(projection, second_order, got)
+    assert got["parameter"] <= 1e-10, got
+    assert got["projected"] > 1e-2, got
 
 
 @pytest.fixture(scope="module")
