@@ -148,6 +148,41 @@ def test_full_dimension_with_damping_equals_direct(
     assert got["projected"] > 1e-2, got
 
 
+@pytest.mark.parametrize("space", ["parameter", "projected"])
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_factors_scored_in_the_projected_space(xp, to_xp, linreg_data, projection, space):
+    """influences_from_factors (the calculators' path) contracts R g_j with the factors'
+    coordinates, never the provider's Jacobian products (nor, for Kronecker, per-sample
+    gradients); factors outside the span of R^T take the exact generic path."""
+    gp, batches, x, y = _linreg(to_xp, linreg_data)
+    k = 8 if projection == "dense" else (2, 4)
+    model = xi.ProjectedInfluence(
+        gp, k=k, projection=projection, regularization=0.3, regularization_space=space
+    ).fit(batches)
+    proj = model.projections()["full"]
+    assert rel_err(proj.gram(), to_numpy(proj.matrix()) @ to_numpy(proj.matrix()).T) <= 1e-13
+    xt, yt = x[:5, ...], y[:5, ...]
+    expected = to_numpy(model.influences(xt, yt, x, y))  # the bilinear form: both projected
+    factors = model.influence_factors(xt, yt)
+    g = to_numpy(gp.flat_grads(gp.prepare_batch(xi.Batch(x, y))))
+    assert rel_err(to_numpy(factors) @ g.T, expected) <= 1e-12
+    jacobian_prod, flat_grads = gp.jacobian_prod, gp.flat_grads
+
+    def refused(*args):
+        raise AssertionError("the projected path does not need this")
+
+    gp.jacobian_prod = refused
+    if projection == "kronecker":
+        gp.flat_grads = refused
+    try:
+        got = model.influences_from_factors(factors, x, y)
+    finally:
+        gp.jacobian_prod, gp.flat_grads = jacobian_prod, flat_grads
+    assert rel_err(got, expected) <= 1e-12
+    other = np.random.default_rng(2).normal(size=(3, gp.n_parameters))
+    assert rel_err(model.influences_from_factors(to_xp(other), x, y), other @ g.T) <= 1e-12
+
+
 @pytest.fixture(scope="module")
 def softmax_data():
     """Softmax regression with P = 10 x (150 + 1) = 1,510 parameters, 300 training points."""

@@ -36,6 +36,7 @@ Two kinds of maps:
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from .types import (
     Batch,
     BilinearForm,
     GradientProvider,
+    InfluenceMode,
     KroneckerFactorProvider,
     Operator,
     OperatorGradientComposition,
@@ -97,6 +99,9 @@ def _check_seed(seed: int) -> int:
 
 class GradientProjection(ABC):
     """A linear map ``R`` from one block's flat parameter space ``(P,)`` to ``(k,)``."""
+
+    #: whether the rows are orthonormal (``R R^T = I_k``)
+    orthonormal: bool = False
 
     def __init__(self, *, xp: Namespace, dtype: Any, device: Any):
         self.xp, self.dtype, self.device = xp, dtype, device
@@ -146,6 +151,10 @@ class GradientProjection(ABC):
         """The dense map ``R`` ``(k, P)`` (for inspection and tests on small blocks)."""
         eye = _xp.eye(self.output_size, dtype=self.dtype, device=self.device, xp=self.xp)
         return self._transpose(eye)
+
+    def orthonormalized(self) -> GradientProjection:
+        """The map ``Q = L^-1 R`` (``R R^T = L L^T``): rows orthonormal, same span."""
+        return OrthonormalizedProjection(self)
 
     def gram(self) -> Array:
         """``R R^T`` ``(k, k)``, a few rows of ``R`` at a time."""
@@ -291,6 +300,9 @@ class KroneckerProjection(GradientProjection):
     projection is the concatenation over its layers, in layer order.
     """
 
+    #: the map this one was orthonormalized from (see :meth:`orthonormalized`)
+    base: KroneckerProjection | None = None
+
     def __init__(
         self,
         provider: GradientProvider,
@@ -421,22 +433,41 @@ class KroneckerProjection(GradientProjection):
         parts = [pieces[key] for key in self._order]
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
+    def orthonormalized(self) -> KroneckerProjection:
+        """``Q_s kron Q_a`` per layer with ``Q = L^-1 R`` for each factor: the gram
+        ``R R^T`` is block diagonal with ``(R_s R_s^T) kron (R_a R_a^T)`` blocks, whose
+        Cholesky factor is ``L_s kron L_a``; so orthonormalizing the small factors
+        orthonormalizes the map, at no cost per sample. ``base`` is the original."""
+        xp = self.xp
+        out = copy.copy(self)
+        out.base, out.orthonormal = self, True
+        out._layers = OrderedDict()
+        for layer, entry in self._layers.items():
+            factors = []
+            for r in entry[7:9]:
+                chol = _xp.cholesky_or_none(r @ xp.matrix_transpose(r), xp=xp)
+                if chol is None:
+                    raise ValueError(
+                        f"the Kronecker factors of layer {layer!r} have linearly dependent "
+                        "rows: use regularization_space='projected'"
+                    )
+                factors.append(_xp.solve_triangular(chol, r, lower=True, xp=xp))
+            out._layers[layer] = (*entry[:7], *factors, entry[9])
+        return out
+
     def gram(self) -> Array:
         """Block diagonal over the layers, ``(R_s R_s^T) kron (R_a R_a^T)`` each."""
         xp, k = self.xp, self._k
-        blocks = []
+        rows = []
         for _, _, _, _, _, k_out, k_in, r_s, r_a, cols in self._layers.values():
             gs, ga = r_s @ xp.matrix_transpose(r_s), r_a @ xp.matrix_transpose(r_a)
             kron = xp.reshape(gs[:, None, :, None] * ga[None, :, None, :], (k_out * k_in,) * 2)
-            blocks.append((cols, kron))
-        if len(blocks) == 1:
-            return blocks[0][1]
-        rows = []
-        for cols, kron in blocks:
-            left = xp.zeros((kron.shape[0], cols.start), dtype=self.dtype, device=self.device)
-            right = xp.zeros((kron.shape[0], k - cols.stop), dtype=self.dtype, device=self.device)
-            rows.append(xp.concat([left, kron, right], axis=1))
-        return xp.concat(rows, axis=0)
+            zeros = [
+                xp.zeros((k_out * k_in, width), dtype=self.dtype, device=self.device)
+                for width in (cols.start, k - cols.stop)
+            ]
+            rows.append(xp.concat([zeros[0], kron, zeros[1]], axis=1))
+        return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
     def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
         """``outer(R_s s_n, R_a [a_n, 1])`` per layer, from ``kfac_factors``: ``(N, k)``;
@@ -468,6 +499,8 @@ class OrthonormalizedProjection(GradientProjection):
     ``lambda I_k`` after ``Q`` is damping ``lambda R R^T``, the image of
     ``lambda I`` in parameter space, after ``R``.
     """
+
+    orthonormal = True
 
     def __init__(self, base: GradientProjection):
         super().__init__(xp=base.xp, dtype=base.dtype, device=base.device)
@@ -583,10 +616,43 @@ class _ProjectedComposition(OperatorGradientComposition):
     Kronecker map never forms per-sample gradients)."""
 
     op: ProjectedOperator
+    _gram_factor: Array | None = None
 
     def transformed_grads(self, batch: Batch) -> Array:
         proj = self.op.projection
         return proj.transpose(self.op.inner.apply(proj.project_grads(self.gp, batch)))
+
+    def _coordinates(self, factors: Array) -> Array | None:
+        """``u`` with ``R^T u = factors`` (rows ``(N, P)`` -> ``(N, k)``), or None where
+        a row is not in the span of ``R``'s rows (factors that this model did not make)."""
+        proj, xp = self.op.projection, self.gp.xp
+        u = proj.project(factors)  # R f = R R^T u
+        if not proj.orthonormal:
+            if self._gram_factor is None:
+                self._gram_factor = _xp.cholesky_or_none(proj.gram(), xp=xp)
+            if self._gram_factor is None:
+                return None
+            u = xp.matrix_transpose(_xp.cho_solve(self._gram_factor, xp.matrix_transpose(u), xp=xp))
+        residual = xp.linalg.vector_norm(proj.transpose(u) - factors, axis=-1)
+        scale = xp.linalg.vector_norm(factors, axis=-1)
+        tol = math.sqrt(_xp.finfo_eps(factors.dtype, xp=xp))
+        if bool(xp.any(residual > tol * scale)):
+            return None
+        return u
+
+    def interactions_from_transformed_grads(
+        self, left_factors: Array, right_batch: Batch, mode: InfluenceMode | str
+    ) -> Array:
+        """Up: ``u^T (R g_j)`` with ``R^T u`` the factors, from the projected training
+        gradients (the Kronecker map never forms per-sample gradients): ``O(k)`` per
+        pair instead of ``O(P)``. Factors outside the span of ``R^T`` (not made by this
+        model) and perturbation take the generic path."""
+        if InfluenceMode.parse(mode) is InfluenceMode.Up:
+            u = self._coordinates(left_factors)
+            if u is not None:
+                pg = self.op.projection.project_grads(self.gp, right_batch)
+                return contract(u, pg, xp=self.gp.xp)
+        return super().interactions_from_transformed_grads(left_factors, right_batch, mode)
 
 
 @final
@@ -610,8 +676,10 @@ class ProjectedInfluence(ComposableInfluence):
       means for every other model; at ``k = P_b`` (an invertible ``R``) the
       scores equal :class:`~xinfluence.DirectInfluence` with the same curvature
       for every ``lambda``. Computed as ``lambda I_k`` after orthonormalizing the
-      rows of ``R`` (:class:`OrthonormalizedProjection`: a ``(k, k)``
-      Cholesky factor of ``R R^T``, one triangular solve per projected batch).
+      rows of ``R`` (dense: :class:`OrthonormalizedProjection`, a ``(k, k)``
+      Cholesky factor of ``R R^T`` and one triangular solve per projected batch,
+      ``k / P_b`` of the projection's cost; Kronecker: the small factors ``R_s``
+      and ``R_a`` orthonormalized, at no cost per sample).
     * ``"projected"``: ``D = I_k``, as TRAK and LoGra damp. Since ``E[R R^T] =
       (P_b / k) I_k``, this is about ``lambda k / P_b`` in parameter space: at
       ``k = P_b`` it differs from Direct unless ``lambda = 0`` (measured on a
@@ -782,7 +850,7 @@ class ProjectedInfluence(ComposableInfluence):
     ) -> Operator:
         projection = self.make_projection(block, gp)
         if self.regularization_space == "parameter":
-            projection = OrthonormalizedProjection(projection)
+            projection = projection.orthonormalized()
         curvature = _xp.check_finite(
             self._projected_curvature(projection, gp, data),
             xp=gp.xp,
