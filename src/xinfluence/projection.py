@@ -617,6 +617,7 @@ class _ProjectedComposition(OperatorGradientComposition):
 
     op: ProjectedOperator
     _gram_factor: Array | None = None
+    _last_coordinates: tuple[Array, Array | None] | None = None
 
     def transformed_grads(self, batch: Batch) -> Array:
         proj = self.op.projection
@@ -648,7 +649,13 @@ class _ProjectedComposition(OperatorGradientComposition):
         pair instead of ``O(P)``. Factors outside the span of ``R^T`` (not made by this
         model) and perturbation take the generic path."""
         if InfluenceMode.parse(mode) is InfluenceMode.Up:
-            u = self._coordinates(left_factors)
+            # the calculators pass the same factors for every training chunk
+            cached = self._last_coordinates
+            if cached is not None and cached[0] is left_factors:
+                u = cached[1]
+            else:
+                u = self._coordinates(left_factors)
+                self._last_coordinates = (left_factors, u)
             if u is not None:
                 pg = self.op.projection.project_grads(self.gp, right_batch)
                 return contract(u, pg, xp=self.gp.xp)
