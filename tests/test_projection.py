@@ -1,9 +1,11 @@
 """ProjectedInfluence (TRAK / LoGra random projections), generic over the backend.
 
 Oracles: DirectInfluence (exact) for an invertible map at k = P and lambda = 0,
-where R^T (R C R^T)^-1 R = C^-1 exactly; the same dense formula with the map
-read back, for lambda > 0 and k < P; the map drawn independently on the host
-with numpy's Philox generator; and errors against Direct that fall with k.
+where R^T (R C R^T)^-1 R = C^-1 exactly, and at lambda > 0 with the default damping
+lambda R R^T, where R^T (R (C + lambda I) R^T)^-1 R = (C + lambda I)^-1; the same
+dense formula with the map read back, for lambda > 0 and k < P; the map drawn
+independently on the host with numpy's Philox generator; and errors against Direct
+that fall with k.
 """
 
 from __future__ import annotations

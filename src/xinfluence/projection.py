@@ -716,7 +716,10 @@ class ProjectedInfluence(ComposableInfluence):
     Memory: ``O(k^2)`` for the curvature; the dense map is applied in chunks of
     ``O(k x chunk)`` sized from :func:`xinfluence.memory_budget`.
     ``influence_factors`` returns parameter-space factors ``R^T (C_R + lambda
-    D)^-1 R g`` ``(N, P)``; ``influences`` never leaves the projected space.
+    D)^-1 R g`` ``(N, P)``; ``influences`` never leaves the projected space, and
+    ``influences_from_factors`` (the calculators' path) maps such factors back to
+    their ``k`` coordinates and scores them against ``R g_j`` (``O(k)`` per pair,
+    the Kronecker map without per-sample gradients).
     """
 
     def __init__(
