@@ -331,3 +331,22 @@ def test_blocks_and_bad_input(xp, to_xp, linreg_data):
     )
     with pytest.raises(TypeError, match="kfac_factors"):
         xi.ProjectedInfluence(fd, k=4, projection="kronecker")
+
+
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_default_damping_in_float32(xp, to_xp, softmax_data, projection):
+    """The orthonormalization (a Cholesky factor of R R^T, or of the small Kronecker
+    factors) keeps float32 scores at float32 accuracy against the float64 model."""
+    x, y, w, b = softmax_data
+    scores = {}
+    for dtype in (xp.float32, xp.float64):
+        gp = SoftmaxRegressionGradients(to_xp(w, dtype), to_xp(b, dtype))
+        xx, yy = to_xp(x, dtype), to_xp(y)
+        batches = [(xx[s, ...], yy[s]) for s in split(len(x), [97, 203])]
+        model = xi.ProjectedInfluence(gp, k=64, projection=projection, regularization=1e-2)
+        out = model.fit(batches).influences(xx[:6, ...], yy[:6], xx, yy)
+        assert out.dtype == dtype
+        scores[dtype] = to_numpy(out).astype(np.float64)
+    err = rel_err(scores[xp.float32], scores[xp.float64])
+    print(projection, err)
+    assert err <= 1e-5, err
