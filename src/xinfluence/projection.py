@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -617,7 +618,12 @@ class _ProjectedComposition(OperatorGradientComposition):
 
     op: ProjectedOperator
     _gram_factor: Array | None = None
-    _last_coordinates: tuple[Array, Array | None] | None = None
+    _last_coordinates: tuple[weakref.ref[Any], Array | None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_last_coordinates", None)  # a weak reference does not pickle
+        return state
 
     def transformed_grads(self, batch: Batch) -> Array:
         proj = self.op.projection
@@ -649,13 +655,17 @@ class _ProjectedComposition(OperatorGradientComposition):
         pair instead of ``O(P)``. Factors outside the span of ``R^T`` (not made by this
         model) and perturbation take the generic path."""
         if InfluenceMode.parse(mode) is InfluenceMode.Up:
-            # the calculators pass the same factors for every training chunk
+            # the calculators pass the same factors for every training chunk; a weak
+            # reference keeps no large array alive and cannot match a new one
             cached = self._last_coordinates
-            if cached is not None and cached[0] is left_factors:
+            if cached is not None and cached[0]() is left_factors:
                 u = cached[1]
             else:
                 u = self._coordinates(left_factors)
-                self._last_coordinates = (left_factors, u)
+                try:
+                    self._last_coordinates = (weakref.ref(left_factors), u)
+                except TypeError:  # arrays without weak references: no reuse
+                    self._last_coordinates = None
             if u is not None:
                 pg = self.op.projection.project_grads(self.gp, right_batch)
                 return contract(u, pg, xp=self.gp.xp)
