@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _xp
 from ._progress import Reporter
-from ._xp import Array
+from ._xp import Array, Namespace
 from .curvature import Curvature, Dataset
 from .errors import (
     DivergenceError,
@@ -508,6 +508,16 @@ class LowRankBilinearForm(BilinearForm):
         return contract(factors, mixed, xp=xp)
 
 
+def _lissa_step(
+    t: Array, h: Array, product: Array, reg: float, keep: float, scale: float, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """One LiSSA iteration from ``product = C h``: ``new = t + keep h - (C h + reg h) / scale``
+    and the row norms of ``new`` and of ``new - h`` (the exact residual), concatenated."""
+    new = t + keep * h - (product + reg * h) / scale
+    norms = xp.concat([xp.linalg.vector_norm(new, axis=1), xp.linalg.vector_norm(new - h, axis=1)])
+    return new, norms
+
+
 @final
 class LissaOperator(Operator):
     """Linear time stochastic second-order approximation (Agarwal et al. 2017).
@@ -614,10 +624,15 @@ class LissaOperator(Operator):
         best_ratio = np.inf
         best_residuals: np.ndarray | None = None
         progress = Reporter("LiSSA", o.maxiter)
+        # jax: one compiled program per iteration besides the product, with
+        # committed arguments from the first (see _xp.committed)
+        step = _xp.maybe_jit(_lissa_step, xp=xp)
+        t = h = _xp.committed(t, xp=xp)
+        k = int(t.shape[0])
         for it in range(1, o.maxiter + 1):
-            product = matmat(h) + reg * h
-            new = t + keep * h - product / scale
-            norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
+            new, stats = step(t, h, matmat(h), reg, keep, scale, xp=xp)
+            stats_host = _xp.to_numpy(stats)  # one transfer: |new| and |new - h|
+            norms = stats_host[:k]
             if not np.all(np.isfinite(norms)) or np.any(norms > limit):
                 raise DivergenceError(
                     f"LiSSA diverged at iteration {it} (|h| grew to {np.max(norms):.3e}): "
@@ -629,7 +644,7 @@ class LissaOperator(Operator):
             known = False
             if not sampled:
                 # b - (C + mu I) h / scale = new - h: the exact residual of x = h / scale
-                residuals = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
+                residuals = stats_host[k:]
                 known = True
             elif it % cadence == 0:
                 full = self.curvature.matmat(h) + reg * h
