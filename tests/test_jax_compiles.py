@@ -47,9 +47,13 @@ def _problem(n_train: int, seed: int = 0):
         "out": {"kernel": jnp.asarray(rng.normal(size=(5, 3)) / 2), "bias": jnp.zeros(3)},
     }
 
+    def hidden(p, x):
+        return jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
+
     def apply(p, x):
-        h = jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
-        return h @ p["out"]["kernel"] + p["out"]["bias"]
+        return hidden(p, x) @ p["out"]["kernel"] + p["out"]["bias"]
+
+    apply.dense_layers = {"dense": lambda p, x: x, "out": hidden}  # for EK-FAC
 
     def loss(logits, labels):
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -65,7 +69,7 @@ def _cold_compiles(make, n_train: int, n_chunks: int) -> tuple[int, np.ndarray]:
     apply, loss, params, train, test = _problem(n_train)
     jax.clear_caches()
     start = _COUNT[0]
-    gp = JaxGradientProvider(apply, params, loss)
+    gp = JaxGradientProvider(apply, params, loss, dense_layers=apply.dense_layers)
     model = make(gp).fit([train])
     scores = [
         np.asarray(model.influences(test[0][5 * i : 5 * i + 5], test[1][5 * i : 5 * i + 5]))
@@ -93,14 +97,18 @@ def _gn(cls, reg, **options):
 
 # Each bound is the count measured on this code, plus a little: before the
 # solvers ran their iterations as compiled steps, block CG made 66 compilations
-# here (eager operations, once per shape of its shrinking block). LiSSA gets a
-# larger regularization, so that it converges in a few hundred iterations.
+# here (eager operations, once per shape of its shrinking block), batched CG 96,
+# EK-FAC (per-layer steps) 118; LiSSA about as many as now (its bound does not
+# tell the two apart). LiSSA gets a larger regularization, so that it converges
+# in a few hundred iterations.
 @pytest.mark.parametrize(
     ("name", "make", "reg", "bound", "rtol"),
     [
         ("cg", _gn(xi.CgInfluence, 1e-3), 1e-3, 45, 1e-6),
         ("cg_batched", _gn(xi.CgInfluence, 1e-3, solver="batched"), 1e-3, 60, 1e-6),
         ("lissa", _gn(xi.LissaInfluence, 0.1, rtol=1e-9), 0.1, 70, 1e-6),
+        # an approximation: its values are checked elsewhere (test_jax_conv)
+        ("ekfac", _gn(xi.EkfacInfluence, 1e-3, block_structure="layer"), 1e-3, 50, None),
     ],
 )
 def test_cold_compilations_do_not_grow_with_data_or_queries(name, make, reg, bound, rtol):
@@ -108,6 +116,8 @@ def test_cold_compilations_do_not_grow_with_data_or_queries(name, make, reg, bou
     large, _ = _cold_compiles(make, n_train=47, n_chunks=3)
     assert small == large, f"{name}: {small} compilations for 20 points, {large} for 47"
     assert small <= bound, f"{name}: {small} compilations in a cold fit and query"
+    if rtol is None:
+        return
     direct = _direct_scores(reg)
     err = np.max(np.abs(scores - direct)) / np.max(np.abs(direct))
     assert err < rtol, f"{name}: relative error {err:.2e} against DirectInfluence"
