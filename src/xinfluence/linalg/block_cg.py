@@ -294,7 +294,7 @@ def block_cg(
                     f"block conjugate gradients broke down at iteration {iterations + 1}: "
                     f"a direction v has v^T A v / v^T v = {lowest:.3e}",
                     matmat,
-                    b[:n_rows],
+                    b[:n_rows, :],
                     xp=xp,
                 )
             x, r = x_new, r_new
