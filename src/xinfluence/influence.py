@@ -862,6 +862,71 @@ class InverseHarmonicMeanInfluence(ComposableInfluence):
         return InverseHarmonicMeanOperator(gp, data, regularization)
 
 
+def _augmented(a: Array, /, *, xp: Namespace, bias: bool) -> Array:
+    """The layer inputs ``a`` (..., I), with a trailing 1 where the layer has a bias."""
+    if not bias:
+        return a
+    ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=_xp.device_of(a))
+    return xp.concat([a, ones], axis=-1)
+
+
+def _kfac_accumulate(
+    a: Array, s: Array, previous: tuple[Array, Array] | None, /, *, xp: Namespace, bias: bool
+) -> tuple[Array, Array]:
+    """The K-FAC sums ``(sum a a^T, sum s s^T / T)`` of one batch added to ``previous``.
+
+    Dense layers give a (N, I), s (N, C, O); convolutions (KFC) the patches and
+    output gradients at T positions, a (N, T, I), s (N, C, T, O), with the
+    per-sample weight gradients sum_t s_nct a_nt^T: A = mean_n sum_t a a^T,
+    S = mean_n (1/T) sum_{c,t} s s^T. C = 1 for the empirical Fisher.
+    """
+    a = _augmented(a, xp=xp, bias=bias)
+    positions = 1 if a.ndim == 2 else int(a.shape[1])
+    a2 = xp.reshape(a, (-1, a.shape[-1]))
+    s2 = xp.reshape(s, (-1, s.shape[-1]))  # all C columns (and T positions)
+    a_cov = xp.matrix_transpose(a2) @ a2
+    s_cov = xp.matrix_transpose(s2) @ s2 / positions
+    if previous is None:
+        return a_cov, s_cov
+    return previous[0] + a_cov, previous[1] + s_cov
+
+
+def _kfac_eigenbases(
+    a_cov: Array, s_cov: Array, n: float, /, *, xp: Namespace
+) -> tuple[Array, Array, Array]:
+    """``(Q_S, Q_A, lambda_S lambda_A^T)`` from the K-FAC sums over ``n`` samples."""
+    lam_a, q_a = xp.linalg.eigh(_xp.symmetrize(a_cov / n, xp=xp))
+    lam_s, q_s = xp.linalg.eigh(_xp.symmetrize(s_cov / n, xp=xp))
+    # covariances are PSD: rounding's slightly negative eigenvalues are zeros
+    lam_s, lam_a = xp.clip(lam_s, min=0.0), xp.clip(lam_a, min=0.0)
+    return q_s, q_a, lam_s[:, None] * lam_a[None, :]
+
+
+def _ekfac_accumulate_diagonal(
+    a: Array,
+    s: Array,
+    q_s: Array,
+    q_a: Array,
+    previous: Array | None,
+    /,
+    *,
+    xp: Namespace,
+    bias: bool,
+) -> Array:
+    """The corrected eigenvalue sums of one batch, ``sum_n (Q_S^T G_n Q_A)**2``
+    (O, I'), added to ``previous``."""
+    a_rot, s_rot = _augmented(a, xp=xp, bias=bias) @ q_a, s @ q_s
+    if a.ndim == 2:
+        # Lambda[o, i] = mean_n sum_c (Q_S^T s_nc)[o]^2 (Q_A^T a_n)[i]^2
+        s_sq = xp.sum(s_rot * s_rot, axis=1)
+        term = xp.matrix_transpose(s_sq) @ (a_rot * a_rot)
+    else:
+        term = _rotated_gradient_squares(s_rot[:, 0, ...], a_rot, xp=xp)
+        for c in range(1, s_rot.shape[1]):
+            term = term + _rotated_gradient_squares(s_rot[:, c, ...], a_rot, xp=xp)
+    return term if previous is None else previous + term
+
+
 def _rotated_gradient_squares(s_rot: Array, a_rot: Array, *, xp: Namespace) -> Array:
     """``sum_n (s_n^T a_n)**2`` ``(O, I)`` for ``s_rot`` ``(N, T, O)`` and ``a_rot``
     ``(N, T, I)`` (the rotated per-sample gradients of a convolution), over
@@ -986,12 +1051,6 @@ class EkfacInfluence(ComposableInfluence):
         layers = factors.kfac_layers()
         layouts = gp.kfac_layouts() if hasattr(gp, "kfac_layouts") else {}
 
-        def augmented(layer: str, a: Array) -> Array:
-            if layers[layer][1] is None:
-                return a
-            ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=_xp.device_of(a))
-            return xp.concat([a, ones], axis=-1)
-
         # Dense layers give a (N, I), s (N, C, O); convolutions (KFC) the patches
         # and output gradients at T positions, a (N, T, I), s (N, C, T, O), with
         # the per-sample weight gradients sum_t s_nct a_nt^T: A = mean_n sum_t a a^T,
@@ -1012,43 +1071,32 @@ class EkfacInfluence(ComposableInfluence):
                 )
             return out
 
-        cov: dict[str, list[Array]] = {}
+        # jax: each pass is one compiled program per layer (and batch shape)
+        accumulate = _xp.maybe_jit(_kfac_accumulate, xp=xp, static_argnames=("xp", "bias"))
+        eigenbases = _xp.maybe_jit(_kfac_eigenbases, xp=xp)
+        diagonal = _xp.maybe_jit(_ekfac_accumulate_diagonal, xp=xp, static_argnames=("xp", "bias"))
+        cov: dict[str, tuple[Array, Array]] = {}
         n = 0
         for batch in dataset:
             for layer, (a, s) in layer_factors(batch).items():
-                a = augmented(layer, a)
-                positions = 1 if a.ndim == 2 else int(a.shape[1])
-                a2 = xp.reshape(a, (-1, a.shape[-1]))
-                s2 = xp.reshape(s, (-1, s.shape[-1]))  # all C columns (and T positions)
-                terms = [xp.matrix_transpose(a2) @ a2, xp.matrix_transpose(s2) @ s2 / positions]
-                cov[layer] = (
-                    terms if layer not in cov else [c + t for c, t in zip(cov[layer], terms)]
-                )
+                has_bias = layers[layer][1] is not None
+                cov[layer] = accumulate(a, s, cov.get(layer), xp=xp, bias=has_bias)
             n += len(batch)
         if n == 0:
             raise ValueError("cannot fit on an empty dataset")
-        bases = {}
-        for layer, (a_cov, s_cov) in cov.items():
-            lam_a, q_a = xp.linalg.eigh(_xp.symmetrize(a_cov / n, xp=xp))
-            lam_s, q_s = xp.linalg.eigh(_xp.symmetrize(s_cov / n, xp=xp))
-            # covariances are PSD: rounding's slightly negative eigenvalues are zeros
-            lam_s, lam_a = xp.clip(lam_s, min=0.0), xp.clip(lam_a, min=0.0)
-            bases[layer] = (q_s, q_a, lam_s[:, None] * lam_a[None, :])
+        bases = {
+            layer: eigenbases(a_cov, s_cov, float(n), xp=xp)
+            for layer, (a_cov, s_cov) in cov.items()
+        }
         if self.update_diagonal:
             corrected: dict[str, Array] = {}
             for batch in dataset:
                 for layer, (a, s) in layer_factors(batch).items():
                     q_s, q_a, _ = bases[layer]
-                    a_rot, s_rot = augmented(layer, a) @ q_a, s @ q_s
-                    if a.ndim == 2:
-                        # Lambda[o, i] = mean_n sum_c (Q_S^T s_nc)[o]^2 (Q_A^T a_n)[i]^2
-                        s_sq = xp.sum(s_rot * s_rot, axis=1)
-                        term = xp.matrix_transpose(s_sq) @ (a_rot * a_rot)
-                    else:
-                        term = _rotated_gradient_squares(s_rot[:, 0, ...], a_rot, xp=xp)
-                        for c in range(1, s_rot.shape[1]):
-                            term = term + _rotated_gradient_squares(s_rot[:, c, ...], a_rot, xp=xp)
-                    corrected[layer] = term if layer not in corrected else corrected[layer] + term
+                    has_bias = layers[layer][1] is not None
+                    corrected[layer] = diagonal(
+                        a, s, q_s, q_a, corrected.get(layer), xp=xp, bias=has_bias
+                    )
             bases = {k: (q_s, q_a, corrected[k] / n) for k, (q_s, q_a, _) in bases.items()}
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for layer, names in self.blocks.items():
