@@ -218,13 +218,18 @@ def chunked_interactions(
     model: QueryModel,
     mapper: BlockMapper,
     left: Batch,
-    right: Iterable[Batch] | None,
+    x: Any,
+    y: Any,
     mode: InfluenceMode,
 ) -> OrderedDict[str, Array]:
-    """Per-block influences of ``right`` (None: ``left`` itself) on ``left``,
-    chunked by the model's budget. One chunk on each side takes the unchunked
-    path (the numbers of the plain query); otherwise test factors are computed
-    once per test chunk and contracted with each training chunk."""
+    """Per-block influences of the training side ``(x, y)`` (both None: ``left``
+    itself; else as :func:`as_batches` takes them) on ``left``, chunked by the
+    model's budget. One chunk on each side takes the unchunked path (the numbers
+    of the plain query); otherwise test factors are computed once per test chunk
+    and contracted with each training chunk."""
+    right = None
+    if x is not None or y is not None:
+        right = as_batches(x, y, "influences (training points)")
     gp = model.gradient_provider
     xp = gp.xp
     plan = plan_chunks(gp, left, mode, budget=model_budget(model), n_test=max(len(left), 1))
@@ -289,11 +294,13 @@ def chunked_from_factors(
     model: QueryModel,
     mapper: BlockMapper,
     factors: Array | Mapping[str, Array],
-    right: Iterable[Batch],
+    x: Any,
+    y: Any,
     mode: InfluenceMode,
 ) -> OrderedDict[str, Array]:
-    """Per-block influences of the training batches ``right`` from test factors,
-    one training chunk at a time."""
+    """Per-block influences of the training side ``(x, y)`` (as :func:`as_batches`
+    takes them) from test factors, one training chunk at a time."""
+    right = as_batches(x, y, "influences_from_factors")
     gp = model.gradient_provider
     xp = gp.xp
     right = list(right) if is_one_shot(right) else right

@@ -25,7 +25,7 @@ edits, not a forger who recomputes them. Files of format version 1 (no digests)
 still load, with a warning that they cannot be verified.
 
 Nothing in a file is executed: loading reads arrays and JSON, instantiates
-only the classes named in :data:`_MODELS` and :data:`_STATE_OPERATORS`, and
+only the classes named in :data:`MODELS` and :data:`_STATE_OPERATORS`, and
 takes the gradient provider (the model) from the caller.
 """
 
@@ -38,7 +38,7 @@ import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -55,9 +55,6 @@ from .operators import (
     LowRankOperator,
 )
 from .types import Batch, GradientProvider, OperatorGradientComposition
-
-if TYPE_CHECKING:
-    from .influence import ComposableInfluence
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -79,16 +76,10 @@ _STATE_OPERATORS: dict[str, Any] = {
 _DIAGNOSTICS = frozenset({"eigen_result"})
 # Operators that keep the training data and solve at query time.
 _DATA_OPERATORS = (CgOperator, LissaOperator, InverseHarmonicMeanOperator)
-
-
-def _models() -> dict[str, type]:
-    from . import influence
-
-    return {
-        name: getattr(influence, name)
-        for name in influence.__all__
-        if name != "ComposableInfluence"
-    }
+#: The public model classes by name (a file's "class"), filled by
+#: ComposableInfluence.__init_subclass__ for the models defined in
+#: xinfluence.influence, so that this module need not import influence.
+MODELS: dict[str, type] = {}
 
 
 def _json_default(value: Any) -> Any:
@@ -149,7 +140,7 @@ def _parameters(gp: GradientProvider) -> dict[str, Any]:
     }
 
 
-def save(model: ComposableInfluence, path: str | os.PathLike[str]) -> None:
+def save(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s fitted state to ``path`` (see the module docstring)."""
     mapper = model._fitted_mapper()  # NotFittedError, StaleFitError
     gp = model.gradient_provider
@@ -363,7 +354,7 @@ def load(
     *,
     expected: type | None = None,
     on_mismatch: str = "raise",
-) -> ComposableInfluence:
+) -> Any:
     """Read a model saved by :func:`save`, for ``gradient_provider`` (see
     :meth:`~xinfluence.ComposableInfluence.load`)."""
     if on_mismatch not in ("raise", "warn", "ignore"):
@@ -374,8 +365,7 @@ def load(
             f"{type(gradient_provider).__name__}"
         )
     metadata, arrays = _read(path)
-    models = _models()
-    cls = models.get(metadata["class"])
+    cls = MODELS.get(metadata["class"])
     if cls is None:
         raise ValueError(f"unknown model class {metadata['class']!r} in {os.fspath(path)!r}")
     if expected is not None and not issubclass(cls, expected):

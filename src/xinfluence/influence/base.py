@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
-from .. import _chunking, _xp
+from .. import _chunking, _io, _xp
 from .._state import PicklableState
 from .._xp import Array
 from ..blocks import resolve_block_structure, resolve_regularization
@@ -81,6 +81,9 @@ class ComposableInfluence(PicklableState, ABC):
         super().__init_subclass__(**kwargs)
         sig = inspect.signature(cls.__init__)
         cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # type: ignore[attr-defined]
+        # the public models, by the name a saved file records, for load()
+        if cls.__module__.startswith(__package__ + ".") and not cls.__name__.startswith("_"):
+            _io.MODELS[cls.__name__] = cls
 
     def __new__(cls: type[_M], *args: Any, **kwargs: Any) -> _M:
         # the keyword options, for save(): load() calls the constructor with them
@@ -332,11 +335,8 @@ class ComposableInfluence(PicklableState, ABC):
         mode = InfluenceMode.parse(mode)
         mapper = self._fitted_mapper()
         left = self._batch(x_test, y_test, "influences (test points)")
-        right = None
-        if x is not None or y is not None:
-            right = _chunking.as_batches(x, y, "influences (training points)")
         return self._finite(
-            _chunking.chunked_interactions(self, mapper, left, right, mode), "influences"
+            _chunking.chunked_interactions(self, mapper, left, x, y, mode), "influences"
         )
 
     def influences(
@@ -366,9 +366,8 @@ class ComposableInfluence(PicklableState, ABC):
         xp = self.gradient_provider.xp
         for value in factors.values() if isinstance(factors, Mapping) else [factors]:
             _xp.check_namespace(value, xp=xp, what="factors")
-        right = _chunking.as_batches(x, y, "influences_from_factors")
         return self._finite(
-            _chunking.chunked_from_factors(self, mapper, factors, right, mode), "influences"
+            _chunking.chunked_from_factors(self, mapper, factors, x, y, mode), "influences"
         )
 
     def influences_from_factors(
@@ -397,8 +396,6 @@ class ComposableInfluence(PicklableState, ABC):
             NotFittedError: before ``fit``.
             StaleFitError: the parameters changed since ``fit``.
         """
-        from .. import _io
-
         _io.save(self, path)
 
     @classmethod
@@ -428,8 +425,6 @@ class ComposableInfluence(PicklableState, ABC):
             TypeError: the file holds another model class than ``cls``.
             StaleFitError: the parameter values differ (``on_mismatch="raise"``).
         """
-        from .. import _io
-
         expected = None if cls is ComposableInfluence else cls
         return _io.load(path, gradient_provider, expected=expected, on_mismatch=on_mismatch)
 
