@@ -79,7 +79,7 @@ def layer_grads(gp, x, y):
     """Per-sample gradients ``(N, P)`` from ``kfac_factors``: ``sum_t s_nt a_nt^T``."""
     factors = gp.kfac_factors(Batch(x, y))
     slices = gp.parameter_slices
-    out = torch.zeros(x.shape[0], gp.n_parameters, dtype=F64)
+    out = torch.zeros(x.shape[0], gp.n_parameters, dtype=gp.dtype)
     for layer, (w, b) in gp.kfac_layers().items():
         a, s = factors[layer]
         if a.ndim == 2:
@@ -330,7 +330,7 @@ def layer_grads_io(gp, x, y):
     """:func:`layer_grads` with ``"io"`` weights (``sum_t a_nt s_nt^T``)."""
     factors = gp.kfac_factors(Batch(x, y))
     layouts, slices = gp.kfac_layouts(), gp.parameter_slices
-    out = torch.zeros(x.shape[0], gp.n_parameters, dtype=F64)
+    out = torch.zeros(x.shape[0], gp.n_parameters, dtype=gp.dtype)
     for layer, (w, b) in gp.kfac_layers().items():
         a, s = factors[layer]
         if a.ndim == 2:
@@ -340,3 +340,22 @@ def layer_grads_io(gp, x, y):
         if b is not None:
             out[:, slices[b]] = s.sum(1)
     return out
+
+
+def test_float32_token_axis_and_pickled_tracking():
+    import pickle
+
+    model = TinyLM()
+    x, y = lm_data()
+    gp64 = TorchGradientProvider(model, F.cross_entropy, cast_inputs=False, layers=[nn.Linear])
+    model32 = TinyLM().float()
+    gp32 = TorchGradientProvider(model32, F.cross_entropy, cast_inputs=False, layers=[nn.Linear])
+    assert rel_err(layer_grads(gp32, x, y).double(), layer_grads(gp64, x, y)) < 1e-5
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    s64 = xi.EkfacInfluence(gp64, regularization=1e-2).fit(loader).influences(x[:3], y[:3], x, y)
+    s32 = xi.EkfacInfluence(gp32, regularization=1e-2).fit(loader).influences(x[:3], y[:3], x, y)
+    assert s32.dtype == torch.float32 and rel_err(s32.double(), s64) < 1e-3
+    back = pickle.loads(pickle.dumps(gp64))
+    assert back.tracked_layers == gp64.tracked_layers
+    assert back.parameter_names == gp64.parameter_names
+    assert back.untracked_parameters == gp64.untracked_parameters
