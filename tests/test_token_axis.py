@@ -266,6 +266,9 @@ def test_tracked_layers_errors():
     model = TinyLM()
     with pytest.raises(ValueError, match=r"unsupported: 'ln' \(LayerNorm\), 'emb' \(Embedding\)"):
         TorchGradientProvider(model, F.cross_entropy, layers=["fc", "ln", "emb"])
+    model.head.weight = model.fc.weight  # tied: not one Kronecker product
+    with pytest.raises(ValueError, match=r"'head' \(Linear: frozen, tied"):
+        TorchGradientProvider(model, F.cross_entropy, layers=["fc", "head"])
     with pytest.raises(ValueError, match="not a module"):
         TorchGradientProvider(model, F.cross_entropy, layers=["nope"])
     with pytest.raises(ValueError, match="no module of type Conv2d"):

@@ -475,7 +475,14 @@ def resolve_tracked_layers(
     }
     bad = [k for k in chosen if k not in supported or supported[k][1] is None]
     if bad:
-        kinds = ", ".join(f"{k!r} ({type(modules[k]).__name__})" for k in bad)
+        dense_or_conv = (nn.Linear, nn.Conv2d)
+
+        def why(m: nn.Module) -> str:
+            if isinstance(m, dense_or_conv) or is_hf_conv1d(m):
+                return f"{type(m).__name__}: frozen, tied or unsupported options"
+            return type(m).__name__
+
+        kinds = ", ".join(f"{k!r} ({why(modules[k])})" for k in bad)
         raise ValueError(
             f"tracked layers must be dense layers (nn.Linear, Hugging Face Conv1D) or "
             f"nn.Conv2d layers (groups=1, zero padding) with a trainable weight that no "
