@@ -783,8 +783,9 @@ class ProjectedInfluence(ComposableInfluence):
             if not layers or uncovered:
                 raise ValueError(
                     f"projection='kronecker' needs every parameter in a dense layer; not "
-                    f"covered: {uncovered}. Freeze them, restrict the provider to the dense "
-                    f"layers, or use projection='dense'"
+                    f"covered: {uncovered}. Track the dense layers (TorchGradientProvider(model, "
+                    "loss, layers=[...])), restrict the provider to them, "
+                    "or use projection='dense'"
                 )
         super().__init__(
             gp,

@@ -40,10 +40,15 @@ def _kfac_accumulate(
 ) -> tuple[Array, Array]:
     """The K-FAC sums ``(sum a a^T, sum s s^T / T)`` of one batch added to ``previous``.
 
-    Dense layers give a (N, I), s (N, C, O); convolutions (KFC) the patches and
-    output gradients at T positions, a (N, T, I), s (N, C, T, O), with the
-    per-sample weight gradients sum_t s_nct a_nt^T: A = mean_n sum_t a a^T,
-    S = mean_n (1/T) sum_{c,t} s s^T. C = 1 for the empirical Fisher.
+    Dense layers on 2-D inputs give a (N, I), s (N, C, O); dense layers on a
+    token axis and convolutions (KFC) the inputs (patches) and output gradients
+    at T positions, a (N, T, I), s (N, C, T, O), with the per-sample weight
+    gradients sum_t s_nct a_nt^T. The factors are Grosse & Martens' "expand"
+    approximation (as kronfluence's): positions are treated as independent
+    samples, A = mean_n sum_t a_nt a_nt^T, S = mean_n (1/T) sum_{c,t} s_nct s_nct^T,
+    so that A (x) S = (1/(N^2 T)) (sum_{n,t} a a^T) (x) (sum_{n,c,t} s s^T), the
+    product kronfluence's A = sum a a^T / (N T), S = sum s s^T / N gives; exact
+    (the layer's K-FAC block) for T = 1. C = 1 for the empirical Fisher.
     """
     a = _augmented(a, xp=xp, bias=bias)
     positions = 1 if a.ndim == 2 else int(a.shape[1])
@@ -133,24 +138,25 @@ class EkfacInfluence(ComposableInfluence):
     ``(weight name, bias name or None)``) and ``kfac_factors(batch)`` (layer ->
     inputs ``a`` ``(N, I)`` and output gradients ``s`` ``(N, O)``), plus
     ``kfac_ggn_factors(batch)`` (``s`` ``(N, C, O)``) for the Gauss-Newton
-    curvature, as the torch provider does for ``nn.Linear`` layers, the jax
-    provider for declared dense layers and the array-API GLMs for their one
-    layer. Blocks are the layers; every parameter must belong to one (freeze or
-    restrict the others). ``fit`` makes one pass over the data for the factors
-    and, with ``update_diagonal``, a second one for the eigenvalues.
-    inputs ``a`` ``(N, I)`` and output gradients ``s`` ``(N, O)``), as the torch
-    provider does for ``nn.Linear`` layers, the jax provider for declared dense
-    layers and the array-API GLMs for their one layer. Blocks are the layers;
-    every parameter must belong to one (freeze or restrict the others).
+    curvature, as the torch provider does for ``nn.Linear`` and Hugging Face
+    ``Conv1D`` layers, the jax provider for declared dense layers and the
+    array-API GLMs for their one layer. Blocks are the layers; every parameter
+    must belong to one: on other models, track the layers
+    (``TorchGradientProvider(model, loss, layers=[...])``) or restrict the
+    provider to them; the other parameters are then out of the curvature and
+    the scores.
 
-    Convolutions (the torch provider's ``nn.Conv2d`` layers, the jax provider's
-    declared ``conv_layers``) give their factors
-    per output position, ``a`` ``(N, T, I)`` and ``s`` ``(N, T, O)``; their
-    factors follow KFC (Grosse & Martens 2016): ``A = mean_n sum_t a_nt a_nt^T``,
-    ``S = mean_n (1/T) sum_t s_nt s_nt^T``, and the corrected eigenvalues are
+    Dense layers on a token axis (torch: inputs ``(N, *S, I)``, flattened to
+    ``T = prod(S)`` positions) and convolutions (the torch provider's
+    ``nn.Conv2d`` layers, the jax provider's declared ``conv_layers``) give
+    their factors per position, ``a`` ``(N, T, I)`` and ``s`` ``(N, T, O)``.
+    The factors are Grosse & Martens' "expand" approximation (KFC, 2016; as
+    kronfluence's): ``A = mean_n sum_t a_nt a_nt^T``,
+    ``S = mean_n (1/T) sum_t s_nt s_nt^T`` (the product ``A (x) S`` equals
+    kronfluence's; exact for ``T = 1``), and the corrected eigenvalues are
     ``mean_n (Q_S^T G_n Q_A)**2`` with the exact per-sample gradients
-    ``G_n = sum_t s_nt a_nt^T`` (summed over the ``C`` pseudo-gradients
-    ``s_nct`` for the Gauss-Newton curvature).
+    ``G_n = sum_t s_nt a_nt^T``, summed over positions before squaring (and
+    over the ``C`` pseudo-gradients ``s_nct`` for the Gauss-Newton curvature).
     """
 
     def __init__(
@@ -191,7 +197,8 @@ class EkfacInfluence(ComposableInfluence):
         if not layers or uncovered:
             raise ValueError(
                 f"EkfacInfluence needs every parameter in a dense layer; not covered: "
-                f"{uncovered}. Freeze them or restrict the provider to the dense layers"
+                f"{uncovered}. Track the dense layers (TorchGradientProvider(model, loss, "
+                "layers=[...])), or restrict the provider to them"
             )
         custom = OrderedDict((k, tuple(n for n in v if n is not None)) for k, v in layers.items())
         super().__init__(
@@ -216,10 +223,11 @@ class EkfacInfluence(ComposableInfluence):
         layers = factors.kfac_layers()
         layouts = gp.kfac_layouts() if hasattr(gp, "kfac_layouts") else {}
 
-        # Dense layers give a (N, I), s (N, C, O); convolutions (KFC) the patches
-        # and output gradients at T positions, a (N, T, I), s (N, C, T, O), with
-        # the per-sample weight gradients sum_t s_nct a_nt^T: A = mean_n sum_t a a^T,
-        # S = mean_n (1/T) sum_{c,t} s s^T. C = 1 for the empirical Fisher.
+        # Dense layers give a (N, I), s (N, C, O); dense layers on a token axis and
+        # convolutions (KFC) the inputs and output gradients at T positions,
+        # a (N, T, I), s (N, C, T, O), with the per-sample weight gradients
+        # sum_t s_nct a_nt^T: A = mean_n sum_t a a^T, S = mean_n (1/T) sum_{c,t} s s^T
+        # ("expand", _kfac_accumulate). C = 1 for the empirical Fisher.
         def layer_factors(batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
             if self.second_order == "gauss_newton":
                 out = gp.kfac_ggn_factors(batch)  # type: ignore[attr-defined]

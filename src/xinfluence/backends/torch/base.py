@@ -173,6 +173,7 @@ class _ProviderBase(GradientProvider):
         forward_ad: bool = True,
         cast_inputs: bool = True,
         output_fn: Callable[[Any], Tensor] | None = None,
+        layers: Sequence[str | type[nn.Module]] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -254,6 +255,15 @@ class _ProviderBase(GradientProvider):
         # (activation bytes, multiply-adds) per input shape, shared with restrictions
         self._activation_cache: dict[tuple[Any, ...], tuple[int, int]] = {}
         self._set_active(tuple(trainable))
+        # tracked layers: the provider is restricted to their parameters
+        self.tracked_layers: tuple[str, ...] | None = None
+        self.untracked_parameters: tuple[str, ...] = ()
+        if layers is not None:
+            from .factors import resolve_tracked_layers  # factors builds on this module
+
+            self.tracked_layers, names = resolve_tracked_layers(model, layers, trainable)
+            self.untracked_parameters = tuple(n for n in trainable if n not in names)
+            self._set_active(names)
 
     def __getstate__(self) -> dict[str, Any]:
         check_picklable_function(self.loss, "the loss")
@@ -268,6 +278,8 @@ class _ProviderBase(GradientProvider):
             "cast_inputs",
             "output_fn",
             "_math_attention",
+            "tracked_layers",
+            "untracked_parameters",
         )
         state = {k: self.__dict__[k] for k in (*keep, "_names", "_checked")}
         state["_trainable_names"] = tuple(self._trainable)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ class _LayerFactors(_Derivatives):
         parameter of this provider, in module order."""
         layers: dict[str, tuple[nn.Module, str | None, str | None]] = {
             **_linear.linear_param_layers(self.model, self._active),
+            **hf_conv1d_param_layers(self.model, self._active),
             **_conv.conv_param_layers(self.model, self._active),
         }
         order = {name or "root": i for i, (name, _) in enumerate(self.model.named_modules())}
@@ -39,8 +40,16 @@ class _LayerFactors(_Derivatives):
             if w is not None
         )
 
+    def kfac_layouts(self) -> OrderedDict[str, str]:
+        """layer -> ``"oi"`` (weight ``(out, in)``: ``nn.Linear``, ``nn.Conv2d``) or
+        ``"io"`` (weight ``(in, out)``: Hugging Face ``Conv1D``, ``y = x @ W + b``)."""
+        return OrderedDict(
+            (k, "io" if is_hf_conv1d(m) else "oi") for k, (m, _, _) in self._kfac_modules().items()
+        )
+
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
-        """The ``nn.Linear`` and ``nn.Conv2d`` layers whose weight is a parameter of
+        """The dense (``nn.Linear``, Hugging Face ``Conv1D``) and ``nn.Conv2d``
+        layers whose weight is a parameter of
         this provider: layer name (module name, ``"root"`` for the model itself) ->
         ``(weight name, bias name or None)``. A frozen bias is ``None``; layers
         whose weight or bias is tied to another module are left out (their
@@ -52,16 +61,22 @@ class _LayerFactors(_Derivatives):
     def kfac_factors(self, batch: Batch) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """Per-sample Kronecker factors of each layer in :meth:`kfac_layers`.
 
-        Returns layer name -> ``(a, s)``. For ``nn.Linear``: ``a`` the layer
-        inputs ``(N, in)`` and ``s = d l_n / d out_n`` the gradient of the
-        per-sample loss with respect to the layer's output ``(N, out)``, so that
-        the per-sample weight gradient is ``outer(s_n, a_n)`` and the bias
-        gradient ``s_n``. For ``nn.Conv2d``: ``a`` the unfolded input patches
+        Returns layer name -> ``(a, s)``. For a dense layer (``nn.Linear``, Hugging
+        Face ``Conv1D``) on 2-D inputs: ``a`` the layer inputs ``(N, in)`` and
+        ``s = d l_n / d out_n`` the gradient of the per-sample loss with respect
+        to the layer's output ``(N, out)``, so that the per-sample weight gradient
+        is ``outer(s_n, a_n)`` (``Conv1D``: its transpose) and the bias gradient
+        ``s_n``. A dense layer on inputs ``(N, *S, in)`` (a token axis, or any
+        number of sequence or spatial axes) keeps them as one axis of ``T =
+        prod(S)`` positions: ``a`` ``(N, T, in)``, ``s`` ``(N, T, out)``, the
+        weight gradient ``sum_t outer(s_nt, a_nt)`` and the bias gradient
+        ``sum_t s_nt``. For ``nn.Conv2d``: ``a`` the unfolded input patches
         ``(N, T, C*kh*kw)`` and ``s`` the output gradients ``(N, T, O)`` at the
         ``T`` output positions, so that the weight gradient (flattened to
         ``(O, C*kh*kw)``) is ``s_n^T a_n`` and the bias gradient ``sum_t s_nt``.
-        Linear layers must be applied once per forward pass to 2-D inputs. The
-        model runs once on the whole batch (eval mode: samples independent).
+        Each layer must be applied once per forward pass, to inputs whose first
+        axis is the batch's. The model runs once on the whole batch (eval mode:
+        samples independent).
         """
         layers = self._kfac_modules()
         x, y = batch.x, batch.y
@@ -82,9 +97,7 @@ class _LayerFactors(_Derivatives):
             with torch.enable_grad():
                 out = self._forward(self._active, x)
                 losses = self._output_losses(out, y)
-                missing = [k for k in layers if k not in store]
-                if missing:
-                    raise ValueError(f"kfac_factors: layers {missing} were not called by the model")
+                _check_called(store, layers, x.shape[0], "kfac_factors")
                 deltas = [store[k][1] for k in layers]
                 grads = torch.autograd.grad(losses.sum(), deltas, allow_unused=True)
         finally:
@@ -94,7 +107,7 @@ class _LayerFactors(_Derivatives):
         for layer, s in zip(layers, grads, strict=True):
             a, delta = store[layer]
             s = torch.zeros_like(delta) if s is None else s.detach()
-            result[layer] = (a, _conv.output_grads(s) if s.ndim == 4 else s)
+            result[layer] = (a, _output_grads(layers[layer][0], s))
         return result
 
     # -- generalized Gauss-Newton -------------------------------------------------
@@ -248,8 +261,9 @@ class _LayerFactors(_Derivatives):
         the columns of ``L_i`` (``H_i = L_i L_i^T``, the loss Hessian on the model
         output) back-propagated to the layer's output: ``s[i, c] = J_{out <- z}^T
         L_i[:, c]``. Then the layer's Gauss-Newton block is
-        ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``. Convolutions give the
-        unfolded patches ``(N, T, in)`` and ``s`` ``(N, M, T, O)``."""
+        ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``. Convolutions, and dense
+        layers on inputs ``(N, *S, in)`` (``T = prod(S)`` positions, as in
+        :meth:`kfac_factors`), give ``a`` ``(N, T, in)`` and ``s`` ``(N, M, T, O)``."""
         layers = self._kfac_modules()
         x, y = batch.x, batch.y
         if not layers or x.shape[0] == 0:
@@ -267,9 +281,7 @@ class _LayerFactors(_Derivatives):
         try:
             with torch.enable_grad():
                 out_ = self._forward(self._active, x)
-                missing = [k for k in layers if k not in store]
-                if missing:
-                    raise ValueError(f"kfac_ggn_factors: layers {missing} were not called")
+                _check_called(store, layers, x.shape[0], "kfac_ggn_factors")
                 root = self._output_hessian_root(out_, y)  # (N, M, C)
                 deltas = [store[k][1] for k in layers]
                 n_cols = root.shape[2]
@@ -290,8 +302,9 @@ class _LayerFactors(_Derivatives):
             s_all: list[Tensor] = [
                 torch.zeros_like(delta) if (t := col[j]) is None else t for col in cols
             ]
-            # dense (N, out) -> (N, C, out); conv (N, O, H, W) -> (N, C, T, O)
-            s_cols = [_conv.output_grads(t) if t.ndim == 4 else t for t in s_all]
+            # dense (N, out) -> (N, C, out), (N, *S, out) -> (N, C, T, out);
+            # conv (N, O, H, W) -> (N, C, T, O)
+            s_cols = [_output_grads(layers[layer][0], t) for t in s_all]
             result[layer] = (a, torch.stack(s_cols, dim=1).detach())
         return result
 
@@ -314,11 +327,14 @@ def _factor_hook(
         a = inputs[0]
         if isinstance(module, nn.Conv2d):
             a = _conv.unfold_input(module, a)
-        elif a.ndim != 2:
+        elif a.ndim < 2:
             raise ValueError(
-                f"{what} supports 2-D layer inputs (N, features) only; layer "
-                f"{layer!r} got shape {tuple(a.shape)}"
+                f"{what}: dense layer {layer!r} needs inputs (N, *S, features), got shape "
+                f"{tuple(a.shape)}"
             )
+        elif a.ndim > 2:
+            # the token (sequence, spatial) axes S as one axis of T positions
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
         delta = torch.zeros_like(output, requires_grad=True)
         store[layer] = (a.detach(), delta)
         return output + delta
@@ -326,10 +342,151 @@ def _factor_hook(
     return hook
 
 
+def _output_grads(module: nn.Module, s: Tensor) -> Tensor:
+    """A layer's output gradients in the factor layout: dense ``(N, out)`` as they
+    are, dense ``(N, *S, out)`` as ``(N, T, out)``, conv ``(N, O, H, W)`` as
+    ``(N, T, O)``."""
+    if isinstance(module, nn.Conv2d):
+        return _conv.output_grads(s)
+    return s if s.ndim == 2 else s.reshape(s.shape[0], -1, s.shape[-1])
+
+
+def _check_called(
+    store: dict[str, tuple[Tensor, Tensor]], layers: dict[str, Any], n: int, what: str
+) -> None:
+    """Every layer ran, on inputs whose first axis is the batch's."""
+    missing = [k for k in layers if k not in store]
+    if missing:
+        raise ValueError(f"{what}: layers {missing} were not called by the model")
+    for k in layers:
+        a, delta = store[k]
+        if a.shape[0] != n or delta.shape[0] != n:
+            raise ValueError(
+                f"{what}: layer {k!r} got inputs {tuple(a.shape)} and outputs "
+                f"{tuple(delta.shape)} for a batch of {n}: the first axis of a layer's "
+                "input and output must be the batch axis (a model that folds the tokens "
+                "into the batch axis before the layer gives no per-sample factors)"
+            )
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``transformers.pytorch_utils.Conv1D``
+    (detected by class name and shape, without importing transformers): a dense
+    layer ``y = x @ W + b`` with ``W`` ``(nx, nf)`` and ``b`` ``(nf,)``."""
+    if type(module).__name__ != "Conv1D" or not isinstance(getattr(module, "nf", None), int):
+        return False
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == module.nf
+        and (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (module.nf,)))
+    )
+
+
+def hf_conv1d_param_layers(
+    model: nn.Module, active: Params
+) -> OrderedDict[str, tuple[nn.Module, str | None, str | None]]:
+    """Hugging Face ``Conv1D`` layers holding parameters in ``active``, as
+    :func:`~xinfluence.backends.torch.linear.linear_param_layers` gives ``nn.Linear``
+    layers (tied layers left out)."""
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+    out: OrderedDict[str, tuple[nn.Module, str | None, str | None]] = OrderedDict()
+    for mod_name, module in model.named_modules():
+        if not is_hf_conv1d(module):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        found: list[str | None] = []
+        tied = False
+        for attr in ("weight", "bias"):
+            p = getattr(module, attr)
+            name = prefix + attr
+            is_active = p is not None and name in active
+            tied = tied or (is_active and uses[id(p)] > 1)
+            found.append(name if is_active else None)
+        if not tied and (found[0] is not None or found[1] is not None):
+            out[mod_name or "root"] = (module, found[0], found[1])
+    return out
+
+
 def _empty_factors(module: nn.Module, zeros: Callable[..., Tensor]) -> tuple[Tensor, Tensor]:
     """Factors of an empty batch for one layer of :meth:`TorchGradientProvider.kfac_factors`."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return zeros(0, 0, module.in_channels * kh * kw), zeros(0, 0, module.out_channels)
+    if is_hf_conv1d(module):
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        return zeros(0, weight.shape[0]), zeros(0, weight.shape[1])
     assert isinstance(module, nn.Linear)
     return zeros(0, module.in_features), zeros(0, module.out_features)
+
+
+def resolve_tracked_layers(
+    model: nn.Module, layers: Sequence[str | type[nn.Module]], trainable: dict[str, Tensor]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(layer names, their trainable parameter names)`` of the tracked layers.
+
+    ``layers`` holds module names (as ``model.named_modules()`` gives them,
+    ``"root"`` for the model itself) and module types (every module of that type
+    with a trainable parameter of its own). A tracked layer must be a dense
+    layer (``nn.Linear``, Hugging Face ``Conv1D``) or a supported ``nn.Conv2d``
+    (``groups=1``, zero padding) with a trainable weight that no other module
+    shares.
+
+    Raises:
+        ValueError: an unknown name, a type that matches no layer, no layers, or
+            tracked layers of an unsupported kind (named, with their types).
+        TypeError: an entry that is neither a name nor an ``nn.Module`` type.
+    """
+    if isinstance(layers, (str, type)):
+        layers = [layers]
+    modules = {name or "root": m for name, m in model.named_modules()}
+    chosen: list[str] = []
+    for spec in layers:
+        if isinstance(spec, str):
+            if spec not in modules:
+                raise ValueError(
+                    f"tracked layer {spec!r} is not a module of the model; modules: "
+                    f"{list(modules)[:20]}{' ...' if len(modules) > 20 else ''}"
+                )
+            found = [spec]
+        elif isinstance(spec, type) and issubclass(spec, nn.Module):
+            found = [
+                k
+                for k, m in modules.items()
+                if isinstance(m, spec)
+                and any(p is not None and p.requires_grad for p in m._parameters.values())
+            ]
+            if not found:
+                raise ValueError(f"no module of type {spec.__name__} with trainable parameters")
+        else:
+            raise TypeError(f"layers holds module names (str) and nn.Module types, got {spec!r}")
+        chosen.extend(k for k in found if k not in chosen)
+    if not chosen:
+        raise ValueError("layers names no layer to track")
+    supported: dict[str, tuple[nn.Module, str | None, str | None]] = {
+        **_linear.linear_param_layers(model, trainable),
+        **hf_conv1d_param_layers(model, trainable),
+        **_conv.conv_param_layers(model, trainable),
+    }
+    bad = [k for k in chosen if k not in supported or supported[k][1] is None]
+    if bad:
+        dense_or_conv = (nn.Linear, nn.Conv2d)
+
+        def why(m: nn.Module) -> str:
+            if isinstance(m, dense_or_conv) or is_hf_conv1d(m):
+                return f"{type(m).__name__}: frozen, tied or unsupported options"
+            return type(m).__name__
+
+        kinds = ", ".join(f"{k!r} ({why(modules[k])})" for k in bad)
+        raise ValueError(
+            f"tracked layers must be dense layers (nn.Linear, Hugging Face Conv1D) or "
+            f"nn.Conv2d layers (groups=1, zero padding) with a trainable weight that no "
+            f"other module shares; unsupported: {kinds}"
+        )
+    keep = {n for k in chosen for n in supported[k][1:] if n is not None}
+    return tuple(chosen), tuple(n for n in trainable if n in keep)

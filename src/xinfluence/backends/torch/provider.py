@@ -53,6 +53,20 @@ class TorchGradientProvider(_LayerFactors):
             before the loss, for models that return a tuple, a dict or an output
             object (HuggingFace style): ``output_fn=lambda out: out["logits"]`` or
             ``lambda out: out[0]``. It must act on every sample independently.
+        layers:
+            Tracked layers: module names (``"blocks.0.mlp.fc"``, ``"root"`` for the
+            model itself) and module types (``nn.Linear``: every such module with
+            a trainable parameter). The provider then covers only the weights and
+            biases of these layers, as :meth:`restrict` to them would: the other
+            trainable parameters are left out of the curvature and of the scores
+            on purpose and listed in :attr:`untracked_parameters` (and the
+            repr); :attr:`tracked_layers` holds the layer names. Tracked layers
+            must be dense (``nn.Linear``, Hugging Face ``Conv1D``) or
+            ``nn.Conv2d`` (``groups=1``, zero padding) with a trainable weight that
+            no other module shares, else a ``ValueError`` names them. This is how
+            the structured methods (``EkfacInfluence``, ``ProjectedInfluence(
+            projection="kronecker")``) run on models with embeddings, LayerNorm
+            or attention.
 
     The model must be in eval mode whenever it is queried: a query while a
     BatchNorm or Dropout layer is in training mode raises a ``ValueError``
@@ -88,7 +102,10 @@ class TorchGradientProvider(_LayerFactors):
     once against autodiff; other models take the general path.
 
     For EK-FAC, :meth:`kfac_layers` and :meth:`kfac_factors` expose the inputs
-    and output gradients of the model's ``nn.Linear`` layers and the unfolded
+    and output gradients of the model's dense layers (``nn.Linear``, and Hugging
+    Face ``transformers.pytorch_utils.Conv1D``, detected without importing
+    transformers; weight ``(in, out)``, layout ``"io"`` in :meth:`kfac_layouts`),
+    on inputs ``(N, in)`` or ``(N, *S, in)`` with a token axis, and the unfolded
     input patches and output gradients of its ``nn.Conv2d`` layers (KFC).
     """
 
@@ -118,7 +135,13 @@ class TorchGradientProvider(_LayerFactors):
         return out
 
     def __repr__(self) -> str:
+        tracked = ""
+        if self.tracked_layers is not None:
+            tracked = (
+                f", tracked_layers={list(self.tracked_layers)}, "
+                f"untracked_parameters={list(self.untracked_parameters)}"
+            )
         return (
             f"TorchGradientProvider({type(self.model).__name__}, P={self.n_parameters}, "
-            f"dtype={self._dtype}, device={self._device})"
+            f"dtype={self._dtype}, device={self._device}{tracked})"
         )
