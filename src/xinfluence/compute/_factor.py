@@ -23,6 +23,7 @@ a pass over the training data: they have no such factorization.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from ..operators import (
     IdentityOperator,
     LowRankOperator,
 )
-from ..projection import ProjectedOperator
+from ..projection import KroneckerProjection, ProjectedOperator
 from ..types import Batch
 
 FACTORIZED_MODELS = (
@@ -64,10 +65,38 @@ class BlockFactor:
 def factorize(model: Any) -> list[BlockFactor]:
     """The factorization of every block of a fitted model (in block order)."""
     mapper = model._fitted_mapper()
+    memo = _LastFactors(model.gradient_provider)
     out = []
     for name, comp in mapper.composable_block_dict.items():
-        out.append(_block(name, comp.op, comp.gp, model))
+        op = comp.op
+        if isinstance(op, ProjectedOperator) and isinstance(op.projection, KroneckerProjection):
+            # every layer block's Kronecker projection runs the whole model on the
+            # chunk: share one forward and backward pass per chunk among them
+            proj = copy.copy(op.projection)
+            proj._provider = memo  # type: ignore[assignment]
+            op = ProjectedOperator.__new__(ProjectedOperator)
+            op.__dict__.update(comp.op.__dict__, projection=proj)
+        out.append(_block(name, op, comp.gp, model))
     return out
+
+
+class _LastFactors:
+    """The provider, with ``kfac_factors`` of the last batch remembered (by identity)."""
+
+    def __init__(self, gp: Any):
+        self._gp = gp
+        self._last: tuple[Any, Any, Any] | None = None
+
+    def kfac_factors(self, batch: Batch) -> Any:
+        last = self._last
+        if last is not None and last[0] is batch.x and last[1] is batch.y:
+            return last[2]
+        out = self._gp.kfac_factors(batch)
+        self._last = (batch.x, batch.y, out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gp, name)
 
 
 def _no(model: Any, op: Any) -> NoFactorizationError:
