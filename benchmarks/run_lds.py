@@ -2,6 +2,8 @@
 
     python benchmarks/run_lds.py                       # 40 subsets, 20 test points
     python benchmarks/run_lds.py --subsets 10 --test 5 # quick
+    python benchmarks/run_lds.py --methods projected --k 64   # ProjectedInfluence: every
+                                       # curvature and damping at k = 64, with references
 
 The problem is benchmarks/_problem.py's ``small`` case (64-24-10 tanh MLP,
 1,810 parameters, 1,000 training points of scikit-learn's digits, float64,
@@ -67,6 +69,33 @@ def methods():
     }
 
 
+def projected_methods(k, p):
+    """ProjectedInfluence at ``k`` (dense) for every curvature and both damping spaces,
+    with Direct (Hessian, EF) and gradient similarity as references; and the
+    ``λ RRᵀ`` damping at ``λ k / P``, which ``λ I_k`` approximates (``E[RRᵀ] = P/k I``)."""
+    out = {
+        "Direct (Hessian)": (xi.DirectInfluence, {}),
+        "Direct (EF)": (xi.DirectInfluence, dict(second_order="empirical_fisher")),
+        "Identity (gradient similarity)": (xi.IdentityInfluence, {}),
+    }
+    for second_order, label in (
+        ("empirical_fisher", "EF"),
+        ("gauss_newton", "GGN"),
+        ("hessian", "Hessian"),
+    ):
+        for space in ("parameter", "projected"):
+            damping = "λ RRᵀ" if space == "parameter" else "λ I_k"
+            out[f"Projected ({label}, dense k={k}, {damping})"] = (
+                xi.ProjectedInfluence,
+                dict(k=k, second_order=second_order, regularization_space=space),
+            )
+        out[f"Projected ({label}, dense k={k}, λ k/P RRᵀ)"] = (
+            xi.ProjectedInfluence,
+            dict(k=k, second_order=second_order, regularization=REG * k / p),
+        )
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--subsets", type=int, default=40)
@@ -74,8 +103,18 @@ def main():
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model)")
-    ap.add_argument("--output", default=str(HERE / "results" / "lds.md"))
+    ap.add_argument(
+        "--methods",
+        choices=["all", "projected"],
+        default="all",
+        help="all: every model; projected: ProjectedInfluence per curvature and damping",
+    )
+    ap.add_argument("--k", type=int, default=64, help="k of --methods projected")
+    ap.add_argument("--output", default=None, help="default results/lds.md (lds_projected.md)")
     args = ap.parse_args()
+    if args.output is None:
+        name = "lds.md" if args.methods == "all" else "lds_projected.md"
+        args.output = str(HERE / "results" / name)
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,9 +163,12 @@ def main():
 
     gp = TorchGradientProvider(model, nn.functional.cross_entropy)
     scores, seconds = {}, {}
-    for name, (cls, options) in methods().items():
+    p = sum(q.numel() for q in model.parameters())
+    chosen = methods() if args.methods == "all" else projected_methods(args.k, p)
+    for name, (cls, options) in chosen.items():
         start = time.perf_counter()
-        infl = cls(gp, regularization=REG, **options).fit(prob.loader)
+        options = {"regularization": REG, **options}
+        infl = cls(gp, **options).fit(prob.loader)
         scores[name] = infl.influences(x_test, y_test, prob.x_train, prob.y_train)
         seconds[name] = time.perf_counter() - start
         print(f"{name}: scores in {seconds[name]:.2f} s", flush=True)

@@ -1,9 +1,11 @@
 """ProjectedInfluence (TRAK / LoGra random projections), generic over the backend.
 
 Oracles: DirectInfluence (exact) for an invertible map at k = P and lambda = 0,
-where R^T (R C R^T)^-1 R = C^-1 exactly; the same dense formula with the map
-read back, for lambda > 0 and k < P; the map drawn independently on the host
-with numpy's Philox generator; and errors against Direct that fall with k.
+where R^T (R C R^T)^-1 R = C^-1 exactly, and at lambda > 0 with the default damping
+lambda R R^T, where R^T (R (C + lambda I) R^T)^-1 R = (C + lambda I)^-1; the same
+dense formula with the map read back, for lambda > 0 and k < P; the map drawn
+independently on the host with numpy's Philox generator; and errors against Direct
+that fall with k.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def test_full_dimension_invertible_map_equals_direct(
         distribution=distribution,
         second_order=second_order,
         seed=5,
+        regularization_space="parameter",
     ).fit(batches)
-    r = to_numpy(model.projections()["full"].matrix())
+    r = to_numpy(model.projections()["full"].base.matrix())  # R, before orthonormalizing
     assert r.shape == (p, p) and np.linalg.cond(r) < 100
     xt, yt = x[:7, ...], y[:7, ...]
     for mode in ("up", "perturbation"):
@@ -75,23 +78,30 @@ def test_full_dimension_invertible_map_equals_direct(
     assert rel_err(model.influences(xt, yt), direct.influences(xt, yt)) <= 1e-10
 
 
+@pytest.mark.parametrize("space", ["parameter", "projected"])
 @pytest.mark.parametrize("projection", ["dense", "kronecker"])
-def test_matches_dense_formula_with_damping(xp, to_xp, linreg_data, projection):
-    """k < P, lambda > 0: (R g_t)^T (R C R^T + lambda I)^-1 (R g_j), C = mean g g^T."""
+def test_matches_dense_formula_with_damping(xp, to_xp, linreg_data, projection, space):
+    """k < P, lambda > 0: (R g_t)^T (R C R^T + lambda D)^-1 (R g_j), C = mean g g^T, with
+    D = R R^T (regularization_space="parameter") or I_k ("projected")."""
     gp, batches, x, y = _linreg(to_xp, linreg_data)
     lam, k = 0.3, 8 if projection == "dense" else (2, 4)
-    model = xi.ProjectedInfluence(gp, k=k, projection=projection, regularization=lam)
+    kw = dict(k=k, projection=projection, regularization_space=space)
+    model = xi.ProjectedInfluence(gp, regularization=lam, **kw)
     model.fit(batches)
-    r = to_numpy(model.projections()["full"].matrix())
+    proj = model.projections()["full"]
+    r = to_numpy(proj.base.matrix() if space == "parameter" else proj.matrix())
     g = to_numpy(gp.flat_grads(gp.prepare_batch(xi.Batch(x, y))))
     pg = g @ r.T
     c = pg.T @ pg / len(g)
     assert r.shape[0] == 8
-    expected = pg[:5] @ np.linalg.solve(c + lam * np.eye(len(c)), pg.T)
+    damping = r @ r.T if space == "parameter" else np.eye(len(c))
+    assert rel_err(r @ r.T, np.eye(8)) > 0.1  # the two spaces differ here
+    expected = pg[:5] @ np.linalg.solve(c + lam * damping, pg.T)
     assert rel_err(model.influences(x[:5, ...], y[:5, ...], x, y), expected) <= 1e-12
-    assert rel_err(model.projected_curvatures()["full"], c) <= 1e-12
+    q = to_numpy(proj.matrix())  # the map used: R, or R with orthonormalized rows
+    assert rel_err(model.projected_curvatures()["full"], q @ g.T @ g @ q.T / len(g)) <= 1e-12
     # with_regularization refactorises without a new pass and equals a fresh fit
-    fresh = xi.ProjectedInfluence(gp, k=k, projection=projection, regularization=0.05)
+    fresh = xi.ProjectedInfluence(gp, regularization=0.05, **kw)
     fresh.fit(batches)
     model.with_regularization(0.05)
     assert (
@@ -101,6 +111,79 @@ def test_matches_dense_formula_with_damping(xp, to_xp, linreg_data, projection):
         )
         <= 1e-12
     )
+
+
+@pytest.mark.parametrize("second_order", ["empirical_fisher", "hessian"])
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_full_dimension_with_damping_equals_direct(
+    xp, to_xp, linreg_data, second_order, projection
+):
+    """k = P, lambda > 0: damping lambda R R^T (the default) reproduces Direct with the same
+    curvature, R^T (R (C + lambda I) R^T)^-1 R = (C + lambda I)^-1; lambda I_k does not."""
+    gp, batches, x, y = _linreg(to_xp, linreg_data)
+    lam, p = 0.1, gp.n_parameters
+    direct = xi.DirectInfluence(gp, regularization=lam, second_order=second_order).fit(batches)
+    xt, yt = x[:7, ...], y[:7, ...]
+    expected = direct.influences(xt, yt, x, y)
+    got = {}
+    for space in ("parameter", "projected"):
+        model = xi.ProjectedInfluence(
+            gp,
+            k=p if projection == "dense" else (3, 5),
+            projection=projection,
+            second_order=second_order,
+            regularization=lam,
+            regularization_space=space,
+            seed=5,
+        ).fit(batches)
+        assert model.projections()["full"].output_size == p
+        got[space] = rel_err(model.influences(xt, yt, x, y), expected)
+        if space == "parameter":
+            assert (
+                rel_err(model.influence_factors(xt, yt), direct.influence_factors(xt, yt)) <= 1e-10
+            )
+            perturbation = model.influences(xt, yt, x, y, mode="perturbation")
+            assert (
+                rel_err(perturbation, direct.influences(xt, yt, x, y, mode="perturbation")) <= 1e-10
+            )
+    print(projection, second_order, got)
+    assert got["parameter"] <= 1e-10, got
+    assert got["projected"] > 1e-2, got
+
+
+@pytest.mark.parametrize("space", ["parameter", "projected"])
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_factors_scored_in_the_projected_space(xp, to_xp, linreg_data, projection, space):
+    """influences_from_factors (the calculators' path) contracts R g_j with the factors'
+    coordinates, never the provider's Jacobian products (nor, for Kronecker, per-sample
+    gradients); factors outside the span of R^T take the exact generic path."""
+    gp, batches, x, y = _linreg(to_xp, linreg_data)
+    k = 8 if projection == "dense" else (2, 4)
+    model = xi.ProjectedInfluence(
+        gp, k=k, projection=projection, regularization=0.3, regularization_space=space
+    ).fit(batches)
+    proj = model.projections()["full"]
+    assert rel_err(proj.gram(), to_numpy(proj.matrix()) @ to_numpy(proj.matrix()).T) <= 1e-13
+    xt, yt = x[:5, ...], y[:5, ...]
+    expected = to_numpy(model.influences(xt, yt, x, y))  # the bilinear form: both projected
+    factors = model.influence_factors(xt, yt)
+    g = to_numpy(gp.flat_grads(gp.prepare_batch(xi.Batch(x, y))))
+    assert rel_err(to_numpy(factors) @ g.T, expected) <= 1e-12
+    jacobian_prod, flat_grads = gp.jacobian_prod, gp.flat_grads
+
+    def refused(*args):
+        raise AssertionError("the projected path does not need this")
+
+    gp.jacobian_prod = refused
+    if projection == "kronecker":
+        gp.flat_grads = refused
+    try:
+        got = model.influences_from_factors(factors, x, y)
+    finally:
+        gp.jacobian_prod, gp.flat_grads = jacobian_prod, flat_grads
+    assert rel_err(got, expected) <= 1e-12
+    other = np.random.default_rng(2).normal(size=(3, gp.n_parameters))
+    assert rel_err(model.influences_from_factors(to_xp(other), x, y), other @ g.T) <= 1e-12
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +332,22 @@ def test_blocks_and_bad_input(xp, to_xp, linreg_data):
     )
     with pytest.raises(TypeError, match="kfac_factors"):
         xi.ProjectedInfluence(fd, k=4, projection="kronecker")
+
+
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_default_damping_in_float32(xp, to_xp, softmax_data, projection):
+    """The orthonormalization (a Cholesky factor of R R^T, or of the small Kronecker
+    factors) keeps float32 scores at float32 accuracy against the float64 model."""
+    x, y, w, b = softmax_data
+    scores = {}
+    for dtype in (xp.float32, xp.float64):
+        gp = SoftmaxRegressionGradients(to_xp(w, dtype), to_xp(b, dtype))
+        xx, yy = to_xp(x, dtype), to_xp(y)
+        batches = [(xx[s, ...], yy[s]) for s in split(len(x), [97, 203])]
+        model = xi.ProjectedInfluence(gp, k=64, projection=projection, regularization=1e-2)
+        out = model.fit(batches).influences(xx[:6, ...], yy[:6], xx, yy)
+        assert out.dtype == dtype
+        scores[dtype] = to_numpy(out).astype(np.float64)
+    err = rel_err(scores[xp.float32], scores[xp.float64])
+    print(projection, err)
+    assert err <= 1e-5, err

@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from helpers import rel_err  # noqa: E402
 from torch_helpers import flat_loss, ref_grads, ref_hessian, single_thread  # noqa: E402, F401
 from xinfluence import Batch, DirectInfluence  # noqa: E402
-from xinfluence.backends import _torch_linear  # noqa: E402
 from xinfluence.backends.numpy import (  # noqa: E402
     LinearRegressionGradients,
     SoftmaxRegressionGradients,
 )
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
+from xinfluence.backends.torch import linear as _torch_linear  # noqa: E402
 from xinfluence.errors import NamespaceMismatchError  # noqa: E402
 
 F64 = torch.float64

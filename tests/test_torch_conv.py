@@ -19,9 +19,9 @@ import xinfluence as xi  # noqa: E402
 from helpers import rel_err  # noqa: E402
 from torch_helpers import ref_grads, ref_hessian, single_thread  # noqa: E402, F401
 from xinfluence import Batch  # noqa: E402
-from xinfluence.backends import _torch_conv  # noqa: E402
-from xinfluence.backends import torch as torch_backend  # noqa: E402
 from xinfluence.backends.torch import TorchGradientProvider  # noqa: E402
+from xinfluence.backends.torch import derivatives as torch_backend  # noqa: E402
+from xinfluence.backends.torch import sequential as _torch_conv  # noqa: E402
 
 F64 = torch.float64
 

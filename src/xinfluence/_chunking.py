@@ -18,14 +18,11 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._config import memory_budget
 from ._xp import Array
 from .types import Batch, BlockMapper, GradientProvider, InfluenceMode, iter_batches
-
-if TYPE_CHECKING:
-    from .influence import ComposableInfluence
 
 __all__ = ["ChunkPlan", "plan_chunks", "rebatch", "as_batches", "chunked_interactions"]
 
@@ -34,6 +31,17 @@ __all__ = ["ChunkPlan", "plan_chunks", "rebatch", "as_batches", "chunked_interac
 _TEST_COPIES = 6
 #: Largest test chunk when the number of test points is not known in advance.
 MAX_TEST_ROWS = 8192
+
+
+class QueryModel(Protocol):
+    """What the chunked queries use of an influence model
+    (:class:`~xinfluence.influence.ComposableInfluence`), so that this module need
+    not import :mod:`xinfluence.influence`."""
+
+    @property
+    def gradient_provider(self) -> GradientProvider: ...
+
+    def _check_losses(self, batch: Batch, what: str, *, offset: int = 0) -> None: ...
 
 
 def model_budget(model: Any) -> int:
@@ -207,7 +215,7 @@ def sum_blocks(by_block: Mapping[str, Array]) -> Array:
 
 
 def chunked_interactions(
-    model: ComposableInfluence,
+    model: QueryModel,
     mapper: BlockMapper,
     left: Batch,
     right: Iterable[Batch] | None,
@@ -259,7 +267,7 @@ def chunked_interactions(
 
 
 def chunked_factors(
-    model: ComposableInfluence, mapper: BlockMapper, batch: Batch
+    model: QueryModel, mapper: BlockMapper, batch: Batch
 ) -> OrderedDict[str, Array]:
     """Per-block influence factors of ``batch``, in test chunks sized by the budget."""
     gp = model.gradient_provider
@@ -278,7 +286,7 @@ def chunked_factors(
 
 
 def chunked_from_factors(
-    model: ComposableInfluence,
+    model: QueryModel,
     mapper: BlockMapper,
     factors: Array | Mapping[str, Array],
     right: Iterable[Batch],

@@ -9,7 +9,9 @@ namespace keyword-only, and return arrays of the namespace they were given.
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -31,6 +33,10 @@ __all__ = [
     "restore_state",
     "same_namespace",
     "compiles_per_shape",
+    "maybe_jit",
+    "padded_rows",
+    "committed",
+    "cholesky_checked",
     "check_namespace",
     "device_of",
     "is_floating",
@@ -45,6 +51,7 @@ __all__ = [
     "from_numpy",
     "random_normal",
     "finfo_eps",
+    "psd_rounding_tolerance",
     "symmetrize",
 ]
 
@@ -150,6 +157,51 @@ def compiles_per_shape(xp: Namespace) -> bool:
     return bool(array_api_compat.is_jax_namespace(xp))
 
 
+@functools.cache
+def _jitted(fn: Callable[..., Any], static_argnames: tuple[str, ...]) -> Callable[..., Any]:
+    import jax
+
+    return jax.jit(fn, static_argnames=static_argnames)
+
+
+def maybe_jit(
+    fn: Callable[..., Any], /, *, xp: Namespace, static_argnames: tuple[str, ...] = ("xp",)
+) -> Callable[..., Any]:
+    """``jax.jit(fn)`` on jax, ``fn`` itself elsewhere: where the generic solvers compile.
+
+    ``fn`` must be a module-level function of arrays without host synchronisation
+    (no ``float()``, ``bool()`` or ``to_numpy``); the namespace and other
+    hashable options are keyword arguments named in ``static_argnames``. The
+    compiled function is cached per ``fn``, so every solve of a problem reuses
+    the same programs (one compilation per shape, not per call).
+    """
+    if compiles_per_shape(xp):
+        return _jitted(fn, tuple(static_argnames))
+    return fn
+
+
+def committed(x: Array, /, *, xp: Namespace) -> Array:
+    """``x`` placed explicitly on its device (jax): a jitted function compiles once
+    for uncommitted and once more for committed arguments, so solvers commit
+    their iterates before the first compiled step. ``x`` itself elsewhere."""
+    if compiles_per_shape(xp):
+        import jax
+
+        return jax.device_put(x, device_of(x))
+    return x
+
+
+def padded_rows(k: int, /, *, xp: Namespace) -> int:
+    """The number of rows a block of ``k`` vectors is padded to before compiled
+    code sees it: ``k`` where shapes are free; on jax ``1, 2, 4, 8`` then
+    multiples of 8, so that few shapes compile and little work is wasted."""
+    if not compiles_per_shape(xp) or k <= 0:
+        return k
+    if k <= 8:
+        return 1 << (k - 1).bit_length()
+    return -(-k // 8) * 8
+
+
 def same_namespace(xp1: Namespace, xp2: Namespace) -> bool:
     """Whether two namespaces are the same library (compat wrappers included)."""
     return namespace_name(xp1) == namespace_name(xp2)
@@ -218,6 +270,21 @@ def finfo_eps(dtype: Any, /, *, xp: Namespace) -> float:
     return float(xp.finfo(dtype).eps)
 
 
+def psd_rounding_tolerance(dtype: Any, /, size: int, scale: float, *, xp: Namespace) -> float:
+    """How far below zero rounding alone puts the computed eigenvalues of a
+    positive semi-definite ``size x size`` matrix in ``dtype``:
+    ``10 * size * eps * scale``, ``scale`` the magnitude the matrix's entries
+    were computed from (at least its largest eigenvalue).
+
+    A backward-stable ``eigh`` errs by ``O(size * eps * |A|)`` and forming ``A``
+    adds ``O(eps)`` relative errors per entry; an exact zero eigenvalue (the
+    softmax Hessian ``diag(p) - p p^T`` has one) comes back as about
+    ``+-eps * scale`` (measured: at most ``5 * eps * scale`` for cross-entropy
+    with 2 to 300 classes). Eigenvalues below minus this are genuinely negative.
+    """
+    return 10.0 * max(int(size), 1) * finfo_eps(dtype, xp=xp) * float(scale)
+
+
 def eye(n: int, /, *, dtype: Any, device: Any, xp: Namespace) -> Array:
     return xp.eye(n, dtype=dtype, device=device)
 
@@ -284,6 +351,29 @@ def cholesky_or_none(a: Array, /, *, xp: Namespace) -> Array | None:
     if any_nonfinite(factor, xp=xp):
         return None
     return factor
+
+
+def cholesky_checked(a: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
+    """``(L, ok)``: the lower Cholesky factor of ``a`` (P, P) and a 0-d boolean
+    array, False where ``a`` is not positive definite (``L`` is then garbage).
+
+    Unlike :func:`cholesky_or_none` it does not synchronise with the host, so it
+    runs inside compiled (jax) code; numpy and array-api-strict raise on failure,
+    which becomes ``ok`` False and a NaN factor.
+    """
+    if array_api_compat.is_torch_array(a):
+        import torch
+
+        factor, info = torch.linalg.cholesky_ex(a)
+        return factor, (info == 0) & xp.all(xp.isfinite(factor))
+    if compiles_per_shape(xp):
+        factor = xp.linalg.cholesky(a)  # NaN where it fails
+        return factor, xp.all(xp.isfinite(factor))
+    try:
+        factor = xp.linalg.cholesky(a)
+    except Exception:  # LinAlgError and friends, one per backend
+        factor = xp.full(a.shape, float("nan"), dtype=a.dtype, device=device_of(a))
+    return factor, xp.all(xp.isfinite(factor))
 
 
 def solve_triangular(a: Array, b: Array, /, *, lower: bool, xp: Namespace) -> Array:

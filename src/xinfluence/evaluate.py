@@ -323,6 +323,7 @@ def newton_loo(
     y_test: Array,
     *,
     regularization: float,
+    loss_change: str = "exact",
 ) -> Array:
     """One-step Newton leave-one-out estimates for the generalized linear models.
 
@@ -334,11 +335,31 @@ def newton_loo(
     d^2 l / dz^2``, ``O x O``). First-order influence drops ``h_j / n``. Since
     ``g_j = J_j^T delta_j``, Woodbury gives, with ``K_j = J_j A^-1 J_j^T``,
 
-    ``g_t^T d_j = (J_j A^-1 g_t)^T (I - C_j K_j / n)^-1 delta_j / n``,
+    ``d_j = A^-1 J_j^T (I - C_j K_j / n)^-1 delta_j / n``
 
-    the leverage-corrected influence: for logistic regression ``I[t, j] / (1 -
-    p_j (1 - p_j) x_j^T A^-1 x_j / n)``. Exact in the parameters for quadratic
-    losses; much closer than first order where the leverage is high.
+    (for logistic regression ``A^-1 g_j / (n (1 - p_j (1 - p_j) x_j^T A^-1
+    x_j / n))``, the leverage-corrected step). The step is exact for quadratic
+    losses and much closer than first order where the leverage is high.
+
+    The test loss then changes by ``l_t(theta + d_j) - l_t(theta)``. The model's
+    outputs are linear in the parameters, ``z_t(theta + d_j) = z_t + s_tj`` with
+    ``s_tj = J_t d_j`` (``O`` numbers), so ``loss_change`` chooses:
+
+    * ``"exact"`` (default): ``l(z_t + s_tj, y_t) - l(z_t, y_t)``, the test loss
+      evaluated at the Newton-step parameters;
+    * ``"second_order"``: ``g_t^T d_j + (1/2) d_j^T h_t d_j = delta_t^T s_tj +
+      (1/2) s_tj^T C_t s_tj`` (``h_t`` the test point's own Hessian);
+    * ``"first_order"``: ``g_t^T d_j = delta_t^T s_tj``, the leverage-corrected
+      influence (the only form before this option; for logistic regression ``I[t, j] /
+      (1 - p_j (1 - p_j) x_j^T A^-1 x_j / n)``).
+
+    Measured on logistic regression, digits 3 vs 8 (200 standardized training
+    points, the 4 highest-loss test points, every point left out and
+    retrained): the least-squares slope of the actual loss change against the
+    estimate is 0.97-0.99 (lambda 1e-2) and 0.96-0.99 (lambda 1e-3) with
+    ``"exact"``, 0.95-1.12 and 0.86-1.12 with ``"first_order"``, 1.6-2.9 for
+    first-order influence. What remains is the single Newton step: with 100
+    training points ``"exact"`` gives 0.92-1.01.
 
     Args:
         gradient_provider: ``LinearRegressionGradients``,
@@ -349,15 +370,19 @@ def newton_loo(
             those), all ``n`` points, in order.
         x_test, y_test: test points.
         regularization: ``lambda``, the L2 coefficient of training.
+        loss_change: ``"exact"``, ``"second_order"`` or ``"first_order"``: how
+            the test loss changes along the step (above).
 
     Returns:
         ``(N_test, n)`` scores in the influence convention (removing ``j``
-        changes the loss at ``t`` by about ``out[t, j] / n``), of the
-        provider's namespace: ready for :func:`loo` and :func:`lds`.
+        changes the loss at ``t`` by about ``out[t, j] / n``): ``n`` times the
+        chosen loss change, of the provider's namespace: ready for :func:`loo`
+        and :func:`lds`.
 
     Raises:
         TypeError: for a provider whose per-sample Hessians are not available in
             this low-rank form.
+        ValueError: for an unknown ``loss_change``.
     """
     from .backends.numpy import _GeneralizedLinearModel
 
@@ -367,6 +392,10 @@ def newton_loo(
             "newton_loo needs a generalized linear model provider (LinearRegressionGradients, "
             "LogisticRegressionGradients or SoftmaxRegressionGradients), whose per-sample "
             f"Hessians have rank <= n_out; got {type(gp).__name__}"
+        )
+    if loss_change not in ("exact", "second_order", "first_order"):
+        raise ValueError(
+            f"loss_change must be 'exact', 'second_order' or 'first_order', got {loss_change!r}"
         )
     if not regularization >= 0:
         raise ValueError(f"regularization must be >= 0, got {regularization!r}")
@@ -386,9 +415,6 @@ def newton_loo(
             "regularized Hessian of a trained (minimum) model"
         )
     test = gp.prepare_batch(Batch(x_test, y_test))
-    f_t = xp.matrix_transpose(
-        _xp.cho_solve(factor, xp.matrix_transpose(gp.flat_grads(test)), xp=xp)
-    )  # A^-1 g_t: (N_test, P)
     z = gp._z(x)
     delta = gp._delta(z, y)  # (n, O)
     eye = _xp.eye(o, dtype=gp.dtype, device=gp.device, xp=xp)
@@ -404,9 +430,23 @@ def newton_loo(
         _xp.cho_solve(factor, xp.matrix_transpose(xp.reshape(jt, (n * o, p))), xp=xp)
     )
     k = jt @ xp.matrix_transpose(xp.reshape(solved, (n, o, p)))  # (n, O, O)
-    m = _xp.eye(o, dtype=gp.dtype, device=gp.device, xp=xp)[None, :, :] - (c @ k) / n
+    m = eye[None, :, :] - (c @ k) / n
     w = xp.linalg.solve(m, delta[:, :, None])[:, :, 0]  # (I - C K / n)^-1 delta: (n, O)
-    jf = gp._jv(x, f_t)  # J_j A^-1 g_t: (N_test, n, O)
-    return _xp.check_finite(
-        xp.sum(jf * w[None, :, :], axis=2), xp=xp, what="Newton leave-one-out scores"
-    )
+    # d_j = A^-1 J_j^T w_j / n; s_tj = J_t d_j
+    steps = xp.sum(xp.reshape(solved, (n, o, p)) * w[:, :, None], axis=1) / n  # (n, P)
+    s = xp.permute_dims(gp._jv(test.x, steps), (1, 0, 2))  # (N_test, n, O)
+    z_t = gp._z(test.x)  # (N_test, O)
+    if loss_change == "exact":
+        n_test = z_t.shape[0]
+        rows = xp.reshape(z_t[:, None, :] + s, (n_test * n, o))
+        pick = xp.arange(n_test * n, device=gp.device) // n  # the test point of each row
+        shifted = xp.reshape(gp._loss(rows, xp.take(test.y, pick, axis=0)), (n_test, n))
+        change = shifted - gp._loss(z_t, test.y)[:, None]
+    else:
+        change = xp.sum(gp._delta(z_t, test.y)[:, None, :] * s, axis=2)
+        if loss_change == "second_order":
+            cs = xp.permute_dims(
+                gp._curvature_apply(z_t, xp.permute_dims(s, (1, 0, 2))), (1, 0, 2)
+            )  # C_t s_tj
+            change = change + xp.sum(s * cs, axis=2) / 2
+    return _xp.check_finite(n * change, xp=xp, what="Newton leave-one-out scores")

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _xp
 from ._progress import Reporter
-from ._xp import Array
+from ._xp import Array, Namespace
 from .curvature import Curvature, Dataset
 from .errors import (
     DivergenceError,
@@ -508,6 +508,16 @@ class LowRankBilinearForm(BilinearForm):
         return contract(factors, mixed, xp=xp)
 
 
+def _lissa_step(
+    t: Array, h: Array, product: Array, reg: float, keep: float, scale: float, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """One LiSSA iteration from ``product = C h``: ``new = t + keep h - (C h + reg h) / scale``
+    and the row norms of ``new`` and of ``new - h`` (the exact residual), concatenated."""
+    new = t + keep * h - (product + reg * h) / scale
+    norms = xp.concat([xp.linalg.vector_norm(new, axis=1), xp.linalg.vector_norm(new - h, axis=1)])
+    return new, norms
+
+
 @final
 class LissaOperator(Operator):
     """Linear time stochastic second-order approximation (Agarwal et al. 2017).
@@ -644,16 +654,21 @@ class LissaOperator(Operator):
         best_ratio = np.inf
         best_residuals: np.ndarray | None = None
         progress = Reporter("LiSSA", o.maxiter)
+        # jax: one compiled program per iteration besides the product, with
+        # committed arguments from the first (see _xp.committed)
+        step = _xp.maybe_jit(_lissa_step, xp=xp)
+        t = h = _xp.committed(t, xp=xp)
+        k = int(t.shape[0])
         for it in range(1, o.maxiter + 1):
-            product = matmat(h) + reg * h
-            new = t + keep * h - product / scale
-            norms = _xp.to_numpy(xp.linalg.vector_norm(new, axis=1))
+            new, stats = step(t, h, matmat(h), reg, keep, scale, xp=xp)
+            stats_host = _xp.to_numpy(stats)  # one transfer: |new| and |new - h|
+            norms = stats_host[:k]
             if not np.all(np.isfinite(norms)) or np.any(norms > limit):
                 raise self._divergence(it, float(np.max(norms)))
             known = False
             if not sampled:
                 # b - (C + mu I) h / scale = new - h: the exact residual of x = h / scale
-                residuals = _xp.to_numpy(xp.linalg.vector_norm(new - h, axis=1))
+                residuals = stats_host[k:]
                 known = True
             elif it % cadence == 0:
                 full = self.curvature.matmat(h) + reg * h
@@ -759,6 +774,38 @@ class InverseHarmonicMeanOperator(Operator):
         return InverseHarmonicMeanOperator(self.gp, self.data, regularization)
 
 
+def _ekfac_in_eigenbasis(
+    t: Array,
+    q_s: Array,
+    q_a: Array,
+    scale: Array,
+    /,
+    *,
+    xp: Namespace,
+    layout: str,
+    slices: tuple[int, int, tuple[int, int], tuple[int, int] | None],
+) -> Array:
+    """:meth:`EkfacOperator._in_eigenbasis`; ``slices`` = ``(O, I, (start, stop) of the
+    weight, (start, stop) of the bias or None)`` in the rows of ``t``."""
+    n_out, n_in, (w0, w1), bias = slices
+    k = t.shape[0]
+    w = t[:, w0:w1]
+    if layout == "oi":
+        w = xp.reshape(w, (k, n_out, n_in))
+    else:
+        w = xp.permute_dims(xp.reshape(w, (k, n_in, n_out)), (0, 2, 1))
+    g = w if bias is None else xp.concat([w, t[:, bias[0] : bias[1]][:, :, None]], axis=2)
+    rotated = xp.matrix_transpose(q_s) @ g @ q_a
+    back = q_s @ (rotated * scale) @ xp.matrix_transpose(q_a)
+    w = back[:, :, :n_in]
+    if layout == "io":
+        w = xp.permute_dims(w, (0, 2, 1))
+    pieces = [(w0, xp.reshape(w, (k, n_out * n_in)))]
+    if bias is not None:
+        pieces.append((bias[0], back[:, :, n_in]))
+    return xp.concat([p for _, p in sorted(pieces, key=lambda item: item[0])], axis=1)
+
+
 @final
 class EkfacOperator(Operator):
     """EK-FAC inverse of one dense layer's Gauss-Newton block (George et al. 2018).
@@ -815,33 +862,15 @@ class EkfacOperator(Operator):
         bias = 0 if self.bias_slice is None else self.n_out
         return self.n_out * self.n_in + bias
 
-    def _to_matrix(self, t: Array) -> Array:
-        xp, k = self._xp, t.shape[0]
-        w = t[:, self.weight_slice]
-        if self.layout == "oi":
-            w = xp.reshape(w, (k, self.n_out, self.n_in))
-        else:
-            w = xp.permute_dims(xp.reshape(w, (k, self.n_in, self.n_out)), (0, 2, 1))
-        if self.bias_slice is None:
-            return w
-        return xp.concat([w, t[:, self.bias_slice][:, :, None]], axis=2)
-
-    def _from_matrix(self, g: Array) -> Array:
-        xp, k = self._xp, g.shape[0]
-        w = g[:, :, : self.n_in]
-        if self.layout == "io":
-            w = xp.permute_dims(w, (0, 2, 1))
-        pieces = [(self.weight_slice.start, xp.reshape(w, (k, self.n_out * self.n_in)))]
-        if self.bias_slice is not None:
-            pieces.append((self.bias_slice.start, g[:, :, self.n_in]))
-        return xp.concat([p for _, p in sorted(pieces, key=lambda item: item[0])], axis=1)
-
     def _in_eigenbasis(self, t: Array, scale: Array) -> Array:
-        xp = self._xp
-        g = self._to_matrix(t)
-        rotated = xp.matrix_transpose(self.q_s) @ g @ self.q_a
-        back = self.q_s @ (rotated * scale) @ xp.matrix_transpose(self.q_a)
-        return self._from_matrix(back)
+        """``Q_S (scale * (Q_S^T G Q_A)) Q_A^T`` for the rows of ``t`` as matrices ``G``
+        (one compiled program on jax)."""
+        fn = _xp.maybe_jit(
+            _ekfac_in_eigenbasis, xp=self._xp, static_argnames=("xp", "layout", "slices")
+        )
+        bias = None if self.bias_slice is None else (self.bias_slice.start, self.bias_slice.stop)
+        slices = (self.n_out, self.n_in, (self.weight_slice.start, self.weight_slice.stop), bias)
+        return fn(t, self.q_s, self.q_a, scale, xp=self._xp, layout=self.layout, slices=slices)
 
     def _apply(self, t: Array) -> Array:
         return self._in_eigenbasis(t, 1.0 / (self.eigenvalues + self.regularization))

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, final, runtime_checkable
 
 from . import _xp
 from ._state import PicklableState
@@ -34,6 +34,7 @@ __all__ = [
     "Operator",
     "OperatorGradientComposition",
     "BlockMapper",
+    "SubsetGradients",
 ]
 
 
@@ -146,11 +147,9 @@ class GradientProvider(PicklableState, ABC):
         """A provider over the parameters ``names`` only (others held fixed).
 
         The flat order of the result follows :attr:`parameter_names`, not ``names``.
-        The default slices the full derivatives (:class:`~xinfluence.blocks.SubsetGradients`);
+        The default slices the full derivatives (:class:`SubsetGradients`);
         backends that can compute only the block override it.
         """
-        from .blocks import SubsetGradients
-
         return SubsetGradients(self, names)
 
     def layer_groups(self) -> OrderedDict[str, list[str]]:
@@ -613,3 +612,120 @@ class _BatchIterable:
                 )
         if empty:
             raise ValueError("the data holds no batches")
+
+
+@final
+class SubsetGradients(GradientProvider):
+    """The derivatives of a provider restricted to some of its parameters.
+
+    Generic fallback: derivatives are computed for all parameters and sliced;
+    the Hessian block ``H[S, S]`` comes from products with vectors that vanish
+    outside ``S``. Backends override :meth:`GradientProvider.restrict` where
+    they can compute only the block.
+    """
+
+    def __init__(self, base: GradientProvider, names: Sequence[str]):
+        unknown = [n for n in names if n not in base.parameter_shapes]
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}; known: {list(base.parameter_names)}")
+        self.base = base
+        self._names = tuple(n for n in base.parameter_names if n in set(names))
+        slices = base.parameter_slices
+        self._slices = [slices[n] for n in self._names]
+
+    @property
+    def xp(self) -> Namespace:
+        return self.base.xp
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def device(self) -> Any:
+        return self.base.device
+
+    @property
+    def parameter_shapes(self) -> OrderedDict[str, tuple[int, ...]]:
+        shapes = self.base.parameter_shapes
+        return OrderedDict((n, shapes[n]) for n in self._names)
+
+    def parameter_fingerprint(self) -> str | None:
+        return self.base.parameter_fingerprint()
+
+    def per_sample_losses(self, batch: Batch) -> Array | None:
+        return self.base.per_sample_losses(batch)
+
+    def parameter_version(self) -> Any:
+        return self.base.parameter_version()
+
+    def parameter_checksum(self) -> Any:
+        return self.base.parameter_checksum()
+
+    def restrict(self, names: Sequence[str]) -> SubsetGradients:
+        unknown = [n for n in names if n not in self._names]
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}; known: {list(self._names)}")
+        return SubsetGradients(self.base, names)
+
+    def layer_groups(self) -> OrderedDict[str, list[str]]:
+        out: OrderedDict[str, list[str]] = OrderedDict()
+        for layer, members in self.base.layer_groups().items():
+            kept = [m for m in members if m in self._names]
+            if kept:
+                out[layer] = kept
+        return out
+
+    def _take(self, a: Array) -> Array:
+        if len(self._slices) == 1:
+            return a[..., self._slices[0]]
+        return self.xp.concat([a[..., s] for s in self._slices], axis=-1)
+
+    def _embed(self, v: Array) -> Array:
+        """``(K, P_S) -> (K, P)`` with zeros outside the subset."""
+        xp = self.xp
+        k = v.shape[0]
+        pieces, start = [], 0
+        mine = dict(zip(self._names, self._slices))
+        for name, sl in self.base.parameter_slices.items():
+            width = sl.stop - sl.start
+            if name in mine:
+                pieces.append(v[:, start : start + width])
+                start += width
+            else:
+                pieces.append(xp.zeros((k, width), dtype=v.dtype, device=self.device))
+        return xp.concat(pieces, axis=1)
+
+    def flat_grads(self, batch: Batch) -> Array:
+        return self._take(self.base.flat_grads(batch))
+
+    def flat_mixed_grads(self, batch: Batch) -> Array:
+        return self._take(self.base.flat_mixed_grads(batch))
+
+    def jacobian_prod(self, batch: Batch, g: Array) -> Array:
+        return self.base.jacobian_prod(batch, self._embed(g))
+
+    def hvp(self, batch: Batch, v: Array) -> Array:
+        return self._take(self.base.hvp(batch, self._embed(v)))
+
+    def hessian_diagonal(self, batch: Batch) -> Array | None:
+        d = self.base.hessian_diagonal(batch)
+        return None if d is None else self._take(d)
+
+    def prepare_products(self, batch: Batch) -> None:
+        self.base.prepare_products(batch)  # products go through the base provider
+
+    # -- generalized Gauss-Newton: the diagonal block G[S, S] of the base's
+    @property
+    def supports_gauss_newton(self) -> bool:
+        return self.base.supports_gauss_newton
+
+    def ggn_matmat(self, batch: Batch, v: Array) -> Array:
+        return self._take(self.base.ggn_matmat(batch, self._embed(v)))
+
+    def ggn_diagonal(self, batch: Batch) -> Array | None:
+        d = self.base.ggn_diagonal(batch)
+        return None if d is None else self._take(d)
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        return self.base.prepare_batch(batch)

@@ -89,6 +89,79 @@ def _orthonormal_rows(w: Array, /, *, xp: Namespace, drop: float) -> Array:
     return w
 
 
+def _orthonormal_rows_masked(w: Array, /, *, xp: Namespace, drop: float) -> Array:
+    """As :func:`_orthonormal_rows` with the shape kept (for compiled code, jax):
+    the result has all ``K`` rows, the dropped directions as zero rows. Both
+    passes always run; no host synchronisation."""
+    norms = row_norms(w, xp=xp)
+    keep = norms > 0
+    w = w / xp.where(keep, norms, xp.ones_like(norms))[:, None]
+    noise = 10 * int(w.shape[0]) * _xp.finfo_eps(w.dtype, xp=xp)
+    for cut_ratio in (max(drop, noise), 0.5):
+        lam, u = xp.linalg.eigh(_xp.symmetrize(w @ xp.matrix_transpose(w), xp=xp))
+        top = lam[-1]
+        kept = (lam > cut_ratio * top) & (top > 0)
+        inv_sqrt = xp.where(kept, 1 / xp.sqrt(xp.where(kept, lam, xp.ones_like(lam))), 0.0)
+        w = (xp.matrix_transpose(u) @ w) * inv_sqrt[:, None]
+    return w
+
+
+def _project(
+    z: Array, active: Array, previous: tuple[Array, Array, Array] | None, /, *, xp: Namespace
+) -> Array:
+    """``Z`` with inactive rows zeroed, made A-orthogonal to the previous
+    directions ``(S, S A, chol(S A S^T))``: ``Z - Z (S A)^T G^{-1} S``."""
+    z = xp.where(active[:, None], z, xp.zeros_like(z))
+    if previous is not None:
+        s, q, factor = previous
+        coef = xp.matrix_transpose(_xp.cho_solve(factor, q @ xp.matrix_transpose(z), xp=xp))
+        z = _xp.add_matmul(z, coef, s, alpha=-1.0, xp=xp)
+    return z
+
+
+def _directions_fixed(
+    z: Array,
+    active: Array,
+    previous: tuple[Array, Array, Array] | None,
+    /,
+    *,
+    xp: Namespace,
+    drop: float,
+) -> Array:
+    """:func:`_project` then :func:`_orthonormal_rows_masked`: one compiled program."""
+    return _orthonormal_rows_masked(_project(z, active, previous, xp=xp), xp=xp, drop=drop)
+
+
+def _step(
+    x: Array, r: Array, s: Array, q: Array, active: Array, /, *, xp: Namespace
+) -> tuple[Array, Array, Array, Array, Array]:
+    """One block-CG update after the product ``Q = S A``: ``(x, r, factor, g, stats)``.
+
+    ``G = S A S^T`` gets 1 on the diagonal of zero (deflated) rows of ``S``, whose
+    coefficients are then zero. ``stats`` (K + 3,) holds the residual norms, the
+    largest ``|A s|``, whether ``G`` was positive definite and the number of
+    directions, so that the host reads them in one transfer.
+    """
+    s_norms = row_norms(s, xp=xp)
+    g = _xp.symmetrize(s @ xp.matrix_transpose(q), xp=xp)
+    dead = xp.astype(s_norms == 0, g.dtype)
+    eye = _xp.eye(int(g.shape[0]), dtype=g.dtype, device=_xp.device_of(g), xp=xp)
+    g = g + dead[:, None] * eye
+    factor, ok = _xp.cholesky_checked(g, xp=xp)
+    c = xp.matrix_transpose(_xp.cho_solve(factor, s @ xp.matrix_transpose(r), xp=xp))
+    c = xp.where(active[:, None], c, xp.zeros_like(c))
+    x = _xp.add_matmul(x, c, s, alpha=1.0, xp=xp)
+    r = _xp.add_matmul(r, c, q, alpha=-1.0, xp=xp)
+    head = xp.stack(
+        [
+            xp.max(row_norms(q, xp=xp)),
+            xp.astype(ok, r.dtype),
+            xp.sum(xp.astype(s_norms > 0, r.dtype)),
+        ]
+    )
+    return x, r, factor, g, xp.concat([row_norms(r, xp=xp), head])
+
+
 def block_cg(
     matmat: MatMat,
     b: Array,
@@ -139,6 +212,21 @@ def block_cg(
         b, rtol=rtol, atol=atol, maxiter=maxiter, on_failure=on_failure
     )
     n_rows = int(b.shape[0])
+    # Jit-compiling namespaces (jax): the right-hand sides are padded with zero
+    # rows (converged from the start) to a few fixed counts, and deflated
+    # directions become zero rows instead of being removed, so that every
+    # iteration and every query of the problem runs the same compiled programs.
+    fixed = _xp.compiles_per_shape(xp)
+    n_padded = _xp.padded_rows(n_rows, xp=xp)
+    step = _xp.maybe_jit(_step, xp=xp)
+    directions_fixed = _xp.maybe_jit(_directions_fixed, xp=xp, static_argnames=("xp", "drop"))
+    if n_padded > n_rows:
+        pad = xp.zeros((n_padded - n_rows, int(b.shape[1])), dtype=b.dtype, device=_xp.device_of(b))
+        b = xp.concat([b, pad], axis=0)
+        if x0 is not None:
+            _xp.check_namespace(x0, xp=xp, what="x0")
+            if tuple(x0.shape) == (n_rows, int(b.shape[1])):
+                x0 = xp.concat([xp.astype(x0, b.dtype), pad], axis=0)
 
     def apply_a(v: Array) -> Array:
         return apply_operator(matmat, v, xp=xp, what="matmat")
@@ -159,19 +247,21 @@ def block_cg(
     else:
         _xp.check_namespace(x0, xp=xp, what="x0")
         if tuple(x0.shape) != tuple(b.shape):
-            raise ValueError(f"expected x0 of shape {tuple(b.shape)}, got {tuple(x0.shape)}")
+            raise ValueError(
+                f"expected x0 of shape {(n_rows, int(b.shape[1]))}, got {tuple(x0.shape)}"
+            )
         x = xp.astype(x0, b.dtype)
         r = b - apply_a(x)
+    x, r = _xp.committed(x, xp=xp), _xp.committed(r, xp=xp)
 
     def directions(r: Array, active: Array, previous: tuple[Array, Array, Array] | None) -> Array:
         """New search directions from the active residuals, A-orthogonal to the
         previous ones ``(S, S A, chol(S A S^T))``."""
-        z = xp.where(active[:, None], apply_m(r), xp.zeros_like(r))
-        if previous is not None:
-            s, q, factor = previous
-            coef = xp.matrix_transpose(_xp.cho_solve(factor, q @ xp.matrix_transpose(z), xp=xp))
-            z = _xp.add_matmul(z, coef, s, alpha=-1.0, xp=xp)
-        return _orthonormal_rows(z, xp=xp, drop=drop_tol)
+        if fixed:
+            return directions_fixed(apply_m(r), active, previous, xp=xp, drop=drop_tol)
+        return _orthonormal_rows(
+            _project(apply_m(r), active, previous, xp=xp), xp=xp, drop=drop_tol
+        )
 
     iterations = 0
     restarts = 0
@@ -187,11 +277,14 @@ def block_cg(
         s = directions(r, active, None) if not done_host.all() else b[:0, :]
         while not done_host.all() and iterations < maxiter and s.shape[0] > 0:
             q = apply_a(s)  # (r, P)
+            x_new, r_new, factor, g, stats = step(x, r, s, q, active, xp=xp)
+            stats_host = np.asarray(_xp.to_numpy(stats), dtype=np.float64)
+            norms, (q_max, ok, n_directions) = stats_host[:-3], stats_host[-3:]
+            if n_directions == 0:  # every direction deflated (jax): nothing moved
+                break
             # rows of S are unit vectors: |A s| is a lower bound on |A| (for the warning)
-            operator_norm = max(operator_norm, float(xp.max(row_norms(q, xp=xp))))
-            g = _xp.symmetrize(s @ xp.matrix_transpose(q), xp=xp)
-            factor = _xp.cholesky_or_none(g, xp=xp)
-            if factor is None:
+            operator_norm = max(operator_norm, float(q_max))
+            if not ok:
                 # S has orthonormal rows: an eigenvalue of S A S^T is a Rayleigh
                 # quotient of A, so a non-positive one proves A not positive definite;
                 # it only bounds the smallest eigenvalue from above, so the advice
@@ -201,15 +294,11 @@ def block_cg(
                     f"block conjugate gradients broke down at iteration {iterations + 1}: "
                     f"a direction v has v^T A v / v^T v = {lowest:.3e}",
                     matmat,
-                    b,
+                    b[:n_rows, :],
                     xp=xp,
                 )
-            c = xp.matrix_transpose(_xp.cho_solve(factor, s @ xp.matrix_transpose(r), xp=xp))
-            c = xp.where(active[:, None], c, xp.zeros_like(c))
-            x = _xp.add_matmul(x, c, s, alpha=1.0, xp=xp)
-            r = _xp.add_matmul(r, c, q, alpha=-1.0, xp=xp)
+            x, r = x_new, r_new
             iterations += 1
-            norms = _xp.to_numpy(row_norms(r, xp=xp))
             if not np.all(np.isfinite(norms)):
                 raise NonFiniteError(
                     f"block conjugate gradients produced NaN or inf at iteration {iterations}: "
@@ -236,6 +325,9 @@ def block_cg(
         restarts += 1
         r = true_residual
 
+    if n_padded > n_rows:
+        x, b = x[:n_rows, :], b[:n_rows, :]
+        residual_norms, converged = residual_norms[:n_rows], converged[:n_rows]
     result = SolverResult(
         solution=x, residual_norms=residual_norms, iterations=iterations, converged=converged
     )

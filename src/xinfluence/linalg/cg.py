@@ -137,6 +137,11 @@ def cg(
     z = apply_m(r)
     p = z
     rz = xp.linalg.vecdot(r, z)
+    # jax: each iteration runs two compiled programs around the products, with
+    # committed arguments from the first (see _xp.committed)
+    update = _xp.maybe_jit(_update, xp=xp)
+    new_direction = _xp.maybe_jit(_new_direction, xp=xp)
+    x, r, p, rz, done, tol = (_xp.committed(a, xp=xp) for a in (x, r, p, rz, done, tol))
 
     iterations = 0
     replacements = 0
@@ -150,51 +155,17 @@ def cg(
     progress = Reporter("CG", maxiter)
     while True:
         while not all_done and iterations < maxiter:
-            active = ~done
             ap = apply_a(p)
-            pap = xp.linalg.vecdot(p, ap)
-            # |A p| / |p| over the active rows: a lower bound on |A| for the
-            # precision-floor test of the warning
-            p_norm = row_norms(p, xp=xp)
-            ratio = xp.where(
-                active & (p_norm > 0),
-                row_norms(ap, xp=xp) / xp.where(p_norm > 0, p_norm, xp.ones_like(p_norm)),
-                xp.zeros_like(p_norm),
-            )
-            bad_a = active & (pap <= 0)
-            step = active & ~bad_a
-            alpha = xp.where(step, rz / xp.where(step, pap, xp.ones_like(pap)), xp.zeros_like(pap))
-            x = x + alpha[:, None] * p
-            r = r - alpha[:, None] * ap
-            done = done | (row_norms(r, xp=xp) <= tol)
+            x, r, done, flags_a = update(x, r, p, ap, rz, done, tol, xp=xp)
             z = apply_m(r)
-            rz_new = xp.linalg.vecdot(r, z)
-            going = ~done
-            bad_m = going & (rz_new <= 0)
-            beta = xp.where(
-                going & ~bad_m, rz_new / xp.where(rz > 0, rz, xp.ones_like(rz)), xp.zeros_like(rz)
-            )
-            p = xp.where(going[:, None], z + beta[:, None] * p, p)
-            rz = xp.where(going, rz_new, rz)
+            p, rz, flags_m = new_direction(r, z, p, rz, done, xp=xp)
             iterations += 1
-            # One small host transfer per iteration:
-            # [all done, A indefinite, M indefinite, non-finite].
-            flags = _xp.to_numpy(
-                xp.stack(
-                    [
-                        xp.astype(xp.all(done), b.dtype),
-                        xp.astype(xp.any(bad_a), b.dtype),
-                        xp.astype(xp.any(bad_m), b.dtype),
-                        xp.astype(
-                            xp.any(~xp.isfinite(pap)) | xp.any(~xp.isfinite(rz_new)), b.dtype
-                        ),
-                        xp.max(ratio),
-                    ]
-                )
-            )
-            all_done, indefinite_a, indefinite_m, nonfinite = (bool(f) for f in flags[:4])
-            if np.isfinite(flags[4]):
-                operator_norm = max(operator_norm, float(flags[4]))
+            # One small host transfer per iteration.
+            f = [float(v) for v in _xp.to_numpy(xp.concat([flags_a, flags_m]))]
+            indefinite_a, ratio, all_done, indefinite_m = bool(f[0]), f[2], bool(f[3]), bool(f[4])
+            nonfinite = bool(f[1] or f[5])
+            if np.isfinite(ratio):
+                operator_norm = max(operator_norm, ratio)
             if progress.due():
                 worst = float(_xp.to_numpy(xp.max(row_norms(r, xp=xp))))
                 progress.report(iterations, f"largest residual {worst:.3e}")
@@ -265,6 +236,59 @@ def cg(
             raise NotConvergedError(message)
         warn(message, NotConvergedWarning)
     return result
+
+
+def _update(
+    x: Array, r: Array, p: Array, ap: Array, rz: Array, done: Array, tol: Array, /, *, xp: Namespace
+) -> tuple[Array, Array, Array, Array]:
+    """The CG step along ``p`` given ``A p``: ``(x, r, done, flags)``, ``flags`` =
+    ``[A indefinite, non-finite p^T A p, max |A p| / |p|]`` over the active rows
+    (the last a lower bound on ``|A|``, for the precision-floor test of the warning)."""
+    active = ~done
+    pap = xp.linalg.vecdot(p, ap)
+    p_norm = row_norms(p, xp=xp)
+    ratio = xp.where(
+        active & (p_norm > 0),
+        row_norms(ap, xp=xp) / xp.where(p_norm > 0, p_norm, xp.ones_like(p_norm)),
+        xp.zeros_like(p_norm),
+    )
+    bad_a = active & (pap <= 0)
+    step = active & ~bad_a
+    alpha = xp.where(step, rz / xp.where(step, pap, xp.ones_like(pap)), xp.zeros_like(pap))
+    x = x + alpha[:, None] * p
+    r = r - alpha[:, None] * ap
+    done = done | (row_norms(r, xp=xp) <= tol)
+    flags = xp.stack(
+        [
+            xp.astype(xp.any(bad_a), x.dtype),
+            xp.astype(xp.any(~xp.isfinite(pap)), x.dtype),
+            xp.max(ratio),
+        ]
+    )
+    return x, r, done, flags
+
+
+def _new_direction(
+    r: Array, z: Array, p: Array, rz: Array, done: Array, /, *, xp: Namespace
+) -> tuple[Array, Array, Array]:
+    """The next search direction from ``z = M r``: ``(p, r^T z, flags)``, ``flags`` =
+    ``[all done, M indefinite, non-finite r^T z]``."""
+    rz_new = xp.linalg.vecdot(r, z)
+    going = ~done
+    bad_m = going & (rz_new <= 0)
+    beta = xp.where(
+        going & ~bad_m, rz_new / xp.where(rz > 0, rz, xp.ones_like(rz)), xp.zeros_like(rz)
+    )
+    p = xp.where(going[:, None], z + beta[:, None] * p, p)
+    rz = xp.where(going, rz_new, rz)
+    flags = xp.stack(
+        [
+            xp.astype(xp.all(done), r.dtype),
+            xp.astype(xp.any(bad_m), r.dtype),
+            xp.astype(xp.any(~xp.isfinite(rz_new)), r.dtype),
+        ]
+    )
+    return p, rz, flags
 
 
 def not_positive_definite(

@@ -1,444 +1,23 @@
-"""JAX gradient provider: per-sample derivatives of any ``apply_fn(params, x)``.
-
-:class:`JaxGradientProvider` wraps a pure function ``apply_fn(params, x)`` of a
-parameter pytree and a batch of inputs, and a loss ``loss(output, target)``
-with *mean* reduction over the batch (``optax`` losses followed by ``.mean()``,
-or anything that averages like ``torch.nn.functional.cross_entropy``). The
-per-sample loss is
-
-    ``l_i(theta) = loss(apply_fn(params, x_i[None]), y_i[None])``
-
-so every sample is fed to the model as a batch of one; ``apply_fn`` must
-therefore treat samples independently (no batch norm in training mode).
-
-Conventions
------------
-* **Flat parameter vector** (``P`` entries): the leaves of ``params`` in
-  pytree order (:func:`jax.tree_util.tree_flatten_with_path`), each raveled
-  row-major, concatenated. Plain dicts flatten in *sorted key* order, so
-  ``{"weight": w, "bias": b}`` is ``[b, w.ravel()]``.
-* **Parameter names**: the leaf key paths joined with ``"/"`` (a dict key is
-  the key, a sequence index the index, an attribute its name), e.g.
-  ``"dense1/kernel"`` or, for equinox, ``"layers/0/weight"``.
-* **Layers** (``block_structure="layer"``): leaves grouped by their path
-  without the last key; leaves at the root form the group ``"root"``.
-* **Arrays**: results are ``jax.Array`` of the parameters' dtype and device;
-  inputs must be jax arrays (others raise
-  :class:`~xinfluence.errors.NamespaceMismatchError`); ``x`` is cast to the
-  parameters' dtype, floating ``y`` too, integer ``y`` (class labels) is kept.
-* **float64**: JAX computes in float32 unless ``jax_enable_x64`` is on. For
-  influence functions (Hessian solves) enable it *before* creating arrays:
-  ``jax.config.update("jax_enable_x64", True)``, and build float64 parameters.
-
-Shapes (``N`` samples, ``D = x.shape[1:]``, ``K`` vectors): ``flat_grads``
-``(N, P)``; ``flat_mixed_grads`` ``(N, *D, P)``; ``jacobian_prod(batch, g)``
-``(N, K)`` for ``g`` ``(K, P)``; ``hvp(batch, v)`` ``(K, P)``; ``hessian``
-``(P, P)``. Every derivative is one :func:`jax.jit`-compiled function per
-provider, compiled once per input shape.
-
-Example
--------
-::
-
-    jax.config.update("jax_enable_x64", True)
-    gp = JaxGradientProvider(apply_fn, params, lambda z, y: optax_loss(z, y).mean())
-    infl = xi.DirectInfluence(gp, regularization=1e-3).fit([(x1, y1), (x2, y2)])
-    scores = infl.influences(x_test, y_test, x_train, y_train)  # (N_test, N)
-
-Using other JAX libraries
--------------------------
-* flax (linen): ``variables = model.init(key, x)``;
-  ``JaxGradientProvider(lambda p, x: model.apply({"params": p}, x),
-  variables["params"], loss)``. Names look like ``"Dense_0/kernel"``.
-* equinox: split the model into its array leaves and the rest with
-  ``params, static = eqx.partition(model, eqx.is_inexact_array)`` and pass
-  ``apply_fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)`` (equinox
-  modules act on one sample). Names follow the attributes,
-  ``"layers/0/weight"``.
-
-Kronecker factors (EK-FAC)
---------------------------
-Since a JAX model has no modules to hook, dense layers are declared with
-``dense_layers={layer_name: features}``: ``layer_name`` is a dict node of the
-pytree holding a 2-D ``"kernel"`` (flax layout ``(I, O)``, ``z = a @ kernel +
-bias``) or ``"weight"`` (torch layout ``(O, I)``, ``z = a @ weight.T + bias``)
-and optionally a 1-D ``"bias"`` ``(O,)``; ``features(params, x) -> (N, I)``
-returns the layer's inputs ``a`` for a batch. The layer must be applied once per
-sample (no weight sharing). :meth:`JaxGradientProvider.kfac_factors` then
-returns ``a`` and ``s = dl_n/dz_n``: from the per-sample bias gradient when the
-layer has a bias, otherwise by least squares from the (rank-one) per-sample
-weight gradient and the known ``a``. With them the per-sample gradient of the
-weight is ``outer(s_n, a_n)`` (``"weight"``) or ``outer(a_n, s_n)``
-(``"kernel"``), and that of the bias is ``s_n``.
-
-Convolutions are declared by name, ``conv_layers=[layer_name, ...]``: a node
-holding a ``"kernel"`` (flax layout ``(kh, kw, C, O)``) or ``"weight"`` (torch /
-equinox layout ``(O, C, kh, kw)``) that feeds exactly one
-``lax.conv_general_dilated`` and nothing else, and optionally a ``"bias"``
-(``(O,)`` or ``(O, 1, 1)``) added to that convolution's output. No features
-function is needed: the model is traced once per input shape, and the traced
-model is evaluated with the convolution's input kept (the patches ``a_nt``) and
-a zero perturbation added to its output (its gradient is ``s_nt``); see
-:mod:`xinfluence.backends._jax_taps`. Stride, padding, dilation and layouts come
-from the traced call; grouped convolutions and convolutions inside loops or
-branches are refused.
-
-When the declared layers hold every differentiated leaf and include a
-convolution, :meth:`flat_grads` and
-:meth:`jacobian_prod` use the factors too (checked once per input shape against
-``vmap(grad)``).
-"""
+"""The public :class:`JaxGradientProvider`."""
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import jax
 import jax.numpy as jnp
-from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from .. import _xp
-from .._state import PicklableState, check_picklable_function, fingerprint
-from .._xp import Array, Namespace
-from ..errors import user_stacklevel
-from ..types import Batch, GradientProvider
-from . import _jax_taps
+from ... import _xp
+from ..._state import fingerprint
+from ..._xp import Array, Namespace
+from ...types import Batch, GradientProvider
+from .model import _Model, _pad_rows
 
-__all__ = ["JaxGradientProvider"]
-
-Features = Callable[[Any, Array], Array]
-
-
-def _key_name(key: Any) -> str:
-    if isinstance(key, DictKey):
-        return str(key.key)
-    if isinstance(key, SequenceKey):
-        return str(key.idx)
-    if isinstance(key, GetAttrKey):
-        return str(key.name)
-    if isinstance(key, FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
-    return tuple(_key_name(k) for k in path)
-
-
-class _Model(PicklableState):
-    """What every restriction of one provider shares: the function, the leaves,
-    the names, the dense-layer declarations and the input-shape cache."""
-
-    def __getstate__(self) -> dict[str, Any]:
-        # the user's functions must pickle by name; compiled functions are rebuilt
-        check_picklable_function(self.apply_fn, "apply_fn")
-        check_picklable_function(self.loss, "the loss")
-        for layer, (_, _, _, features) in self.dense.items():
-            check_picklable_function(features, f"the features function of layer {layer!r}")
-        state = super().__getstate__()
-        state.update(_kfac_fns={}, _conv_fns={}, restricted={}, checked=set())
-        return state
-
-    def __init__(
-        self,
-        apply_fn: Callable[[Any, Array], Any],
-        params: Any,
-        loss: Callable[[Any, Any], Array],
-        dense_layers: Mapping[str, Features] | None,
-        input_shape: tuple[int, ...] | None,
-        conv_layers: Sequence[str] | None = None,
-    ):
-        if not callable(apply_fn):
-            raise TypeError("apply_fn must be callable: apply_fn(params, x) -> output")
-        if not callable(loss):
-            raise TypeError("loss must be callable: loss(output, target) -> scalar mean loss")
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
-        if not flat:
-            raise ValueError("params has no array leaves")
-        keys = [_path_keys(path) for path, _ in flat]
-        # flax nnx Variables flatten to ``.../<param>/value``: the layer is two keys up
-        self.wrapped = tuple(
-            bool(path) and isinstance(path[-1], GetAttrKey) and path[-1].name == "value"
-            for path, _ in flat
-        )
-        names = ["/".join(k) if k else "root" for k in keys]
-        if len(set(names)) != len(names):
-            raise ValueError(f"parameter paths joined with '/' are not unique: {names}")
-        leaves = []
-        for name, (_, leaf) in zip(names, flat, strict=True):
-            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-                raise TypeError(
-                    f"parameter {name!r} must be an array, got {type(leaf).__name__}; "
-                    "for equinox models use eqx.partition(model, eqx.is_inexact_array)"
-                )
-            converted = jnp.asarray(leaf)
-            if converted.dtype != leaf.dtype:
-                warnings.warn(
-                    f"parameter {name!r} of dtype {leaf.dtype} became {converted.dtype} in jax; "
-                    'enable float64 with jax.config.update("jax_enable_x64", True) first',
-                    UserWarning,
-                    stacklevel=user_stacklevel(),
-                )
-            leaves.append(converted)
-        dtype = leaves[0].dtype
-        for name, leaf in zip(names, leaves, strict=True):
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                raise TypeError(f"parameter {name!r} must be real floating, got {leaf.dtype}")
-            if leaf.dtype != dtype:
-                raise TypeError(
-                    f"all parameters must share one dtype, got {dtype} and {leaf.dtype} ({name!r})"
-                )
-        self.apply_fn = apply_fn
-        self.loss = loss
-        self.params = params
-        self.leaves: tuple[Array, ...] = tuple(leaves)
-        self.names: tuple[str, ...] = tuple(names)
-        self.keys: tuple[tuple[str, ...], ...] = tuple(keys)
-        self.shapes: tuple[tuple[int, ...], ...] = tuple(
-            tuple(int(d) for d in leaf.shape) for leaf in leaves
-        )
-        self.dtype = dtype
-        self.xp = _xp.namespace(leaves[0])
-        self.device = _xp.device_of(leaves[0])
-        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
-        self.accepted: set[tuple[Any, ...]] = set()
-        self.accepted_x_shapes: list[tuple[int, ...]] = []
-        self.restricted: dict[tuple[str, ...], JaxGradientProvider] = {}
-        self.dense = self._resolve_dense_layers(dense_layers)
-        self.conv = self._resolve_conv_layers(conv_layers)
-        self._kfac_fns: dict[tuple[str, ...], Callable[..., Any]] = {}
-        self._conv_fns: dict[tuple[Any, ...], Any] = {}
-        # input signatures whose structured gradients were checked against autodiff
-        self.checked: set[tuple[Any, ...]] = set()
-
-    # -- dense layers ------------------------------------------------------
-    def _weight_leaf(self, layer: str, kind: str, expected: str) -> tuple[str, str]:
-        """The leaf ``{layer}/kernel`` (layout ``"io"``) or ``{layer}/weight``
-        (``"oi"``) of a declared layer; ``expected`` describes them for the error."""
-        kernel, weight = f"{layer}/kernel", f"{layer}/weight"
-        names = set(self.names)
-        if kernel in names and weight in names:
-            raise ValueError(f"{kind} layer {layer!r} has both a 'kernel' and a 'weight'")
-        if kernel in names:
-            return kernel, "io"
-        if weight in names:
-            return weight, "oi"
-        what = expected.format(kernel=kernel, weight=weight)
-        raise ValueError(
-            f"{kind} layer {layer!r} needs {what}; the parameters are {list(self.names)}"
-        )
-
-    def _resolve_dense_layers(
-        self, dense_layers: Mapping[str, Features] | None
-    ) -> OrderedDict[str, tuple[str, str | None, str, Features]]:
-        """layer -> (weight name, bias name or None, "oi" | "io", features)."""
-        out: OrderedDict[str, tuple[str, str | None, str, Features]] = OrderedDict()
-        if dense_layers is None:
-            return out
-        if not isinstance(dense_layers, Mapping):
-            raise TypeError("dense_layers must be a dict layer name -> features(params, x)")
-        index = {n: i for i, n in enumerate(self.names)}
-        for layer, features in dense_layers.items():
-            if not callable(features):
-                raise TypeError(f"dense_layers[{layer!r}] must be callable features(params, x)")
-            wname, layout = self._weight_leaf(
-                layer, "dense", "a 2-D leaf {kernel!r} (shape (I, O)) or {weight!r} (shape (O, I))"
-            )
-            wshape = self.shapes[index[wname]]
-            if len(wshape) != 2:
-                raise ValueError(f"{wname!r} must be 2-D, got shape {wshape}")
-            n_out = wshape[1] if layout == "io" else wshape[0]
-            bname: str | None = f"{layer}/bias"
-            if bname in index:
-                if self.shapes[index[bname]] != (n_out,):
-                    raise ValueError(
-                        f"{bname!r} must have shape ({n_out},), got {self.shapes[index[bname]]}"
-                    )
-            else:
-                bname = None
-            out[layer] = (wname, bname, layout, features)
-        return out
-
-    def kfac_fn(self, layers: tuple[str, ...]) -> Callable[..., Any]:
-        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the dense ``layers``, over
-        the full parameter set."""
-        if layers in self._kfac_fns:
-            return self._kfac_fns[layers]
-        index = {n: i for i, n in enumerate(self.names)}
-        dense = OrderedDict((k, self.dense[k]) for k in layers)
-        treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
-        # per layer, the leaf whose per-sample gradient yields s
-        probe = OrderedDict(
-            (layer, index[b if b is not None else w]) for layer, (w, b, _, _) in dense.items()
-        )
-
-        def per_sample(sel: dict[str, Array], leaves: tuple[Array, ...], xi, yi):
-            full = list(leaves)
-            for layer, i in probe.items():
-                full[i] = sel[layer]
-            params = jax.tree_util.tree_unflatten(treedef, full)
-            return jnp.reshape(loss(apply_fn(params, xi[None]), yi[None]), ())
-
-        def fn(leaves, x, y):
-            params = jax.tree_util.tree_unflatten(treedef, list(leaves))
-            sel = {layer: leaves[i] for layer, i in probe.items()}
-            grads = jax.vmap(jax.grad(per_sample), in_axes=(None, None, 0, 0))(sel, leaves, x, y)
-            out = {}
-            for layer, (_, b, layout, features) in dense.items():
-                a = features(params, x)
-                g = grads[layer]
-                if b is not None:
-                    s = g
-                else:
-                    # rank-one g_n = outer(s_n, a_n) ("oi") or outer(a_n, s_n) ("io")
-                    ga = (
-                        jnp.einsum("noi,ni->no", g, a)
-                        if layout == "oi"
-                        else jnp.einsum("nio,ni->no", g, a)
-                    )
-                    aa = jnp.sum(a * a, axis=1, keepdims=True)
-                    safe = jnp.where(aa > 0, aa, 1)
-                    s = jnp.where(aa > 0, ga / safe, 0)
-                out[layer] = (a, s)
-            return out
-
-        self._kfac_fns[layers] = jax.jit(fn)
-        return self._kfac_fns[layers]
-
-    # -- convolutions ---------------------------------------------------------
-    def _resolve_conv_layers(
-        self, conv_layers: Sequence[str] | None
-    ) -> OrderedDict[str, tuple[str, str | None, str, int]]:
-        """layer -> (kernel name, bias name or None, "oi" | "io", output channels)."""
-        out: OrderedDict[str, tuple[str, str | None, str, int]] = OrderedDict()
-        if conv_layers is None:
-            return out
-        if isinstance(conv_layers, str) or not isinstance(conv_layers, Sequence):
-            raise TypeError("conv_layers must be a sequence of layer names, e.g. ['Conv_0']")
-        index = {n: i for i, n in enumerate(self.names)}
-        for layer in conv_layers:
-            if not isinstance(layer, str):
-                raise TypeError(f"conv_layers must hold layer names (str), got {layer!r}")
-            if layer in self.dense or layer in out:
-                raise ValueError(f"layer {layer!r} is declared twice")
-            wname, layout = self._weight_leaf(
-                layer,
-                "conv",
-                "a leaf {kernel!r} (flax layout (kh, kw, C, O)) or {weight!r} "
-                "(torch / equinox layout (O, C, kh, kw))",
-            )
-            wshape = self.shapes[index[wname]]
-            if len(wshape) < 3:
-                raise ValueError(f"{wname!r} must have 3 or more axes, got shape {wshape}")
-            n_out = wshape[-1] if layout == "io" else wshape[0]
-            bname: str | None = f"{layer}/bias"
-            if bname in index:
-                bshape = self.shapes[index[bname]]
-                # flax (O,), equinox (O, 1, 1)
-                if not bshape or bshape[0] != n_out or math.prod(bshape) != n_out:
-                    raise ValueError(
-                        f"{bname!r} must have shape ({n_out},) or ({n_out}, 1, ..., 1), "
-                        f"got {bshape}"
-                    )
-            else:
-                bname = None
-            out[layer] = (wname, bname, layout, n_out)
-        return out
-
-    def conv_fn(self, x: Array, *, ggn: bool, layers: tuple[str, ...]) -> Callable[..., Any]:
-        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the declared convolutions:
-        patches ``a`` ``(N, T, I)`` and output gradients ``s`` ``(N, T, O)``, or with
-        ``ggn`` the pseudo-gradients ``s`` ``(N, M, T, O)`` and the eigenvalues of
-        the loss Hessians on the output ``(N, M)``. Traced once per input shape."""
-        key = (tuple(x.shape[1:]), str(x.dtype), ggn, layers)
-        if key in self._conv_fns:
-            return self._conv_fns[key]
-        treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
-        index = {n: i for i, n in enumerate(self.names)}
-
-        def model(leaves, xb):
-            return apply_fn(jax.tree_util.tree_unflatten(treedef, list(leaves)), xb)
-
-        one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
-        closed, out_tree = _jax_taps.traced(model, tuple(self.leaves), one)
-        taps: dict[str, _jax_taps.ConvTap] = {}
-        perms: dict[str, tuple[int, ...]] = {}
-        for layer in layers:
-            wname, _, layout, _ = self.conv[layer]
-            try:
-                tap = _jax_taps.find_conv_taps(closed, [index[wname]])[index[wname]]
-                found, perm = _jax_taps.kernel_layout(tap)
-            except ValueError as exc:
-                raise ValueError(f"conv layer {layer!r} ({wname!r}): {exc}") from exc
-            if found != layout:
-                raise ValueError(
-                    f"conv layer {layer!r}: {wname!r} is used with its output-feature axis "
-                    f"{'first' if found == 'oi' else 'last'}; a 'weight' must have it first "
-                    "and a 'kernel' last"
-                )
-            taps[layer], perms[layer] = tap, perm
-
-        def tapped(leaves, deltas, xi):
-            outs, lhs = _jax_taps.evaluate_with_taps(
-                closed, [*leaves, xi], {taps[k].path: d for k, d in deltas.items()}
-            )
-            patches = {
-                k: _jax_taps.reorder_features(
-                    _jax_taps.conv_patches(lhs[t.path], t)[0], t, perms[k]
-                )
-                for k, t in taps.items()
-            }
-            return jax.tree_util.tree_unflatten(out_tree, outs), patches
-
-        def zeros():
-            return {k: jnp.zeros(t.out_shape, t.out_dtype) for k, t in taps.items()}
-
-        def positions(k, z):  # one sample's (1, ...) in out layout -> (T, O)
-            return _jax_taps.to_positions(z, taps[k].params["dimension_numbers"].out_spec)[0]
-
-        def gradient_one(leaves, xi, yi):
-            def per_sample(deltas):
-                out, patches = tapped(leaves, deltas, xi[None])
-                return jnp.reshape(loss(out, yi[None]), ()), patches
-
-            s, patches = jax.grad(per_sample, has_aux=True)(zeros())
-            return {k: (patches[k], positions(k, s[k])) for k in taps}
-
-        def out_loss(oi, yi):
-            return jnp.reshape(loss(oi[None], yi[None]), ())
-
-        def ggn_one(leaves, xi, yi):
-            def sample_out(deltas):
-                out, patches = tapped(leaves, deltas, xi[None])
-                return out[0], patches
-
-            out, pull, patches = jax.vjp(sample_out, zeros(), has_aux=True)
-            m = math.prod(out.shape)
-            h = jnp.reshape(jax.hessian(out_loss)(out, yi), (m, m))
-            lam, vec = jnp.linalg.eigh((h + h.T) / 2)
-            root = vec * jnp.sqrt(jnp.maximum(lam, 0))[None, :]  # (M, C), H = root root^T
-            cols = jnp.reshape(root.T, (m, *out.shape))
-            (s,) = jax.vmap(pull)(cols)
-            result = {k: (patches[k], jax.vmap(lambda z, k=k: positions(k, z))(s[k])) for k in taps}
-            return result, lam
-
-        fn = jax.jit(jax.vmap(ggn_one if ggn else gradient_one, in_axes=(None, 0, 0)))
-        self._conv_fns[key] = fn
-        return fn
-
-
-def _pad_rows(v: Array) -> Array:
-    """Zero rows up to the next power of two: solvers call with a varying number of
-    vectors (block CG shrinks its block), and each new shape would compile anew."""
-    k = int(v.shape[0])
-    target = 1 << max(k - 1, 0).bit_length()
-    if target == k:
-        return v
-    return jnp.concatenate([v, jnp.zeros((target - k, v.shape[1]), dtype=v.dtype)], axis=0)
+if TYPE_CHECKING:
+    from .model import Features
 
 
 @final
@@ -833,7 +412,7 @@ class JaxGradientProvider(GradientProvider):
         k = g.shape[0]
         n = batch.x.shape[0]
         if self._structured_layers() is not None and n > 0:
-            from .._config import memory_budget
+            from ..._config import memory_budget
 
             per_sample = 3 * self.n_parameters * batch.x.dtype.itemsize
             step = max(1, min(n, memory_budget() // max(1, per_sample)))
@@ -1012,7 +591,7 @@ class JaxGradientProvider(GradientProvider):
     def _ggn_chunks(self, batch: Batch) -> list[tuple[Array, Array]]:
         """Sample chunks whose per-sample Jacobians (``M x P`` each, a few copies)
         fit :func:`xinfluence.memory_budget`."""
-        from .._config import memory_budget
+        from ..._config import memory_budget
 
         x, y = batch.x, batch.y
         out = jax.eval_shape(self._ggn_fns()["outputs"], self._theta, self._fixed, x[:1])
@@ -1103,7 +682,9 @@ class JaxGradientProvider(GradientProvider):
         ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``.
 
         Raises:
-            ValueError: the loss is not convex in the output.
+            ValueError: the loss is not convex in the output: an eigenvalue of some
+                ``H_i`` below ``-10 M eps max(1, |H|)``
+                (:func:`xinfluence._xp.psd_rounding_tolerance`).
         """
         layers = self.kfac_layers()
         if not layers:
@@ -1116,11 +697,16 @@ class JaxGradientProvider(GradientProvider):
             fn = m.conv_fn(batch.x, ggn=True, layers=tuple(m.conv))
             conv, lam = fn(m.leaves, batch.x, batch.y)
             out.update(conv)
+        # the pseudo-gradients used the eigenvalues clipped to zero; rounding puts
+        # the exact zero eigenvalue of a softmax Hessian at about +-eps (entries of
+        # H_i err by eps times the O(1) probabilities however small H_i is): scale >= 1
         top = float(jnp.max(jnp.abs(lam))) if lam.size else 0.0
-        if lam.size and float(jnp.min(lam)) < -1e-10 * top:
+        tol = _xp.psd_rounding_tolerance(lam.dtype, lam.shape[-1], max(top, 1.0), xp=self.xp)
+        if lam.size and float(jnp.min(lam)) < -tol:
             raise ValueError(
                 "the loss Hessian on the model output has negative eigenvalues "
-                f"(smallest {float(jnp.min(lam)):.3e}): the loss is not convex in the output; "
+                f"(smallest {float(jnp.min(lam)):.3e}, largest magnitude {top:.3e}, rounding "
+                f"tolerance {tol:.1e}): the loss is not convex in the output; "
                 "use second_order='empirical_fisher' for EK-FAC"
             )
         result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from ..types import Batch
+from ...types import Batch
 
 Params = dict[str, Tensor]
 
@@ -330,7 +330,7 @@ def linear_hvp(layout: LinearLayout, f: LinearFactors, v: Tensor, ws: Workspace)
     the chunk's own memory within :func:`xinfluence.memory_budget`: per vector,
     about four parameter-sized buffers (``u``, ``extra`` per layer; ``g``,
     ``uw`` for the widest) and three ``n x out`` ones per layer."""
-    from .._config import memory_budget
+    from ..._config import memory_budget
 
     names = layout.names
     n = f.delta[names[0]].shape[0]

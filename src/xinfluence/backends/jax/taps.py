@@ -27,17 +27,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-__all__ = [
-    "ConvTap",
-    "find_conv_taps",
-    "evaluate_with_taps",
-    "conv_patches",
-    "to_positions",
-    "kernel_layout",
-    "reorder_features",
-    "traced",
-]
-
 Path = tuple[int, ...]
 
 # unary equations that hand a kernel to the convolution unchanged in layout

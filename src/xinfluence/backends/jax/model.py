@@ -1,0 +1,354 @@
+"""The traced model behind :class:`JaxGradientProvider`: flat parameters,
+pytree paths and layer groups, the convolution taps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from ... import _xp
+from ..._state import PicklableState, check_picklable_function
+from ..._xp import Array
+from ...errors import user_stacklevel
+from . import taps as _taps
+
+if TYPE_CHECKING:
+    from .provider import JaxGradientProvider
+
+
+Features = Callable[[Any, Array], Array]
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, DictKey):
+        return str(key.key)
+    if isinstance(key, SequenceKey):
+        return str(key.idx)
+    if isinstance(key, GetAttrKey):
+        return str(key.name)
+    if isinstance(key, FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(_key_name(k) for k in path)
+
+
+class _Model(PicklableState):
+    """What every restriction of one provider shares: the function, the leaves,
+    the names, the dense-layer declarations and the input-shape cache."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the user's functions must pickle by name; compiled functions are rebuilt
+        check_picklable_function(self.apply_fn, "apply_fn")
+        check_picklable_function(self.loss, "the loss")
+        for layer, (_, _, _, features) in self.dense.items():
+            check_picklable_function(features, f"the features function of layer {layer!r}")
+        state = super().__getstate__()
+        state.update(_kfac_fns={}, _conv_fns={}, restricted={}, checked=set())
+        return state
+
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Array], Any],
+        params: Any,
+        loss: Callable[[Any, Any], Array],
+        dense_layers: Mapping[str, Features] | None,
+        input_shape: tuple[int, ...] | None,
+        conv_layers: Sequence[str] | None = None,
+    ):
+        if not callable(apply_fn):
+            raise TypeError("apply_fn must be callable: apply_fn(params, x) -> output")
+        if not callable(loss):
+            raise TypeError("loss must be callable: loss(output, target) -> scalar mean loss")
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        if not flat:
+            raise ValueError("params has no array leaves")
+        keys = [_path_keys(path) for path, _ in flat]
+        # flax nnx Variables flatten to ``.../<param>/value``: the layer is two keys up
+        self.wrapped = tuple(
+            bool(path) and isinstance(path[-1], GetAttrKey) and path[-1].name == "value"
+            for path, _ in flat
+        )
+        names = ["/".join(k) if k else "root" for k in keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"parameter paths joined with '/' are not unique: {names}")
+        leaves = []
+        for name, (_, leaf) in zip(names, flat, strict=True):
+            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                raise TypeError(
+                    f"parameter {name!r} must be an array, got {type(leaf).__name__}; "
+                    "for equinox models use eqx.partition(model, eqx.is_inexact_array)"
+                )
+            converted = jnp.asarray(leaf)
+            if converted.dtype != leaf.dtype:
+                warnings.warn(
+                    f"parameter {name!r} of dtype {leaf.dtype} became {converted.dtype} in jax; "
+                    'enable float64 with jax.config.update("jax_enable_x64", True) first',
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            leaves.append(converted)
+        dtype = leaves[0].dtype
+        for name, leaf in zip(names, leaves, strict=True):
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise TypeError(f"parameter {name!r} must be real floating, got {leaf.dtype}")
+            if leaf.dtype != dtype:
+                raise TypeError(
+                    f"all parameters must share one dtype, got {dtype} and {leaf.dtype} ({name!r})"
+                )
+        self.apply_fn = apply_fn
+        self.loss = loss
+        self.params = params
+        self.leaves: tuple[Array, ...] = tuple(leaves)
+        self.names: tuple[str, ...] = tuple(names)
+        self.keys: tuple[tuple[str, ...], ...] = tuple(keys)
+        self.shapes: tuple[tuple[int, ...], ...] = tuple(
+            tuple(int(d) for d in leaf.shape) for leaf in leaves
+        )
+        self.dtype = dtype
+        self.xp = _xp.namespace(leaves[0])
+        self.device = _xp.device_of(leaves[0])
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        self.accepted: set[tuple[Any, ...]] = set()
+        self.accepted_x_shapes: list[tuple[int, ...]] = []
+        self.restricted: dict[tuple[str, ...], JaxGradientProvider] = {}
+        self.dense = self._resolve_dense_layers(dense_layers)
+        self.conv = self._resolve_conv_layers(conv_layers)
+        self._kfac_fns: dict[tuple[str, ...], Callable[..., Any]] = {}
+        self._conv_fns: dict[tuple[Any, ...], Any] = {}
+        # input signatures whose structured gradients were checked against autodiff
+        self.checked: set[tuple[Any, ...]] = set()
+
+    # -- dense layers ------------------------------------------------------
+    def _weight_leaf(self, layer: str, kind: str, expected: str) -> tuple[str, str]:
+        """The leaf ``{layer}/kernel`` (layout ``"io"``) or ``{layer}/weight``
+        (``"oi"``) of a declared layer; ``expected`` describes them for the error."""
+        kernel, weight = f"{layer}/kernel", f"{layer}/weight"
+        names = set(self.names)
+        if kernel in names and weight in names:
+            raise ValueError(f"{kind} layer {layer!r} has both a 'kernel' and a 'weight'")
+        if kernel in names:
+            return kernel, "io"
+        if weight in names:
+            return weight, "oi"
+        what = expected.format(kernel=kernel, weight=weight)
+        raise ValueError(
+            f"{kind} layer {layer!r} needs {what}; the parameters are {list(self.names)}"
+        )
+
+    def _resolve_dense_layers(
+        self, dense_layers: Mapping[str, Features] | None
+    ) -> OrderedDict[str, tuple[str, str | None, str, Features]]:
+        """layer -> (weight name, bias name or None, "oi" | "io", features)."""
+        out: OrderedDict[str, tuple[str, str | None, str, Features]] = OrderedDict()
+        if dense_layers is None:
+            return out
+        if not isinstance(dense_layers, Mapping):
+            raise TypeError("dense_layers must be a dict layer name -> features(params, x)")
+        index = {n: i for i, n in enumerate(self.names)}
+        for layer, features in dense_layers.items():
+            if not callable(features):
+                raise TypeError(f"dense_layers[{layer!r}] must be callable features(params, x)")
+            wname, layout = self._weight_leaf(
+                layer, "dense", "a 2-D leaf {kernel!r} (shape (I, O)) or {weight!r} (shape (O, I))"
+            )
+            wshape = self.shapes[index[wname]]
+            if len(wshape) != 2:
+                raise ValueError(f"{wname!r} must be 2-D, got shape {wshape}")
+            n_out = wshape[1] if layout == "io" else wshape[0]
+            bname: str | None = f"{layer}/bias"
+            if bname in index:
+                if self.shapes[index[bname]] != (n_out,):
+                    raise ValueError(
+                        f"{bname!r} must have shape ({n_out},), got {self.shapes[index[bname]]}"
+                    )
+            else:
+                bname = None
+            out[layer] = (wname, bname, layout, features)
+        return out
+
+    def kfac_fn(self, layers: tuple[str, ...]) -> Callable[..., Any]:
+        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the dense ``layers``, over
+        the full parameter set."""
+        if layers in self._kfac_fns:
+            return self._kfac_fns[layers]
+        index = {n: i for i, n in enumerate(self.names)}
+        dense = OrderedDict((k, self.dense[k]) for k in layers)
+        treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
+        # per layer, the leaf whose per-sample gradient yields s
+        probe = OrderedDict(
+            (layer, index[b if b is not None else w]) for layer, (w, b, _, _) in dense.items()
+        )
+
+        def per_sample(sel: dict[str, Array], leaves: tuple[Array, ...], xi, yi):
+            full = list(leaves)
+            for layer, i in probe.items():
+                full[i] = sel[layer]
+            params = jax.tree_util.tree_unflatten(treedef, full)
+            return jnp.reshape(loss(apply_fn(params, xi[None]), yi[None]), ())
+
+        def fn(leaves, x, y):
+            params = jax.tree_util.tree_unflatten(treedef, list(leaves))
+            sel = {layer: leaves[i] for layer, i in probe.items()}
+            grads = jax.vmap(jax.grad(per_sample), in_axes=(None, None, 0, 0))(sel, leaves, x, y)
+            out = {}
+            for layer, (_, b, layout, features) in dense.items():
+                a = features(params, x)
+                g = grads[layer]
+                if b is not None:
+                    s = g
+                else:
+                    # rank-one g_n = outer(s_n, a_n) ("oi") or outer(a_n, s_n) ("io")
+                    ga = (
+                        jnp.einsum("noi,ni->no", g, a)
+                        if layout == "oi"
+                        else jnp.einsum("nio,ni->no", g, a)
+                    )
+                    aa = jnp.sum(a * a, axis=1, keepdims=True)
+                    safe = jnp.where(aa > 0, aa, 1)
+                    s = jnp.where(aa > 0, ga / safe, 0)
+                out[layer] = (a, s)
+            return out
+
+        self._kfac_fns[layers] = jax.jit(fn)
+        return self._kfac_fns[layers]
+
+    # -- convolutions ---------------------------------------------------------
+    def _resolve_conv_layers(
+        self, conv_layers: Sequence[str] | None
+    ) -> OrderedDict[str, tuple[str, str | None, str, int]]:
+        """layer -> (kernel name, bias name or None, "oi" | "io", output channels)."""
+        out: OrderedDict[str, tuple[str, str | None, str, int]] = OrderedDict()
+        if conv_layers is None:
+            return out
+        if isinstance(conv_layers, str) or not isinstance(conv_layers, Sequence):
+            raise TypeError("conv_layers must be a sequence of layer names, e.g. ['Conv_0']")
+        index = {n: i for i, n in enumerate(self.names)}
+        for layer in conv_layers:
+            if not isinstance(layer, str):
+                raise TypeError(f"conv_layers must hold layer names (str), got {layer!r}")
+            if layer in self.dense or layer in out:
+                raise ValueError(f"layer {layer!r} is declared twice")
+            wname, layout = self._weight_leaf(
+                layer,
+                "conv",
+                "a leaf {kernel!r} (flax layout (kh, kw, C, O)) or {weight!r} "
+                "(torch / equinox layout (O, C, kh, kw))",
+            )
+            wshape = self.shapes[index[wname]]
+            if len(wshape) < 3:
+                raise ValueError(f"{wname!r} must have 3 or more axes, got shape {wshape}")
+            n_out = wshape[-1] if layout == "io" else wshape[0]
+            bname: str | None = f"{layer}/bias"
+            if bname in index:
+                bshape = self.shapes[index[bname]]
+                # flax (O,), equinox (O, 1, 1)
+                if not bshape or bshape[0] != n_out or math.prod(bshape) != n_out:
+                    raise ValueError(
+                        f"{bname!r} must have shape ({n_out},) or ({n_out}, 1, ..., 1), "
+                        f"got {bshape}"
+                    )
+            else:
+                bname = None
+            out[layer] = (wname, bname, layout, n_out)
+        return out
+
+    def conv_fn(self, x: Array, *, ggn: bool, layers: tuple[str, ...]) -> Callable[..., Any]:
+        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the declared convolutions:
+        patches ``a`` ``(N, T, I)`` and output gradients ``s`` ``(N, T, O)``, or with
+        ``ggn`` the pseudo-gradients ``s`` ``(N, M, T, O)`` and the eigenvalues of
+        the loss Hessians on the output ``(N, M)``. Traced once per input shape."""
+        key = (tuple(x.shape[1:]), str(x.dtype), ggn, layers)
+        if key in self._conv_fns:
+            return self._conv_fns[key]
+        treedef, apply_fn, loss = self.treedef, self.apply_fn, self.loss
+        index = {n: i for i, n in enumerate(self.names)}
+
+        def model(leaves, xb):
+            return apply_fn(jax.tree_util.tree_unflatten(treedef, list(leaves)), xb)
+
+        one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+        closed, out_tree = _taps.traced(model, tuple(self.leaves), one)
+        taps: dict[str, _taps.ConvTap] = {}
+        perms: dict[str, tuple[int, ...]] = {}
+        for layer in layers:
+            wname, _, layout, _ = self.conv[layer]
+            try:
+                tap = _taps.find_conv_taps(closed, [index[wname]])[index[wname]]
+                found, perm = _taps.kernel_layout(tap)
+            except ValueError as exc:
+                raise ValueError(f"conv layer {layer!r} ({wname!r}): {exc}") from exc
+            if found != layout:
+                raise ValueError(
+                    f"conv layer {layer!r}: {wname!r} is used with its output-feature axis "
+                    f"{'first' if found == 'oi' else 'last'}; a 'weight' must have it first "
+                    "and a 'kernel' last"
+                )
+            taps[layer], perms[layer] = tap, perm
+
+        def tapped(leaves, deltas, xi):
+            outs, lhs = _taps.evaluate_with_taps(
+                closed, [*leaves, xi], {taps[k].path: d for k, d in deltas.items()}
+            )
+            patches = {
+                k: _taps.reorder_features(_taps.conv_patches(lhs[t.path], t)[0], t, perms[k])
+                for k, t in taps.items()
+            }
+            return jax.tree_util.tree_unflatten(out_tree, outs), patches
+
+        def zeros():
+            return {k: jnp.zeros(t.out_shape, t.out_dtype) for k, t in taps.items()}
+
+        def positions(k, z):  # one sample's (1, ...) in out layout -> (T, O)
+            return _taps.to_positions(z, taps[k].params["dimension_numbers"].out_spec)[0]
+
+        def gradient_one(leaves, xi, yi):
+            def per_sample(deltas):
+                out, patches = tapped(leaves, deltas, xi[None])
+                return jnp.reshape(loss(out, yi[None]), ()), patches
+
+            s, patches = jax.grad(per_sample, has_aux=True)(zeros())
+            return {k: (patches[k], positions(k, s[k])) for k in taps}
+
+        def out_loss(oi, yi):
+            return jnp.reshape(loss(oi[None], yi[None]), ())
+
+        def ggn_one(leaves, xi, yi):
+            def sample_out(deltas):
+                out, patches = tapped(leaves, deltas, xi[None])
+                return out[0], patches
+
+            out, pull, patches = jax.vjp(sample_out, zeros(), has_aux=True)
+            m = math.prod(out.shape)
+            h = jnp.reshape(jax.hessian(out_loss)(out, yi), (m, m))
+            lam, vec = jnp.linalg.eigh((h + h.T) / 2)
+            root = vec * jnp.sqrt(jnp.maximum(lam, 0))[None, :]  # (M, C), H = root root^T
+            cols = jnp.reshape(root.T, (m, *out.shape))
+            (s,) = jax.vmap(pull)(cols)
+            result = {k: (patches[k], jax.vmap(lambda z, k=k: positions(k, z))(s[k])) for k in taps}
+            return result, lam
+
+        fn = jax.jit(jax.vmap(ggn_one if ggn else gradient_one, in_axes=(None, 0, 0)))
+        self._conv_fns[key] = fn
+        return fn
+
+
+def _pad_rows(v: Array) -> Array:
+    """Zero rows up to :func:`~xinfluence._xp.padded_rows` (1, 2, 4, 8, then multiples
+    of 8): solvers call with a varying number of vectors, and each new shape would
+    compile anew; multiples of 8 waste less than powers of two (100 -> 104, not 128)."""
+    k = int(v.shape[0])
+    target = _xp.padded_rows(k, xp=jnp)
+    if target == k:
+        return v
+    return jnp.concatenate([v, jnp.zeros((target - k, v.shape[1]), dtype=v.dtype)], axis=0)

@@ -1,0 +1,123 @@
+"""On jax the generic solvers compile a fixed, small set of programs per problem.
+
+Jax-specific: runs whatever ``XINFLUENCE_BACKEND`` is (skipped without jax).
+Every XLA compilation (of a jitted provider function or of one eager operation)
+is counted through :mod:`jax.monitoring`; jax's caches are cleared before each
+cold run, so that two problems of different sizes start equally cold. A count
+that grows with the number of training points or of queries means that some
+loop compiles per iteration or per shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+from jax._src import dispatch  # noqa: E402
+
+import xinfluence as xi  # noqa: E402
+from xinfluence.backends.jax import JaxGradientProvider  # noqa: E402
+
+_COUNT = [0]
+
+
+def _on_duration(event: str, duration: float, **kwargs: object) -> None:
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+        _COUNT[0] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _listener():
+    # array_api_compat compiles two scalar operations once per process, on its
+    # first jax array: not part of any problem
+    xi._xp.namespace(jnp.zeros(5))
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    yield
+    jax.monitoring.unregister_event_duration_listener(_on_duration)
+
+
+def _problem(n_train: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 5)) / 2), "bias": jnp.zeros(5)},
+        "out": {"kernel": jnp.asarray(rng.normal(size=(5, 3)) / 2), "bias": jnp.zeros(3)},
+    }
+
+    def hidden(p, x):
+        return jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
+
+    def apply(p, x):
+        return hidden(p, x) @ p["out"]["kernel"] + p["out"]["bias"]
+
+    apply.dense_layers = {"dense": lambda p, x: x, "out": hidden}  # for EK-FAC
+
+    def loss(logits, labels):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+    x = jnp.asarray(rng.normal(size=(n_train + 15, 4)))
+    y = jnp.asarray(rng.integers(0, 3, size=n_train + 15))
+    return apply, loss, params, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def _cold_compiles(make, n_train: int, n_chunks: int) -> tuple[int, np.ndarray]:
+    """Compilations of a cold fit plus ``n_chunks`` queries of 5 test points each."""
+    apply, loss, params, train, test = _problem(n_train)
+    jax.clear_caches()
+    start = _COUNT[0]
+    gp = JaxGradientProvider(apply, params, loss, dense_layers=apply.dense_layers)
+    model = make(gp).fit([train])
+    scores = [
+        np.asarray(model.influences(test[0][5 * i : 5 * i + 5], test[1][5 * i : 5 * i + 5]))
+        for i in range(n_chunks)
+    ]
+    return _COUNT[0] - start, scores[0]
+
+
+_DIRECT: dict[float, np.ndarray] = {}
+
+
+def _direct_scores(reg: float) -> np.ndarray:
+    """The oracle: dense (G + reg I)^-1 on the small problem, first 5 test points."""
+    if reg not in _DIRECT:
+        apply, loss, params, train, test = _problem(20)
+        gp = JaxGradientProvider(apply, params, loss)
+        model = xi.DirectInfluence(gp, regularization=reg, second_order="gauss_newton")
+        _DIRECT[reg] = np.asarray(model.fit([train]).influences(test[0][:5], test[1][:5]))
+    return _DIRECT[reg]
+
+
+def _gn(cls, reg, **options):
+    return lambda gp: cls(gp, regularization=reg, second_order="gauss_newton", **options)
+
+
+# Each bound is the count measured on this code, plus a little: before the
+# solvers ran their iterations as compiled steps, block CG made 66 compilations
+# here (eager operations, once per shape of its shrinking block), batched CG 96,
+# EK-FAC (per-layer steps) 118; LiSSA about as many as now (its bound does not
+# tell the two apart). LiSSA gets a larger regularization, so that it converges
+# in a few hundred iterations.
+@pytest.mark.parametrize(
+    ("name", "make", "reg", "bound", "rtol"),
+    [
+        ("cg", _gn(xi.CgInfluence, 1e-3), 1e-3, 45, 1e-6),
+        ("cg_batched", _gn(xi.CgInfluence, 1e-3, solver="batched"), 1e-3, 60, 1e-6),
+        ("lissa", _gn(xi.LissaInfluence, 0.1, rtol=1e-9), 0.1, 70, 1e-6),
+        # an approximation: its values are checked elsewhere (test_jax_conv)
+        ("ekfac", _gn(xi.EkfacInfluence, 1e-3, block_structure="layer"), 1e-3, 50, None),
+    ],
+)
+def test_cold_compilations_do_not_grow_with_data_or_queries(name, make, reg, bound, rtol):
+    small, scores = _cold_compiles(make, n_train=20, n_chunks=1)
+    large, _ = _cold_compiles(make, n_train=47, n_chunks=3)
+    assert small == large, f"{name}: {small} compilations for 20 points, {large} for 47"
+    assert small <= bound, f"{name}: {small} compilations in a cold fit and query"
+    if rtol is None:
+        return
+    direct = _direct_scores(reg)
+    err = np.max(np.abs(scores - direct)) / np.max(np.abs(direct))
+    assert err < rtol, f"{name}: relative error {err:.2e} against DirectInfluence"
