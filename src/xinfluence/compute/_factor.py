@@ -131,7 +131,13 @@ def _ekfac(name: str, op: EkfacOperator, gp: Any) -> BlockFactor:
     size = n_out * n_cols
 
     def features(batch: Batch) -> Array:
-        g = op._to_matrix(gp.flat_grads(batch))  # (N, O, I')
+        t = gp.flat_grads(batch)
+        n, ws, bs = int(t.shape[0]), op.weight_slice, op.bias_slice
+        if op.layout == "oi":
+            w = xp.reshape(t[:, ws], (n, op.n_out, op.n_in))
+        else:
+            w = xp.permute_dims(xp.reshape(t[:, ws], (n, op.n_in, op.n_out)), (0, 2, 1))
+        g = w if bs is None else xp.concat([w, t[:, bs][:, :, None]], axis=2)  # (N, O, I')
         rotated = xp.matrix_transpose(op.q_s) @ g @ op.q_a
         return xp.reshape(rotated, (int(g.shape[0]), size))
 
