@@ -7,6 +7,9 @@
   every block verified).
 * :class:`DaskInfluenceCalculator`: the same over dask arrays, on dask's local
   schedulers or a ``dask.distributed`` cluster.
+* :class:`GradientStore`: featurize the training set once (``B g_j`` of a model
+  whose influence factors as ``<A g_t, B g_j>``, in a resumable, checksummed zarr
+  store), then score queries as matrix products against it.
 * Streaming reductions that never hold the ``(N_test, N)`` matrix:
   :func:`top_k`, :func:`self_influence`, :func:`total_influence` for in-memory
   arrays, and the ``top_k``, ``sum``, ``mean`` methods of the calculators'
@@ -27,12 +30,16 @@ from ._store import (
     open_influences,
 )
 from .dask import DaskInfluenceCalculator
+from .gradient_store import FACTORIZED_MODELS, GradientStore, NoFactorizationError
 from .reductions import self_influence, top_k, total_influence
 from .sequential import LazyInfluences, SequentialInfluenceCalculator
 
 __all__ = [
     "DaskInfluenceCalculator",
+    "FACTORIZED_MODELS",
+    "GradientStore",
     "LazyInfluences",
+    "NoFactorizationError",
     "SequentialInfluenceCalculator",
     "StoreDamagedError",
     "StoreLockedError",

@@ -1,0 +1,284 @@
+"""The gradient store (xinfluence.compute.GradientStore): scores against stored
+training features equal the models' own influences; resumption, damage, refusal.
+
+Oracle: ``model.influences(x_test, y_test, x, y)`` of the same fitted model (whose
+own correctness the other tests check against closed forms and dense references),
+and ``self_influence`` / ``top_k`` / ``total_influence`` of xinfluence.compute."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import xinfluence as xi
+from compute_helpers import softmax_problem
+from helpers import rel_err
+from xinfluence._xp import to_numpy
+from xinfluence.backends.numpy import SoftmaxRegressionGradients
+from xinfluence.compute import (
+    GradientStore,
+    NoFactorizationError,
+    StoreDamagedError,
+    StoreMismatchError,
+    self_influence,
+    top_k,
+    total_influence,
+)
+
+pytest.importorskip("zarr")
+
+SIZES = [7, 13, 17]  # uneven batches of the 37 training points
+N_TEST = 11
+ROWS = 5  # 8 blocks, the last one of 2 rows
+
+MODELS = {
+    "identity": lambda gp: xi.IdentityInfluence(gp),
+    "direct": lambda gp: xi.DirectInfluence(gp, regularization=1e-3),
+    "direct_blocks": lambda gp: xi.DirectInfluence(
+        gp, regularization=1e-3, block_structure="parameter"
+    ),
+    "projected_dense": lambda gp: xi.ProjectedInfluence(gp, k=9, regularization=1e-3),
+    "projected_kronecker": lambda gp: xi.ProjectedInfluence(
+        gp, k=(2, 4), projection="kronecker", regularization=1e-3
+    ),
+    "ekfac": lambda gp: xi.EkfacInfluence(gp, regularization=1e-3),
+    "arnoldi": lambda gp: xi.ArnoldiInfluence(gp, regularization=1e-3, rank=5),
+    "arnoldi_woodbury": lambda gp: xi.ArnoldiInfluence(
+        gp, regularization=1e-3, rank=5, use_woodbury=True
+    ),
+    "nystroem": lambda gp: xi.NystroemSketchInfluence(
+        gp, regularization=1e-3, rank=6, second_order="empirical_fisher"
+    ),
+}
+
+
+def _problem(to_xp, seed=3):
+    x, y, w, b = softmax_problem(np.random.default_rng(seed))
+    gp = SoftmaxRegressionGradients(to_xp(w), to_xp(b))
+    xs, ys = to_xp(x), to_xp(y)
+    batches, start = [], 0
+    for s in SIZES:
+        batches.append((xs[start : start + s, ...], ys[start : start + s, ...]))
+        start += s
+    return gp, xs, ys, batches
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_scores_equal_the_models_influences(xp, to_xp, tmp_path, name):
+    gp, xs, ys, batches = _problem(to_xp)
+    model = MODELS[name](gp).fit(batches)
+    store = GradientStore.build(model, batches, tmp_path / "s", block_rows=ROWS, progress=False)
+    assert store.shape[0] == 37 and len(store.records) == 8
+    xt, yt = xs[:N_TEST, ...], ys[:N_TEST, ...]
+    expected = model.influences(xt, yt, xs, ys)
+    scores = store.influences(model, xt, yt)
+    assert type(scores) is type(expected) and scores.dtype == expected.dtype
+    assert rel_err(scores, expected) < 1e-10
+
+    # the reductions against their in-memory counterparts
+    np.testing.assert_allclose(
+        store.self_influence(), to_numpy(self_influence(model, xs, ys)), rtol=1e-10, atol=1e-12
+    )
+    tk, ref = store.top_k(model, xt, yt, k=4), top_k(model, xt, yt, xs, ys, k=4)
+    np.testing.assert_array_equal(to_numpy(tk.helpful_indices), to_numpy(ref.helpful_indices))
+    np.testing.assert_array_equal(to_numpy(tk.harmful_indices), to_numpy(ref.harmful_indices))
+    assert rel_err(tk.helpful_scores, ref.helpful_scores) < 1e-10
+    total = store.total_influence(model, xt, yt, reduce="mean")
+    assert rel_err(total, total_influence(model, xt, yt, xs, ys, reduce="mean")) < 1e-10
+
+    # a reopened store gives the same numbers; batches of queries as an iterable
+    again = GradientStore.open(tmp_path / "s")
+    q = [(xt[:4, ...], yt[:4, ...]), (xt[4:, ...], yt[4:, ...])]
+    assert rel_err(again.influences(model, q), expected) < 1e-10
+
+
+def test_float32_storage_error(xp, to_xp, tmp_path):
+    """float32 storage of a float64 model: the scores' relative error (Frobenius)
+    is set by the rounding of the stored features, about 2^-24 ~ 6e-8."""
+    gp, xs, ys, batches = _problem(to_xp)
+    model = xi.ProjectedInfluence(gp, k=9, regularization=1e-3).fit(batches)
+    s64 = GradientStore.build(model, batches, tmp_path / "f64", block_rows=ROWS, progress=False)
+    s32 = GradientStore.build(
+        model, batches, tmp_path / "f32", block_rows=ROWS, dtype="float32", progress=False
+    )
+    assert s32.dtype == np.float32 and s64.dtype == np.float64
+    xt, yt = xs[:N_TEST, ...], ys[:N_TEST, ...]
+    expected = model.influences(xt, yt, xs, ys)
+    got = s32.influences(model, xt, yt)
+    assert got.dtype == expected.dtype  # the products are in the model's dtype
+    err = rel_err(got, expected)
+    assert 1e-10 < err < 1e-6, err
+    # self-influence comes from the unrounded features
+    np.testing.assert_allclose(s32.self_influence(), s64.self_influence(), rtol=1e-12)
+
+
+def test_one_store_many_namespaces(tmp_path):
+    """A store built on numpy arrays scores torch and jax queries (same weights, the
+    same seeded projection): the results in the query's namespace, equal to the
+    numpy ones. (A basis fitted by eigh, as EK-FAC's, may differ in sign between
+    backends: such a model must carry the store's fit, the probe checks it.)"""
+    x, y, w, b = softmax_problem(np.random.default_rng(5))
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    model = xi.ProjectedInfluence(SoftmaxRegressionGradients(w, b), k=9, regularization=1e-3)
+    model.fit(batches)
+    store = GradientStore.build(model, batches, tmp_path / "s", block_rows=6, progress=False)
+    expected = model.influences(x[:9], y[:9], x, y)
+    assert rel_err(store.influences(model, x[:9], y[:9]), expected) < 1e-10
+    tried = 0
+    for name in ("torch", "jax"):
+        if name == "jax" and os.environ.get("XINFLUENCE_BACKEND", "numpy") != "jax":
+            continue  # jax compiles per shape: only in the jax session
+        try:
+            if name == "torch":
+                import array_api_compat.torch as other
+            else:
+                import jax
+
+                jax.config.update("jax_enable_x64", True)
+                import jax.numpy as other
+        except ImportError:
+            continue
+        conv = lambda a: other.asarray(a)  # noqa: E731
+        omodel = xi.ProjectedInfluence(
+            SoftmaxRegressionGradients(conv(w), conv(b)), k=9, regularization=1e-3
+        ).fit([(conv(x), conv(y))])
+        got = store.influences(omodel, conv(x[:9]), conv(y[:9]))
+        assert not isinstance(got, np.ndarray)
+        assert rel_err(to_numpy(got), expected) < 1e-10
+        tried += 1
+    if not tried:
+        pytest.skip("neither torch nor jax installed")
+
+
+def _fitted(seed=3):
+    import array_api_compat.numpy as np_xp
+
+    gp, xs, ys, batches = _problem(lambda a: np_xp.asarray(a), seed)
+    model = xi.DirectInfluence(gp, regularization=1e-3, block_structure="parameter")
+    return model.fit(batches), xs, ys, batches
+
+
+def test_resume_after_a_kill(tmp_path):
+    model, xs, ys, batches = _fitted()
+    path = tmp_path / "s"
+
+    def die(i):
+        if i == 2:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, on_block=die)
+    with pytest.raises(StoreDamagedError, match="unfinished"):
+        GradientStore.open(path)
+    done = []
+    store = GradientStore.build(
+        model, batches, path, block_rows=ROWS, progress=False, on_block=done.append
+    )
+    assert done == [3, 4, 5, 6, 7]  # blocks 0, 1, 2 were kept
+    expected = model.influences(xs[:N_TEST], ys[:N_TEST], xs, ys)
+    assert rel_err(store.influences(model, xs[:N_TEST], ys[:N_TEST]), expected) < 1e-10
+    # finished: nothing to compute; a rerun with other data is refused
+    done.clear()
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, on_block=done.append)
+    assert done == []
+    other = [(xs[:7] + 1.0, ys[:7]), *batches[1:]]
+    with pytest.raises(StoreMismatchError):
+        GradientStore.build(model, other, path, block_rows=ROWS, progress=False)
+
+
+def test_damaged_block_is_named_then_recomputed(tmp_path):
+    import zarr
+
+    model, xs, ys, batches = _fitted()
+    path = tmp_path / "s"
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False)
+    arr = zarr.open_group(str(path), mode="a")["values"]
+    arr[10:15, 0] = arr[10:15, 0] + 1e-3  # block 2
+    store = GradientStore.open(path)
+    with pytest.raises(StoreDamagedError, match="block 2"):
+        store.influences(model, xs[:3], ys[:3])
+    done = []
+    with pytest.warns(UserWarning, match="damaged"):
+        store = GradientStore.build(
+            model, batches, path, block_rows=ROWS, progress=False, on_block=done.append
+        )
+    assert done == [2]
+    expected = model.influences(xs[:3], ys[:3], xs, ys)
+    assert rel_err(store.influences(model, xs[:3], ys[:3]), expected) < 1e-10
+
+
+def test_models_without_a_factorization_are_refused(tmp_path):
+    import array_api_compat.numpy as np_xp
+
+    gp, xs, ys, batches = _problem(lambda a: np_xp.asarray(a))
+    for model in (
+        xi.CgInfluence(gp, regularization=1e-3),
+        xi.LissaInfluence(gp, regularization=1e-1, maxiter=5, on_failure="ignore"),
+        xi.InverseHarmonicMeanInfluence(gp, regularization=1e-2),
+    ):
+        model.fit(batches)
+        with pytest.raises(NoFactorizationError, match="ProjectedInfluence, EkfacInfluence"):
+            GradientStore.build(model, batches, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()  # refused before any I/O
+    with pytest.raises(xi.NotFittedError):
+        GradientStore.build(xi.IdentityInfluence(gp), batches, tmp_path / "s", progress=False)
+
+
+def test_another_model_is_refused(tmp_path):
+    model, xs, ys, batches = _fitted()
+    path = tmp_path / "s"
+    store = GradientStore.build(model, batches, path, block_rows=ROWS, progress=False)
+    with pytest.raises(StoreMismatchError, match="regularization"):
+        store.influences(
+            model.__class__(
+                model.gradient_provider, regularization=1e-2, block_structure="parameter"
+            ).fit(batches),
+            xs[:2],
+            ys[:2],
+        )
+    refit, *_ = _fitted(seed=4)  # other parameters and data, same options
+    with pytest.raises(StoreMismatchError, match="first training point"):
+        store.influences(refit, xs[:2], ys[:2])
+    # options differ: refused before any pass
+    with pytest.raises(StoreMismatchError, match="block_rows"):
+        GradientStore.build(model, batches, path, block_rows=4, progress=False)
+    # not a store that xinfluence wrote
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(StoreMismatchError, match="refusing to overwrite"):
+        GradientStore.build(model, batches, foreign, overwrite=True, progress=False)
+    assert (foreign / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["projected_kronecker", "projected_dense", "ekfac", "arnoldi_woodbury"]
+)
+def test_torch_mlp(tmp_path, name):
+    torch = pytest.importorskip("torch")
+    from torch_helpers import mlp
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    net = mlp(n_in=4, hidden=5, n_out=3, seed=1)
+    gp = TorchGradientProvider(net, torch.nn.functional.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(29, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (29,), generator=g)
+    batches = [(x[:11], y[:11]), (x[11:], y[11:])]
+    model = {
+        "projected_kronecker": lambda: xi.ProjectedInfluence(
+            gp, k=(3, 4), projection="kronecker", regularization=1e-3, block_structure="layer"
+        ),
+        "projected_dense": lambda: xi.ProjectedInfluence(gp, k=20, regularization=1e-3),
+        "ekfac": lambda: xi.EkfacInfluence(gp, regularization=1e-3),
+        "arnoldi_woodbury": lambda: xi.ArnoldiInfluence(
+            gp, regularization=1e-2, rank=6, use_woodbury=True, second_order="empirical_fisher"
+        ),
+    }[name]().fit(batches)
+    store = GradientStore.build(model, batches, tmp_path / "s", block_rows=8, progress=False)
+    expected = model.influences(x[:7], y[:7], x, y)
+    got = store.influences(model, x[:7], y[:7])
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    assert rel_err(got, expected) < 1e-10
