@@ -181,10 +181,10 @@ def prompt_completion(
         or (isinstance(prompts, Tensor) and prompts.ndim == 1)
         or (isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int))
     )
-    if single:
-        prompts, completions = [prompts], [completions]  # type: ignore[list-item]
-    ps = [_tokens(p, "a prompt") for p in prompts]  # type: ignore[union-attr]
-    cs = [_tokens(c, "a completion") for c in completions]  # type: ignore[union-attr]
+    p_list: list[Any] = [prompts] if single else list(prompts)  # type: ignore[arg-type]
+    c_list: list[Any] = [completions] if single else list(completions)  # type: ignore[arg-type]
+    ps = [_tokens(p, "a prompt") for p in p_list]
+    cs = [_tokens(c, "a completion") for c in c_list]
     if len(ps) != len(cs):
         raise ValueError(f"got {len(ps)} prompts and {len(cs)} completions; expected as many")
     for i, (p, c) in enumerate(zip(ps, cs)):
@@ -270,7 +270,8 @@ class CausalLMLogits(nn.Module):
             if callable(setter):
                 setter(attention)
             elif hasattr(model, "config"):
-                model.config._attn_implementation = attention
+                config: Any = model.config
+                config._attn_implementation = attention
         self.model = model
         self.eval()
 
