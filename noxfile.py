@@ -111,9 +111,11 @@ def tests(session: nox.Session, backend: str) -> None:
         session.skip("cupy needs a CUDA device: nvidia-smi not found")
     # The package is reinstalled every time so a reused venv tests the current tree.
     # dask, distributed, zarr and tqdm: the compute tests (calculators, resumption).
+    # text (transformers): the GPT-2 tests, where torch is installed
+    extras = "test,dask,progress,text" if backend == "torch" else "test,dask,progress"
     _install(
         session,
-        ".[test,dask,progress]",
+        f".[{extras}]",
         *_requirements(backend),
         fast=backend not in ("torch", "cupy"),
     )
