@@ -11,8 +11,15 @@ import numpy as np
 
 from . import _xp
 from ._progress import Reporter
+from ._structured_operators import (  # noqa: F401  (re-exported: public import paths unchanged)
+    EkfacOperator,
+    InverseHarmonicMeanOperator,
+    LowRankBilinearForm,
+    LowRankOperator,
+    _ekfac_in_eigenbasis,
+)
 from ._xp import Array, Namespace
-from .curvature import Curvature, Dataset
+from .curvature import Curvature
 from .errors import (
     DivergenceError,
     NotConvergedError,
@@ -35,11 +42,7 @@ from .linalg.cg import OnFailure
 from .linalg.lanczos import positive_definite_shift
 from .types import (
     Batch,
-    BilinearForm,
-    GradientProvider,
     Operator,
-    OperatorBilinearForm,
-    contract,
 )
 
 __all__ = [
@@ -379,135 +382,6 @@ class CgOperator(Operator):
         return CgOperator(self.curvature, regularization, self.options, _sketch=self._sketch)
 
 
-@final
-class LowRankOperator(Operator):
-    """``V diag(1 / (lambda + mu)) V^T`` from eigenpairs ``C ~ V diag(lambda) V^T``.
-
-    With ``woodbury=True`` it is the exact inverse of the damped low-rank
-    curvature, ``(V diag(lambda) V^T + mu I)^-1``, which adds
-    ``(I - V V^T) / mu`` for the directions the sketch left out (needs ``mu > 0``
-    unless ``V`` spans the whole space). ``eigenvectors`` is ``(P, k)``.
-    """
-
-    def __init__(
-        self,
-        eigenvalues: Array,
-        eigenvectors: Array,
-        regularization: float,
-        *,
-        woodbury: bool = False,
-        block: str = "",
-    ):
-        xp = _xp.namespace(eigenvalues, eigenvectors)
-        self.eigenvalues = eigenvalues
-        self.eigenvectors = eigenvectors
-        self.regularization = float(regularization)
-        self.woodbury = bool(woodbury)
-        self.block = block
-        shifted = eigenvalues + self.regularization
-        if not float(xp.min(shifted)) > 0:
-            where = f" of block {block!r}" if block else ""
-            raise NotPositiveDefiniteError(
-                f"the low-rank curvature{where} has eigenvalue {float(xp.min(eigenvalues)):.3e}; "
-                f"with regularization {self.regularization:g} it is not positive definite: "
-                f"use a regularization above {max(-float(xp.min(eigenvalues)), 0.0):.3e}"
-            )
-        p, k = int(eigenvectors.shape[0]), int(eigenvectors.shape[1])
-        if self.woodbury and k < p and self.regularization <= 0:
-            raise ValueError(
-                "the Woodbury form of a low-rank curvature needs regularization > 0 "
-                f"(rank {k} < {p} parameters)"
-            )
-        self._scale = 1.0 / shifted
-        #: the eigensolver's result (residuals, Krylov dimension) where one made it
-        self.eigen_result: EigenResult | None = None
-
-    @property
-    def input_size(self) -> int:
-        return int(self.eigenvectors.shape[0])
-
-    @property
-    def rank(self) -> int:
-        return int(self.eigenvectors.shape[1])
-
-    @property
-    def has_complement(self) -> bool:
-        """Whether the Woodbury term ``(I - V V^T) / mu`` is present (it needs the
-        full gradients, not only their coordinates in ``V``)."""
-        return self.woodbury and self.regularization > 0 and self.rank < self.input_size
-
-    def coefficients(self, t: Array) -> Array:
-        """Coordinates in the eigenbasis: ``t V``, ``(K, k)``."""
-        return t @ self.eigenvectors
-
-    def _apply(self, t: Array) -> Array:
-        xp = _xp.namespace(t)
-        coef = self.coefficients(t)
-        out = (coef * self._scale) @ xp.matrix_transpose(self.eigenvectors)
-        if self.has_complement:
-            out = out + (t - coef @ xp.matrix_transpose(self.eigenvectors)) / self.regularization
-        return out
-
-    def with_regularization(self, regularization: float) -> LowRankOperator:
-        return LowRankOperator(
-            self.eigenvalues,
-            self.eigenvectors,
-            regularization,
-            woodbury=self.woodbury,
-            block=self.block,
-        )
-
-    def as_bilinear_form(self) -> BilinearForm:
-        return LowRankBilinearForm(self)
-
-
-@final
-class LowRankBilinearForm(BilinearForm):
-    """Inner products through ``jacobian_prod``: per-sample gradients are never
-    materialised, only their coordinates ``J V`` (N, k) in the eigenbasis.
-
-    (The Woodbury complement needs full gradient inner products, so with
-    ``woodbury=True`` the up-mode product falls back to gradients.)
-    """
-
-    def __init__(self, operator: LowRankOperator):
-        self.operator = operator
-
-    def inner_prod(self, left: Array, right: Array | None) -> Array:
-        return OperatorBilinearForm(self.operator).inner_prod(left, right)
-
-    def _left_coefficients(self, batch: Batch, gp: GradientProvider) -> Array:
-        xp = gp.xp
-        v_t = xp.matrix_transpose(self.operator.eigenvectors)  # (k, P)
-        return gp.jacobian_prod(batch, v_t) * self.operator._scale  # (N, k)
-
-    def grads_inner_prod(
-        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
-    ) -> Array:
-        op = self.operator
-        if op.has_complement:
-            return super().grads_inner_prod(left, right, gradient_provider)
-        xp = gradient_provider.xp
-        left_coef = self._left_coefficients(left, gradient_provider)
-        right_coef = gradient_provider.jacobian_prod(
-            left if right is None else right, xp.matrix_transpose(op.eigenvectors)
-        )
-        return left_coef @ xp.matrix_transpose(right_coef)
-
-    def mixed_grads_inner_prod(
-        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
-    ) -> Array:
-        op = self.operator
-        if op.has_complement:
-            return super().mixed_grads_inner_prod(left, right, gradient_provider)
-        xp = gradient_provider.xp
-        factors = self._left_coefficients(left, gradient_provider) @ xp.matrix_transpose(
-            op.eigenvectors
-        )
-        mixed = gradient_provider.flat_mixed_grads(left if right is None else right)
-        return contract(factors, mixed, xp=xp)
-
-
 def _lissa_step(
     t: Array, h: Array, product: Array, reg: float, keep: float, scale: float, /, *, xp: Namespace
 ) -> tuple[Array, Array]:
@@ -733,166 +607,3 @@ class LissaOperator(Operator):
 
     def with_regularization(self, regularization: float) -> LissaOperator:
         return LissaOperator(self.curvature, regularization, self.options, _top=self._top)
-
-
-@final
-class InverseHarmonicMeanOperator(Operator):
-    """DataInf: ``R = mean_i (g_i g_i^T + lambda I)^-1`` (Kwon et al. 2024).
-
-    By Sherman-Morrison, ``R v = (v - mean_i g_i (g_i^T v) / (lambda + |g_i|^2)) / lambda``;
-    each application is one pass over the training gradients, none stored.
-    Needs ``lambda > 0``.
-    """
-
-    def __init__(self, gp: GradientProvider, data: Dataset, regularization: float):
-        if not regularization > 0:
-            raise ValueError(
-                "InverseHarmonicMeanInfluence needs regularization > 0 "
-                f"(each g g^T is singular), got {regularization}"
-            )
-        self.gp = gp
-        self.data = data
-        self.regularization = float(regularization)
-
-    @property
-    def input_size(self) -> int:
-        return self.gp.n_parameters
-
-    def _apply(self, t: Array) -> Array:
-        xp = self.gp.xp
-        reg = self.regularization
-        total = xp.zeros_like(t)
-        n = 0
-        for batch in self.data:
-            grads = self.gp.flat_grads(batch)  # (N, P)
-            weights = 1.0 / (reg + xp.sum(grads * grads, axis=1))  # (N,)
-            total = total + ((t @ xp.matrix_transpose(grads)) * weights) @ grads
-            n += int(grads.shape[0])
-        return (t - total / n) / reg
-
-    def with_regularization(self, regularization: float) -> InverseHarmonicMeanOperator:
-        return InverseHarmonicMeanOperator(self.gp, self.data, regularization)
-
-
-def _ekfac_in_eigenbasis(
-    t: Array,
-    q_s: Array,
-    q_a: Array,
-    scale: Array,
-    /,
-    *,
-    xp: Namespace,
-    layout: str,
-    slices: tuple[int, int, tuple[int, int], tuple[int, int] | None],
-) -> Array:
-    """:meth:`EkfacOperator._in_eigenbasis`; ``slices`` = ``(O, I, (start, stop) of the
-    weight, (start, stop) of the bias or None)`` in the rows of ``t``."""
-    n_out, n_in, (w0, w1), bias = slices
-    k = t.shape[0]
-    w = t[:, w0:w1]
-    if layout == "oi":
-        w = xp.reshape(w, (k, n_out, n_in))
-    else:
-        w = xp.permute_dims(xp.reshape(w, (k, n_in, n_out)), (0, 2, 1))
-    g = w if bias is None else xp.concat([w, t[:, bias[0] : bias[1]][:, :, None]], axis=2)
-    rotated = xp.matrix_transpose(q_s) @ g @ q_a
-    back = q_s @ (rotated * scale) @ xp.matrix_transpose(q_a)
-    w = back[:, :, :n_in]
-    if layout == "io":
-        w = xp.permute_dims(w, (0, 2, 1))
-    pieces = [(w0, xp.reshape(w, (k, n_out * n_in)))]
-    if bias is not None:
-        pieces.append((bias[0], back[:, :, n_in]))
-    return xp.concat([p for _, p in sorted(pieces, key=lambda item: item[0])], axis=1)
-
-
-@final
-class EkfacOperator(Operator):
-    """EK-FAC inverse of one dense layer's Gauss-Newton block (George et al. 2018).
-
-    With ``a_n`` the layer inputs (a trailing 1 appended when the layer has a
-    bias, size ``I'``) and ``s_n`` the per-sample loss gradients at its outputs
-    (``O``), the per-sample gradient is the matrix ``G_n = s_n a_n^T``
-    (``O, I'``). K-FAC eigenbases ``Q_A`` of ``A = mean a a^T`` and ``Q_S`` of
-    ``S = mean s s^T``; eigenvalues ``Lambda[o, i] = mean_n (Q_S^T G_n Q_A)[o, i]^2``
-    (corrected) or ``lambda_S[o] lambda_A[i]`` (plain K-FAC). The curvature is
-    ``C v = Q_S (Lambda * (Q_S^T V Q_A)) Q_A^T`` and the operator divides by
-    ``Lambda + lambda`` instead.
-
-    ``layout`` says how the weight is stored: ``"oi"`` (torch, ``(O, I)``) or
-    ``"io"`` (flax kernel, ``(I, O)``); ``weight_slice`` and ``bias_slice``
-    locate them in the block's flat vector.
-    """
-
-    def __init__(
-        self,
-        q_s: Array,
-        q_a: Array,
-        eigenvalues: Array,
-        regularization: float,
-        *,
-        weight_slice: slice,
-        bias_slice: slice | None,
-        layout: str = "oi",
-        block: str = "",
-    ):
-        if layout not in ("oi", "io"):
-            raise ValueError(f"layout must be 'oi' or 'io', got {layout!r}")
-        xp = _xp.namespace(q_s, q_a, eigenvalues)
-        self.q_s, self.q_a, self.eigenvalues = q_s, q_a, eigenvalues
-        self.regularization = float(regularization)
-        self.weight_slice, self.bias_slice, self.layout, self.block = (
-            weight_slice,
-            bias_slice,
-            layout,
-            block,
-        )
-        self.n_out = int(q_s.shape[0])
-        self.n_in = int(q_a.shape[0]) - (1 if bias_slice is not None else 0)
-        smallest = float(xp.min(eigenvalues)) + self.regularization
-        if not smallest > 0:
-            raise NotPositiveDefiniteError(
-                f"the EK-FAC curvature of block {block!r} has eigenvalue "
-                f"{float(xp.min(eigenvalues)):.3e}; use a regularization > 0"
-            )
-        self._xp = xp
-
-    @property
-    def input_size(self) -> int:
-        bias = 0 if self.bias_slice is None else self.n_out
-        return self.n_out * self.n_in + bias
-
-    def _in_eigenbasis(self, t: Array, scale: Array) -> Array:
-        """``Q_S (scale * (Q_S^T G Q_A)) Q_A^T`` for the rows of ``t`` as matrices ``G``
-        (one compiled program on jax)."""
-        fn = _xp.maybe_jit(
-            _ekfac_in_eigenbasis, xp=self._xp, static_argnames=("xp", "layout", "slices")
-        )
-        bias = None if self.bias_slice is None else (self.bias_slice.start, self.bias_slice.stop)
-        slices = (self.n_out, self.n_in, (self.weight_slice.start, self.weight_slice.stop), bias)
-        return fn(t, self.q_s, self.q_a, scale, xp=self._xp, layout=self.layout, slices=slices)
-
-    def _apply(self, t: Array) -> Array:
-        return self._in_eigenbasis(t, 1.0 / (self.eigenvalues + self.regularization))
-
-    def curvature_apply(self, t: Array) -> Array:
-        """The (undamped) EK-FAC curvature on rows ``(K, P)``."""
-        return self._in_eigenbasis(t, self.eigenvalues)
-
-    def dense_curvature(self) -> Array:
-        """The EK-FAC curvature as a dense ``(P, P)`` matrix."""
-        xp = self._xp
-        eye = _xp.eye(self.input_size, dtype=self.q_s.dtype, device=_xp.device_of(self.q_s), xp=xp)
-        return self.curvature_apply(eye)
-
-    def with_regularization(self, regularization: float) -> EkfacOperator:
-        return EkfacOperator(
-            self.q_s,
-            self.q_a,
-            self.eigenvalues,
-            regularization,
-            weight_slice=self.weight_slice,
-            bias_slice=self.bias_slice,
-            layout=self.layout,
-            block=self.block,
-        )
