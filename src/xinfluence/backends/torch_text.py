@@ -33,7 +33,7 @@ torch, not ``transformers`` (install the ``text`` extra for Hugging Face models)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -134,7 +134,7 @@ def _shape(a: Any) -> str:
 
 
 # -- token sequences ------------------------------------------------------------
-Tokens = str | bytes | Sequence[int] | Tensor
+Tokens: TypeAlias = str | bytes | Sequence[int] | Tensor
 
 
 def encode_bytes(text: str | bytes) -> list[int]:
