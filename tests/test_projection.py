@@ -351,3 +351,22 @@ def test_default_damping_in_float32(xp, to_xp, softmax_data, projection):
     err = rel_err(scores[xp.float32], scores[xp.float64])
     print(projection, err)
     assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+@pytest.mark.parametrize("space", ["projected", "parameter"])
+def test_fitted_model_pickles(xp, to_xp, softmax_data, projection, space):
+    # dask ships fitted models to its workers: the maps held their namespace (a module)
+    import pickle
+
+    x, y, w, b = softmax_data
+    gp = SoftmaxRegressionGradients(to_xp(w), to_xp(b))
+    xx, yy = to_xp(x), to_xp(y)
+    model = xi.ProjectedInfluence(
+        gp, k=12, projection=projection, regularization=1e-2, regularization_space=space
+    ).fit((xx, yy))
+    expected = to_numpy(model.influences(xx[:3, ...], yy[:3], xx, yy))
+    factors = model.influence_factors(xx[:3, ...], yy[:3])
+    model.influences_from_factors(factors, xx, yy)  # fills the scoring caches
+    clone = pickle.loads(pickle.dumps(model))
+    assert rel_err(to_numpy(clone.influences(xx[:3, ...], yy[:3], xx, yy)), expected) == 0.0

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _xp
 from ._config import memory_budget
+from ._state import PicklableState
 from ._xp import Array, Namespace
 from .types import (
     Batch,
@@ -50,7 +51,7 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
-class GradientProjection(ABC):
+class GradientProjection(PicklableState, ABC):
     """A linear map ``R`` from one block's flat parameter space ``(P,)`` to ``(k,)``."""
 
     #: whether the rows are orthonormal (``R R^T = I_k``)
