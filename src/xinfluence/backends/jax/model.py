@@ -8,7 +8,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +19,6 @@ from ..._state import PicklableState, check_picklable_function
 from ..._xp import Array
 from ...errors import user_stacklevel
 from . import taps as _taps
-
-if TYPE_CHECKING:
-    from .provider import JaxGradientProvider
-
 
 Features = Callable[[Any, Array], Array]
 
@@ -121,7 +117,9 @@ class _Model(PicklableState):
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.accepted: set[tuple[Any, ...]] = set()
         self.accepted_x_shapes: list[tuple[int, ...]] = []
-        self.restricted: dict[tuple[str, ...], JaxGradientProvider] = {}
+        # restricted providers by parameter names (JaxGradientProvider: typed loosely,
+        # the provider module imports this one)
+        self.restricted: dict[tuple[str, ...], Any] = {}
         self.dense = self._resolve_dense_layers(dense_layers)
         self.conv = self._resolve_conv_layers(conv_layers)
         self._kfac_fns: dict[tuple[str, ...], Callable[..., Any]] = {}

@@ -43,7 +43,9 @@ gradients, Jacobian products, memory-budget chunk sizes, Hessian-vector
 products and Hessians; ``factors`` the KFAC / EKFAC layer factors and the
 Gauss-Newton products; ``linear`` the exact second derivatives of
 ``nn.Linear`` stacks; ``conv`` the unfolded patches of ``nn.Conv2d``
-layers; ``sequential`` the Hessian-vector products of sequential CNNs.
+layers; ``sequential`` the Hessian-vector products of sequential CNNs;
+``layers`` which modules are layers (dense, Hugging Face ``Conv1D``,
+``Conv2d``) and the tracked layers of ``layers=[...]``.
 ``TorchGradientProvider`` is one class assembled as a chain
 ``_ProviderBase -> _Derivatives -> _LayerFactors -> TorchGradientProvider``.
 """

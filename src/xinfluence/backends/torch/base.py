@@ -12,7 +12,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +26,7 @@ from ...errors import user_stacklevel
 from ...types import Batch, GradientProvider
 from . import linear as _linear
 from . import sequential as _sequential
-
-if TYPE_CHECKING:
-    from .provider import TorchGradientProvider
-
+from .layers import resolve_tracked_layers
 
 # The first forward-mode product makes torch import its jvp decompositions, which
 # call the deprecated torch.jit.script (a DeprecationWarning from torch itself, not
@@ -118,7 +115,7 @@ def _serialised(method: _F) -> _F:
     """Run ``method`` under the lock of the provider's module, after checking that
     the model is in eval mode (it may have been switched since construction)."""
 
-    def attempt(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
+    def attempt(self: _ProviderBase, *args: Any, **kwargs: Any) -> Any:
         if self._math_attention:
             with _MATH_ATTENTION:
                 return method(self, *args, **kwargs)
@@ -134,7 +131,7 @@ def _serialised(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     @functools.wraps(method)
-    def locked(self: TorchGradientProvider, *args: Any, **kwargs: Any) -> Any:
+    def locked(self: _ProviderBase, *args: Any, **kwargs: Any) -> Any:
         with _module_lock(self.model):
             self._check_eval_mode()
             try:
@@ -259,8 +256,6 @@ class _ProviderBase(GradientProvider):
         self.tracked_layers: tuple[str, ...] | None = None
         self.untracked_parameters: tuple[str, ...] = ()
         if layers is not None:
-            from .factors import resolve_tracked_layers  # factors builds on this module
-
             self.tracked_layers, names = resolve_tracked_layers(model, layers, trainable)
             self.untracked_parameters = tuple(n for n in trainable if n not in names)
             self._set_active(names)
