@@ -1,4 +1,4 @@
-"""The ``xinfluence`` command: ``demo``, ``compute`` and ``report``.
+"""The ``xinfluence`` command: ``demo``, ``compute``, ``report``, ``featurize`` and ``score``.
 
 ``xinfluence demo`` trains a small model on scikit-learn's bundled digits with
 flipped labels and writes an HTML report; ``xinfluence compute`` runs an influence
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compute_parser(sub, common)
     add_report_parser(sub, common)
+    from ._featurize import add_featurize_parser, add_score_parser
+
+    add_featurize_parser(sub, common)
+    add_score_parser(sub, common)
     return parser
 
 

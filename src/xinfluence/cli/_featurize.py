@@ -1,0 +1,236 @@
+"""``xinfluence featurize`` and ``xinfluence score``, on :class:`~xinfluence.compute.GradientStore`.
+
+``featurize`` fits an influence model on a recipe's training data (the recipe
+convention of ``xinfluence compute``: ``RECIPE.py:function`` returns
+``(gradient_provider, train_data, test_data)``) and writes the training side's
+transformed gradients ``B g_j`` to a resumable gradient store. The method and
+its options are kept in the store (``attrs["xinfluence_cli"]``): ``score``
+rebuilds the same model from them, refits it on the training data of the
+recipe it is given, and scores that recipe's test data against the store. The
+store refuses a model that differs from the one that built it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import CliError
+from ._compute import CLI_ATTRS, METHODS, _jsonable, load_recipe, parse_options
+
+FEATURIZE_METHODS = ("arnoldi", "direct", "ekfac", "identity", "nystroem")
+
+
+def _add_model_options(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--method",
+        choices=FEATURIZE_METHODS,
+        default=default,
+        help=f"default: {default or 'the one that built the store'}",
+    )
+    p.add_argument("--regularization", type=float, default=None, help="damping lambda (default 0)")
+    p.add_argument(
+        "--block-structure",
+        default=None,
+        help="full (default), layer, parameter, or a JSON object block -> parameter names",
+    )
+    p.add_argument(
+        "--second-order",
+        choices=("hessian", "gauss_newton", "empirical_fisher"),
+        default=None,
+        help="curvature (default: the method's own)",
+    )
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method, e.g. rank=20 (repeatable)",
+    )
+
+
+def _cli_error(exc: Exception) -> CliError:
+    return CliError(str(exc).replace("overwrite=True", "--overwrite"))
+
+
+# -- featurize -------------------------------------------------------------------
+def add_featurize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "featurize",
+        parents=[common],
+        help="fit a model on a recipe's training data and store its transformed gradients",
+        description=(
+            "Fit an influence model on the training data that RECIPE.py:function returns "
+            "and write the training side's transformed gradients B g_j to a gradient store "
+            "(zarr), block by block: an interrupted run resumes when rerun with the same "
+            "arguments. Score queries against it with xinfluence score. Only models whose "
+            "influences factor have a store: " + ", ".join(FEATURIZE_METHODS) + "."
+        ),
+        epilog=(
+            "Example: xinfluence featurize recipe.py:build --method direct "
+            "--regularization 1e-3 --out store.zarr"
+        ),
+    )
+    p.add_argument("recipe", metavar="RECIPE.py:function", help="the recipe file and function")
+    p.add_argument("--out", type=Path, required=True, help="the gradient store (a directory)")
+    _add_model_options(p, "direct")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="storage dtype")
+    p.add_argument("--block-rows", type=int, default=None, help="training points per block")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_featurize)
+
+
+def cmd_featurize(args: argparse.Namespace) -> int:
+    import xinfluence as xi
+
+    from ..compute import (
+        GradientStore,
+        StoreDamagedError,
+        StoreLockedError,
+        StoreMismatchError,
+        _store,
+    )
+
+    if args.block_rows is not None and args.block_rows < 1:
+        raise CliError(f"--block-rows must be >= 1, got {args.block_rows}")
+    kwargs = parse_options(args.method, args.option, args)
+    gp, train, _ = load_recipe(args.recipe)
+    model = getattr(xi, METHODS[args.method])(gp, **kwargs)
+    try:  # before the fit: what the path and the options alone decide
+        _store.precheck(
+            str(args.out),
+            _store.options_fingerprint(model, "gradient_store", "up"),
+            overwrite=args.overwrite,
+        )
+    except StoreMismatchError as exc:
+        raise _cli_error(exc) from exc
+    t0 = time.perf_counter()
+    print(f"fitting {type(model).__name__} ({gp.n_parameters} parameters) ...", flush=True)
+    model.fit(train)
+    fit_s = time.perf_counter() - t0
+    done: list[int] = []
+    t0 = time.perf_counter()
+    try:
+        gs = GradientStore.build(
+            model,
+            train,
+            str(args.out),
+            dtype=args.dtype,
+            block_rows=args.block_rows,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            on_block=done.append,
+        )
+    except (StoreMismatchError, StoreLockedError, StoreDamagedError) as exc:
+        raise _cli_error(exc) from exc
+    except xi.compute.NoFactorizationError as exc:
+        raise CliError(str(exc)) from exc
+    run_s = time.perf_counter() - t0
+    import zarr
+
+    group = zarr.open_group(str(args.out), mode="a")
+    group.attrs[CLI_ATTRS] = {
+        "recipe": args.recipe,
+        "method": args.method,
+        "class": type(model).__name__,
+        "options": {k: _jsonable(v) for k, v in kwargs.items()},
+    }
+    n_blocks = len(gs.records)
+    if not done:
+        how = f"nothing to compute: all {n_blocks} blocks were done"
+    elif len(done) < n_blocks:
+        how = f"resumed: {n_blocks - len(done)} blocks were done, {len(done)} computed"
+    else:
+        how = f"{len(done)} blocks"
+    print(
+        f"wrote features {gs.shape} ({gs.dtype}) to {args.out} "
+        f"(fit {fit_s:.1f} s, features {run_s:.1f} s; {how})"
+    )
+    return 0
+
+
+# -- score -----------------------------------------------------------------------
+def add_score_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "score",
+        parents=[common],
+        help="the top-k training points of a recipe's test data, from a gradient store",
+        description=(
+            "Score the test data that RECIPE.py:function returns against a gradient store "
+            "written by xinfluence featurize: the model is rebuilt with the method and "
+            "options kept in the store (or those given here), refitted on the recipe's "
+            "training data and checked against the store, which refuses another model. "
+            "Prints the k most helpful and harmful training indices per query."
+        ),
+        epilog="Example: xinfluence score store.zarr recipe.py:build --top-k 10 --out top.npz",
+    )
+    p.add_argument("store", type=Path, help="the gradient store")
+    p.add_argument("recipe", metavar="RECIPE.py:function", help="the recipe file and function")
+    p.add_argument("--top-k", type=int, default=10, help="training points per query (default 10)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="also write the top-k to this .npz (no pickle)"
+    )
+    p.add_argument("--rows", type=int, default=None, help="queries printed (default all)")
+    _add_model_options(p, None)
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import xinfluence as xi
+
+    from .. import _xp
+    from ..compute import GradientStore, StoreDamagedError, StoreMismatchError
+
+    if args.top_k < 1:
+        raise CliError(f"--top-k must be >= 1, got {args.top_k}")
+    if not args.store.exists():
+        raise CliError(f"store not found: {args.store}")
+    try:
+        gs = GradientStore.open(str(args.store))
+    except (StoreMismatchError, StoreDamagedError) as exc:
+        raise CliError(str(exc).replace("GradientStore.build", "xinfluence featurize")) from exc
+    kept: dict[str, Any] = dict(gs.group.attrs.get(CLI_ATTRS, {}))
+    method = args.method or kept.get("method")
+    if method is None:
+        raise CliError(
+            f"{args.store} was not written by xinfluence featurize: give the model with --method"
+        )
+    kwargs = {**(kept.get("options", {}) if method == kept.get("method") else {})}
+    kwargs.update(parse_options(method, args.option, args))
+    gp, train, test = load_recipe(args.recipe)
+    model = getattr(xi, METHODS[method])(gp, **kwargs)
+    print(f"fitting {type(model).__name__} ({gp.n_parameters} parameters) ...", flush=True)
+    model.fit(train)
+    try:
+        top = gs.top_k(model, test, k=args.top_k)
+    except (StoreMismatchError, StoreDamagedError) as exc:
+        raise CliError(str(exc).replace("GradientStore.build", "xinfluence featurize")) from exc
+    result = {
+        name: np.asarray(_xp.to_numpy(getattr(top, name)))
+        for name in ("helpful_indices", "helpful_scores", "harmful_indices", "harmful_scores")
+    }
+    n_test, k = result["helpful_indices"].shape
+    shown = n_test if args.rows is None else min(args.rows, n_test)
+    print(f"top {k} of {len(gs)} training points (index: score) for {n_test} queries:")
+    for t in range(shown):
+        fmt = ", ".join
+        hi, hs = result["helpful_indices"][t], result["helpful_scores"][t]
+        li, ls = result["harmful_indices"][t], result["harmful_scores"][t]
+        print(f"  query {t}: helpful {fmt(f'{j}: {s:+.6g}' for j, s in zip(hi, hs))}")
+        print(f"           harmful {fmt(f'{j}: {s:+.6g}' for j, s in zip(li, ls))}")
+    if args.out is not None:
+        np.savez(
+            args.out,
+            helpful_indices=result["helpful_indices"],
+            helpful_scores=result["helpful_scores"],
+            harmful_indices=result["harmful_indices"],
+            harmful_scores=result["harmful_scores"],
+        )
+        print(f"wrote {args.out}")
+    return 0
