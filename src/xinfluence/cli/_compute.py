@@ -40,6 +40,31 @@ COMMON_OPTIONS = ("regularization", "block_structure", "second_order")
 
 
 # -- compute ---------------------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser, *, example: str) -> None:
+    """``--regularization``, ``--block-structure``, ``--second-order`` and
+    ``--option KEY=VALUE`` (shared by ``compute``, ``featurize`` and ``score``)."""
+    p.add_argument("--regularization", type=float, default=None, help="damping lambda (default 0)")
+    p.add_argument(
+        "--block-structure",
+        default=None,
+        help="full (default), layer, parameter, or a JSON object block -> parameter names",
+    )
+    p.add_argument(
+        "--second-order",
+        choices=("hessian", "gauss_newton", "empirical_fisher"),
+        default=None,
+        help="curvature (default: the method's own)",
+    )
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"an option of the method, e.g. {example} (repeatable)",
+    )
+
+
 def add_compute_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "compute",
@@ -64,26 +89,7 @@ def add_compute_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", metavar="RECIPE.py:function", help="the recipe file and function")
     p.add_argument("--method", choices=sorted(METHODS), default="cg", help="default: cg")
     p.add_argument("--out", type=Path, required=True, help="the zarr store (a directory)")
-    p.add_argument("--regularization", type=float, default=None, help="damping lambda (default 0)")
-    p.add_argument(
-        "--block-structure",
-        default=None,
-        help="full (default), layer, parameter, or a JSON object block -> parameter names",
-    )
-    p.add_argument(
-        "--second-order",
-        choices=("hessian", "gauss_newton", "empirical_fisher"),
-        default=None,
-        help="curvature (default: the method's own)",
-    )
-    p.add_argument(
-        "--option",
-        "-o",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the method, e.g. rtol=1e-8 or rank=20 (repeatable)",
-    )
+    add_model_options(p, example="rtol=1e-8 or rank=20")
     p.add_argument("--top-k", type=int, default=0, help="also store the k most helpful/harmful")
     p.add_argument(
         "--scheduler",

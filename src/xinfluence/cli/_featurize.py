@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import CliError
-from ._compute import CLI_ATTRS, METHODS, _jsonable, load_recipe, parse_options
+from ._compute import CLI_ATTRS, METHODS, _jsonable, add_model_options, load_recipe, parse_options
 
 FEATURIZE_METHODS = ("arnoldi", "direct", "ekfac", "identity", "nystroem")
 
@@ -32,26 +32,7 @@ def _add_model_options(p: argparse.ArgumentParser, default: str | None) -> None:
         default=default,
         help=f"default: {default or 'the one that built the store'}",
     )
-    p.add_argument("--regularization", type=float, default=None, help="damping lambda (default 0)")
-    p.add_argument(
-        "--block-structure",
-        default=None,
-        help="full (default), layer, parameter, or a JSON object block -> parameter names",
-    )
-    p.add_argument(
-        "--second-order",
-        choices=("hessian", "gauss_newton", "empirical_fisher"),
-        default=None,
-        help="curvature (default: the method's own)",
-    )
-    p.add_argument(
-        "--option",
-        "-o",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the method, e.g. rank=20 (repeatable)",
-    )
+    add_model_options(p, example="rank=20")
 
 
 def _cli_error(exc: Exception) -> CliError:

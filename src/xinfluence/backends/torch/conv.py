@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .linear import param_layers
+
 
 def _padding(module: nn.Conv2d) -> tuple[int, int] | None:
     """The explicit zero padding of ``module``, or ``None`` where unfold cannot
@@ -91,28 +93,7 @@ def conv_param_layers(
     in ``active``: module name (``"root"`` for the model itself) -> ``(module,
     weight name or None, bias name or None)``. Layers with a tied active
     parameter are left out."""
-    uses: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                uses[id(p)] = uses.get(id(p), 0) + 1
-    out: OrderedDict[str, tuple[nn.Conv2d, str | None, str | None]] = OrderedDict()
-    for mod_name, module in model.named_modules():
-        if not conv_supported(module):
-            continue
-        assert isinstance(module, nn.Conv2d)
-        prefix = f"{mod_name}." if mod_name else ""
-        found: list[str | None] = []
-        tied = False
-        for attr in ("weight", "bias"):
-            p = getattr(module, attr)
-            name = prefix + attr
-            is_active = p is not None and name in active
-            tied = tied or (is_active and uses[id(p)] > 1)
-            found.append(name if is_active else None)
-        if not tied and (found[0] is not None or found[1] is not None):
-            out[mod_name or "root"] = (module, found[0], found[1])
-    return out
+    return param_layers(model, active, conv_supported)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import conv as _conv
 from . import linear as _linear
+from .linear import param_layers
 
 Params = dict[str, Tensor]
 
@@ -36,27 +37,7 @@ def hf_conv1d_param_layers(
     """Hugging Face ``Conv1D`` layers holding parameters in ``active``, as
     :func:`~xinfluence.backends.torch.linear.linear_param_layers` gives ``nn.Linear``
     layers (tied layers left out)."""
-    uses: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                uses[id(p)] = uses.get(id(p), 0) + 1
-    out: OrderedDict[str, tuple[nn.Module, str | None, str | None]] = OrderedDict()
-    for mod_name, module in model.named_modules():
-        if not is_hf_conv1d(module):
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        found: list[str | None] = []
-        tied = False
-        for attr in ("weight", "bias"):
-            p = getattr(module, attr)
-            name = prefix + attr
-            is_active = p is not None and name in active
-            tied = tied or (is_active and uses[id(p)] > 1)
-            found.append(name if is_active else None)
-        if not tied and (found[0] is not None or found[1] is not None):
-            out[mod_name or "root"] = (module, found[0], found[1])
-    return out
+    return param_layers(model, active, is_hf_conv1d)
 
 
 def resolve_tracked_layers(

@@ -415,14 +415,24 @@ def linear_param_layers(
     whose parameters do not have the shapes its ``in_features`` and
     ``out_features`` declare (a replaced ``weight``): its derivatives then take
     the general path."""
+    return param_layers(model, active, lambda m: isinstance(m, nn.Linear) and _declared_shapes(m))
+
+
+def param_layers(
+    model: nn.Module, active: Params, accepts: Callable[[nn.Module], bool]
+) -> OrderedDict[str, Any]:
+    """The modules ``accepts`` takes that hold parameters in ``active``: module
+    name (``"root"`` for the model itself) -> ``(module, weight name or None, bias
+    name or None)`` (``None``: not in ``active``). A layer with an active
+    parameter that another module shares (tied weights) is left out."""
     uses: dict[int, int] = {}
     for module in model.modules():
         for p in module._parameters.values():
             if p is not None:
                 uses[id(p)] = uses.get(id(p), 0) + 1
-    out: OrderedDict[str, tuple[nn.Linear, str | None, str | None]] = OrderedDict()
+    out: OrderedDict[str, Any] = OrderedDict()
     for mod_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not _declared_shapes(module):
+        if not accepts(module):
             continue
         prefix = f"{mod_name}." if mod_name else ""
         found: list[str | None] = []
