@@ -317,7 +317,6 @@ def _compute_dask(
         raise CliError(
             "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
         ) from exc
-    import warnings
 
     from .. import _chunking, _xp
     from ..compute import DaskInfluenceCalculator, _store
@@ -355,15 +354,7 @@ def _compute_dask(
             )
         except _store.StoreMismatchError as exc:
             raise CliError(str(exc).replace("overwrite=True", "--overwrite")) from exc
-        damaged = bs.drop_damaged()
-        if damaged:
-            shown = "; ".join(f"block {k}: {why}" for k, why in damaged[:5])
-            warnings.warn(
-                f"{len(damaged)} finished block(s) of the store are damaged and are "
-                f"recomputed ({shown})",
-                UserWarning,
-                stacklevel=2,
-            )
+        _store.warn_damaged(bs.drop_damaged(), what="the store", stacklevel=2)
         n_i, n_j = -(-len(xt) // rows_t), -(-len(x) // rows)
 
         def span(k: int, size: int, n: int) -> tuple[int, int]:

@@ -441,6 +441,18 @@ def _empty(directory: Path) -> None:
             target.unlink()
 
 
+def warn_damaged(damaged: list[tuple[Any, str]], *, what: str, stacklevel: int) -> None:
+    """Warn that the finished blocks ``damaged`` (``(block, why)``, at most five
+    shown) of ``what`` are recomputed; ``stacklevel`` as the caller's own."""
+    if damaged:
+        shown = "; ".join(f"block {k}: {why}" for k, why in damaged[:5])
+        warnings.warn(
+            f"{len(damaged)} finished block(s) of {what} are damaged and are recomputed ({shown})",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def open_store(store: Any, fingerprint: dict[str, Any], *, overwrite: bool) -> BlockStore:
     """Open or create the group at ``store`` (a path or a zarr store) for a run
     with ``fingerprint``; refuse a store written by another computation, a path

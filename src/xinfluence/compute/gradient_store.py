@@ -43,7 +43,6 @@ of every training point, ``(N, *D, P)``: not a gradient store).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -448,14 +447,8 @@ def _write(
             damaged.append(((i, 0), "its self-influences differ from their checksum"))
             del bs._done_group[f"{i}.0"]
             del bs.done[(i, 0)]
-    if damaged:
-        shown = "; ".join(f"block {k[0]}: {why}" for k, why in damaged[:5])
-        warnings.warn(
-            f"{len(damaged)} finished block(s) of the gradient store are damaged and are "
-            f"recomputed ({shown})",
-            UserWarning,
-            stacklevel=3,
-        )
+    damaged_rows = [(k[0], why) for k, why in damaged]
+    _store.warn_damaged(damaged_rows, what="the gradient store", stacklevel=3)
     resumed = len(bs.done)
     if resumed:
         note(progress, f"resuming: {resumed} blocks of the gradient store done")

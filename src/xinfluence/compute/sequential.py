@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
@@ -457,15 +456,7 @@ class LazyInfluences:
                 "other training data or other parameters (the gradient of the first "
                 "training point differs)",
             )
-        damaged = bs.drop_damaged()
-        if damaged:
-            shown = "; ".join(f"block {k}: {why}" for k, why in damaged[:5])
-            warnings.warn(
-                f"{len(damaged)} finished block(s) of the store are damaged and are "
-                f"recomputed ({shown})",
-                UserWarning,
-                stacklevel=3,
-            )
+        _store.warn_damaged(bs.drop_damaged(), what="the store", stacklevel=3)
         total = self._total(plan)
         self.blocks_resumed = len(bs.done)
         self.blocks_total = total
