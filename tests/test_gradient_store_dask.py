@@ -199,6 +199,11 @@ def test_local_scheduler_build_equals_sequential(tmp_path, xp, to_xp):
     np.testing.assert_array_equal(store.features(), seq.features())
     np.testing.assert_array_equal(store.self_influence(), seq.self_influence())
     assert store.fingerprint == seq.fingerprint
+    # the sequential default for in-memory arrays (what featurize --scheduler uses)
+    from xinfluence.compute._gradient_store_dask import default_block_rows
+
+    auto = GradientStore.build(model, [(xs, ys)], tmp_path / "auto", progress=False)
+    assert default_block_rows(model, xs, ys, None) == auto.block_rows
     # default block_rows: the arrays' first chunk
     assert (
         GradientStore.build(model, _dask(x, y, 8), tmp_path / "e", progress=False).block_rows == 8

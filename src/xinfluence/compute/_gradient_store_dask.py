@@ -47,7 +47,14 @@ from . import _store
 from ._progress import note, progress_bar
 from ._reductions import TopK
 
-__all__ = ["build", "influences", "is_dask_pair", "self_influence", "top_k"]
+__all__ = [
+    "build",
+    "default_block_rows",
+    "influences",
+    "is_dask_pair",
+    "self_influence",
+    "top_k",
+]
 
 
 def is_dask_pair(data: Any) -> bool:
@@ -423,3 +430,16 @@ def top_k(gstore: Any, q: Array, k: int, client: Any) -> TopK:
 def self_influence(gstore: Any, client: Any) -> np.ndarray:
     """``(N,)`` float64, a task per block."""
     return np.concatenate(_per_block(gstore, client, _self_task))
+
+
+def default_block_rows(model: Any, x: Any, y: Any, dtype: Any) -> int:
+    """The block rows a sequential build would choose for training points like
+    ``x[:1], y[:1]`` (so that a dask build of in-memory arrays writes the same
+    store as a sequential one)."""
+    from . import gradient_store as gs
+    from .dask import _np_dtype
+
+    gp = model.gradient_provider
+    k = sum(f.size for f in gs.factorize(model))
+    first = gp.prepare_batch(Batch(x[:1, ...], y[:1, ...]))
+    return gs._default_rows(model, first, k, gs._storage_dtype(dtype, np.dtype(_np_dtype(model))))
