@@ -38,6 +38,11 @@ unrounded features.
 
 Only the up mode is served (the perturbation mode needs the mixed derivatives
 of every training point, ``(N, *D, P)``: not a gradient store).
+
+On dask (:mod:`._gradient_store_dask`): ``build`` from dask arrays or, with
+``client=``, from partitions, a task per block whose worker writes the block
+into the store (the same store as a sequential build); the scoring methods
+with ``client=`` run a task per block on the workers.
 """
 
 from __future__ import annotations
