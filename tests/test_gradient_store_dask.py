@@ -208,3 +208,45 @@ def test_local_scheduler_build_equals_sequential(tmp_path, xp, to_xp):
     assert (
         GradientStore.build(model, _dask(x, y, 8), tmp_path / "e", progress=False).block_rows == 8
     )
+
+
+@pytest.mark.skipif(
+    os.environ.get("XINFLUENCE_BACKEND", "numpy") != "torch", reason="torch backend only"
+)
+def test_torch_dataloader_partitions(tmp_path):
+    """A torch model, partitions as DataLoaders over subsets, on an in-process
+    cluster: the sequential store and scores (torch tensors back)."""
+    torch = pytest.importorskip("torch")
+    distributed = pytest.importorskip("distributed")
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from torch_helpers import mlp
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    gp = TorchGradientProvider(
+        mlp(n_in=4, hidden=5, n_out=3, seed=1), torch.nn.functional.cross_entropy
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(29, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (29,), generator=g)
+    data = TensorDataset(x, y)
+    model = xi.ProjectedInfluence(
+        gp, k=(3, 4), projection="kronecker", regularization=1e-3, block_structure="layer"
+    ).fit([(x, y)])
+    seq = GradientStore.build(model, [(x, y)], tmp_path / "seq", block_rows=8, progress=False)
+    parts = [
+        DataLoader(Subset(data, range(i, min(i + 8, 29))), batch_size=3) for i in range(0, 29, 8)
+    ]
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        store = GradientStore.build(model, parts, tmp_path / "d", client=client, progress=False)
+        got = store.influences(model, x[:7], y[:7], client=client)
+    assert store.records == seq.records and store.fingerprint == seq.fingerprint
+    np.testing.assert_array_equal(store.features(), seq.features())
+    expected = seq.influences(model, x[:7], y[:7])
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    assert rel_err(got, expected) <= 1e-12

@@ -108,10 +108,11 @@ def build(
         sizes = [int(c) for c in x.chunks[0]]
         first = Batch(_to_provider(model, x0), _to_provider(model, y0))
     else:
-        if isinstance(data, (Batch, str, bytes)) or not hasattr(data, "__len__"):
+        if not isinstance(data, (list, tuple)):
+            # (a DataLoader here would be read through in this process, batch by batch)
             raise TypeError(
                 "GradientStore.build with a client takes a pair (x, y) of dask arrays or a "
-                f"sequence of partitions (each one block), got {type(data).__name__}"
+                f"list of partitions (each one block), got {type(data).__name__}"
             )
         parts = list(data)
         sizes = [_partition_size(p, i) for i, p in enumerate(parts)]
