@@ -70,13 +70,18 @@ def _dask(x, y, chunks=ROWS):
     return da.from_array(x, chunks=(chunks, x.shape[1])), da.from_array(y, chunks=(chunks,))
 
 
-def _same_store(a: GradientStore, b: GradientStore) -> None:
-    """The same fingerprint, records (with the checksums of every block) and values."""
-    assert a.fingerprint == b.fingerprint
-    assert a.records == b.records and len(a.records) == 8
-    np.testing.assert_array_equal(a.features(), b.features())
-    np.testing.assert_array_equal(a.self_influence(), b.self_influence())
-    assert a.array.chunks == b.array.chunks
+def _same_store(a: GradientStore, b: GradientStore, blocks: int = 8) -> None:
+    """The same fingerprint, layout, records (rows, data digests; the checksums
+    follow the values, which may differ in the last bit where a kernel depends on
+    memory layout) and values to 1e-12."""
+    assert a.fingerprint == b.fingerprint and a.array.chunks == b.array.chunks
+    assert sorted(a.records) == sorted(b.records) == list(range(blocks))
+    for i, rec in a.records.items():
+        assert {k: v for k, v in rec.items() if "checksum" not in k} == {
+            k: v for k, v in b.records[i].items() if "checksum" not in k
+        }
+    assert rel_err(a.features(), b.features()) <= 1e-12
+    assert rel_err(a.self_influence(), b.self_influence()) <= 1e-12
 
 
 @NUMPY_ONLY
@@ -103,7 +108,7 @@ def test_cluster_build_and_scores_equal_sequential(tmp_path, client, name):
             rel_err(store.total_influence(model, xt, yt, reduce=reduce, client=client), ref)
             <= 1e-12
         )
-    np.testing.assert_array_equal(store.self_influence(client=client), seq.self_influence())
+    assert rel_err(store.self_influence(client=client), seq.self_influence()) <= 1e-12
     # k = 4 and k past N: indices equal, scores to 1e-12
     for k in (4, 40):
         tk, ref = store.top_k(model, xt, yt, k=k, client=client), seq.top_k(model, xt, yt, k=k)
@@ -196,9 +201,7 @@ def test_local_scheduler_build_equals_sequential(tmp_path, xp, to_xp):
     store = GradientStore.build(
         model, _dask(x, y, (5, 9, 3, 20)), tmp_path / "d", block_rows=ROWS, progress=False
     )
-    np.testing.assert_array_equal(store.features(), seq.features())
-    np.testing.assert_array_equal(store.self_influence(), seq.self_influence())
-    assert store.fingerprint == seq.fingerprint
+    _same_store(store, seq)
     # the sequential default for in-memory arrays (what featurize --scheduler uses)
     from xinfluence.compute._gradient_store_dask import default_block_rows
 
@@ -245,8 +248,7 @@ def test_torch_dataloader_partitions(tmp_path):
     ):
         store = GradientStore.build(model, parts, tmp_path / "d", client=client, progress=False)
         got = store.influences(model, x[:7], y[:7], client=client)
-    assert store.records == seq.records and store.fingerprint == seq.fingerprint
-    np.testing.assert_array_equal(store.features(), seq.features())
+    _same_store(store, seq, blocks=4)
     expected = seq.influences(model, x[:7], y[:7])
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
     assert rel_err(got, expected) <= 1e-12
