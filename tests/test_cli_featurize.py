@@ -108,3 +108,34 @@ def test_help(capsys):
             main([*args, "--help"])
         assert exc.value.code == 0
         assert "usage: xinfluence" in capsys.readouterr().out
+
+
+def test_featurize_and_score_on_a_dask_scheduler(recipe, tmp_path, capsys):
+    """--scheduler: the store of a sequential featurize (a run without it resumes on
+    the scheduler, one block computed), and the same top-k."""
+    distributed = pytest.importorskip("distributed")
+    arrays = tmp_path / "arrays.py"
+    arrays.write_text(RECIPE.replace("return gp, train,", "return gp, (x, y),"))
+    store, seq_top, dask_top = tmp_path / "s.zarr", tmp_path / "a.npz", tmp_path / "b.npz"
+    featurize = ["featurize", f"{arrays}:build", "--regularization", "1e-3", "--no-progress"]
+    featurize += ["--out", str(store), "--block-rows", "10"]
+    assert main(featurize) == 0
+    score = ["score", str(store), f"{arrays}:build", "--top-k", "4"]
+    assert main([*score, "--out", str(seq_top)]) == 0
+    (store / "done" / "2.0" / "zarr.json").unlink()
+    (store / "done" / "2.0").rmdir()
+    capsys.readouterr()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        where = ["--scheduler", cluster.scheduler_address]
+        assert main([*featurize, *where]) == 0
+        assert "resumed: 4 blocks were done, 1 computed" in capsys.readouterr().out
+        assert main([*score, *where, "--out", str(dask_top)]) == 0
+        # partitions (the recipe's list of 13-sample chunks) must be of --block-rows
+        other = ["featurize", f"{recipe}:build", "--out", str(tmp_path / "p.zarr"), *where]
+        assert main([*other, "--block-rows", "10", "--no-progress"]) == 1
+        assert "block_rows = 10" in capsys.readouterr().err
+    with np.load(seq_top) as a, np.load(dask_top) as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])

@@ -282,3 +282,74 @@ def test_torch_mlp(tmp_path, name):
     got = store.influences(model, x[:7], y[:7])
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
     assert rel_err(got, expected) < 1e-10
+
+
+def test_options_that_change_the_store_are_fingerprinted(tmp_path):
+    """lambda (given anew or by with_regularization) and the options that change
+    B g_j or M, also when given as numpy scalars, refuse the store by name: at a
+    rebuild (before any pass) and at scoring. (A numpy integer option such as
+    krylov_dimension=np.int64(12) used to be left out of the fingerprint, and its
+    change went unnoticed or was blamed on the first training point.)"""
+    import array_api_compat.numpy as np_xp
+
+    gp, xs, ys, batches = _problem(lambda a: np_xp.asarray(a))
+    base = dict(
+        regularization=1e-3,
+        rank=np.int64(3),
+        krylov_dimension=np.int64(12),
+        tol=np.float32(1e-6),
+        on_failure="ignore",
+    )
+    model = xi.ArnoldiInfluence(gp, **base).fit(batches)
+    path = tmp_path / "s"
+    store = GradientStore.build(model, batches, path, block_rows=ROWS, progress=False)
+    for name, value in (
+        ("regularization", 2e-3),
+        ("krylov_dimension", np.int64(14)),
+        ("tol", np.float32(1e-4)),
+        ("seed", np.int64(7)),
+    ):
+        other = xi.ArnoldiInfluence(gp, **{**base, name: value}).fit(batches)
+        with pytest.raises(StoreMismatchError, match=rf"\b{name}: store "):
+            GradientStore.build(other, batches, path, block_rows=ROWS, progress=False)
+        with pytest.raises(StoreMismatchError, match=rf"\b{name}: store "):
+            store.influences(other, xs[:2], ys[:2])
+    # the same numpy options again: the finished store is reused as it is
+    same = xi.ArnoldiInfluence(gp, **base).fit(batches)
+    done = []
+    GradientStore.build(same, batches, path, block_rows=ROWS, progress=False, on_block=done.append)
+    assert done == []
+    # a changed damping on the fitted model itself
+    model.with_regularization(1e-2)
+    with pytest.raises(StoreMismatchError, match="regularization"):
+        GradientStore.build(model, batches, path, block_rows=ROWS, progress=False)
+    with pytest.raises(StoreMismatchError, match="regularization"):
+        store.influences(model, xs[:2], ys[:2])
+
+
+def test_projection_and_ekfac_options_are_fingerprinted(tmp_path):
+    """Seed, k, distribution of a projection and EK-FAC's diagonal update change B g_j
+    or M: a store built with other values is refused by name before any pass."""
+    import array_api_compat.numpy as np_xp
+
+    gp, xs, ys, batches = _problem(lambda a: np_xp.asarray(a))
+    cases = [
+        (
+            dict(k=9, seed=1, regularization=1e-3),
+            {"seed": dict(seed=np.int64(2)), "k": dict(k=np.int64(8))},
+            xi.ProjectedInfluence,
+        ),
+        (
+            dict(regularization=1e-3, second_order="empirical_fisher"),
+            {"update_diagonal": dict(update_diagonal=False)},
+            xi.EkfacInfluence,
+        ),
+    ]
+    for i, (base, variants, cls) in enumerate(cases):
+        path = tmp_path / f"s{i}"
+        model = cls(gp, **base).fit(batches)
+        GradientStore.build(model, batches, path, block_rows=ROWS, progress=False)
+        for name, change in variants.items():
+            other = cls(gp, **{**base, **change}).fit(batches)
+            with pytest.raises(StoreMismatchError, match=name):
+                GradientStore.build(other, batches, path, block_rows=ROWS, progress=False)

@@ -8,6 +8,13 @@ its options are kept in the store (``attrs["xinfluence_cli"]``): ``score``
 rebuilds the same model from them, refits it on the training data of the
 recipe it is given, and scores that recipe's test data against the store. The
 store refuses a model that differs from the one that built it.
+
+Both take ``--scheduler ADDRESS`` as ``xinfluence compute`` does: the blocks
+are tasks on that ``dask.distributed`` scheduler, whose workers write their
+blocks into the store (so they must reach its directory), and ``score``
+multiplies the stored blocks there. The store is the one a run without
+``--scheduler`` writes (with ``--block-rows`` or when the recipe's training
+data is an ``(x, y)`` pair), and either run resumes the other.
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from . import CliError
-from ._compute import CLI_ATTRS, METHODS, _jsonable, add_model_options, load_recipe, parse_options
+from ._compute import (
+    CLI_ATTRS,
+    METHODS,
+    _as_arrays,
+    _jsonable,
+    add_model_options,
+    load_recipe,
+    parse_options,
+)
 
 FEATURIZE_METHODS = ("arnoldi", "direct", "ekfac", "identity", "nystroem")
 
@@ -33,6 +48,58 @@ def _add_model_options(p: argparse.ArgumentParser, default: str | None) -> None:
         help=f"default: {default or 'the one that built the store'}",
     )
     add_model_options(p, example="rank=20")
+
+
+def _add_scheduler(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{what} as tasks on a dask.distributed scheduler, one per block of the store",
+    )
+
+
+class _Client:
+    """``dask.distributed.Client(address)`` as a context, or None without an address."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self.client: Any = None
+
+    def __enter__(self) -> Any:
+        if self.address is None:
+            return None
+        try:
+            from dask.distributed import Client
+        except ImportError as exc:
+            raise CliError(
+                "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
+            ) from exc
+        self.client = Client(self.address)
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def _dask_train(model: Any, train: Any, args: argparse.Namespace) -> tuple[Any, int | None]:
+    """The recipe's training data for a build on the scheduler: an ``(x, y)`` pair
+    as dask arrays in blocks of ``--block-rows`` (default: a sequential run's),
+    or a list of partitions (each one block) as it is."""
+    from .. import _xp
+    from ..compute import _gradient_store_dask as gsd
+
+    if isinstance(train, (list, tuple)) and not (len(train) == 2 and hasattr(train[0], "shape")):
+        return list(train), args.block_rows
+    x, y = (_xp.to_numpy(a) for a in _as_arrays(train, "train_data"))
+    import dask.array as da
+
+    rows = args.block_rows or gsd.default_block_rows(model, x, y, args.dtype)
+    return (
+        da.from_array(x, chunks=(rows, *x.shape[1:])),
+        da.from_array(y, chunks=(rows, *y.shape[1:])),
+    ), rows
 
 
 def _cli_error(exc: Exception) -> CliError:
@@ -50,7 +117,9 @@ def add_featurize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
             "and write the training side's transformed gradients B g_j to a gradient store "
             "(zarr), block by block: an interrupted run resumes when rerun with the same "
             "arguments. Score queries against it with xinfluence score. Only models whose "
-            "influences factor have a store: " + ", ".join(FEATURIZE_METHODS) + "."
+            "influences factor have a store: " + ", ".join(FEATURIZE_METHODS) + ". With "
+            "--scheduler the recipe returns its training data as an (x, y) pair of arrays "
+            "or a list of partitions of --block-rows samples each (the last may be shorter)."
         ),
         epilog=(
             "Example: xinfluence featurize recipe.py:build --method direct "
@@ -64,6 +133,7 @@ def add_featurize_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--block-rows", type=int, default=None, help="training points per block")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_scheduler(p, "compute and write the blocks")
     p.set_defaults(func=cmd_featurize)
 
 
@@ -97,17 +167,22 @@ def cmd_featurize(args: argparse.Namespace) -> int:
     fit_s = time.perf_counter() - t0
     done: list[int] = []
     t0 = time.perf_counter()
+    rows = args.block_rows
     try:
-        gs = GradientStore.build(
-            model,
-            train,
-            str(args.out),
-            dtype=args.dtype,
-            block_rows=args.block_rows,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            on_block=done.append,
-        )
+        with _Client(args.scheduler) as client:
+            if client is not None:
+                train, rows = _dask_train(model, train, args)
+            gs = GradientStore.build(
+                model,
+                train,
+                str(args.out),
+                dtype=args.dtype,
+                block_rows=rows,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                on_block=done.append,
+                client=client,
+            )
     except (StoreMismatchError, StoreLockedError, StoreDamagedError) as exc:
         raise _cli_error(exc) from exc
     except xi.compute.NoFactorizationError as exc:
@@ -159,6 +234,7 @@ def add_score_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rows", type=int, default=None, help="queries printed (default all)")
     _add_model_options(p, None)
+    _add_scheduler(p, "multiply the stored blocks")
     p.set_defaults(func=cmd_score)
 
 
@@ -189,7 +265,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     print(f"fitting {type(model).__name__} ({gp.n_parameters} parameters) ...", flush=True)
     model.fit(train)
     try:
-        top = gs.top_k(model, test, k=args.top_k)
+        with _Client(args.scheduler) as client:
+            top = gs.top_k(model, test, k=args.top_k, client=client)
     except (StoreMismatchError, StoreDamagedError) as exc:
         raise CliError(str(exc).replace("GradientStore.build", "xinfluence featurize")) from exc
     result = {

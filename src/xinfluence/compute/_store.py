@@ -91,6 +91,8 @@ def _plain(value: Any) -> Any:
     """A JSON-able rendering of simple option values (None for anything else)."""
     if isinstance(value, enum.Enum):
         return _plain(value.value)
+    if isinstance(value, np.generic):  # rank=np.int64(20), tol=np.float32(1e-6)
+        return _plain(value.item())
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, Mapping):

@@ -38,6 +38,11 @@ unrounded features.
 
 Only the up mode is served (the perturbation mode needs the mixed derivatives
 of every training point, ``(N, *D, P)``: not a gradient store).
+
+On dask (:mod:`._gradient_store_dask`): ``build`` from dask arrays or, with
+``client=``, from partitions, a task per block whose worker writes the block
+into the store (the same store as a sequential build); the scoring methods
+with ``client=`` run a task per block on the workers.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import numpy as np
 from .. import _chunking, _xp
 from .._xp import Array
 from ..types import Batch, InfluenceMode
+from . import _gradient_store_dask as _dask_build
 from . import _store
 from ._factor import FACTORIZED_MODELS, BlockFactor, NoFactorizationError, factorize
 from ._progress import note, progress_bar
@@ -169,6 +175,7 @@ class GradientStore:
         overwrite: bool = False,
         progress: bool = True,
         on_block: Any = None,
+        client: Any = None,
     ) -> GradientStore:
         """Write ``B g_j`` of every training point of ``data`` to ``store``.
 
@@ -176,7 +183,9 @@ class GradientStore:
             model: a fitted model whose influences factor (``FACTORIZED_MODELS``;
                 others raise :class:`NoFactorizationError`).
             data: the training points, anything ``fit`` accepts (an iterable of
-                batches is passed over once; a generator serves).
+                batches is passed over once; a generator serves); or, built on
+                dask (see :mod:`._gradient_store_dask`), a pair ``(x, y)`` of
+                dask arrays, or with ``client`` a sequence of partitions.
             store: a directory path or a zarr store.
             dtype: storage dtype (default: the model's); ``"float32"`` halves the
                 store of a float64 model at about ``2^-24`` relative rounding of
@@ -187,12 +196,30 @@ class GradientStore:
             overwrite: empty the store first (only one that xinfluence wrote).
             progress: a tqdm bar over blocks.
             on_block: ``on_block(i)`` after block ``i`` is written and recorded.
+            client: a ``dask.distributed.Client``: one task per block on its
+                workers, which write their blocks into the store (a path they
+                can all reach); None with dask arrays uses dask's default
+                scheduler. The store is the same as a sequential build's.
         """
         from ..influence import ComposableInfluence
 
         if not isinstance(model, ComposableInfluence):
             raise TypeError(f"expected a fitted influence model, got {type(model).__name__}")
         factors = factorize(model)  # NotFittedError / NoFactorizationError before any I/O
+        if client is not None or _dask_build.is_dask_pair(data):
+            group = _dask_build.build(
+                model,
+                factors,
+                data,
+                store,
+                dtype,
+                block_rows,
+                overwrite,
+                progress,
+                on_block,
+                client,
+            )
+            return cls(group)
         gp = model.gradient_provider
         xp = gp.xp
         k = sum(f.size for f in factors)
@@ -203,20 +230,11 @@ class GradientStore:
         probe_np = _xp.to_numpy(probe)
         storage = _storage_dtype(dtype, probe_np.dtype)
         if block_rows is None:
-            plan = _chunking.plan_chunks(
-                gp, first, InfluenceMode.Up, budget=_chunking.model_budget(model), test_rows=1
-            )
-            cap = max(1, _CHUNK_BYTES // max(1, k * storage.itemsize))
-            block_rows = max(1, min(plan.train_rows, cap))
-        elif isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
-            raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
-        fingerprint = {
-            **_store.options_fingerprint(model, KIND, InfluenceMode.Up),
-            "block_rows": block_rows,
-            "storage_dtype": storage.name,
-            "blocks": [[f.name, f.size] for f in factors],
-        }
-        bs = _store.open_store(store, fingerprint, overwrite=overwrite)
+            block_rows = _default_rows(model, first, k, storage)
+        _check_rows(block_rows)
+        bs = _store.open_store(
+            store, _fingerprint(model, factors, block_rows, storage), overwrite=overwrite
+        )
         try:
             _write(bs, model, factors, batches, one, probe, block_rows, storage, progress, on_block)
         finally:
@@ -266,11 +284,14 @@ class GradientStore:
         """All stored features ``F`` ``(N, k)`` (verified), a numpy array."""
         return np.concatenate([v for _, v in self.iter_blocks()], axis=0)
 
-    def self_influence(self, like: Array | None = None) -> Array:
+    def self_influence(self, like: Array | None = None, *, client: Any = None) -> Array:
         """``I[j, j] = <A g_j, B g_j>`` per training point, ``(N,)``, computed at build
         time from unrounded features: numpy float64, or in the namespace, device
-        and dtype of ``like``."""
-        out = np.concatenate([self._block(i)[2] for i in range(self._n_blocks())])
+        and dtype of ``like``. ``client``: read on its workers, a task per block."""
+        if client is not None:
+            out = _dask_build.self_influence(self, client)
+        else:
+            out = np.concatenate([self._block(i)[2] for i in range(self._n_blocks())])
         if like is None:
             return out
         xp = _xp.namespace(like)
@@ -357,33 +378,50 @@ class GradientStore:
         parts = [p for _, p in self._products(q)]
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
-    def influences(self, model: Any, x: Any, y: Any = None) -> Array:
+    def influences(self, model: Any, x: Any, y: Any = None, *, client: Any = None) -> Array:
         """Up-mode influences ``(N_test, N)`` of the stored training points on the
-        queries, as ``model.influences(x, y, x_train, y_train)`` gives them."""
-        return self.influences_from_query_features(self.query_features(model, x, y))
+        queries, as ``model.influences(x, y, x_train, y_train)`` gives them.
 
-    def top_k(self, model: Any, x: Any, y: Any = None, *, k: int) -> TopK:
-        """The ``k`` most helpful and most harmful stored training points per query,
-        streaming over the blocks (see :class:`~xinfluence.compute.TopK`)."""
+        ``client`` (a ``dask.distributed.Client``, here and in the other scoring
+        methods): the query features are computed here, the products on the
+        workers, a task per block (each reads its block from the store);
+        the result is the same array."""
         q = self.query_features(model, x, y)
+        if client is not None:
+            return _dask_build.influences(self, q, client)
+        return self.influences_from_query_features(q)
+
+    def top_k(self, model: Any, x: Any, y: Any = None, *, k: int, client: Any = None) -> TopK:
+        """The ``k`` most helpful and most harmful stored training points per query,
+        streaming over the blocks (see :class:`~xinfluence.compute.TopK`); with
+        ``client``, a top-k per block on the workers, merged here."""
+        q = self.query_features(model, x, y)
+        if client is not None:
+            return _dask_build.top_k(self, q, k, client)
         reducer = TopKReducer(k, _xp.namespace(q))
         for c0, block in self._products(q):
             reducer.update(0, c0, block)
         return reducer.result()
 
-    def total_influence(self, model: Any, x: Any, y: Any = None, *, reduce: str = "sum") -> Array:
+    def total_influence(
+        self, model: Any, x: Any, y: Any = None, *, reduce: str = "sum", client: Any = None
+    ) -> Array:
         """Sum (``"sum"``) or mean (``"mean"``) over the queries per training point,
-        ``(N,)``: one matrix-vector product per block."""
+        ``(N,)``: one matrix-vector product per block (with ``client``, on the
+        workers)."""
         if reduce not in ("sum", "mean"):
             raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
         q = self.query_features(model, x, y)
         xp = _xp.namespace(q)
         n = int(q.shape[0])
         total = xp.sum(q, axis=0, keepdims=True)
-        reducer = ColumnSumReducer(xp)
-        for c0, block in self._products(total):
-            reducer.update(0, c0, block)
-        out = reducer.result()
+        if client is not None:
+            out = _dask_build.influences(self, total, client)[0, ...]
+        else:
+            reducer = ColumnSumReducer(xp)
+            for c0, block in self._products(total):
+                reducer.update(0, c0, block)
+            out = reducer.result()
         return out if reduce == "sum" else out / n
 
 
@@ -405,20 +443,40 @@ def _peek(data: Any) -> tuple[Batch, Any]:
     return peek(_batches(data), "GradientStore.build")
 
 
-def _write(
-    bs: _store.BlockStore,
-    model: Any,
-    factors: list[BlockFactor],
-    batches: Any,
-    one: Batch,
-    probe: Array,
-    rows: int,
-    storage: np.dtype,
-    progress: bool,
-    on_block: Any,
-) -> None:
+def _default_rows(model: Any, first: Batch, k: int, storage: np.dtype) -> int:
+    """Training points per block from the model's memory budget, at most
+    ``_CHUNK_BYTES`` of stored features."""
     gp = model.gradient_provider
-    xp = gp.xp
+    plan = _chunking.plan_chunks(
+        gp, first, InfluenceMode.Up, budget=_chunking.model_budget(model), test_rows=1
+    )
+    cap = max(1, _CHUNK_BYTES // max(1, k * storage.itemsize))
+    return max(1, min(plan.train_rows, cap))
+
+
+def _check_rows(block_rows: Any) -> None:
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+
+
+def _fingerprint(
+    model: Any, factors: list[BlockFactor], block_rows: int, storage: np.dtype
+) -> dict[str, Any]:
+    """A store's fingerprint: the same for a sequential and a dask build."""
+    return {
+        **_store.options_fingerprint(model, KIND, InfluenceMode.Up),
+        "block_rows": block_rows,
+        "storage_dtype": storage.name,
+        "blocks": [[f.name, f.size] for f in factors],
+    }
+
+
+def _prepare(
+    bs: _store.BlockStore, factors: list[BlockFactor], one: Batch, probe: Array, xp: Any
+) -> Any:
+    """Before a (resumed) run: check or write the probes and the first training
+    point, forget damaged finished blocks (with a warning); returns the
+    self-influence array (None before the first block)."""
     g = bs.group
     probe_np = np.asarray(_xp.to_numpy(probe), dtype=np.float64)
     bs.check_probe(
@@ -448,7 +506,26 @@ def _write(
             del bs._done_group[f"{i}.0"]
             del bs.done[(i, 0)]
     damaged_rows = [(k[0], why) for k, why in damaged]
-    _store.warn_damaged(damaged_rows, what="the gradient store", stacklevel=3)
+    _store.warn_damaged(damaged_rows, what="the gradient store", stacklevel=4)
+    return selfs
+
+
+def _write(
+    bs: _store.BlockStore,
+    model: Any,
+    factors: list[BlockFactor],
+    batches: Any,
+    one: Batch,
+    probe: Array,
+    rows: int,
+    storage: np.dtype,
+    progress: bool,
+    on_block: Any,
+) -> None:
+    gp = model.gradient_provider
+    xp = gp.xp
+    g = bs.group
+    selfs = _prepare(bs, factors, one, probe, xp)
     resumed = len(bs.done)
     if resumed:
         note(progress, f"resuming: {resumed} blocks of the gradient store done")
