@@ -144,14 +144,12 @@ def stdlib_text(modules: tuple[str, ...] = STDLIB_MODULES) -> list[str]:
     seen: set[str] = set()
     for name in modules:
         mod = importlib.import_module(name)
-        objects = [mod] + [
-            getattr(mod, attr)
-            for attr in sorted(vars(mod))
-            if not attr.startswith("_")
-            and (inspect.isfunction(getattr(mod, attr)) or inspect.isclass(getattr(mod, attr)))
-        ]
+        members = [getattr(mod, attr) for attr in sorted(vars(mod)) if attr[:1] != "_"]
+        objects = [mod] + [m for m in members if inspect.isfunction(m) or inspect.isclass(m)]
         for obj in objects:
-            doc = inspect.getdoc(obj)
+            with warnings.catch_warnings():  # deprecated aliases (typing.io) warn on access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             if not doc:
                 continue
             doc = re.sub(r"\s+", " ", doc.encode("ascii", "ignore").decode()).strip()
@@ -422,6 +420,7 @@ class TextDemoResult:
     size_name: str
     size: TextSize
     corpus: TextCorpus
+    model: Any  # the trained CausalLMLogits (eval mode)
     n_parameters: int  # of the whole model
     n_tracked: int  # parameters in the tracked layers
     tracked_layers: tuple[str, ...]
@@ -487,6 +486,7 @@ def run_text_demo(
         size_name=size_name,
         size=size,
         corpus=corpus,
+        model=lm,
         n_parameters=sum(p.numel() for p in hf.parameters()),
         n_tracked=gp.n_parameters,
         tracked_layers=tuple(gp.tracked_layers or ()),
