@@ -93,6 +93,17 @@ def test_recall_recomputed_from_the_scores(tiny):
     assert tiny.methods["random"].recall.mean() < 0.5
 
 
+def test_recall_at_k_at_the_boundary():
+    pytest.importorskip("torch")
+    from xinfluence.cli._text import recall_at_k, source_ranks
+
+    scores = -np.arange(30.0)[None, :].repeat(2, axis=0)  # rank r holds index r - 1
+    sources = [np.array([0, 9, 10]), np.array([29, 3])]
+    np.testing.assert_array_equal(recall_at_k(scores, sources, 10), [2 / 3, 1 / 2])
+    np.testing.assert_array_equal(recall_at_k(scores, sources, 11), [1.0, 1 / 2])
+    assert [r.tolist() for r in source_ranks(scores, sources)] == [[1, 10, 11], [30, 4]]
+
+
 def test_escape_text():
     from xinfluence.cli._text_report import escape_text
 
