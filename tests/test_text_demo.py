@@ -132,5 +132,7 @@ def test_demo_text_bad_options(capsys):
     assert "--method applies to --task digits" in capsys.readouterr().err
     assert main(["demo", "--task", "text", "--backend", "jax", "--out", "x"]) == 1
     assert "runs on torch" in capsys.readouterr().err
+    assert main(["demo", "--task", "text", "--flip-fraction", "0.2", "--out", "x"]) == 1
+    assert "--flip-fraction applies to --task digits" in capsys.readouterr().err
     assert main(["demo", "--size", "tiny", "--out", "x"]) == 1
     assert "--size applies to --task text" in capsys.readouterr().err

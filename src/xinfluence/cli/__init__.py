@@ -80,9 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", type=Path, default=Path("xinfluence-demo"), help="report folder (created)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="data split, label flips, init")
     demo.add_argument(
-        "--flip-fraction", type=float, default=0.1, help="share of flipped training labels"
+        "--seed",
+        type=int,
+        default=0,
+        help="data split, label flips, init (text: corpus, facts, init, training batches)",
+    )
+    demo.add_argument(
+        "--flip-fraction",
+        type=float,
+        default=None,
+        help="share of flipped training labels (digits only; default 0.1)",
     )
     demo.add_argument(
         "--threads",
@@ -134,6 +142,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     args.backend = args.backend or "numpy"
     args.method = args.method or "cg"
+    args.flip_fraction = 0.1 if args.flip_fraction is None else args.flip_fraction
     _limit_threads(args.threads)
     if args.backend == "torch" and args.threads > 0:
         try:
@@ -177,6 +186,8 @@ def _cmd_demo_text(args: argparse.Namespace) -> int:
             "--task text compares its own methods (EK-FAC, Kronecker projection, gradient "
             "similarity); --method applies to --task digits"
         )
+    if args.flip_fraction is not None:
+        raise CliError("--flip-fraction applies to --task digits")
     _limit_threads(args.threads)
     from ._text import _need_text, run_text_demo
     from ._text_report import write_text_report
