@@ -108,7 +108,7 @@ class TextSize:
     n_facts: int  # planted facts, each in 2 to 4 training sequences
     n_control: int  # facts never in training: the query loss of an unseen fact
     n_docs: int  # docstring sequences
-    steps: int  # Adam steps
+    steps: int  # AdamW steps
     batch_size: int
     lr: float
     k_proj: tuple[int, int]  # (k_out, k_in) of the Kronecker projection per layer
@@ -271,8 +271,10 @@ def encode(texts: list[str], length: int) -> Any:
 
 
 def train(lm: Any, ids: Any, size: TextSize, seed: int) -> list[float]:
-    """Adam on the token cross-entropy (mean over the batch's tokens), cosine
-    learning rate; returns the loss every 50 steps."""
+    """AdamW without weight decay, cosine learning rate, on the loss the
+    influences use (:class:`CausalLMLoss` ``"mean"``: per sequence its mean token
+    cross-entropy, averaged over the batch); returns the batch loss every 50
+    steps and at the last."""
     torch, _ = _need_text()
     from ..backends.torch_text import CausalLMLoss
 

@@ -128,8 +128,8 @@ def write_text_report(result: TextDemoResult, out: Path, command: str) -> Path:
                 [
                     "training",
                     f"{s.steps} AdamW steps of {s.batch_size} sequences, learning rate "
-                    f"{s.lr:g} (cosine); loss {result.train_history[0]:.2f} → "
-                    f"{result.train_history[-1]:.2f} nats per token",
+                    f"{s.lr:g} (cosine); batch loss {result.train_history[0]:.2f} (first) → "
+                    f"{result.train_history[-1]:.2f} (last) nats per token",
                 ],
                 [
                     "tracked layers",
