@@ -25,6 +25,7 @@ CASES = {
     "torch_mlp_digits.py": ("torch", ["torch", "sklearn"]),
     "torch_cnn.py": ("torch", ["torch", "sklearn"]),
     "jax_flax_equinox.py": ("jax", ["jax", "flax", "equinox", "sklearn", "scipy"]),
+    "text_gpt2_facts.py": ("torch", ["torch", "transformers"]),
 }
 
 
@@ -34,7 +35,8 @@ def test_every_example_is_listed():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
 
 
-THREADED = ["torch_mlp_digits.py", "torch_cnn.py"]
+THREADED = ["torch_mlp_digits.py", "torch_cnn.py", "text_gpt2_facts.py"]
+QUICK = ["text_gpt2_facts.py"]  # a smaller run with --quick (the full one takes minutes)
 
 
 @pytest.mark.slow
@@ -52,6 +54,7 @@ def test_example_runs(script):
     env.setdefault("OMP_NUM_THREADS", "1")  # small models: threads only contend
     # the torch examples take --threads, as xinfluence demo, and print what they use
     extra = ["--threads", "1"] if script in THREADED else []
+    extra += ["--quick"] if script in QUICK else []
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *extra],
         capture_output=True,
