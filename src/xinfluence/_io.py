@@ -8,7 +8,9 @@ A file is one ``.npz`` archive (numpy's zip of ``.npy`` arrays, read with
   names, shapes, dtype and SHA-256 fingerprint, and per block the operator's
   kind and scalar fields;
 * the arrays of each block's operator (dense curvature and Cholesky factor,
-  eigenpairs, EK-FAC bases and eigenvalues), as ``block{i}/{field}``;
+  eigenpairs, EK-FAC bases and eigenvalues, the projected curvature of a
+  ProjectedInfluence, whose seeded map is drawn again from its options on
+  load), as ``block{i}/{field}``;
 * for models that solve at query time from the training data (CG, LiSSA,
   DataInf), the prepared training batches ``data{j}/x`` and ``data{j}/y``: their
   operators are rebuilt from that data and the saved options on load (CG's
@@ -147,36 +149,18 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     arrays: dict[str, np.ndarray] = {}
     blocks: list[dict[str, Any]] = []
     needs_data = False
+    from .projection import ProjectedOperator
+
     for i, (block, comp) in enumerate(mapper.composable_block_dict.items()):
         op = comp.op
         kind = next((k for k, c in _STATE_OPERATORS.items() if type(op) is c), None)
         if kind is not None:
-            scalars: dict[str, Any] = {}
-            fields: list[str] = []
-            transposed: list[str] = []
-            for key, value in op.__getstate__().items():
-                if key in _DIAGNOSTICS:
-                    continue
-                if _is_array(value):
-                    host = _xp.to_numpy(value)
-                    # keep a transposed view transposed: products with it then take
-                    # the same BLAS path after loading (bit-for-bit results)
-                    if host.ndim == 2 and host.flags.f_contiguous and not host.flags.c_contiguous:
-                        host = host.T
-                        transposed.append(key)
-                    arrays[f"block{i}/{key}"] = np.ascontiguousarray(host)
-                    fields.append(key)
-                else:
-                    scalars[key] = _encode_scalar(value, f"{type(op).__name__}.{key}")
-            blocks.append(
-                {
-                    "name": block,
-                    "kind": kind,
-                    "arrays": fields,
-                    "transposed": transposed,
-                    "scalars": scalars,
-                }
-            )
+            blocks.append({"name": block, "kind": kind, **_operator_state(op, i, arrays)})
+        elif type(op) is ProjectedOperator:
+            # the map depends on the model's options (seed, k, ...) only and is drawn
+            # again on load; the (k, k) projected curvature and its factor are saved
+            entry = _operator_state(op.inner, i, arrays)
+            blocks.append({"name": block, "kind": "projected", **entry})
         elif isinstance(op, _DATA_OPERATORS):
             needs_data = True
             blocks.append({"name": block, "kind": "from_data"})
@@ -184,8 +168,8 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
             raise NotImplementedError(
                 f"{type(model).__name__}.save does not know the operator "
                 f"{type(op).__name__} of block {block!r}; saving supports Direct, Arnoldi, "
-                "Nyström, EK-FAC, Identity, and (with their training data) CG, LiSSA and "
-                "DataInf models. Pickle the model instead, or refit it after loading"
+                "Nyström, EK-FAC, Identity, Projected, and (with their training data) CG, "
+                "LiSSA and DataInf models. Pickle the model instead, or refit it after loading"
             )
     n_batches = 0
     if needs_data:
@@ -226,6 +210,42 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def _operator_state(op: Any, i: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Put the arrays of ``op``'s state into ``arrays`` (as ``block{i}/{field}``);
+    returns the entry's ``arrays``, ``transposed`` and ``scalars``."""
+    scalars: dict[str, Any] = {}
+    fields: list[str] = []
+    transposed: list[str] = []
+    for key, value in op.__getstate__().items():
+        if key in _DIAGNOSTICS:
+            continue
+        if _is_array(value):
+            host = _xp.to_numpy(value)
+            # keep a transposed view transposed: products with it then take
+            # the same BLAS path after loading (bit-for-bit results)
+            if host.ndim == 2 and host.flags.f_contiguous and not host.flags.c_contiguous:
+                host = host.T
+                transposed.append(key)
+            arrays[f"block{i}/{key}"] = np.ascontiguousarray(host)
+            fields.append(key)
+        else:
+            scalars[key] = _encode_scalar(value, f"{type(op).__name__}.{key}")
+    return {"arrays": fields, "transposed": transposed, "scalars": scalars}
+
+
+def _operator_from_state(
+    op_cls: type, entry: dict[str, Any], i: int, arrays: dict[str, np.ndarray], gp: Any
+) -> Any:
+    state = {k: _decode_scalar(v, gp.xp) for k, v in entry["scalars"].items()}
+    for key in entry["arrays"]:
+        state[key] = _to_provider(arrays[f"block{i}/{key}"], gp)
+        if key in entry["transposed"]:
+            state[key] = gp.xp.matrix_transpose(state[key])
+    op = op_cls.__new__(op_cls)
+    op.__setstate__(state)
+    return op
 
 
 def _digest(name: str, a: np.ndarray) -> str:
@@ -401,15 +421,20 @@ def load(
             op = model._create_operator(
                 block, block_gp, data.with_provider(block_gp), model.regularization[block]
             )
+        elif entry["kind"] == "projected":
+            from .projection import ProjectedOperator, _ProjectedComposition
+
+            projection = model.make_projection(block, block_gp)
+            if model.regularization_space == "parameter":
+                projection = projection.orthonormalized()
+            op = ProjectedOperator.__new__(ProjectedOperator)
+            op.projection = projection
+            op.inner = _operator_from_state(DirectOperator, entry, i, arrays, gp)
+            op.block = block
+            comps[block] = _ProjectedComposition(op, block_gp)
+            continue
         else:
-            op_cls = _STATE_OPERATORS[entry["kind"]]
-            state = {k: _decode_scalar(v, gp.xp) for k, v in entry["scalars"].items()}
-            for key in entry["arrays"]:
-                state[key] = _to_provider(arrays[f"block{i}/{key}"], gp)
-                if key in entry["transposed"]:
-                    state[key] = gp.xp.matrix_transpose(state[key])
-            op = op_cls.__new__(op_cls)
-            op.__setstate__(state)
+            op = _operator_from_state(_STATE_OPERATORS[entry["kind"]], entry, i, arrays, gp)
         comps[block] = OperatorGradientComposition(op, block_gp)
     from .types import BlockMapper
 

@@ -295,6 +295,8 @@ class ProjectedInfluence(ComposableInfluence):
             raise ValueError(
                 f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}"
             )
+        if isinstance(k, list) and len(k) == 2:
+            k = (k[0], k[1])  # a pair read back from JSON (saved files, stores)
         if isinstance(k, tuple):
             if projection != "kronecker" or len(k) != 2:
                 raise ValueError(
