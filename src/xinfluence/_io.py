@@ -236,7 +236,7 @@ def _operator_state(op: Any, i: int, arrays: dict[str, np.ndarray]) -> dict[str,
 
 
 def _operator_from_state(
-    op_cls: type, entry: dict[str, Any], i: int, arrays: dict[str, np.ndarray], gp: Any
+    op_cls: Any, entry: dict[str, Any], i: int, arrays: dict[str, np.ndarray], gp: Any
 ) -> Any:
     state = {k: _decode_scalar(v, gp.xp) for k, v in entry["scalars"].items()}
     for key in entry["arrays"]:
