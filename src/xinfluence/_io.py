@@ -34,6 +34,7 @@ takes the gradient provider (the model) from the caller.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -74,6 +75,12 @@ _STATE_OPERATORS: dict[str, Any] = {
     "ekfac": EkfacOperator,
     "identity": IdentityOperator,
 }
+#: Operators around a DirectOperator ``inner`` (saved as "direct" is) whose other
+#: state the model rebuilds from its options on load, with
+#: ``model._restore_block(block, block_provider, inner)`` -> the block's
+#: composition: kind -> class, filled by the module that defines them
+#: (xinfluence.projection: "projected"), so that this module need not import it.
+WRAPPED_OPERATORS: dict[str, type] = {}
 # Operator attributes that report how a fit went and play no part in queries.
 _DIAGNOSTICS = frozenset({"eigen_result"})
 # Operators that keep the training data and solve at query time.
@@ -144,23 +151,42 @@ def _parameters(gp: GradientProvider) -> dict[str, Any]:
 
 def save(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s fitted state to ``path`` (see the module docstring)."""
+    arrays = _archive(model)
+    # write a sibling file, then rename: an interrupted save leaves no truncated file
+    target = os.fspath(path)
+    partial = target + ".partial"
+    try:
+        with open(partial, "wb") as f:  # np.savez(path) would append ".npz"
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def dumps(model: Any) -> bytes:
+    """The bytes :func:`save` would write (for a file kept elsewhere, e.g. in a store)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **_archive(model))  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _archive(model: Any) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` file of ``model``, metadata and digests included."""
     mapper = model._fitted_mapper()  # NotFittedError, StaleFitError
     gp = model.gradient_provider
     arrays: dict[str, np.ndarray] = {}
     blocks: list[dict[str, Any]] = []
     needs_data = False
-    from .projection import ProjectedOperator
-
     for i, (block, comp) in enumerate(mapper.composable_block_dict.items()):
         op = comp.op
         kind = next((k for k, c in _STATE_OPERATORS.items() if type(op) is c), None)
+        wrapped = next((k for k, c in WRAPPED_OPERATORS.items() if type(op) is c), None)
         if kind is not None:
             blocks.append({"name": block, "kind": kind, **_operator_state(op, i, arrays)})
-        elif type(op) is ProjectedOperator:
-            # the map depends on the model's options (seed, k, ...) only and is drawn
-            # again on load; the (k, k) projected curvature and its factor are saved
+        elif wrapped is not None:
             entry = _operator_state(op.inner, i, arrays)
-            blocks.append({"name": block, "kind": "projected", **entry})
+            blocks.append({"name": block, "kind": wrapped, **entry})
         elif isinstance(op, _DATA_OPERATORS):
             needs_data = True
             blocks.append({"name": block, "kind": "from_data"})
@@ -200,16 +226,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     arrays[_METADATA_DIGEST] = np.frombuffer(
         hashlib.sha256(raw).hexdigest().encode("ascii"), dtype=np.uint8
     )
-    # write a sibling file, then rename: an interrupted save leaves no truncated file
-    target = os.fspath(path)
-    partial = target + ".partial"
-    try:
-        with open(partial, "wb") as f:  # np.savez(path) would append ".npz"
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    return arrays
 
 
 def _operator_state(op: Any, i: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -252,10 +269,12 @@ def _digest(name: str, a: np.ndarray) -> str:
     return fingerprint([(name, a)])
 
 
-def _open_archive(name: str) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` file; :class:`CorruptFileError` where it cannot be read."""
+def _open_archive(name: str, raw: bytes | None = None) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file (or of its bytes ``raw``, read from elsewhere
+    under the name ``name``); :class:`CorruptFileError` where it cannot be read."""
+    source: Any = name if raw is None else io.BytesIO(raw)
     try:
-        with np.load(name, allow_pickle=False) as archive:
+        with np.load(source, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise CorruptFileError(f"{name!r} is a single .npy array, not a saved model")
             return {k: archive[k] for k in archive.files}
@@ -264,10 +283,14 @@ def _open_archive(name: str) -> dict[str, np.ndarray]:
     except CorruptFileError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
-        size = os.path.getsize(name) if os.path.isfile(name) else None
+        if raw is not None:
+            size: int | None = len(raw)
+            source = io.BytesIO(raw)
+        else:
+            size = os.path.getsize(name) if os.path.isfile(name) else None
         if size == 0:
             what = "is empty (0 bytes)"
-        elif not zipfile.is_zipfile(name):
+        elif not zipfile.is_zipfile(source):
             what = f"({size} bytes) is not a complete .npz (zip) archive"
         else:
             what = f"({size} bytes) has an unreadable array ({type(e).__name__}: {e})"
@@ -277,9 +300,11 @@ def _open_archive(name: str) -> dict[str, np.ndarray]:
         ) from e
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read(
+    path: str | os.PathLike[str], raw: bytes | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     name = os.fspath(path)
-    arrays = _open_archive(name)
+    arrays = _open_archive(name, raw)
     raw_array = arrays.pop(_METADATA, None)
     if raw_array is None:
         raise ValueError(f"{name!r} is not a saved xinfluence model (no metadata)")
@@ -374,9 +399,11 @@ def load(
     *,
     expected: type | None = None,
     on_mismatch: str = "raise",
+    raw: bytes | None = None,
 ) -> Any:
     """Read a model saved by :func:`save`, for ``gradient_provider`` (see
-    :meth:`~xinfluence.ComposableInfluence.load`)."""
+    :meth:`~xinfluence.ComposableInfluence.load`); ``raw``: the file's bytes, read
+    from elsewhere (a gradient store), ``path`` then only names them in errors."""
     if on_mismatch not in ("raise", "warn", "ignore"):
         raise ValueError(f"on_mismatch must be 'raise', 'warn' or 'ignore', got {on_mismatch!r}")
     if not isinstance(gradient_provider, GradientProvider):
@@ -384,7 +411,7 @@ def load(
             "expected a GradientProvider as second argument, got "
             f"{type(gradient_provider).__name__}"
         )
-    metadata, arrays = _read(path)
+    metadata, arrays = _read(path, raw)
     cls = MODELS.get(metadata["class"])
     if cls is None:
         raise ValueError(f"unknown model class {metadata['class']!r} in {os.fspath(path)!r}")
@@ -421,17 +448,9 @@ def load(
             op = model._create_operator(
                 block, block_gp, data.with_provider(block_gp), model.regularization[block]
             )
-        elif entry["kind"] == "projected":
-            from .projection import ProjectedOperator, _ProjectedComposition
-
-            projection = model.make_projection(block, block_gp)
-            if model.regularization_space == "parameter":
-                projection = projection.orthonormalized()
-            op = ProjectedOperator.__new__(ProjectedOperator)
-            op.projection = projection
-            op.inner = _operator_from_state(DirectOperator, entry, i, arrays, gp)
-            op.block = block
-            comps[block] = _ProjectedComposition(op, block_gp)
+        elif entry["kind"] in WRAPPED_OPERATORS:
+            inner = _operator_from_state(DirectOperator, entry, i, arrays, gp)
+            comps[block] = model._restore_block(block, block_gp, inner)
             continue
         else:
             op = _operator_from_state(_STATE_OPERATORS[entry["kind"]], entry, i, arrays, gp)
