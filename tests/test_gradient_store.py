@@ -414,3 +414,22 @@ def test_a_saved_model_is_verified(tmp_path):
     other, *_ = _fitted(seed=4)
     with pytest.raises(StoreMismatchError, match="score with the model that built it"):
         GradientStore.open(path).model(other.gradient_provider)
+
+
+@pytest.mark.parametrize("name", ["projected_kronecker", "ekfac"])
+def test_a_saved_float32_model(tmp_path, name):
+    """float32 models keep their dtype through the store's saved model."""
+    x, y, w, b = softmax_problem(np.random.default_rng(3))
+    f32 = [a.astype(np.float32) for a in (x, w, b)]
+    gp = SoftmaxRegressionGradients(f32[1], f32[2])
+    batches = [(f32[0][:13], y[:13]), (f32[0][13:], y[13:])]
+    model = MODELS[name](gp).fit(batches)
+    path = tmp_path / "s"
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, save_model=True)
+    store = GradientStore.open(path)
+    assert store.dtype == np.float32
+    loaded = store.model(gp)
+    got = store.influences(loaded, f32[0][:N_TEST], y[:N_TEST])
+    assert got.dtype == np.float32
+    assert np.array_equal(got, store.influences(model, f32[0][:N_TEST], y[:N_TEST]))
+    assert rel_err(got, model.influences(f32[0][:N_TEST], y[:N_TEST], f32[0], y)) < 1e-5
