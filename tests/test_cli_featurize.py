@@ -252,6 +252,11 @@ def test_a_damaged_or_missing_kept_model(recipe, tmp_path, capsys):
     a, b = _top(first), _top(again)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=0)
+    # featurize with the same arguments keeps the model of such a store
+    assert main([*args, "--out", str(store)]) == 0
+    assert "nothing to compute" in capsys.readouterr().out
+    assert main(score) == 0
+    assert "DirectInfluence loaded from the store" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

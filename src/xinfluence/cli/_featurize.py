@@ -331,8 +331,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                 warnings.warn(
                     f"{args.store} keeps no fitted model (written by an older xinfluence "
                     "featurize): refitting it on the recipe's training data. Rerun xinfluence "
-                    "featurize with --overwrite to keep the model and score without training "
-                    "data",
+                    "featurize with the same arguments (every block is kept) to keep the "
+                    "model and score without training data",
                     UserWarning,
                     stacklevel=2,
                 )
