@@ -41,15 +41,57 @@ def recipe(tmp_path):
     return path
 
 
-def _oracle(regularization):
+def _oracle(regularization, cls="DirectInfluence", **options):
     import xinfluence as xi
 
     ns: dict = {}
     exec(RECIPE, ns)
     gp, _, _ = ns["build"]()
     x, y = ns["x"], ns["y"]
-    model = xi.DirectInfluence(gp, regularization=regularization).fit((x, y))
+    model = getattr(xi, cls)(gp, regularization=regularization, **options).fit((x, y))
     return model.influences(x[:6], y[:6], x, y)
+
+
+def _top(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _check_top(path, ref, k, rtol=1e-10):
+    """The top-k written to ``path`` against the full influence matrix ``ref``."""
+    got = _top(path)
+    helpful = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    harmful = np.argsort(ref, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got["helpful_indices"], helpful)
+    np.testing.assert_array_equal(got["harmful_indices"], harmful)
+    for name, idx in (("helpful_scores", helpful), ("harmful_scores", harmful)):
+        want = np.take_along_axis(ref, idx, 1)
+        np.testing.assert_allclose(got[name], want, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+# training data that raises when read: score must not touch it
+UNTOUCHABLE = """
+
+class Untouchable:
+    def __iter__(self):
+        raise AssertionError("score read the training data")
+
+    def __len__(self):
+        raise AssertionError("score read the training data")
+
+    def __getitem__(self, i):
+        raise AssertionError("score read the training data")
+
+
+def queries():
+    gp, _, test = build()
+    return gp, Untouchable(), test
+
+
+def queries_only():
+    gp, _, test = build()
+    return gp, test
+"""
 
 
 def test_featurize_then_score_matches_the_model(recipe, tmp_path, capsys):
@@ -139,3 +181,95 @@ def test_featurize_and_score_on_a_dask_scheduler(recipe, tmp_path, capsys):
     with np.load(seq_top) as a, np.load(dask_top) as b:
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_score_loads_the_kept_model_and_reads_no_training_data(recipe, tmp_path, capsys):
+    """featurize keeps the fitted model in the store; score loads it for the recipe's
+    provider: the same numbers as refitting (1e-12), with training data that raises
+    when read, or none at all."""
+    recipe.write_text(RECIPE + UNTOUCHABLE)
+    store = tmp_path / "store.zarr"
+    featurize = ["featurize", f"{recipe}:build", "--method", "ekfac", "--regularization", "1e-3"]
+    assert main([*featurize, "--block-rows", "10", "--out", str(store), "--no-progress"]) == 0
+    assert "and the fitted model" in capsys.readouterr().out
+    tops = {}
+    for name in ("queries", "queries_only"):
+        tops[name] = tmp_path / f"{name}.npz"
+        args = ["score", str(store), f"{recipe}:{name}", "--top-k", "4", "--out", str(tops[name])]
+        assert main(args) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        assert "EkfacInfluence loaded from the store" in printed and "fitting" not in printed
+    # the recipe's options, given again, are checked without a fit
+    args = ["score", str(store), f"{recipe}:queries", "--method", "ekfac"]
+    assert main([*args, "--regularization", "1e-3"]) == 0
+    assert main([*args, "--regularization", "1e-2"]) == 1
+    assert "built by another model" in capsys.readouterr().err
+    refit = tmp_path / "refit.npz"
+    args = ["score", str(store), f"{recipe}:build", "--top-k", "4", "--refit", "--out", str(refit)]
+    assert main(args) == 0
+    assert "fitting EkfacInfluence" in capsys.readouterr().out
+    # --refit reads the training data (here: the untouchable kind, which raises)
+    assert main(["score", str(store), f"{recipe}:queries", "--refit"]) == 1
+    assert "score read the training data" in capsys.readouterr().err
+    want = _top(refit)
+    for path in tops.values():
+        got = _top(path)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=0)
+    _check_top(refit, _oracle(1e-3, "EkfacInfluence"), 4)
+
+
+def test_a_damaged_or_missing_kept_model(recipe, tmp_path, capsys):
+    import zarr
+
+    store = tmp_path / "store.zarr"
+    args = ["featurize", f"{recipe}:build", "--regularization", "1e-3", "--no-progress"]
+    assert main([*args, "--out", str(store)]) == 0
+    score = ["score", str(store), f"{recipe}:build", "--top-k", "3"]
+    group = zarr.open_group(str(store), mode="a")
+    raw = np.asarray(group["model"][...])
+    damaged = raw.copy()
+    damaged[-100] ^= 0xFF
+    group["model"][...] = damaged
+    capsys.readouterr()
+    assert main(score) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{store}/model" in err and "differs from the SHA-256" in err
+    assert "Rerun xinfluence featurize" in err
+    # rerunning featurize (nothing to compute) keeps the model again
+    assert main([*args, "--out", str(store)]) == 0
+    capsys.readouterr()
+    first = tmp_path / "a.npz"
+    assert main([*score, "--out", str(first)]) == 0
+    # a store written before featurize kept the model: refitted, with a warning
+    del group.attrs["xinfluence_model"]
+    del group["model"]
+    again = tmp_path / "b.npz"
+    with pytest.warns(UserWarning, match="keeps no fitted model .* refitting"):
+        assert main([*score, "--out", str(again)]) == 0
+    assert "fitting DirectInfluence" in capsys.readouterr().out
+    a, b = _top(first), _top(again)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=0)
+    # featurize with the same arguments keeps the model of such a store
+    assert main([*args, "--out", str(store)]) == 0
+    assert "nothing to compute" in capsys.readouterr().out
+    assert main(score) == 0
+    assert "DirectInfluence loaded from the store" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"k": 3}, {"k": (1, 3), "projection": "kronecker", "regularization_space": "parameter"}],
+)
+def test_projected_featurize_and_score(recipe, tmp_path, capsys, options):
+    store, out = tmp_path / "store.zarr", tmp_path / "top.npz"
+    given = [f"-o{k}={v}".replace(" ", "") for k, v in options.items()]
+    featurize = ["featurize", f"{recipe}:build", "--method", "projected", *given]
+    featurize += ["--regularization", "1e-3", "--block-rows", "9", "--out", str(store)]
+    assert main([*featurize, "--no-progress"]) == 0
+    assert "wrote features (43, 3)" in capsys.readouterr().out
+    assert main(["score", str(store), f"{recipe}:build", "--top-k", "5", "--out", str(out)]) == 0
+    assert "ProjectedInfluence loaded from the store" in capsys.readouterr().out
+    _check_top(out, _oracle(1e-3, "ProjectedInfluence", **options), 5)

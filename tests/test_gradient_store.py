@@ -353,3 +353,83 @@ def test_projection_and_ekfac_options_are_fingerprinted(tmp_path):
             other = cls(gp, **{**base, **change}).fit(batches)
             with pytest.raises(StoreMismatchError, match=name):
                 GradientStore.build(other, batches, path, block_rows=ROWS, progress=False)
+
+
+@pytest.mark.parametrize(
+    "name", ["direct_blocks", "projected_dense", "projected_kronecker", "ekfac"]
+)
+def test_a_saved_model_scores_without_the_training_data(xp, to_xp, tmp_path, name):
+    """save_model=True: the store keeps the fitted model; loaded for the same
+    provider it scores bit for bit as the model that built the store."""
+    gp, xs, ys, batches = _problem(to_xp)
+    model = MODELS[name](gp).fit(batches)
+    path = tmp_path / "s"
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, save_model=True)
+    store = GradientStore.open(path)
+    assert store.has_model
+    loaded = store.model(gp)
+    assert type(loaded) is type(model) and loaded is not model
+    xt, yt = xs[:N_TEST, ...], ys[:N_TEST, ...]
+    expected = store.influences(model, xt, yt)
+    assert np.array_equal(to_numpy(store.influences(loaded, xt, yt)), to_numpy(expected))
+    assert rel_err(expected, model.influences(xt, yt, xs, ys)) < 1e-10
+
+
+def test_a_saved_model_is_verified(tmp_path):
+    import hashlib
+
+    import zarr
+
+    from xinfluence.compute import NoSavedModelError
+
+    model, xs, ys, batches = _fitted()
+    gp = model.gradient_provider
+    path = tmp_path / "s"
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False)
+    with pytest.raises(NoSavedModelError, match="keeps no fitted model"):
+        GradientStore.open(path).model(gp)
+    # a rerun with save_model adds it to the finished store
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, save_model=True)
+    GradientStore.open(path).model(gp)
+    group = zarr.open_group(str(path), mode="a")
+    raw = np.asarray(group["model"][...])
+    record = dict(group.attrs["xinfluence_model"])
+    flipped = raw.copy()
+    flipped[len(raw) // 2] ^= 1
+    group["model"][...] = flipped
+    with pytest.raises(xi.CorruptFileError, match="differs from the SHA-256 recorded"):
+        GradientStore.open(path).model(gp)
+    # the record edited to match: the digests inside the file name the damage
+    group.attrs["xinfluence_model"] = {**record, "sha256": hashlib.sha256(flipped).hexdigest()}
+    with pytest.raises(xi.CorruptFileError, match=r"s/model"):
+        GradientStore.open(path).model(gp)
+    group.attrs["xinfluence_model"] = record
+    group["model"][...] = raw
+    GradientStore.open(path).model(gp)
+    del group["model"]
+    with pytest.raises(xi.CorruptFileError, match="saved model is missing"):
+        GradientStore.open(path).model(gp)
+    # a provider of other parameter values
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, save_model=True)
+    other, *_ = _fitted(seed=4)
+    with pytest.raises(StoreMismatchError, match="score with the model that built it"):
+        GradientStore.open(path).model(other.gradient_provider)
+
+
+@pytest.mark.parametrize("name", ["projected_kronecker", "ekfac"])
+def test_a_saved_float32_model(tmp_path, name):
+    """float32 models keep their dtype through the store's saved model."""
+    x, y, w, b = softmax_problem(np.random.default_rng(3))
+    f32 = [a.astype(np.float32) for a in (x, w, b)]
+    gp = SoftmaxRegressionGradients(f32[1], f32[2])
+    batches = [(f32[0][:13], y[:13]), (f32[0][13:], y[13:])]
+    model = MODELS[name](gp).fit(batches)
+    path = tmp_path / "s"
+    GradientStore.build(model, batches, path, block_rows=ROWS, progress=False, save_model=True)
+    store = GradientStore.open(path)
+    assert store.dtype == np.float32
+    loaded = store.model(gp)
+    got = store.influences(loaded, f32[0][:N_TEST], y[:N_TEST])
+    assert got.dtype == np.float32
+    assert np.array_equal(got, store.influences(model, f32[0][:N_TEST], y[:N_TEST]))
+    assert rel_err(got, model.influences(f32[0][:N_TEST], y[:N_TEST], f32[0], y)) < 1e-5

@@ -268,10 +268,7 @@ def test_contract(name, p, xp, device):
         own = model.influences(xt, yt)
         _assert_contract(own, xp, device, dtype, (n_test, n_test), "influences(x_test, y_test)")
 
-    # 5. save and load: bit for bit (ProjectedInfluence has no file format yet: it
-    # raises NotImplementedError naming the models that save)
-    if name == "projected":
-        return
+    # 5. save and load: bit for bit
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.npz"
         model.save(path)

@@ -71,6 +71,13 @@ MODELS = {
     "ekfac": lambda gp: xi.EkfacInfluence(gp, regularization=1e-3),
     "datainf": lambda gp: xi.InverseHarmonicMeanInfluence(gp, regularization=1e-2),
     "lissa": lambda gp: xi.LissaInfluence(gp, regularization=0.1, maxiter=50, rtol=1e-3),
+    # the seeded map is drawn again on load, the projected curvature is read
+    "projected": lambda gp: xi.ProjectedInfluence(
+        gp, k=7, regularization=1e-3, seed=3, block_structure="parameter"
+    ),
+    "projected-parameter": lambda gp: xi.ProjectedInfluence(
+        gp, k=9, regularization=1e-3, regularization_space="parameter"
+    ),
 }
 
 
@@ -244,7 +251,18 @@ def test_jax_lambda_apply_fn_names_the_fix(backend_name):
 
 # -- save / load without pickle, in a fresh process ------------------------------
 
-SAVED = ["direct", "direct-blocks", "arnoldi", "nystroem", "ekfac", "datainf", "cg", "lissa"]
+SAVED = [
+    "direct",
+    "direct-blocks",
+    "arnoldi",
+    "nystroem",
+    "ekfac",
+    "datainf",
+    "cg",
+    "lissa",
+    "projected",
+    "projected-parameter",
+]
 
 _CHILD = """
 import sys
@@ -376,6 +394,12 @@ TORCH_SAVED = {
     ),
     "ekfac": lambda gp: xi.EkfacInfluence(gp, regularization=1e-2),
     "datainf": lambda gp: xi.InverseHarmonicMeanInfluence(gp, regularization=1e-2),
+    "kronecker": lambda gp: xi.ProjectedInfluence(
+        gp, k=(2, 3), projection="kronecker", regularization=1e-3, block_structure="layer"
+    ),
+    "kronecker-parameter": lambda gp: xi.ProjectedInfluence(
+        gp, k=6, projection="kronecker", regularization=1e-2, regularization_space="parameter"
+    ),
 }
 
 

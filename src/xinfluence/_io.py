@@ -8,7 +8,9 @@ A file is one ``.npz`` archive (numpy's zip of ``.npy`` arrays, read with
   names, shapes, dtype and SHA-256 fingerprint, and per block the operator's
   kind and scalar fields;
 * the arrays of each block's operator (dense curvature and Cholesky factor,
-  eigenpairs, EK-FAC bases and eigenvalues), as ``block{i}/{field}``;
+  eigenpairs, EK-FAC bases and eigenvalues, the projected curvature of a
+  ProjectedInfluence, whose seeded map is drawn again from its options on
+  load), as ``block{i}/{field}``;
 * for models that solve at query time from the training data (CG, LiSSA,
   DataInf), the prepared training batches ``data{j}/x`` and ``data{j}/y``: their
   operators are rebuilt from that data and the saved options on load (CG's
@@ -32,6 +34,7 @@ takes the gradient provider (the model) from the caller.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -72,6 +75,12 @@ _STATE_OPERATORS: dict[str, Any] = {
     "ekfac": EkfacOperator,
     "identity": IdentityOperator,
 }
+#: Operators around a DirectOperator ``inner`` (saved as "direct" is) whose other
+#: state the model rebuilds from its options on load, with
+#: ``model._restore_block(block, block_provider, inner)`` -> the block's
+#: composition: kind -> class, filled by the module that defines them
+#: (xinfluence.projection: "projected"), so that this module need not import it.
+WRAPPED_OPERATORS: dict[str, type] = {}
 # Operator attributes that report how a fit went and play no part in queries.
 _DIAGNOSTICS = frozenset({"eigen_result"})
 # Operators that keep the training data and solve at query time.
@@ -142,6 +151,28 @@ def _parameters(gp: GradientProvider) -> dict[str, Any]:
 
 def save(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s fitted state to ``path`` (see the module docstring)."""
+    arrays = _archive(model)
+    # write a sibling file, then rename: an interrupted save leaves no truncated file
+    target = os.fspath(path)
+    partial = target + ".partial"
+    try:
+        with open(partial, "wb") as f:  # np.savez(path) would append ".npz"
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def dumps(model: Any) -> bytes:
+    """The bytes :func:`save` would write (for a file kept elsewhere, e.g. in a store)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **_archive(model))  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _archive(model: Any) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` file of ``model``, metadata and digests included."""
     mapper = model._fitted_mapper()  # NotFittedError, StaleFitError
     gp = model.gradient_provider
     arrays: dict[str, np.ndarray] = {}
@@ -150,33 +181,12 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     for i, (block, comp) in enumerate(mapper.composable_block_dict.items()):
         op = comp.op
         kind = next((k for k, c in _STATE_OPERATORS.items() if type(op) is c), None)
+        wrapped = next((k for k, c in WRAPPED_OPERATORS.items() if type(op) is c), None)
         if kind is not None:
-            scalars: dict[str, Any] = {}
-            fields: list[str] = []
-            transposed: list[str] = []
-            for key, value in op.__getstate__().items():
-                if key in _DIAGNOSTICS:
-                    continue
-                if _is_array(value):
-                    host = _xp.to_numpy(value)
-                    # keep a transposed view transposed: products with it then take
-                    # the same BLAS path after loading (bit-for-bit results)
-                    if host.ndim == 2 and host.flags.f_contiguous and not host.flags.c_contiguous:
-                        host = host.T
-                        transposed.append(key)
-                    arrays[f"block{i}/{key}"] = np.ascontiguousarray(host)
-                    fields.append(key)
-                else:
-                    scalars[key] = _encode_scalar(value, f"{type(op).__name__}.{key}")
-            blocks.append(
-                {
-                    "name": block,
-                    "kind": kind,
-                    "arrays": fields,
-                    "transposed": transposed,
-                    "scalars": scalars,
-                }
-            )
+            blocks.append({"name": block, "kind": kind, **_operator_state(op, i, arrays)})
+        elif wrapped is not None:
+            entry = _operator_state(op.inner, i, arrays)
+            blocks.append({"name": block, "kind": wrapped, **entry})
         elif isinstance(op, _DATA_OPERATORS):
             needs_data = True
             blocks.append({"name": block, "kind": "from_data"})
@@ -184,8 +194,8 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
             raise NotImplementedError(
                 f"{type(model).__name__}.save does not know the operator "
                 f"{type(op).__name__} of block {block!r}; saving supports Direct, Arnoldi, "
-                "Nyström, EK-FAC, Identity, and (with their training data) CG, LiSSA and "
-                "DataInf models. Pickle the model instead, or refit it after loading"
+                "Nyström, EK-FAC, Identity, Projected, and (with their training data) CG, "
+                "LiSSA and DataInf models. Pickle the model instead, or refit it after loading"
             )
     n_batches = 0
     if needs_data:
@@ -216,26 +226,55 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     arrays[_METADATA_DIGEST] = np.frombuffer(
         hashlib.sha256(raw).hexdigest().encode("ascii"), dtype=np.uint8
     )
-    # write a sibling file, then rename: an interrupted save leaves no truncated file
-    target = os.fspath(path)
-    partial = target + ".partial"
-    try:
-        with open(partial, "wb") as f:  # np.savez(path) would append ".npz"
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    return arrays
+
+
+def _operator_state(op: Any, i: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Put the arrays of ``op``'s state into ``arrays`` (as ``block{i}/{field}``);
+    returns the entry's ``arrays``, ``transposed`` and ``scalars``."""
+    scalars: dict[str, Any] = {}
+    fields: list[str] = []
+    transposed: list[str] = []
+    for key, value in op.__getstate__().items():
+        if key in _DIAGNOSTICS:
+            continue
+        if _is_array(value):
+            host = _xp.to_numpy(value)
+            # keep a transposed view transposed: products with it then take
+            # the same BLAS path after loading (bit-for-bit results)
+            if host.ndim == 2 and host.flags.f_contiguous and not host.flags.c_contiguous:
+                host = host.T
+                transposed.append(key)
+            arrays[f"block{i}/{key}"] = np.ascontiguousarray(host)
+            fields.append(key)
+        else:
+            scalars[key] = _encode_scalar(value, f"{type(op).__name__}.{key}")
+    return {"arrays": fields, "transposed": transposed, "scalars": scalars}
+
+
+def _operator_from_state(
+    op_cls: Any, entry: dict[str, Any], i: int, arrays: dict[str, np.ndarray], gp: Any
+) -> Any:
+    state = {k: _decode_scalar(v, gp.xp) for k, v in entry["scalars"].items()}
+    for key in entry["arrays"]:
+        state[key] = _to_provider(arrays[f"block{i}/{key}"], gp)
+        if key in entry["transposed"]:
+            state[key] = gp.xp.matrix_transpose(state[key])
+    op = op_cls.__new__(op_cls)
+    op.__setstate__(state)
+    return op
 
 
 def _digest(name: str, a: np.ndarray) -> str:
     return fingerprint([(name, a)])
 
 
-def _open_archive(name: str) -> dict[str, np.ndarray]:
-    """Every array of the ``.npz`` file; :class:`CorruptFileError` where it cannot be read."""
+def _open_archive(name: str, raw: bytes | None = None) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file (or of its bytes ``raw``, read from elsewhere
+    under the name ``name``); :class:`CorruptFileError` where it cannot be read."""
+    source: Any = name if raw is None else io.BytesIO(raw)
     try:
-        with np.load(name, allow_pickle=False) as archive:
+        with np.load(source, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise CorruptFileError(f"{name!r} is a single .npy array, not a saved model")
             return {k: archive[k] for k in archive.files}
@@ -244,10 +283,14 @@ def _open_archive(name: str) -> dict[str, np.ndarray]:
     except CorruptFileError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
-        size = os.path.getsize(name) if os.path.isfile(name) else None
+        if raw is not None:
+            size: int | None = len(raw)
+            source = io.BytesIO(raw)
+        else:
+            size = os.path.getsize(name) if os.path.isfile(name) else None
         if size == 0:
             what = "is empty (0 bytes)"
-        elif not zipfile.is_zipfile(name):
+        elif not zipfile.is_zipfile(source):
             what = f"({size} bytes) is not a complete .npz (zip) archive"
         else:
             what = f"({size} bytes) has an unreadable array ({type(e).__name__}: {e})"
@@ -257,9 +300,11 @@ def _open_archive(name: str) -> dict[str, np.ndarray]:
         ) from e
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read(
+    path: str | os.PathLike[str], raw: bytes | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     name = os.fspath(path)
-    arrays = _open_archive(name)
+    arrays = _open_archive(name, raw)
     raw_array = arrays.pop(_METADATA, None)
     if raw_array is None:
         raise ValueError(f"{name!r} is not a saved xinfluence model (no metadata)")
@@ -354,9 +399,11 @@ def load(
     *,
     expected: type | None = None,
     on_mismatch: str = "raise",
+    raw: bytes | None = None,
 ) -> Any:
     """Read a model saved by :func:`save`, for ``gradient_provider`` (see
-    :meth:`~xinfluence.ComposableInfluence.load`)."""
+    :meth:`~xinfluence.ComposableInfluence.load`); ``raw``: the file's bytes, read
+    from elsewhere (a gradient store), ``path`` then only names them in errors."""
     if on_mismatch not in ("raise", "warn", "ignore"):
         raise ValueError(f"on_mismatch must be 'raise', 'warn' or 'ignore', got {on_mismatch!r}")
     if not isinstance(gradient_provider, GradientProvider):
@@ -364,7 +411,7 @@ def load(
             "expected a GradientProvider as second argument, got "
             f"{type(gradient_provider).__name__}"
         )
-    metadata, arrays = _read(path)
+    metadata, arrays = _read(path, raw)
     cls = MODELS.get(metadata["class"])
     if cls is None:
         raise ValueError(f"unknown model class {metadata['class']!r} in {os.fspath(path)!r}")
@@ -401,15 +448,12 @@ def load(
             op = model._create_operator(
                 block, block_gp, data.with_provider(block_gp), model.regularization[block]
             )
+        elif entry["kind"] in WRAPPED_OPERATORS:
+            inner = _operator_from_state(DirectOperator, entry, i, arrays, gp)
+            comps[block] = model._restore_block(block, block_gp, inner)
+            continue
         else:
-            op_cls = _STATE_OPERATORS[entry["kind"]]
-            state = {k: _decode_scalar(v, gp.xp) for k, v in entry["scalars"].items()}
-            for key in entry["arrays"]:
-                state[key] = _to_provider(arrays[f"block{i}/{key}"], gp)
-                if key in entry["transposed"]:
-                    state[key] = gp.xp.matrix_transpose(state[key])
-            op = op_cls.__new__(op_cls)
-            op.__setstate__(state)
+            op = _operator_from_state(_STATE_OPERATORS[entry["kind"]], entry, i, arrays, gp)
         comps[block] = OperatorGradientComposition(op, block_gp)
     from .types import BlockMapper
 

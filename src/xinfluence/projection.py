@@ -45,7 +45,7 @@ from typing import Any, final
 
 import numpy as np
 
-from . import _xp
+from . import _io, _xp
 from ._config import memory_budget
 from ._projection_maps import (  # noqa: F401  (re-exported: public import paths unchanged)
     TILE_COLUMNS,
@@ -295,6 +295,8 @@ class ProjectedInfluence(ComposableInfluence):
             raise ValueError(
                 f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}"
             )
+        if isinstance(k, list) and len(k) == 2:
+            k = (k[0], k[1])  # a pair read back from JSON (saved files, stores)
         if isinstance(k, tuple):
             if projection != "kronecker" or len(k) != 2:
                 raise ValueError(
@@ -424,6 +426,18 @@ class ProjectedInfluence(ComposableInfluence):
             mapper.composable_block_dict[block] = _ProjectedComposition(comp.op, comp.gp)
         return self
 
+    def _restore_block(
+        self, block: str, gp: GradientProvider, inner: DirectOperator
+    ) -> _ProjectedComposition:
+        """A block of a saved model (:mod:`xinfluence._io`): the map drawn again from the
+        options (it depends on them only), the projected curvature's operator read."""
+        projection = self.make_projection(block, gp)
+        if self.regularization_space == "parameter":
+            projection = projection.orthonormalized()
+        op = ProjectedOperator.__new__(ProjectedOperator)
+        op.projection, op.inner, op.block = projection, inner, block
+        return _ProjectedComposition(op, gp)
+
     def projections(self) -> Mapping[str, GradientProjection]:
         """The fitted projection of every block."""
         mapper = self._fitted_mapper()
@@ -441,3 +455,7 @@ class ProjectedInfluence(ComposableInfluence):
             assert isinstance(comp.op, ProjectedOperator)
             out[block] = comp.op.inner.curvature
         return out
+
+
+# save / load: the projected curvature is saved, the seeded map drawn again on load
+_io.WRAPPED_OPERATORS["projected"] = ProjectedOperator

@@ -34,6 +34,7 @@ METHODS = {
     "datainf": "InverseHarmonicMeanInfluence",
     "ekfac": "EkfacInfluence",
     "identity": "IdentityInfluence",
+    "projected": "ProjectedInfluence",
 }
 CLI_ATTRS = "xinfluence_cli"
 COMMON_OPTIONS = ("regularization", "block_structure", "second_order")
@@ -108,8 +109,10 @@ def add_compute_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_compute)
 
 
-def load_recipe(spec: str) -> tuple[Any, Any, Any]:
-    """Import ``path.py:function``, call it and check what it returns."""
+def load_recipe(spec: str, *, need_train: bool = True) -> tuple[Any, Any, Any]:
+    """Import ``path.py:function``, call it and check what it returns. Without
+    ``need_train`` the function may return ``(gradient_provider, test_data)``
+    (training data: None) and its training data is not checked (nor touched)."""
     from ..types import GradientProvider
 
     path_s, sep, func_name = spec.rpartition(":")
@@ -133,12 +136,16 @@ def load_recipe(spec: str) -> tuple[Any, Any, Any]:
         raise CliError(f"{path} has no function {func_name!r} (functions: {', '.join(names)})")
     out = func()
     what = f"{path.name}:{func_name}() must return (gradient_provider, train_data, test_data)"
-    if not isinstance(out, tuple | list) or len(out) != 3:
+    if not need_train:
+        what += " or (gradient_provider, test_data)"
+    sizes = (3,) if need_train else (2, 3)
+    if not isinstance(out, tuple | list) or len(out) not in sizes:
         raise CliError(f"{what}; got {_describe(out)}")
-    gp, train, test = out
+    gp, train, test = out if len(out) == 3 else (out[0], None, out[1])
     if not isinstance(gp, GradientProvider):
         raise CliError(f"{what}; its first item is {_describe(gp)}, not a gradient provider")
-    for name, data in (("train_data", train), ("test_data", test)):
+    checked = (("train_data", train),) if need_train else ()
+    for name, data in (*checked, ("test_data", test)):
         if data is None or isinstance(data, str | bytes) or not hasattr(data, "__iter__"):
             raise CliError(
                 f"{what}; {name} is {_describe(data)}, expected (x, y), a Batch or an "

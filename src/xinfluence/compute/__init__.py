@@ -30,7 +30,12 @@ from ._store import (
     open_influences,
 )
 from .dask import DaskInfluenceCalculator
-from .gradient_store import FACTORIZED_MODELS, GradientStore, NoFactorizationError
+from .gradient_store import (
+    FACTORIZED_MODELS,
+    GradientStore,
+    NoFactorizationError,
+    NoSavedModelError,
+)
 from .reductions import self_influence, top_k, total_influence
 from .sequential import LazyInfluences, SequentialInfluenceCalculator
 
@@ -40,6 +45,7 @@ __all__ = [
     "GradientStore",
     "LazyInfluences",
     "NoFactorizationError",
+    "NoSavedModelError",
     "SequentialInfluenceCalculator",
     "StoreDamagedError",
     "StoreLockedError",

@@ -21,6 +21,9 @@ Layout of a store (a zarr group, a local directory by default)::
     done/<i>.0            one group per finished block (after its values): digest
                           of its training data, BLAKE2b checksums of its values
                           and of its self-influences
+    model                 with ``save_model=True``: the fitted model, the bytes of
+                          its ``.npz`` file (:meth:`~xinfluence.ComposableInfluence.save`;
+                          no pickle), and ``attrs["xinfluence_model"]`` their SHA-256
     .xinfluence-lock      while a run writes
 
 A rerun resumes: finished blocks whose checksums agree are kept (damaged ones
@@ -39,6 +42,12 @@ unrounded features.
 Only the up mode is served (the perturbation mode needs the mixed derivatives
 of every training point, ``(N, *D, P)``: not a gradient store).
 
+A store that keeps its model answers queries without the training data:
+:meth:`GradientStore.model` loads it for a gradient provider of the same
+parameters (verified: the SHA-256 of its bytes, the digests inside the file,
+the parameters' fingerprint, and the store's probes), so scoring reads no
+training data and fits nothing.
+
 On dask (:mod:`._gradient_store_dask`): ``build`` from dask arrays or, with
 ``client=``, from partitions, a task per block whose worker writes the block
 into the store (the same store as a sequential build); the scoring methods
@@ -47,6 +56,7 @@ with ``client=`` run a task per block on the workers.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -62,9 +72,17 @@ from ._factor import FACTORIZED_MODELS, BlockFactor, NoFactorizationError, facto
 from ._progress import note, progress_bar
 from ._reductions import ColumnSumReducer, TopK, TopKReducer
 
-__all__ = ["GradientStore", "NoFactorizationError", "FACTORIZED_MODELS"]
+__all__ = ["GradientStore", "NoFactorizationError", "NoSavedModelError", "FACTORIZED_MODELS"]
+
+
+class NoSavedModelError(LookupError):
+    """The gradient store keeps no fitted model (built without ``save_model=True``,
+    or by an xinfluence before stores kept one): fit the model again to score."""
+
 
 KIND = "gradient_store"
+MODEL = "model"  # the array holding the saved model's .npz bytes
+MODEL_ATTRS = "xinfluence_model"  # {"sha256", "bytes", "class"} of those bytes
 _CHUNK_BYTES = 32 * 2**20  # at most this many bytes of stored features per block
 
 
@@ -176,6 +194,7 @@ class GradientStore:
         progress: bool = True,
         on_block: Any = None,
         client: Any = None,
+        save_model: bool = False,
     ) -> GradientStore:
         """Write ``B g_j`` of every training point of ``data`` to ``store``.
 
@@ -200,6 +219,9 @@ class GradientStore:
                 workers, which write their blocks into the store (a path they
                 can all reach); None with dask arrays uses dask's default
                 scheduler. The store is the same as a sequential build's.
+            save_model: also keep the fitted model in the store (its ``.npz``
+                file's bytes, written after the blocks), so that
+                :meth:`model` gives it back to score without the training data.
         """
         from ..influence import ComposableInfluence
 
@@ -219,6 +241,8 @@ class GradientStore:
                 on_block,
                 client,
             )
+            if save_model:
+                _save_model(group, model)
             return cls(group)
         gp = model.gradient_provider
         xp = gp.xp
@@ -237,6 +261,8 @@ class GradientStore:
         )
         try:
             _write(bs, model, factors, batches, one, probe, block_rows, storage, progress, on_block)
+            if save_model:
+                _save_model(bs.group, model)
         finally:
             bs.close()
         return cls(bs.group)
@@ -245,6 +271,80 @@ class GradientStore:
     def open(cls, store: Any) -> GradientStore:
         """Open a finished gradient store for scoring (read only)."""
         return cls(_store._zarr().open_group(store, mode="r"))
+
+    # -- the saved model -----------------------------------------------------
+    @property
+    def has_model(self) -> bool:
+        """Whether the store keeps its fitted model (built with ``save_model=True``)."""
+        return MODEL_ATTRS in self.group.attrs
+
+    def model(self, gradient_provider: Any, *, check: bool = True) -> Any:
+        """The fitted model that built the store, loaded for ``gradient_provider``
+        (the provider of the parameters it was fitted on, in any namespace the
+        model's arrays convert to); no training data is read.
+
+        Verified: the SHA-256 of the saved bytes against the store's record, every
+        array's digest inside the file, the provider's parameter names, shapes,
+        dtype and values, and (``check``) the store's fingerprint and probes, as
+        every scoring method does.
+
+        Raises:
+            NoSavedModelError: the store keeps no model (built without ``save_model``).
+            CorruptFileError: the saved model is damaged, edited or missing.
+            StoreMismatchError: the provider's parameters are not those the model
+                was fitted on, or the model did not build this store.
+        """
+        from .. import _io
+        from ..errors import CorruptFileError, StaleFitError
+
+        local = _store._local_path(self.group.store)
+        where = f"{local if local is not None else self.group.store}/{MODEL}"
+        record = self.group.attrs.get(MODEL_ATTRS)
+        if record is None:
+            raise NoSavedModelError(
+                f"the gradient store {self.group.store} keeps no fitted model (built without "
+                "save_model=True, or by an older xinfluence): fit the model again to score, "
+                "or rebuild the store with save_model=True"
+            )
+        try:
+            raw = np.asarray(self.group[MODEL][...]).tobytes()
+        except KeyError:
+            raise CorruptFileError(
+                f"{where}: the gradient store's saved model is missing (its record is there): "
+                "rerun GradientStore.build with save_model=True to save it again"
+            ) from None
+        except Exception as exc:  # a chunk that does not decompress
+            raise CorruptFileError(
+                f"{where}: the gradient store's saved model is unreadable "
+                f"({type(exc).__name__}: {exc}): rerun GradientStore.build with "
+                "save_model=True to save it again"
+            ) from exc
+        if len(raw) != record.get("bytes") or hashlib.sha256(raw).hexdigest() != record.get(
+            "sha256"
+        ):
+            raise CorruptFileError(
+                f"{where}: the gradient store's saved model ({len(raw)} bytes) differs from the "
+                f"SHA-256 recorded with it ({record.get('bytes')} bytes): it was edited or "
+                "damaged. Rerun GradientStore.build with save_model=True to save it again"
+            )
+        try:
+            model = _io.load(where, gradient_provider, raw=raw)
+        except CorruptFileError as exc:
+            raise CorruptFileError(
+                str(exc).replace(
+                    "Save the model again",
+                    "Rerun GradientStore.build with save_model=True to save it again",
+                )
+            ) from exc
+        except StaleFitError as exc:
+            raise _store.StoreMismatchError(
+                f"the gradient provider's parameters differ from those the store's model "
+                f"({where}) was fitted on: score with the model that built it, or rebuild the "
+                "store"
+            ) from exc
+        if check:
+            self._factors(model)
+        return model
 
     # -- reading -------------------------------------------------------------
     def _block(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -423,6 +523,24 @@ class GradientStore:
                 reducer.update(0, c0, block)
             out = reducer.result()
         return out if reduce == "sum" else out / n
+
+
+def _save_model(group: Any, model: Any) -> None:
+    """Keep ``model``'s ``.npz`` bytes in the store: an old record is removed first,
+    the new one written after the bytes (a run killed in between leaves a store
+    without a model, never a record of other bytes)."""
+    from .. import _io
+
+    raw = _io.dumps(model)
+    if MODEL_ATTRS in group.attrs:
+        del group.attrs[MODEL_ATTRS]
+    data = np.frombuffer(raw, dtype=np.uint8)
+    group.create_array(MODEL, data=data, chunks=(max(1, data.size),), overwrite=True)
+    group.attrs[MODEL_ATTRS] = {
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "bytes": len(raw),
+        "class": type(model).__name__,
+    }
 
 
 def _features_only(factors: list[BlockFactor], batch: Batch, xp: Any) -> tuple[Array, None]:

@@ -82,7 +82,8 @@ class ComposableInfluence(PicklableState, ABC):
         sig = inspect.signature(cls.__init__)
         cls.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # type: ignore[attr-defined]
         # the public models, by the name a saved file records, for load()
-        if cls.__module__.startswith(__package__ + ".") and not cls.__name__.startswith("_"):
+        package = __package__.partition(".")[0] + "."  # xinfluence.influence, .projection
+        if cls.__module__.startswith(package) and not cls.__name__.startswith("_"):
             _io.MODELS[cls.__name__] = cls
 
     def __new__(cls: type[_M], *args: Any, **kwargs: Any) -> _M:
