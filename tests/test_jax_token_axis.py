@@ -385,3 +385,18 @@ def test_tracked_layer_errors(problem):
     gp = JaxGradientProvider(twice, {"d": {"kernel": p["d"]["kernel"]}}, cross_entropy, layers="d")
     with pytest.raises(ValueError, match=r"dense layer 'd' \('d/kernel'\): the kernel enters"):
         gp.kfac_factors(gp.prepare_batch(Batch(x, y)))
+
+
+def test_declared_features_on_a_token_axis_point_to_tracked_layers():
+    def apply(p, xb):
+        return jnp.mean(xb @ p["d"]["kernel"] + p["d"]["bias"], axis=1)
+
+    rng = np.random.default_rng(5)
+    p = {"d": {"kernel": jnp.asarray(rng.normal(size=(3, 2))), "bias": jnp.ones(2, F64)}}
+    x, y = jnp.asarray(rng.normal(size=(4, 5, 3))), jnp.asarray(rng.integers(0, 2, size=4))
+    gp = JaxGradientProvider(apply, p, cross_entropy, dense_layers={"d": lambda q, xb: xb})
+    with pytest.raises(ValueError, match=r"must have shape \(4, 3\), got \(4, 5, 3\).*layers="):
+        gp.kfac_factors(gp.prepare_batch(Batch(x, y)))
+    tracked = JaxGradientProvider(apply, p, cross_entropy, layers=["d"])
+    a, s = tracked.kfac_factors(tracked.prepare_batch(Batch(x, y)))["d"]
+    assert a.shape == (4, 5, 3) and s.shape == (4, 5, 2)

@@ -542,7 +542,8 @@ class JaxGradientProvider(GradientProvider):
             if tuple(a.shape) != (n, n_in):
                 raise ValueError(
                     f"features of dense layer {layer!r} must have shape ({n}, {n_in}), "
-                    f"got {tuple(a.shape)}"
+                    f"got {tuple(a.shape)}; a dense layer on a token axis (N, *S, {n_in}) is "
+                    "found by tracing instead: JaxGradientProvider(..., layers=[...])"
                 )
             result[layer] = (_xp.as_float(a, dtype=self.dtype, xp=self.xp, what="features"), s)
             assert tuple(s.shape) == (n, n_out)
