@@ -297,11 +297,11 @@ def test_conv_ekfac_torch_equals_jax(second_order):
     assert rel_err(scores[1], scores[0]) <= 1e-10
 
 
-@pytest.mark.parametrize("second_order", ["gauss_newton", "empirical_fisher"])
-def test_token_axis_tracked_ekfac_torch_equals_jax(second_order):
+def test_token_axis_tracked_ekfac_torch_equals_jax():
     """The flax block of test_jax_token_axis (embedding, a residual Dense-ReLU-Dense
     on the token axis, LayerNorm, a head) and the same block in torch, both with
-    their dense layers tracked: the same EK-FAC influences ("expand" factors)."""
+    their dense layers tracked: the same EK-FAC influences ("expand" factors) and
+    the same per-token Kronecker projections."""
     tok = pytest.importorskip("test_jax_token_axis")
     params, x, y, xt, yt = tok.make_problem()
 
@@ -336,11 +336,24 @@ def test_token_axis_tracked_ekfac_torch_equals_jax(second_order):
         model.eval(), torch.nn.functional.cross_entropy, cast_inputs=False, layers=tok.LAYERS
     )
     jax_gp = JaxGradientProvider(tok.apply_tiny, params, tok.cross_entropy, layers=tok.LAYERS)
-    scores = []
-    for gp, conv in ((torch_gp, t), (jax_gp, jnp.asarray)):
-        xs, ys, qx, qy = conv(x), conv(y), conv(xt), conv(yt)
-        infl = xi.EkfacInfluence(gp, regularization=1e-3, second_order=second_order)
-        infl.fit(tok.batches(xs, ys))
-        scores.append(to_numpy(infl.influences(qx, qy, xs, ys)))
-    assert np.max(np.abs(scores[0])) > 0
-    assert rel_err(scores[1], scores[0]) <= 1e-10
+    # the tracked layers in the torch module's order: the same Kronecker maps
+    assert list(jax_gp.kfac_layers()) == list(torch_gp.kfac_layers()) == tok.LAYERS
+    for second_order in ("gauss_newton", "empirical_fisher"):  # one pair of providers
+        scores, projected = [], []
+        for gp, conv in ((torch_gp, t), (jax_gp, jnp.asarray)):
+            xs, ys, qx, qy = conv(x), conv(y), conv(xt), conv(yt)
+            infl = xi.EkfacInfluence(gp, regularization=1e-3, second_order=second_order)
+            infl.fit(tok.batches(xs, ys))
+            scores.append(to_numpy(infl.influences(qx, qy, xs, ys)))
+            proj = xi.ProjectedInfluence(
+                gp,
+                k=20,
+                projection="kronecker",
+                seed=3,
+                regularization=1e-3,
+                second_order=second_order,
+            )
+            projected.append(to_numpy(proj.fit(tok.batches(xs, ys)).influences(qx, qy, xs, ys)))
+        assert np.max(np.abs(scores[0])) > 0
+        assert rel_err(scores[1], scores[0]) <= 1e-10, second_order
+        assert rel_err(projected[1], projected[0]) <= 1e-10, second_order

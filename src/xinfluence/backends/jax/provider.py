@@ -471,18 +471,22 @@ class JaxGradientProvider(GradientProvider):
     # -- Kronecker factors ---------------------------------------------------
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
         """Declared dense and conv layers whose weight this provider differentiates,
-        in the order ``dense_layers`` declares them, or in parameter order when
-        ``conv_layers`` are declared too:
+        in the order ``dense_layers`` or ``layers`` (tracked layers) declares
+        them, or in parameter order when ``conv_layers`` are declared:
         ``layer -> (weight name, bias name or None)``.
 
         The bias name is None when the layer has no bias or the bias is not
-        among this provider's parameters. Empty without ``dense_layers`` and
-        ``conv_layers``.
+        among this provider's parameters. Empty without ``dense_layers``,
+        ``conv_layers`` and ``layers``. (A Kronecker projection draws each
+        layer's maps by its position here: tracked layers listed in a torch
+        model's module order draw the torch provider's maps.)
         """
         m = self._model
         mine = set(self.parameter_names)
         declared = [(layer, w, b) for layer, (w, b, _, _) in m.dense.items()]
-        if m.traced:  # dense layers alone keep their declared order (projection streams)
+        if m.tracked is not None:
+            declared = [(layer, w, b) for layer, (w, b, _, _) in m.traced.items()]
+        elif m.traced:  # dense layers alone keep their declared order (projection streams)
             declared += [(layer, w, b) for layer, (w, b, _, _) in m.traced.items()]
             declared.sort(key=lambda t: m.names.index(t[1]))
         out: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
