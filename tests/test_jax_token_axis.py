@@ -400,3 +400,23 @@ def test_declared_features_on_a_token_axis_point_to_tracked_layers():
     tracked = JaxGradientProvider(apply, p, cross_entropy, layers=["d"])
     a, s = tracked.kfac_factors(tracked.prepare_batch(Batch(x, y)))["d"]
     assert a.shape == (4, 5, 3) and s.shape == (4, 5, 2)
+
+
+def test_tokens_folded_into_the_batch_axis_keep_their_positions():
+    # the model flattens (1, T, d) to (T, d) before the dense layer: one sample's
+    # operand is 2-D but holds T positions, which must not be dropped
+    def apply(p, xb):
+        z = jnp.reshape(xb, (-1, xb.shape[-1])) @ p["d"]["kernel"] + p["d"]["bias"]
+        return jnp.mean(jnp.reshape(jnp.tanh(z), (xb.shape[0], -1, 2)), axis=1)
+
+    rng = np.random.default_rng(6)
+    p = {"d": {"kernel": jnp.asarray(rng.normal(size=(3, 2))), "bias": jnp.ones(2, F64)}}
+    x, y = jnp.asarray(rng.normal(size=(4, 5, 3))), jnp.asarray(rng.integers(0, 2, size=4))
+    gp = JaxGradientProvider(apply, p, cross_entropy, layers=["d"])
+    batch = gp.prepare_batch(Batch(x, y))
+    a, s = gp.kfac_factors(batch)["d"]
+    assert a.shape == (4, 5, 3) and s.shape == (4, 5, 2)
+    assert rel_err(a, x) < 1e-15
+    grads, sl = gp.flat_grads(batch), gp.parameter_slices
+    g = jnp.reshape(jnp.einsum("nti,nto->nio", a, s), (4, -1))
+    assert rel_err(g, grads[:, sl["d/kernel"]]) < 1e-12

@@ -380,8 +380,15 @@ class _Model(PicklableState):
                     "and a 'kernel' last"
                 )
             taps[layer], perms[layer] = tap, perm
-        # dense layers on 2-D inputs give (N, I), (N, O) factors, as declared ones do
-        flat = {k for k, t in taps.items() if t.kind == "dense" and len(t.out_shape) == 2}
+        # dense layers on 2-D inputs (one position) give (N, I), (N, O) factors, as
+        # declared ones do; tokens folded into the batch axis, (T, I), keep T
+        flat = {
+            k
+            for k, t in taps.items()
+            if t.kind == "dense"
+            and len(t.out_shape) == 2
+            and math.prod(t.out_shape) == self.traced[k][3]
+        }
         biases = {k: index[b] for k in layers if (b := self.traced[k][1]) is not None}
 
         def tapped(leaves, deltas, bias, xi):
