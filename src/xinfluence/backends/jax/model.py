@@ -335,6 +335,14 @@ class _Model(PicklableState):
         out.update(self._resolve_conv_layers(conv))
         return tuple(chosen), OrderedDict((k, out[k]) for k in chosen)
 
+    def tracked_leaves(self) -> tuple[int, ...]:
+        """Positions of the leaves a provider differentiates: every leaf, or with
+        tracked layers their weights and biases."""
+        if self.tracked is None:
+            return tuple(range(len(self.names)))
+        keep = {n for w, b, _, _ in self.traced.values() for n in (w, b) if n is not None}
+        return tuple(i for i, n in enumerate(self.names) if n in keep)
+
     def is_conv(self, layer: str) -> bool:
         """Whether a traced layer is a convolution (its weight has 3 or more axes)."""
         return len(self.shapes[self.names.index(self.traced[layer][0])]) > 2

@@ -100,7 +100,7 @@ class JaxGradientProvider(GradientProvider):
             conv_layers,
             layers,
         )
-        self._setup(model, _tracked_leaves(model))
+        self._setup(model, model.tracked_leaves())
 
     def __getstate__(self) -> dict[str, Any]:  # the jitted functions are rebuilt on load
         return {"_model": self._model, "_active": self._active}
@@ -202,10 +202,8 @@ class JaxGradientProvider(GradientProvider):
         """Leaves left out of the curvature and the scores because they belong to no
         tracked layer (empty without ``layers=``)."""
         m = self._model
-        if m.tracked is None:
-            return ()
-        mine = {n for w, b, _, _ in m.traced.values() for n in (w, b) if n is not None}
-        return tuple(n for n in m.names if n not in mine)
+        kept = set(m.tracked_leaves())
+        return tuple(n for i, n in enumerate(m.names) if i not in kept)
 
     @property
     def xp(self) -> Namespace:
@@ -773,12 +771,3 @@ class JaxGradientProvider(GradientProvider):
             f"JaxGradientProvider(n_parameters={self.n_parameters}, "
             f"parameters={list(self.parameter_names)}, dtype={self.dtype}{tracked})"
         )
-
-
-def _tracked_leaves(model: _Model) -> tuple[int, ...]:
-    """Positions of the leaves the provider differentiates: every leaf, or with
-    tracked layers their weights and biases."""
-    if model.tracked is None:
-        return tuple(range(len(model.names)))
-    keep = {n for w, b, _, _ in model.traced.values() for n in (w, b) if n is not None}
-    return tuple(i for i, n in enumerate(model.names) if n in keep)
