@@ -378,12 +378,19 @@ def test_tracked_layer_errors(problem):
     with pytest.raises(ValueError, match=r"layer 'd': the gradient of 'd/bias' is not the sum"):
         gp.kfac_factors(gp.prepare_batch(Batch(x, y)))
 
-    # a kernel used twice is no dense layer
+    # a kernel used three times (once transposed) is no dense layer
     def twice(p, xb):
         return jnp.mean(jnp.tanh(xb @ p["d"]["kernel"]) @ p["d"]["kernel"].T @ p["d"]["kernel"], 1)
 
     gp = JaxGradientProvider(twice, {"d": {"kernel": p["d"]["kernel"]}}, cross_entropy, layers="d")
-    with pytest.raises(ValueError, match=r"dense layer 'd' \('d/kernel'\): the kernel enters"):
+    with pytest.raises(ValueError, match=r"dense layer 'd' \('d/kernel'\): .* it feeds 3"):
+        gp.kfac_factors(gp.prepare_batch(Batch(x, y)))
+
+    def scaled(p, xb):  # the kernel scaled before the product: not sum_t s_t a_t^T
+        return jnp.mean(xb @ (2.0 * p["d"]["kernel"]), axis=1)
+
+    gp = JaxGradientProvider(scaled, {"d": {"kernel": p["d"]["kernel"]}}, cross_entropy, layers="d")
+    with pytest.raises(ValueError, match=r"the kernel enters computations other than .*\(mul\)"):
         gp.kfac_factors(gp.prepare_batch(Batch(x, y)))
 
 
@@ -420,3 +427,22 @@ def test_tokens_folded_into_the_batch_axis_keep_their_positions():
     grads, sl = gp.flat_grads(batch), gp.parameter_slices
     g = jnp.reshape(jnp.einsum("nti,nto->nio", a, s), (4, -1))
     assert rel_err(g, grads[:, sl["d/kernel"]]) < 1e-12
+
+
+def test_torch_layout_weight_used_transposed():
+    # plain jax with a torch-layout weight (O, I): x @ w.T + b on a token axis
+    def apply(p, xb):
+        return jnp.mean(jnp.tanh(xb @ p["d"]["weight"].T + p["d"]["bias"]), axis=1)
+
+    rng = np.random.default_rng(7)
+    p = {"d": {"weight": jnp.asarray(rng.normal(size=(2, 3))), "bias": jnp.ones(2, F64)}}
+    x, y = jnp.asarray(rng.normal(size=(4, 5, 3))), jnp.asarray(rng.integers(0, 2, size=4))
+    gp = JaxGradientProvider(apply, p, cross_entropy, layers=["d"])
+    assert gp.kfac_layouts() == {"d": "oi"}
+    batch = gp.prepare_batch(Batch(x, y))
+    a, s = gp.kfac_factors(batch)["d"]
+    assert a.shape == (4, 5, 3) and s.shape == (4, 5, 2)
+    grads, sl = gp.flat_grads(batch), gp.parameter_slices
+    g = jnp.reshape(jnp.einsum("nto,nti->noi", s, a), (4, -1))
+    assert rel_err(g, grads[:, sl["d/weight"]]) < 1e-12
+    assert rel_err(jnp.sum(s, axis=1), grads[:, sl["d/bias"]]) < 1e-12

@@ -93,9 +93,10 @@ def _sub_jaxpr(eqn: Any) -> ClosedJaxpr | None:
     return None
 
 
-def _dense_tap(eqn: Any, here: Path, alias: dict[Any, int]) -> ConvTap | None:
-    """The tap of a ``dot_general`` with exactly one operand a kernel leaf, one
-    contracted axis and no batch axes (a dense layer); None otherwise."""
+def _dense_tap(eqn: Any, here: Path, alias: dict[Any, int], flipped: set[Any]) -> ConvTap | None:
+    """The tap of a ``dot_general`` with exactly one operand a kernel leaf (or its
+    transpose, in ``flipped``), one contracted axis and no batch axes (a dense
+    layer); None otherwise."""
     lhs, rhs = eqn.invars
     is_kernel = [not isinstance(v, Literal) and v in alias for v in (lhs, rhs)]
     if is_kernel[0] == is_kernel[1]:
@@ -106,23 +107,26 @@ def _dense_tap(eqn: Any, here: Path, alias: dict[Any, int]) -> ConvTap | None:
     if lb or rb or len(lc) != 1 or len(rc) != 1 or len(_aval(kernel).shape) != 2:
         return None
     out_aval: Any = eqn.outvars[0].aval
+    axis, shape = int((lc, rc)[k][0]), tuple(_aval(kernel).shape)
+    if kernel in flipped:  # x @ w.T: the leaf's axes are the other way round
+        axis, shape = 1 - axis, shape[::-1]
     return ConvTap(
         here,
         dict(eqn.params),
-        tuple(_aval(kernel).shape),
+        shape,
         tuple(out_aval.shape),
         out_aval.dtype,
         kind="dense",
         operand=1 - k,
         contract=int((lc, rc)[1 - k][0]),
-        kernel_axis=int((lc, rc)[k][0]),
+        kernel_axis=axis,
     )
 
 
 def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[int, ConvTap]:
     """For each input position in ``leaf_positions`` (a kernel leaf), the one
     convolution it feeds as the kernel, or (a 2-D kernel) the one ``dot_general``
-    it feeds as a dense layer's matrix.
+    it feeds as a dense layer's matrix (directly or transposed, ``x @ w.T``).
 
     Raises:
         ValueError: a kernel that feeds no convolution or dense product, more
@@ -132,6 +136,7 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
     wanted = set(leaf_positions)
     found: dict[int, list[ConvTap]] = {i: [] for i in wanted}
     other: dict[int, set[str]] = {i: set() for i in wanted}
+    flipped: set[Any] = set()  # variables holding a 2-D kernel transposed
 
     def walk(jaxpr: Jaxpr, alias: dict[Any, int], path: Path) -> None:
         for k, eqn in enumerate(jaxpr.eqns):
@@ -142,12 +147,24 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
             name = eqn.primitive.name
             if name in _PASS_THROUGH and len(eqn.invars) == 1:
                 alias[eqn.outvars[0]] = alias[eqn.invars[0]]
+                if eqn.invars[0] in flipped:
+                    flipped.add(eqn.outvars[0])
+                continue
+            if (
+                name == "transpose"
+                and len(_aval(eqn.invars[0]).shape) == 2
+                and tuple(eqn.params["permutation"]) == (1, 0)
+            ):
+                alias[eqn.outvars[0]] = alias[eqn.invars[0]]
+                if eqn.invars[0] not in flipped:
+                    flipped.add(eqn.outvars[0])
                 continue
             if name == "conv_general_dilated":
                 lhs, rhs = eqn.invars
                 if (
                     not isinstance(rhs, Literal)
                     and rhs in alias
+                    and rhs not in flipped
                     and not (not isinstance(lhs, Literal) and lhs in alias)
                 ):
                     out_aval: Any = eqn.outvars[0].aval
@@ -162,7 +179,7 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
                     )
                     continue
             if name == "dot_general":
-                tap = _dense_tap(eqn, here, alias)
+                tap = _dense_tap(eqn, here, alias, flipped)
                 if tap is not None:
                     found[alias[eqn.invars[1 - tap.operand]]].append(tap)
                     continue
@@ -173,6 +190,11 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
                     for v, sv in zip(eqn.invars, sub.jaxpr.invars, strict=True)
                     if not isinstance(v, Literal) and v in alias
                 }
+                flipped.update(
+                    sv
+                    for v, sv in zip(eqn.invars, sub.jaxpr.invars, strict=True)
+                    if not isinstance(v, Literal) and v in flipped
+                )
                 walk(sub.jaxpr, inner, here)
                 continue
             for leaf in leaves:
