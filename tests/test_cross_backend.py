@@ -295,3 +295,65 @@ def test_conv_ekfac_torch_equals_jax(second_order):
         scores.append(to_numpy(infl.influences(xs[:4], ys[:4], xs, ys)))
     assert np.max(np.abs(scores[0])) > 0
     assert rel_err(scores[1], scores[0]) <= 1e-10
+
+
+def test_token_axis_tracked_ekfac_torch_equals_jax():
+    """The flax block of test_jax_token_axis (embedding, a residual Dense-ReLU-Dense
+    on the token axis, LayerNorm, a head) and the same block in torch, both with
+    their dense layers tracked: the same EK-FAC influences ("expand" factors) and
+    the same per-token Kronecker projections."""
+    tok = pytest.importorskip("test_jax_token_axis")
+    params, x, y, xt, yt = tok.make_problem()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(tok.VOCAB, tok.D)
+            self.pos = torch.nn.Parameter(torch.zeros(tok.T, tok.D))
+            self.fc, self.proj = torch.nn.Linear(tok.D, tok.H), torch.nn.Linear(tok.H, tok.D)
+            self.ln = torch.nn.LayerNorm(tok.D, eps=tok.EPS_LN)
+            self.head = torch.nn.Linear(tok.D, tok.CLASSES)
+
+        def forward(self, ids):
+            z = self.emb(ids) + self.pos
+            z = self.ln(z + self.proj(torch.relu(self.fc(z))))
+            return self.head(z.mean(1))
+
+    def t(a, transpose=False):
+        a = torch.from_numpy(np.array(a))
+        return a.T.contiguous() if transpose else a
+
+    model = Block().double()
+    with torch.no_grad():
+        model.emb.weight.copy_(t(params["emb"]["embedding"]))
+        model.pos.copy_(t(params["pos"]))
+        model.ln.weight.copy_(t(params["ln"]["scale"]))
+        model.ln.bias.copy_(t(params["ln"]["bias"]))
+        for layer in tok.LAYERS:
+            getattr(model, layer).weight.copy_(t(params[layer]["kernel"], transpose=True))
+            getattr(model, layer).bias.copy_(t(params[layer]["bias"]))
+    torch_gp = TorchGradientProvider(
+        model.eval(), torch.nn.functional.cross_entropy, cast_inputs=False, layers=tok.LAYERS
+    )
+    jax_gp = JaxGradientProvider(tok.apply_tiny, params, tok.cross_entropy, layers=tok.LAYERS)
+    # the tracked layers in the torch module's order: the same Kronecker maps
+    assert list(jax_gp.kfac_layers()) == list(torch_gp.kfac_layers()) == tok.LAYERS
+    for second_order in ("gauss_newton", "empirical_fisher"):  # one pair of providers
+        scores, projected = [], []
+        for gp, conv in ((torch_gp, t), (jax_gp, jnp.asarray)):
+            xs, ys, qx, qy = conv(x), conv(y), conv(xt), conv(yt)
+            infl = xi.EkfacInfluence(gp, regularization=1e-3, second_order=second_order)
+            infl.fit(tok.batches(xs, ys))
+            scores.append(to_numpy(infl.influences(qx, qy, xs, ys)))
+            proj = xi.ProjectedInfluence(
+                gp,
+                k=20,
+                projection="kronecker",
+                seed=3,
+                regularization=1e-3,
+                second_order=second_order,
+            )
+            projected.append(to_numpy(proj.fit(tok.batches(xs, ys)).influences(qx, qy, xs, ys)))
+        assert np.max(np.abs(scores[0])) > 0
+        assert rel_err(scores[1], scores[0]) <= 1e-10, second_order
+        assert rel_err(projected[1], projected[0]) <= 1e-10, second_order

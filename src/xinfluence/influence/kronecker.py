@@ -142,13 +142,15 @@ class EkfacInfluence(ComposableInfluence):
     ``Conv1D`` layers, the jax provider for declared dense layers and the
     array-API GLMs for their one layer. Blocks are the layers; every parameter
     must belong to one: on other models, track the layers
-    (``TorchGradientProvider(model, loss, layers=[...])``) or restrict the
-    provider to them; the other parameters are then out of the curvature and
-    the scores.
+    (``TorchGradientProvider(model, loss, layers=[...])``,
+    ``JaxGradientProvider(apply_fn, params, loss, layers=[...])``) or restrict
+    the provider to them; the other parameters are then out of the curvature
+    and the scores.
 
-    Dense layers on a token axis (torch: inputs ``(N, *S, I)``, flattened to
-    ``T = prod(S)`` positions) and convolutions (the torch provider's
-    ``nn.Conv2d`` layers, the jax provider's declared ``conv_layers``) give
+    Dense layers on a token axis (inputs ``(N, *S, I)``, flattened to
+    ``T = prod(S)`` positions: torch's dense layers, the jax provider's tracked
+    ones) and convolutions (the torch provider's ``nn.Conv2d`` layers, the jax
+    provider's ``conv_layers`` and tracked convolutions) give
     their factors per position, ``a`` ``(N, T, I)`` and ``s`` ``(N, T, O)``.
     The factors are Grosse & Martens' "expand" approximation (KFC, 2016; as
     kronfluence's): ``A = mean_n sum_t a_nt a_nt^T``,

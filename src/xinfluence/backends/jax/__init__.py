@@ -83,6 +83,20 @@ a zero perturbation added to its output (its gradient is ``s_nt``); see
 from the traced call; grouped convolutions and convolutions inside loops or
 branches are refused.
 
+Tracked layers, ``layers=[layer_name, ...]``, are found by tracing the same
+way, and the provider covers only them (the other leaves are out of the
+curvature and the scores, listed in ``untracked_parameters``): a node with a
+2-D ``"kernel"`` / ``"weight"`` is a dense layer fed to one ``dot_general``
+(flax ``Dense``, equinox ``Linear`` under ``vmap``) on inputs ``(N, I)`` or
+``(N, *S, I)``; its factors keep the ``T = prod(S)`` positions of a token axis,
+``a`` ``(N, T, I)`` and ``s`` ``(N, T, O)``, and EK-FAC and the Kronecker
+projections use them as the torch provider does (Grosse & Martens' "expand":
+``A = mean_n sum_t a_nt a_nt^T``, ``S = mean_n (1/T) sum_t s_nt s_nt^T``; each
+token projected before the sum). A node with a kernel of more axes is a
+convolution; other nodes (embeddings, LayerNorm) are refused by name::
+
+    gp = JaxGradientProvider(apply_fn, params, loss, layers=["Dense_0", "Dense_1"])
+
 When the declared layers hold every differentiated leaf and include a
 convolution, :meth:`flat_grads` and
 :meth:`jacobian_prod` use the factors too (checked once per input shape against

@@ -1,5 +1,5 @@
 """The traced model behind :class:`JaxGradientProvider`: flat parameters,
-pytree paths and layer groups, the convolution taps.
+pytree paths and layer groups, the taps on convolutions and tracked layers.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class _Model(PicklableState):
         dense_layers: Mapping[str, Features] | None,
         input_shape: tuple[int, ...] | None,
         conv_layers: Sequence[str] | None = None,
+        tracked: Sequence[str] | None = None,
     ):
         if not callable(apply_fn):
             raise TypeError("apply_fn must be callable: apply_fn(params, x) -> output")
@@ -121,7 +122,17 @@ class _Model(PicklableState):
         # the provider module imports this one)
         self.restricted: dict[tuple[str, ...], Any] = {}
         self.dense = self._resolve_dense_layers(dense_layers)
-        self.conv = self._resolve_conv_layers(conv_layers)
+        # layers found by tracing: the declared convolutions, or the tracked layers
+        # (dense, 2-D weight, or convolutions); layer -> (weight, bias, layout, O)
+        self.traced = self._resolve_conv_layers(conv_layers)
+        self.tracked: tuple[str, ...] | None = None
+        if tracked is not None:
+            if dense_layers is not None or conv_layers is not None:
+                raise ValueError(
+                    "layers= (tracked layers, found by tracing) replaces dense_layers and "
+                    "conv_layers: pass one or the other"
+                )
+            self.tracked, self.traced = self._resolve_tracked(tracked)
         self._kfac_fns: dict[tuple[str, ...], Callable[..., Any]] = {}
         self._conv_fns: dict[tuple[Any, ...], Any] = {}
         # input signatures whose structured gradients were checked against autodiff
@@ -261,11 +272,91 @@ class _Model(PicklableState):
             out[layer] = (wname, bname, layout, n_out)
         return out
 
+    def _resolve_tracked(
+        self, tracked: Sequence[str]
+    ) -> tuple[tuple[str, ...], OrderedDict[str, tuple[str, str | None, str, int]]]:
+        """``(layer names, layer -> (weight, bias or None, layout, O))`` of the tracked
+        layers: nodes holding a 2-D ``kernel`` / ``weight`` (dense) or one of 3 or
+        more axes (a convolution), and optionally a ``bias``.
+
+        Raises:
+            ValueError: an unknown layer, no layer, or layers of an unsupported
+                kind (named, with the leaves they hold).
+            TypeError: ``tracked`` does not hold layer names.
+        """
+        if isinstance(tracked, str):
+            tracked = [tracked]
+        if not isinstance(tracked, Sequence):
+            raise TypeError("layers must be a sequence of layer names, e.g. ['Dense_0']")
+        chosen: list[str] = []
+        for layer in tracked:
+            if not isinstance(layer, str):
+                raise TypeError(f"layers must hold layer names (str), got {layer!r}")
+            if layer not in chosen:
+                chosen.append(layer)
+        if not chosen:
+            raise ValueError("layers names no layer to track")
+        nodes = {"/".join(k[:j]) for k in self.keys for j in range(1, len(k))}
+        unknown = [k for k in chosen if k not in nodes]
+        if unknown:
+            raise ValueError(
+                f"tracked layers {unknown} are not nodes of the parameter tree; nodes: "
+                f"{sorted(nodes)[:20]}{' ...' if len(nodes) > 20 else ''}"
+            )
+        index = {n: i for i, n in enumerate(self.names)}
+        bad: list[str] = []
+        conv: list[str] = []
+        out: OrderedDict[str, tuple[str, str | None, str, int]] = OrderedDict()
+        for layer in chosen:
+            weight = [f"{layer}/{k}" for k in ("kernel", "weight") if f"{layer}/{k}" in index]
+            ndim = len(self.shapes[index[weight[0]]]) if len(weight) == 1 else 0
+            if ndim < 2:
+                held = [n[len(layer) + 1 :] for n in self.names if n.startswith(layer + "/")]
+                bad.append(f"{layer!r} (holds {', '.join(held)})")
+            elif ndim > 2:
+                conv.append(layer)
+            else:
+                wname, layout = weight[0], "io" if weight[0].endswith("/kernel") else "oi"
+                n_out = self.shapes[index[wname]][1 if layout == "io" else 0]
+                bname: str | None = f"{layer}/bias"
+                if bname not in index:
+                    bname = None
+                elif self.shapes[index[bname]] != (n_out,):
+                    raise ValueError(
+                        f"{bname!r} must have shape ({n_out},), got {self.shapes[index[bname]]}"
+                    )
+                out[layer] = (wname, bname, layout, n_out)
+        if bad:
+            raise ValueError(
+                "tracked layers must be dense layers (a 2-D 'kernel' (I, O) or 'weight' "
+                "(O, I), and optionally a 'bias' (O,)) or convolutions (a 'kernel' or "
+                f"'weight' of 3 or more axes); unsupported: {', '.join(bad)}"
+            )
+        out.update(self._resolve_conv_layers(conv))
+        return tuple(chosen), OrderedDict((k, out[k]) for k in chosen)
+
+    def tracked_leaves(self) -> tuple[int, ...]:
+        """Positions of the leaves a provider differentiates: every leaf, or with
+        tracked layers their weights and biases."""
+        if self.tracked is None:
+            return tuple(range(len(self.names)))
+        keep = {n for w, b, _, _ in self.traced.values() for n in (w, b) if n is not None}
+        return tuple(i for i, n in enumerate(self.names) if n in keep)
+
+    def is_conv(self, layer: str) -> bool:
+        """Whether a traced layer is a convolution (its weight has 3 or more axes)."""
+        return len(self.shapes[self.names.index(self.traced[layer][0])]) > 2
+
     def conv_fn(self, x: Array, *, ggn: bool, layers: tuple[str, ...]) -> Callable[..., Any]:
-        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the declared convolutions:
-        patches ``a`` ``(N, T, I)`` and output gradients ``s`` ``(N, T, O)``, or with
-        ``ggn`` the pseudo-gradients ``s`` ``(N, M, T, O)`` and the eigenvalues of
-        the loss Hessians on the output ``(N, M)``. Traced once per input shape."""
+        """``(leaves, x, y) -> {layer: (a, s)}`` for traced layers (convolutions and
+        tracked dense layers), compiled: a convolution's patches ``a`` ``(N, T, I)``
+        and output gradients ``s`` ``(N, T, O)``; a dense layer's inputs and output
+        gradients at its ``T`` positions (token axes) likewise, or ``(N, I)`` and
+        ``(N, O)`` on 2-D inputs; with ``ggn`` the pseudo-gradients ``s``
+        ``(N, M, T, O)`` (``(N, M, O)``) and the eigenvalues of the loss Hessians on
+        the output ``(N, M)``. Traced once per input shape. The first call per
+        input shape checks that each bias gradient is ``sum_t s_t`` (the bias is
+        added to that layer's output), else ``ValueError``."""
         key = (tuple(x.shape[1:]), str(x.dtype), ggn, layers)
         if key in self._conv_fns:
             return self._conv_fns[key]
@@ -280,63 +371,125 @@ class _Model(PicklableState):
         taps: dict[str, _taps.ConvTap] = {}
         perms: dict[str, tuple[int, ...]] = {}
         for layer in layers:
-            wname, _, layout, _ = self.conv[layer]
+            wname, _, layout, _ = self.traced[layer]
+            conv = self.is_conv(layer)
+            kind = "conv" if conv else "dense"
             try:
                 tap = _taps.find_conv_taps(closed, [index[wname]])[index[wname]]
-                found, perm = _taps.kernel_layout(tap)
+                if tap.kind != kind:
+                    raise ValueError(f"it feeds a {tap.kind} product, not a {kind} one")
+                found, perm = _taps.kernel_layout(tap) if conv else (_taps.dense_layout(tap), ())
             except ValueError as exc:
-                raise ValueError(f"conv layer {layer!r} ({wname!r}): {exc}") from exc
+                raise ValueError(f"{kind} layer {layer!r} ({wname!r}): {exc}") from exc
             if found != layout:
                 raise ValueError(
-                    f"conv layer {layer!r}: {wname!r} is used with its output-feature axis "
+                    f"{kind} layer {layer!r}: {wname!r} is used with its output-feature axis "
                     f"{'first' if found == 'oi' else 'last'}; a 'weight' must have it first "
                     "and a 'kernel' last"
                 )
             taps[layer], perms[layer] = tap, perm
+        # dense layers on 2-D inputs (one position) give (N, I), (N, O) factors, as
+        # declared ones do; tokens folded into the batch axis, (T, I), keep T
+        flat = {
+            k
+            for k, t in taps.items()
+            if t.kind == "dense"
+            and len(t.out_shape) == 2
+            and math.prod(t.out_shape) == self.traced[k][3]
+        }
+        biases = {k: index[b] for k in layers if (b := self.traced[k][1]) is not None}
 
-        def tapped(leaves, deltas, xi):
-            outs, lhs = _taps.evaluate_with_taps(
-                closed, [*leaves, xi], {taps[k].path: d for k, d in deltas.items()}
+        def tapped(leaves, deltas, bias, xi):
+            full = list(leaves)
+            for k, i in biases.items():
+                full[i] = bias[k]
+            outs, ops = _taps.evaluate_with_taps(
+                closed, [*full, xi], {taps[k].path: d for k, d in deltas.items()}
             )
-            patches = {
-                k: _taps.reorder_features(_taps.conv_patches(lhs[t.path], t)[0], t, perms[k])
-                for k, t in taps.items()
-            }
-            return jax.tree_util.tree_unflatten(out_tree, outs), patches
+            inputs = {}
+            for k, t in taps.items():
+                if t.kind == "dense":
+                    inputs[k] = _taps.dense_inputs(ops[t.path][t.operand], t)
+                else:
+                    patches = _taps.conv_patches(ops[t.path][0], t)[0]
+                    inputs[k] = _taps.reorder_features(patches, t, perms[k])
+            return jax.tree_util.tree_unflatten(out_tree, outs), inputs
 
         def zeros():
             return {k: jnp.zeros(t.out_shape, t.out_dtype) for k, t in taps.items()}
 
         def positions(k, z):  # one sample's (1, ...) in out layout -> (T, O)
-            return _taps.to_positions(z, taps[k].params["dimension_numbers"].out_spec)[0]
+            t = taps[k]
+            if t.kind == "dense":
+                return _taps.dense_positions(z, t)
+            return _taps.to_positions(z, t.params["dimension_numbers"].out_spec)[0]
+
+        def bias_check(k, gb, s):  # bias gradient vs sum_t s_t: (error, scale)
+            gb = jnp.reshape(gb, s.shape[:-2] + s.shape[-1:])
+            err = jnp.max(jnp.abs(gb - jnp.sum(s, axis=-2)))
+            return err, jnp.maximum(jnp.max(jnp.abs(gb)), jnp.max(jnp.sum(jnp.abs(s), axis=-2)))
 
         def gradient_one(leaves, xi, yi):
-            def per_sample(deltas):
-                out, patches = tapped(leaves, deltas, xi[None])
-                return jnp.reshape(loss(out, yi[None]), ()), patches
+            def per_sample(deltas, bias):
+                out, inputs = tapped(leaves, deltas, bias, xi[None])
+                return jnp.reshape(loss(out, yi[None]), ()), inputs
 
-            s, patches = jax.grad(per_sample, has_aux=True)(zeros())
-            return {k: (patches[k], positions(k, s[k])) for k in taps}
+            bias0 = {k: leaves[i] for k, i in biases.items()}
+            (s, gb), inputs = jax.grad(per_sample, argnums=(0, 1), has_aux=True)(zeros(), bias0)
+            s = {k: positions(k, s[k]) for k in taps}
+            checks = {k: bias_check(k, gb[k], s[k]) for k in biases}
+            return {k: (inputs[k], s[k]) for k in taps}, checks
 
         def out_loss(oi, yi):
             return jnp.reshape(loss(oi[None], yi[None]), ())
 
         def ggn_one(leaves, xi, yi):
-            def sample_out(deltas):
-                out, patches = tapped(leaves, deltas, xi[None])
-                return out[0], patches
+            def sample_out(deltas, bias):
+                out, inputs = tapped(leaves, deltas, bias, xi[None])
+                return out[0], inputs
 
-            out, pull, patches = jax.vjp(sample_out, zeros(), has_aux=True)
+            bias0 = {k: leaves[i] for k, i in biases.items()}
+            out, pull, inputs = jax.vjp(sample_out, zeros(), bias0, has_aux=True)
             m = math.prod(out.shape)
             h = jnp.reshape(jax.hessian(out_loss)(out, yi), (m, m))
             lam, vec = jnp.linalg.eigh((h + h.T) / 2)
             root = vec * jnp.sqrt(jnp.maximum(lam, 0))[None, :]  # (M, C), H = root root^T
             cols = jnp.reshape(root.T, (m, *out.shape))
-            (s,) = jax.vmap(pull)(cols)
-            result = {k: (patches[k], jax.vmap(lambda z, k=k: positions(k, z))(s[k])) for k in taps}
-            return result, lam
+            s, gb = jax.vmap(pull)(cols)
+            s = {k: jax.vmap(lambda z, k=k: positions(k, z))(s[k]) for k in taps}
+            checks = {k: bias_check(k, gb[k], s[k]) for k in biases}
+            return ({k: (inputs[k], s[k]) for k in taps}, lam), checks
 
-        fn = jax.jit(jax.vmap(ggn_one if ggn else gradient_one, in_axes=(None, 0, 0)))
+        def batched(leaves, x, y):
+            out, checks = jax.vmap(ggn_one if ggn else gradient_one, in_axes=(None, 0, 0))(
+                leaves, x, y
+            )
+            result = out[0] if ggn else out
+            for k in flat:
+                a, s = result[k]
+                result[k] = (a[:, 0], s[:, :, 0] if ggn else s[:, 0])
+            checks = {k: (jnp.max(e), jnp.max(c)) for k, (e, c) in checks.items()}
+            return out, checks
+
+        jitted = jax.jit(batched)
+        eps = float(jnp.finfo(self.dtype).eps)
+
+        def fn(leaves, x, y):
+            out, checks = jitted(leaves, x, y)
+            if ("taps", *key) not in self.checked and x.shape[0] > 0:
+                for k, (err, scale) in checks.items():
+                    err, scale = float(err), float(scale)
+                    # non-finite values are reported downstream
+                    if math.isfinite(scale) and not err <= 100 * math.sqrt(eps) * scale:
+                        raise ValueError(
+                            f"layer {k!r}: the gradient of {self.traced[k][1]!r} is not the "
+                            f"sum over positions of the output gradients (error {err:.3g} "
+                            f"against {scale:.3g}): the bias must be added to the output of "
+                            "the layer's product, before anything else uses it"
+                        )
+                self.checked.add(("taps", *key))
+            return out
+
         self._conv_fns[key] = fn
         return fn
 

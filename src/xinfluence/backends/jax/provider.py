@@ -44,6 +44,22 @@ class JaxGradientProvider(GradientProvider):
             ``"weight"`` (torch / equinox layout ``(O, C, kh, kw)``) fed to one
             ``lax.conv_general_dilated``, and optionally a ``"bias"`` added to its
             output. Found by tracing the model (see the module docstring).
+        layers:
+            Tracked layers, found by tracing like ``conv_layers`` (instead of
+            ``dense_layers`` and ``conv_layers``): layer names (pytree nodes,
+            ``"Block_0/Dense_1"``) holding a ``"kernel"`` or ``"weight"`` and
+            optionally a ``"bias"``. A 2-D weight is a dense layer: a flax ``Dense``
+            (kernel ``(I, O)``) or an equinox ``Linear`` (weight ``(O, I)``) on
+            inputs ``(N, I)`` or ``(N, *S, I)`` (a token axis), fed to one
+            ``dot_general``; more axes a convolution. The provider then covers
+            only these layers' weights and biases, as :meth:`restrict` to them
+            would: the other leaves are left out of the curvature and of the
+            scores on purpose and listed in :attr:`untracked_parameters` (and the
+            repr); :attr:`tracked_layers` holds the layer names. Nodes of another
+            kind (an embedding, a LayerNorm) are a ``ValueError`` that names
+            them; a weight used otherwise than in one product is one at the first
+            trace. This is how the structured methods (``EkfacInfluence``,
+            ``ProjectedInfluence(projection="kronecker")``) run on transformers.
         input_shape:
             Optional per-sample shape ``D`` of ``x``; when given, other shapes are a
             ``ValueError`` before the model runs. Otherwise a shape is checked by
@@ -72,6 +88,7 @@ class JaxGradientProvider(GradientProvider):
         *,
         dense_layers: Mapping[str, Features] | None = None,
         conv_layers: Sequence[str] | None = None,
+        layers: Sequence[str] | None = None,
         input_shape: Sequence[int] | None = None,
     ):
         model = _Model(
@@ -81,8 +98,9 @@ class JaxGradientProvider(GradientProvider):
             dense_layers,
             None if input_shape is None else tuple(input_shape),
             conv_layers,
+            layers,
         )
-        self._setup(model, tuple(range(len(model.names))))
+        self._setup(model, model.tracked_leaves())
 
     def __getstate__(self) -> dict[str, Any]:  # the jitted functions are rebuilt on load
         return {"_model": self._model, "_active": self._active}
@@ -173,6 +191,20 @@ class JaxGradientProvider(GradientProvider):
         self._jit_hessian = jax.jit(hessian)
 
     # -- the model -------------------------------------------------------
+    @property
+    def tracked_layers(self) -> tuple[str, ...] | None:
+        """The tracked layers (``layers=``), or None when the provider was built
+        without them."""
+        return self._model.tracked
+
+    @property
+    def untracked_parameters(self) -> tuple[str, ...]:
+        """Leaves left out of the curvature and the scores because they belong to no
+        tracked layer (empty without ``layers=``)."""
+        m = self._model
+        kept = set(m.tracked_leaves())
+        return tuple(n for i, n in enumerate(m.names) if i not in kept)
+
     @property
     def xp(self) -> Namespace:
         return self._model.xp
@@ -373,7 +405,8 @@ class JaxGradientProvider(GradientProvider):
         them is a convolution, else None (``vmap(grad)`` of dense layers is as fast
         as their factors)."""
         layers = self.kfac_layers()
-        if not any(layer in self._model.conv for layer in layers):
+        m = self._model
+        if not any(layer in m.traced and m.is_conv(layer) for layer in layers):
             return None
         covered = {n for w, b in layers.values() for n in (w, b) if n is not None}
         return layers if covered == set(self.parameter_names) else None
@@ -436,19 +469,23 @@ class JaxGradientProvider(GradientProvider):
     # -- Kronecker factors ---------------------------------------------------
     def kfac_layers(self) -> OrderedDict[str, tuple[str, str | None]]:
         """Declared dense and conv layers whose weight this provider differentiates,
-        in the order ``dense_layers`` declares them, or in parameter order when
-        ``conv_layers`` are declared too:
+        in the order ``dense_layers`` or ``layers`` (tracked layers) declares
+        them, or in parameter order when ``conv_layers`` are declared:
         ``layer -> (weight name, bias name or None)``.
 
         The bias name is None when the layer has no bias or the bias is not
-        among this provider's parameters. Empty without ``dense_layers`` and
-        ``conv_layers``.
+        among this provider's parameters. Empty without ``dense_layers``,
+        ``conv_layers`` and ``layers``. (A Kronecker projection draws each
+        layer's maps by its position here: tracked layers listed in a torch
+        model's module order draw the torch provider's maps.)
         """
         m = self._model
         mine = set(self.parameter_names)
         declared = [(layer, w, b) for layer, (w, b, _, _) in m.dense.items()]
-        if m.conv:  # dense layers alone keep their declared order (projection streams)
-            declared += [(layer, w, b) for layer, (w, b, _, _) in m.conv.items()]
+        if m.tracked is not None:
+            declared = [(layer, w, b) for layer, (w, b, _, _) in m.traced.items()]
+        elif m.traced:  # dense layers alone keep their declared order (projection streams)
+            declared += [(layer, w, b) for layer, (w, b, _, _) in m.traced.items()]
             declared.sort(key=lambda t: m.names.index(t[1]))
         out: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         for layer, w, b in declared:
@@ -462,7 +499,7 @@ class JaxGradientProvider(GradientProvider):
         ``kernel`` ``(I, O)`` (gradient ``outer(a, s)``)."""
         m = self._model
         return OrderedDict(
-            (layer, (m.dense[layer] if layer in m.dense else m.conv[layer])[2])
+            (layer, (m.dense[layer] if layer in m.dense else m.traced[layer])[2])
             for layer in self.kfac_layers()
         )
 
@@ -477,7 +514,13 @@ class JaxGradientProvider(GradientProvider):
         axes: ``(C, kh, kw)`` for a ``"weight"``, ``(kh, kw, C)`` for a
         ``"kernel"``) and the output gradients ``s`` ``(N, T, O)``; the weight
         gradient is ``sum_t outer(s_nt, a_nt)`` (or its transpose) and the bias
-        gradient ``sum_t s_nt``.
+        gradient ``sum_t s_nt``. A tracked dense layer (``layers=``) on inputs
+        ``(N, *S, I)`` (a token axis) likewise keeps its ``T = prod(S)`` positions
+        (row-major): ``a`` ``(N, T, I)``, ``s`` ``(N, T, O)``; on inputs ``(N, I)``
+        it gives ``(N, I)`` and ``(N, O)``. EK-FAC and the Kronecker projections
+        then use Grosse & Martens' "expand" factors, ``A = mean_n sum_t a_nt
+        a_nt^T`` and ``S = mean_n (1/T) sum_t s_nt s_nt^T``, as the torch provider
+        does (see :class:`~xinfluence.EkfacInfluence`).
         """
         layers = self.kfac_layers()
         if not layers:
@@ -485,13 +528,13 @@ class JaxGradientProvider(GradientProvider):
         m = self._model
         # only this provider's layers: a restriction to one layer taps one layer
         dense = tuple(k for k in layers if k in m.dense)
-        conv = tuple(k for k in layers if k in m.conv)
+        conv = tuple(k for k in layers if k in m.traced)  # convolutions, tracked layers
         out = m.kfac_fn(dense)(m.leaves, batch.x, batch.y) if dense else {}
         if conv:
             out.update(m.conv_fn(batch.x, ggn=False, layers=conv)(m.leaves, batch.x, batch.y))
         result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()
         for layer, (w, _) in layers.items():
-            if layer in m.conv:
+            if layer in m.traced:
                 result[layer] = out[layer]
                 continue
             a, s = out[layer]
@@ -501,7 +544,8 @@ class JaxGradientProvider(GradientProvider):
             if tuple(a.shape) != (n, n_in):
                 raise ValueError(
                     f"features of dense layer {layer!r} must have shape ({n}, {n_in}), "
-                    f"got {tuple(a.shape)}"
+                    f"got {tuple(a.shape)}; a dense layer on a token axis (N, *S, {n_in}) is "
+                    "found by tracing instead: JaxGradientProvider(..., layers=[...])"
                 )
             result[layer] = (_xp.as_float(a, dtype=self.dtype, xp=self.xp, what="features"), s)
             assert tuple(s.shape) == (n, n_out)
@@ -675,8 +719,9 @@ class JaxGradientProvider(GradientProvider):
 
     def kfac_ggn_factors(self, batch: Batch) -> OrderedDict[str, tuple[Array, Array]]:
         """Per layer of :meth:`kfac_layers`: inputs ``a`` ``(N, I)`` and Gauss-Newton
-        pseudo-gradients ``s`` ``(N, M, O)`` (for a convolution ``a`` ``(N, T, I)``
-        and ``s`` ``(N, M, T, O)``, as in :meth:`kfac_factors`): the columns of ``L_i``
+        pseudo-gradients ``s`` ``(N, M, O)`` (for a convolution or a dense layer on
+        a token axis ``a`` ``(N, T, I)`` and ``s`` ``(N, M, T, O)``, as in
+        :meth:`kfac_factors`): the columns of ``L_i``
         (``H_i = L_i L_i^T``, the loss Hessian on the output) back-propagated to
         the layer's output, so that the layer's Gauss-Newton block is
         ``mean_i sum_c (s_ic s_ic^T) (x) (a_i a_i^T)``.
@@ -693,8 +738,8 @@ class JaxGradientProvider(GradientProvider):
         out: dict[str, tuple[Array, Array]] = {}
         if m.dense:
             out, lam = self._kfac_ggn_fn()(m.leaves, batch.x, batch.y)
-        if m.conv:
-            fn = m.conv_fn(batch.x, ggn=True, layers=tuple(m.conv))
+        if m.traced:
+            fn = m.conv_fn(batch.x, ggn=True, layers=tuple(m.traced))
             conv, lam = fn(m.leaves, batch.x, batch.y)
             out.update(conv)
         # the pseudo-gradients used the eigenvalues clipped to zero; rounding puts
@@ -716,7 +761,13 @@ class JaxGradientProvider(GradientProvider):
         return result
 
     def __repr__(self) -> str:
+        tracked = ""
+        if self.tracked_layers is not None:
+            tracked = (
+                f", tracked_layers={list(self.tracked_layers)}, "
+                f"untracked_parameters={list(self.untracked_parameters)}"
+            )
         return (
             f"JaxGradientProvider(n_parameters={self.n_parameters}, "
-            f"parameters={list(self.parameter_names)}, dtype={self.dtype})"
+            f"parameters={list(self.parameter_names)}, dtype={self.dtype}{tracked})"
         )

@@ -1,13 +1,17 @@
-"""Taps on the convolutions of a JAX model: the hooks JAX does not have.
+"""Taps on the convolutions and dense layers of a JAX model: the hooks JAX does
+not have.
 
 A torch module can be hooked to read a layer's input and perturb its output; a
 JAX model is a function. Here the model is traced once to a jaxpr
-(:func:`jax.make_jaxpr`), the ``conv_general_dilated`` equation fed by a
-declared kernel leaf is located, and the jaxpr is evaluated again with that
-equation's input kept and a zero perturbation ``delta`` added to its output.
-Then ``d loss / d delta`` is the per-position output gradient ``s`` that the
-Kronecker factors of a convolution need, for any JAX library (flax, equinox,
-plain ``lax``). The evaluation is ordinary JAX code: it composes with
+(:func:`jax.make_jaxpr`), the ``conv_general_dilated`` or ``dot_general``
+equation fed by a declared kernel leaf is located, and the jaxpr is evaluated
+again with that equation's input kept and a zero perturbation ``delta`` added to
+its output. Then ``d loss / d delta`` is the per-position output gradient ``s``
+that the Kronecker factors of the layer need, for any JAX library (flax,
+equinox, plain ``lax``). A dense layer's positions are all the axes of its input
+but the contracted one (a token axis, say: flax ``Dense`` on ``(N, T, d)``,
+equinox ``Linear`` under two ``vmap``); a convolution's are its output
+positions. The evaluation is ordinary JAX code: it composes with
 :func:`jax.vmap`, :func:`jax.grad` and :func:`jax.jit`.
 
 Equations that do not contain a tapped convolution are bound unchanged (custom
@@ -29,20 +33,30 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 Path = tuple[int, ...]
 
-# unary equations that hand a kernel to the convolution unchanged in layout
+# unary equations that hand a kernel to the layer's product unchanged in layout
 _PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p"})
 
 
 @dataclass(frozen=True)
 class ConvTap:
-    """The convolution a kernel leaf feeds: where it is in the jaxpr and how it
-    was called (``params`` of the ``conv_general_dilated`` equation)."""
+    """The convolution or dense product a kernel leaf feeds: where it is in the
+    jaxpr and how it was called (``params`` of the ``conv_general_dilated`` or
+    ``dot_general`` equation).
+
+    ``kind`` is ``"conv"`` or ``"dense"``. For a dense product, ``operand`` is the
+    position of the layer's input among the equation's operands (1 when the
+    kernel is the left operand, as equinox's ``weight @ x``), ``contract`` the
+    input's contracted axis and ``kernel_axis`` the kernel's."""
 
     path: Path
     params: dict[str, Any]
     rhs_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     out_dtype: Any
+    kind: str = "conv"
+    operand: int = 0
+    contract: int = -1
+    kernel_axis: int = -1
 
 
 # equations that call a sub-jaxpr once on their own inputs (not loops or branches)
@@ -79,17 +93,50 @@ def _sub_jaxpr(eqn: Any) -> ClosedJaxpr | None:
     return None
 
 
+def _dense_tap(eqn: Any, here: Path, alias: dict[Any, int], flipped: set[Any]) -> ConvTap | None:
+    """The tap of a ``dot_general`` with exactly one operand a kernel leaf (or its
+    transpose, in ``flipped``), one contracted axis and no batch axes (a dense
+    layer); None otherwise."""
+    lhs, rhs = eqn.invars
+    is_kernel = [not isinstance(v, Literal) and v in alias for v in (lhs, rhs)]
+    if is_kernel[0] == is_kernel[1]:
+        return None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    k = 0 if is_kernel[0] else 1
+    kernel = (lhs, rhs)[k]
+    if lb or rb or len(lc) != 1 or len(rc) != 1 or len(_aval(kernel).shape) != 2:
+        return None
+    out_aval: Any = eqn.outvars[0].aval
+    axis, shape = int((lc, rc)[k][0]), tuple(_aval(kernel).shape)
+    if kernel in flipped:  # x @ w.T: the leaf's axes are the other way round
+        axis, shape = 1 - axis, shape[::-1]
+    return ConvTap(
+        here,
+        dict(eqn.params),
+        shape,
+        tuple(out_aval.shape),
+        out_aval.dtype,
+        kind="dense",
+        operand=1 - k,
+        contract=int((lc, rc)[1 - k][0]),
+        kernel_axis=axis,
+    )
+
+
 def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[int, ConvTap]:
     """For each input position in ``leaf_positions`` (a kernel leaf), the one
-    convolution it feeds as the kernel.
+    convolution it feeds as the kernel, or (a 2-D kernel) the one ``dot_general``
+    it feeds as a dense layer's matrix (directly or transposed, ``x @ w.T``).
 
     Raises:
-        ValueError: a kernel that feeds no convolution, more than one, or enters
-            any other computation (its gradient would not be ``sum_t s_t a_t^T``).
+        ValueError: a kernel that feeds no convolution or dense product, more
+            than one, or enters any other computation (its gradient would not be
+            ``sum_t s_t a_t^T``).
     """
     wanted = set(leaf_positions)
     found: dict[int, list[ConvTap]] = {i: [] for i in wanted}
     other: dict[int, set[str]] = {i: set() for i in wanted}
+    flipped: set[Any] = set()  # variables holding a 2-D kernel transposed
 
     def walk(jaxpr: Jaxpr, alias: dict[Any, int], path: Path) -> None:
         for k, eqn in enumerate(jaxpr.eqns):
@@ -100,12 +147,24 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
             name = eqn.primitive.name
             if name in _PASS_THROUGH and len(eqn.invars) == 1:
                 alias[eqn.outvars[0]] = alias[eqn.invars[0]]
+                if eqn.invars[0] in flipped:
+                    flipped.add(eqn.outvars[0])
+                continue
+            if (
+                name == "transpose"
+                and len(_aval(eqn.invars[0]).shape) == 2
+                and tuple(eqn.params["permutation"]) == (1, 0)
+            ):
+                alias[eqn.outvars[0]] = alias[eqn.invars[0]]
+                if eqn.invars[0] not in flipped:
+                    flipped.add(eqn.outvars[0])
                 continue
             if name == "conv_general_dilated":
                 lhs, rhs = eqn.invars
                 if (
                     not isinstance(rhs, Literal)
                     and rhs in alias
+                    and rhs not in flipped
                     and not (not isinstance(lhs, Literal) and lhs in alias)
                 ):
                     out_aval: Any = eqn.outvars[0].aval
@@ -119,6 +178,11 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
                         )
                     )
                     continue
+            if name == "dot_general":
+                tap = _dense_tap(eqn, here, alias, flipped)
+                if tap is not None:
+                    found[alias[eqn.invars[1 - tap.operand]]].append(tap)
+                    continue
             sub = _sub_jaxpr(eqn)
             if sub is not None:
                 inner = {
@@ -126,6 +190,11 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
                     for v, sv in zip(eqn.invars, sub.jaxpr.invars, strict=True)
                     if not isinstance(v, Literal) and v in alias
                 }
+                flipped.update(
+                    sv
+                    for v, sv in zip(eqn.invars, sub.jaxpr.invars, strict=True)
+                    if not isinstance(v, Literal) and v in flipped
+                )
                 walk(sub.jaxpr, inner, here)
                 continue
             for leaf in leaves:
@@ -137,18 +206,19 @@ def find_conv_taps(closed: ClosedJaxpr, leaf_positions: Sequence[int]) -> dict[i
     for i in sorted(wanted):
         if other[i]:
             raise ValueError(
-                f"the kernel enters computations other than one convolution "
+                f"the kernel enters computations other than one convolution or dense product "
                 f"({', '.join(sorted(other[i]))}); its per-sample gradient is then not "
                 "sum_t s_t a_t^T"
             )
         if len(found[i]) != 1:
             raise ValueError(
                 "the kernel must feed exactly one lax.conv_general_dilated as its kernel "
-                f"(rhs); it feeds {len(found[i])}"
+                "(rhs), or one dot_general with one contracted axis and no batch axes as a "
+                f"dense layer's matrix; it feeds {len(found[i])}"
             )
         tap = found[i][0]
         p = tap.params
-        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        if tap.kind == "conv" and (p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
             raise ValueError(
                 "grouped convolutions (feature_group_count or batch_group_count > 1) "
                 "have no single Kronecker factor pair"
@@ -174,8 +244,9 @@ def evaluate_with_taps(
     closed: ClosedJaxpr, args: Sequence[Any], deltas: dict[Path, Any]
 ) -> tuple[list[Any], dict[Path, Any]]:
     """Evaluate ``closed`` on ``args`` with ``deltas[path]`` added to the output of
-    the convolution at ``path``; returns the outputs and each tapped
-    convolution's input (its ``lhs``)."""
+    the convolution or dense product at ``path``; returns the outputs and each
+    tapped equation's operands (a convolution's input is the first, a dense
+    layer's the one that is not the kernel: :attr:`ConvTap.operand`)."""
     captured: dict[Path, Any] = {}
     prefixes = {p[:j] for p in deltas for j in range(1, len(p))}
 
@@ -196,15 +267,15 @@ def evaluate_with_taps(
                 sub = _sub_jaxpr(eqn)
                 if sub is None:
                     raise ValueError(
-                        f"a tapped convolution is inside a {eqn.primitive.name!r}; convolutions "
-                        "in loops or branches (scan, while, cond) cannot be tapped"
+                        f"a tapped layer is inside a {eqn.primitive.name!r}; convolutions and "
+                        "dense layers in loops or branches (scan, while, cond) cannot be tapped"
                     )
                 outs = run(sub.jaxpr, sub.consts, invals, here)
             else:
                 result = _bind(eqn, invals)
                 outs = list(result) if eqn.primitive.multiple_results else [result]
                 if here in deltas:
-                    captured[here] = invals[0]
+                    captured[here] = tuple(invals)
                     outs = [outs[0] + deltas[here]]
             for v, o in zip(eqn.outvars, outs, strict=True):
                 env[v] = o
@@ -239,6 +310,30 @@ def conv_patches(lhs: Any, tap: ConvTap) -> Any:
         precision=lax.Precision.HIGHEST,
     )
     return to_positions(patches, dn.out_spec)
+
+
+def dense_inputs(operand: Any, tap: ConvTap) -> Any:
+    """A dense layer's input (one sample's operand) as ``(T, I)``: the contracted
+    axis last, the other axes (the sample's batch axis of one, token axes)
+    flattened row-major into ``T`` positions."""
+    moved = jnp.moveaxis(operand, tap.contract, -1)
+    return jnp.reshape(moved, (-1, moved.shape[-1]))
+
+
+def dense_positions(z: Any, tap: ConvTap) -> Any:
+    """A dense product's output (or its gradient) as ``(T, O)``, positions in the
+    order of :func:`dense_inputs`: ``dot_general`` puts the input's free axes
+    first when the kernel is the right operand, after the output axis when it is
+    the left one."""
+    if tap.operand == 1:
+        z = jnp.moveaxis(z, 0, -1)
+    return jnp.reshape(z, (-1, z.shape[-1]))
+
+
+def dense_layout(tap: ConvTap) -> str:
+    """``"io"`` when the kernel's contracted axis is its first (flax ``(I, O)``),
+    ``"oi"`` when it is its second (torch / equinox ``(O, I)``)."""
+    return "io" if tap.kernel_axis == 0 else "oi"
 
 
 def kernel_layout(tap: ConvTap) -> tuple[str, tuple[int, ...]]:
