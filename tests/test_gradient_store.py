@@ -306,11 +306,11 @@ class _TokenNet:
         return Net().to(dtype)
 
 
-@pytest.mark.parametrize("net_kind", ["mlp", "tokens"])
+@pytest.mark.parametrize("net_kind", ["mlp", "tokens", "conv"])
 def test_ekfac_features_from_layer_factors(net_kind):
     """EK-FAC's stored features ``Q_S^T G Q_A`` from the layers' ``a`` and ``s`` equal
     the rotation of the flat per-sample gradients (the dense reference), also over a
-    token axis; in float64 and float32."""
+    token axis and a convolution's positions; in float64 and float32."""
     torch = pytest.importorskip("torch")
     from torch_helpers import mlp
     from xinfluence.backends.torch import TorchGradientProvider
@@ -320,9 +320,18 @@ def test_ekfac_features_from_layer_factors(net_kind):
     if net_kind == "mlp":
         net = mlp(n_in=4, hidden=5, n_out=3, seed=1)
         x = torch.randn(23, 4, generator=g, dtype=torch.float64)
-    else:
+    elif net_kind == "tokens":
         net = _TokenNet.make(torch, torch.float64)
         x = torch.randn(23, 5, 4, generator=g, dtype=torch.float64)
+    else:  # a convolution: a and s at the output positions
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 3, 3, padding=1),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(3 * 4 * 4, 3),
+        ).double()
+        x = torch.randn(23, 2, 4, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (23,), generator=g)
     batches = [(x[:9], y[:9]), (x[9:], y[9:])]
     feats = {}
