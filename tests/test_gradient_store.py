@@ -282,6 +282,117 @@ def test_torch_mlp(tmp_path, name):
     got = store.influences(model, x[:7], y[:7])
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
     assert rel_err(got, expected) < 1e-10
+    # one triangular solve per row (torch's right-hand solve) for the dense inverses
+    np.testing.assert_allclose(
+        store.self_influence(), to_numpy(self_influence(model, x, y)), rtol=1e-10, atol=1e-14
+    )
+
+
+class _TokenNet:
+    """A dense layer over a token axis, mean-pooled, then a dense head."""
+
+    @staticmethod
+    def make(torch, dtype):
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Linear(4, 6)
+                self.head = torch.nn.Linear(6, 3)
+
+            def forward(self, x):  # (N, T, 4)
+                return self.head(torch.tanh(self.embed(x)).mean(dim=1))
+
+        torch.manual_seed(2)
+        return Net().to(dtype)
+
+
+@pytest.mark.parametrize("net_kind", ["mlp", "tokens", "conv"])
+def test_ekfac_features_from_layer_factors(net_kind):
+    """EK-FAC's stored features ``Q_S^T G Q_A`` from the layers' ``a`` and ``s`` equal
+    the rotation of the flat per-sample gradients (the dense reference), also over a
+    token axis and a convolution's positions; in float64 and float32."""
+    torch = pytest.importorskip("torch")
+    from torch_helpers import mlp
+    from xinfluence.backends.torch import TorchGradientProvider
+    from xinfluence.compute._factor import _ekfac_from_grads, factorize
+
+    g = torch.Generator().manual_seed(0)
+    if net_kind == "mlp":
+        net = mlp(n_in=4, hidden=5, n_out=3, seed=1)
+        x = torch.randn(23, 4, generator=g, dtype=torch.float64)
+    elif net_kind == "tokens":
+        net = _TokenNet.make(torch, torch.float64)
+        x = torch.randn(23, 5, 4, generator=g, dtype=torch.float64)
+    else:  # a convolution: a and s at the output positions
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 3, 3, padding=1),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(3 * 4 * 4, 3),
+        ).double()
+        x = torch.randn(23, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,), generator=g)
+    batches = [(x[:9], y[:9]), (x[9:], y[9:])]
+    feats = {}
+    for dtype in (torch.float64, torch.float32):
+        net_d = net.to(dtype)
+        gp = TorchGradientProvider(net_d, torch.nn.functional.cross_entropy)
+        model = xi.EkfacInfluence(gp, regularization=1e-3).fit(
+            [(a.to(dtype), b) for a, b in batches]
+        )
+        factors = factorize(model)
+        assert all(not f.grads for f in factors)  # no per-sample gradients formed
+        batch = xi.Batch(x.to(dtype), y)
+        ops = model._fitted_mapper().composable_block_dict
+        got = torch.cat([f.features(batch) for f in factors], dim=1)
+        ref = torch.cat(
+            [
+                _ekfac_from_grads(f.name, ops[f.name].op, ops[f.name].gp).features(batch)
+                for f in factors
+            ],
+            dim=1,
+        )
+        assert got.dtype == dtype and got.shape == ref.shape
+        feats[dtype] = (got, ref)
+    got, ref = feats[torch.float64]
+    assert rel_err(got, ref) < 1e-10
+    # float32 against its own fit's reference (eigenvectors may flip sign between dtypes)
+    got32, ref32 = feats[torch.float32]
+    assert rel_err(got32.double(), ref32.double()) < 1e-5
+
+
+def test_kronecker_blocks_sized_from_activations_and_stored_uncompressed(tmp_path):
+    """Default blocks: a Kronecker projection never forms ``(N, P)`` gradients, so its
+    blocks are sized from the activations, several times larger than a dense
+    projection's (which does) under the same budget; the values are stored without
+    compression (random features do not compress). float32 scores and
+    self-influences against the model's own."""
+    torch = pytest.importorskip("torch")
+    from torch_helpers import mlp
+    from xinfluence.backends.torch import TorchGradientProvider
+
+    net = mlp(n_in=50, hidden=200, n_out=3, seed=1).float()
+    gp = TorchGradientProvider(net, torch.nn.functional.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(61, 50, generator=g)
+    y = torch.randint(0, 3, (61,), generator=g)
+    batches = [(x[:25], y[:25]), (x[25:], y[25:])]
+    kron = xi.ProjectedInfluence(
+        gp, k=(3, 4), projection="kronecker", regularization=1e-3, block_structure="layer"
+    ).fit(batches)
+    dense = xi.ProjectedInfluence(gp, k=24, regularization=1e-3).fit(batches)
+    with xi.memory_budget_scope(2**20):
+        s_kron = GradientStore.build(kron, batches, tmp_path / "k", progress=False)
+        s_dense = GradientStore.build(dense, batches, tmp_path / "d", progress=False)
+    assert s_kron.block_rows >= 5 * s_dense.block_rows, (s_kron.block_rows, s_dense.block_rows)
+    assert not s_kron.array.compressors and not s_dense.array.compressors
+    for model, store in ((kron, s_kron), (dense, s_dense)):
+        got = store.influences(model, x[:7], y[:7])
+        assert got.dtype == torch.float32
+        assert rel_err(got, model.influences(x[:7], y[:7], x, y)) < 1e-5
+        ref = to_numpy(self_influence(model, x, y))
+        assert rel_err(store.self_influence(), ref) < 1e-5
 
 
 def test_options_that_change_the_store_are_fingerprinted(tmp_path):

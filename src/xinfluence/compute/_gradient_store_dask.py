@@ -43,7 +43,9 @@ import numpy as np
 from .. import _chunking, _xp
 from .._xp import Array
 from ..types import Batch
+from . import _gradient_features as _gf
 from . import _store
+from ._factor import factorize
 from ._progress import note, progress_bar
 from ._reductions import TopK
 
@@ -86,7 +88,6 @@ def build(
     client: Any,
 ) -> Any:
     """Build the store on dask (see the module docstring); returns its zarr group."""
-    from . import gradient_store as gs
     from .dask import _shipped, _to_provider
 
     dask = _dask()
@@ -94,7 +95,7 @@ def build(
     xp = gp.xp
     k = sum(f.size for f in factors)
     if block_rows is not None:
-        gs._check_rows(block_rows)
+        _gf.check_rows(block_rows)
     if is_dask_pair(data):
         x, y = _check_arrays(*data)
         n = int(x.shape[0])
@@ -126,14 +127,14 @@ def build(
                 f"{block_rows} samples but the last, which may hold fewer; got sizes {sizes}"
             )
         n = sum(sizes)
-        first, _ = gs._peek(parts[0])
+        first, _ = _gf.peek(parts[0])
     if n == 0:
         raise ValueError("GradientStore.build: the training data holds no samples")
     first = gp.prepare_batch(first)
     one = Batch(first.x[:1, ...], first.y[:1, ...])
-    probe, _ = gs._features(factors, one, xp)
-    storage = gs._storage_dtype(dtype, np.asarray(_xp.to_numpy(probe)).dtype)
-    fingerprint = gs._fingerprint(model, factors, block_rows, storage)
+    probe, _ = _gf.features(factors, one, xp)
+    storage = _gf.storage_dtype(dtype, np.asarray(_xp.to_numpy(probe)).dtype)
+    fingerprint = _gf.fingerprint(model, factors, block_rows, storage)
     if client is not None and type(store).__name__ == "MemoryStore":
         raise ValueError(
             "the workers of a dask.distributed client cannot write into an in-memory zarr "
@@ -141,7 +142,7 @@ def build(
         )
     bs = _store.open_store(store, fingerprint, overwrite=overwrite)
     try:
-        gs._prepare(bs, factors, one, probe, xp)
+        _gf.prepare(bs, factors, one, probe, xp)
         _arrays(bs, n, k, block_rows, storage)
         where = bs.group.store
         if client is not None:
@@ -221,7 +222,8 @@ def _arrays(bs: _store.BlockStore, n: int, k: int, rows: int, storage: np.dtype)
         ("self_influence", (n,), (rows,), np.dtype("float64")),
     ):
         if name not in g:
-            g.create_array(name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan)
+            opts = _gf.VALUE_OPTIONS if name == "values" else {}
+            g.create_array(name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan, **opts)
             continue
         arr = g[name]
         if int(arr.shape[0]) > n or tuple(arr.shape[1:]) != shape[1:]:
@@ -289,7 +291,6 @@ def _block_task(
     """On a worker: ``B g_j`` of block ``i`` (rows ``r0:r0 + size``) into the store,
     then its finished-block record (the values first: a kill in between
     recomputes the block)."""
-    from . import gradient_store as gs
     from .dask import _unwrap
 
     model = _unwrap(model)
@@ -298,8 +299,8 @@ def _block_task(
     chunk = _chunk(model, part)
     if len(chunk) != size:
         raise ValueError(f"partition {i} holds {len(chunk)} samples; its length said {size}")
-    factors = gs.factorize(model)
-    feats, self_infl = gs._features(factors, chunk, xp)
+    factors = factorize(model)
+    feats, self_infl = _gf.features(factors, chunk, xp)
     feats = _xp.check_finite(feats, xp=xp, what="gradient store features")
     self_np = np.asarray(_xp.to_numpy(self_infl), dtype=np.float64)
     if not np.all(np.isfinite(self_np)):
@@ -437,10 +438,12 @@ def default_block_rows(model: Any, x: Any, y: Any, dtype: Any) -> int:
     """The block rows a sequential build would choose for training points like
     ``x[:1], y[:1]`` (so that a dask build of in-memory arrays writes the same
     store as a sequential one)."""
-    from . import gradient_store as gs
     from .dask import _np_dtype
 
     gp = model.gradient_provider
-    k = sum(f.size for f in gs.factorize(model))
-    first = gp.prepare_batch(Batch(x[:1, ...], y[:1, ...]))
-    return gs._default_rows(model, first, k, gs._storage_dtype(dtype, np.dtype(_np_dtype(model))))
+    factors = factorize(model)
+    k = sum(f.size for f in factors)
+    one = gp.prepare_batch(Batch(x[:1, ...], y[:1, ...]))
+    return _gf.default_rows(
+        model, factors, one, k, _gf.storage_dtype(dtype, np.dtype(_np_dtype(model)))
+    )

@@ -181,7 +181,11 @@ def _uniform(d: dict[str, Any]) -> bool:
 class BlockStore:
     """One calculator store (see the module docstring)."""
 
+    #: extra options of the values array when this store creates it (``compressors``)
+    value_options: dict[str, Any]
+
     def __init__(self, group: Any, fingerprint: dict[str, Any], lock: _Lock | None = None):
+        self.value_options = {}
         self.group = group
         self.fingerprint = fingerprint
         self.lock = lock
@@ -261,6 +265,7 @@ class BlockStore:
                 chunks=chunks,
                 dtype=value.dtype,
                 fill_value=np.nan if value.dtype.kind == "f" else 0,
+                **self.value_options,
             )
         shape = tuple(self.values.shape)
         want = (max(shape[0], r1), max(shape[1], c1), *shape[2:])

@@ -65,10 +65,16 @@ import numpy as np
 
 from .. import _chunking, _xp
 from .._xp import Array
-from ..types import Batch, InfluenceMode
+from ..types import Batch
+from . import _gradient_features as _gf
 from . import _gradient_store_dask as _dask_build
 from . import _store
-from ._factor import FACTORIZED_MODELS, BlockFactor, NoFactorizationError, factorize
+from ._factor import (
+    FACTORIZED_MODELS,
+    BlockFactor,
+    NoFactorizationError,
+    factorize,
+)
 from ._progress import note, progress_bar
 from ._reductions import ColumnSumReducer, TopK, TopKReducer
 
@@ -80,47 +86,8 @@ class NoSavedModelError(LookupError):
     or by an xinfluence before stores kept one): fit the model again to score."""
 
 
-KIND = "gradient_store"
 MODEL = "model"  # the array holding the saved model's .npz bytes
 MODEL_ATTRS = "xinfluence_model"  # {"sha256", "bytes", "class"} of those bytes
-_CHUNK_BYTES = 32 * 2**20  # at most this many bytes of stored features per block
-
-
-def _storage_dtype(dtype: Any, model_dtype: np.dtype) -> np.dtype:
-    if dtype is None:
-        return model_dtype
-    name = str(dtype).rsplit(".", 1)[-1]  # torch.float32, jnp.float32, "float32"
-    try:
-        out = np.dtype(name)
-    except TypeError:
-        out = None
-    if out is None or out.kind != "f":
-        raise ValueError(
-            f"dtype must be a floating dtype such as 'float32' or 'float64', got {dtype!r}"
-        )
-    return out
-
-
-def _features(factors: list[BlockFactor], batch: Batch, xp: Any) -> tuple[Array, Array]:
-    """``B g`` ``(N, k)`` of a chunk and ``<M B g, B g>`` per sample ``(N,)``."""
-    parts, self_infl = [], None
-    for f in factors:
-        b = f.features(batch)
-        term = xp.sum(f.query(b) * b, axis=1)
-        self_infl = term if self_infl is None else self_infl + term
-        parts.append(b)
-    feats = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
-    assert self_infl is not None
-    return feats, self_infl
-
-
-def _query(factors: list[BlockFactor], feats: Array, xp: Any) -> Array:
-    """``M f`` per block for features ``(N, k)``."""
-    parts, start = [], 0
-    for f in factors:
-        parts.append(f.query(feats[:, start : start + f.size]))
-        start += f.size
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
 
 class GradientStore:
@@ -145,7 +112,7 @@ class GradientStore:
 
     def __init__(self, group: Any):
         fp = group.attrs.get("xinfluence")
-        if not isinstance(fp, dict) or fp.get("kind") != KIND or "values" not in group:
+        if not isinstance(fp, dict) or fp.get("kind") != _gf.KIND or "values" not in group:
             raise _store.StoreMismatchError(
                 f"{group.store} is not a gradient store written by xinfluence"
             )
@@ -247,18 +214,19 @@ class GradientStore:
         gp = model.gradient_provider
         xp = gp.xp
         k = sum(f.size for f in factors)
-        first, batches = _peek(data)
+        first, batches = _gf.peek(data)
         first = gp.prepare_batch(first)
         one = Batch(first.x[:1, ...], first.y[:1, ...])
-        probe, _ = _features(factors, one, xp)
+        probe, _ = _gf.features(factors, one, xp)
         probe_np = _xp.to_numpy(probe)
-        storage = _storage_dtype(dtype, probe_np.dtype)
+        storage = _gf.storage_dtype(dtype, probe_np.dtype)
         if block_rows is None:
-            block_rows = _default_rows(model, first, k, storage)
-        _check_rows(block_rows)
+            block_rows = _gf.default_rows(model, factors, one, k, storage)
+        _gf.check_rows(block_rows)
         bs = _store.open_store(
-            store, _fingerprint(model, factors, block_rows, storage), overwrite=overwrite
+            store, _gf.fingerprint(model, factors, block_rows, storage), overwrite=overwrite
         )
+        bs.value_options = _gf.VALUE_OPTIONS
         try:
             _write(bs, model, factors, batches, one, probe, block_rows, storage, progress, on_block)
             if save_model:
@@ -424,8 +392,8 @@ class GradientStore:
         g = self.group
         x = _xp.from_numpy(np.asarray(g["probe_x"][...]), dtype=None, device=gp.device, xp=xp)
         y = _xp.from_numpy(np.asarray(g["probe_y"][...]), dtype=None, device=gp.device, xp=xp)
-        feats, _ = _features(factors, gp.prepare_batch(Batch(x, y)), xp)
-        query = _query(factors, feats, xp)
+        feats, _ = _gf.features(factors, gp.prepare_batch(Batch(x, y)), xp)
+        query = _gf.query(factors, feats, xp)
         eps = float(_xp.finfo_eps(feats.dtype, xp=xp))
         rtol = max(_store.PROBE_RTOL, 1e3 * eps)
         for name, now_v, what in (
@@ -454,7 +422,7 @@ class GradientStore:
         for batch in _chunking.as_batches(x, y, "queries"):
             batch = gp.prepare_batch(batch)
             feats, _ = _features_only(factors, batch, xp)
-            parts.append(_query(factors, feats, xp))
+            parts.append(_gf.query(factors, feats, xp))
         if not parts:
             raise ValueError("queries: no batches given")
         out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
@@ -554,80 +522,6 @@ def _plain_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _peek(data: Any) -> tuple[Batch, Any]:
-    from .sequential import _batches
-    from .sequential import _peek as peek
-
-    return peek(_batches(data), "GradientStore.build")
-
-
-def _default_rows(model: Any, first: Batch, k: int, storage: np.dtype) -> int:
-    """Training points per block from the model's memory budget, at most
-    ``_CHUNK_BYTES`` of stored features."""
-    gp = model.gradient_provider
-    plan = _chunking.plan_chunks(
-        gp, first, InfluenceMode.Up, budget=_chunking.model_budget(model), test_rows=1
-    )
-    cap = max(1, _CHUNK_BYTES // max(1, k * storage.itemsize))
-    return max(1, min(plan.train_rows, cap))
-
-
-def _check_rows(block_rows: Any) -> None:
-    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
-        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
-
-
-def _fingerprint(
-    model: Any, factors: list[BlockFactor], block_rows: int, storage: np.dtype
-) -> dict[str, Any]:
-    """A store's fingerprint: the same for a sequential and a dask build."""
-    return {
-        **_store.options_fingerprint(model, KIND, InfluenceMode.Up),
-        "block_rows": block_rows,
-        "storage_dtype": storage.name,
-        "blocks": [[f.name, f.size] for f in factors],
-    }
-
-
-def _prepare(
-    bs: _store.BlockStore, factors: list[BlockFactor], one: Batch, probe: Array, xp: Any
-) -> Any:
-    """Before a (resumed) run: check or write the probes and the first training
-    point, forget damaged finished blocks (with a warning); returns the
-    self-influence array (None before the first block)."""
-    g = bs.group
-    probe_np = np.asarray(_xp.to_numpy(probe), dtype=np.float64)
-    bs.check_probe(
-        "probe_features",
-        probe_np,
-        "other training data, parameters or fit (the features of the first training point differ)",
-    )
-    bs.check_probe(
-        "probe_query",
-        np.asarray(_xp.to_numpy(_query(factors, probe, xp)), dtype=np.float64),
-        "another fit or regularization (the query map of the first training point differs)",
-    )
-    for name, value in (("probe_x", one.x), ("probe_y", one.y)):
-        if name not in g:
-            g.create_array(name, data=np.ascontiguousarray(_xp.to_numpy(value)))
-    selfs = g["self_influence"] if "self_influence" in g else None
-    # damaged blocks (values or self-influences) are forgotten and recomputed
-    damaged = bs.drop_damaged()
-    for i, _ in sorted(bs.done):
-        rec = bs.done[(i, 0)]
-        r0, r1 = rec["rows"]
-        ok = selfs is not None and _store.checksum(np.asarray(selfs[r0:r1])) == rec.get(
-            "self_checksum"
-        )
-        if not ok:
-            damaged.append(((i, 0), "its self-influences differ from their checksum"))
-            del bs._done_group[f"{i}.0"]
-            del bs.done[(i, 0)]
-    damaged_rows = [(k[0], why) for k, why in damaged]
-    _store.warn_damaged(damaged_rows, what="the gradient store", stacklevel=4)
-    return selfs
-
-
 def _write(
     bs: _store.BlockStore,
     model: Any,
@@ -643,7 +537,7 @@ def _write(
     gp = model.gradient_provider
     xp = gp.xp
     g = bs.group
-    selfs = _prepare(bs, factors, one, probe, xp)
+    selfs = _gf.prepare(bs, factors, one, probe, xp)
     resumed = len(bs.done)
     if resumed:
         note(progress, f"resuming: {resumed} blocks of the gradient store done")
@@ -659,7 +553,7 @@ def _write(
             train_digest = _store.digest(chunk)
             if bs.check_done(i, 0, "", train_digest):
                 continue
-            feats, self_infl = _features(factors, chunk, xp)
+            feats, self_infl = _gf.features(factors, chunk, xp)
             feats = _xp.check_finite(feats, xp=xp, what="gradient store features")
             self_np = np.asarray(_xp.to_numpy(self_infl), dtype=np.float64)
             if not np.all(np.isfinite(self_np)):
