@@ -446,3 +446,40 @@ def test_torch_layout_weight_used_transposed():
     g = jnp.reshape(jnp.einsum("nto,nti->noi", s, a), (4, -1))
     assert rel_err(g, grads[:, sl["d/weight"]]) < 1e-12
     assert rel_err(jnp.sum(s, axis=1), grads[:, sl["d/bias"]]) < 1e-12
+
+
+class EmbedLM(nn.Module):
+    """:class:`TinyLM` on integer token ids as a flax user writes it (no rounding:
+    ``nn.Embed`` refuses floating ids)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        pos = self.param("pos", nn.initializers.normal(0.3), (T, D), F64)
+        z = nn.Embed(VOCAB, D, param_dtype=F64, name="emb")(ids) + pos
+        hid = nn.relu(nn.Dense(H, param_dtype=F64, name="fc")(z))
+        z = z + nn.Dense(D, param_dtype=F64, name="proj")(hid)
+        z = nn.LayerNorm(epsilon=EPS_LN, param_dtype=F64, name="ln")(z)
+        return nn.Dense(CLASSES, param_dtype=F64, name="head")(jnp.mean(z, axis=1))
+
+
+def apply_embed(p, ids):
+    return EmbedLM().apply({"params": p}, ids)
+
+
+def test_integer_token_ids_with_cast_inputs_false(problem, gp):
+    """``cast_inputs=False`` keeps token ids integer: EK-FAC over the tracked layers
+    equals that of the same block fed rounded floats (the default cast), and the
+    default's failure on ``nn.Embed`` says what to pass."""
+    params, x, y, xt, yt = problem
+    ints = JaxGradientProvider(apply_embed, params, cross_entropy, layers=LAYERS, cast_inputs=False)
+    assert ints.cast_inputs is False and gp.cast_inputs is True
+    assert ints.prepare_batch(Batch(x, y)).x.dtype == x.dtype
+    kw = dict(regularization=1e-3, second_order="empirical_fisher")
+    ref = xi.EkfacInfluence(gp, **kw).fit(batches(x, y))
+    got = xi.EkfacInfluence(ints, **kw).fit(batches(x, y))
+    assert rel_err(got.influences(xt, yt, x, y), ref.influences(xt, yt, x, y)) < 1e-12
+    with pytest.raises(TypeError, match="floating inputs"):
+        ints.flat_mixed_grads(Batch(x[:2], y[:2]))
+    cast = JaxGradientProvider(apply_embed, params, cross_entropy, layers=LAYERS)
+    with pytest.raises(ValueError, match="cast_inputs=False"):
+        cast.prepare_batch(Batch(x, y))

@@ -43,6 +43,8 @@ class _Model(PicklableState):
     """What every restriction of one provider shares: the function, the leaves,
     the names, the dense-layer declarations and the input-shape cache."""
 
+    cast_inputs: bool = True  # x cast to the parameters' dtype (set by the provider)
+
     def __getstate__(self) -> dict[str, Any]:
         # the user's functions must pickle by name; compiled functions are rebuilt
         check_picklable_function(self.apply_fn, "apply_fn")

@@ -64,6 +64,11 @@ class JaxGradientProvider(GradientProvider):
             Optional per-sample shape ``D`` of ``x``; when given, other shapes are a
             ``ValueError`` before the model runs. Otherwise a shape is checked by
             tracing the model on it once (:func:`jax.eval_shape`).
+        cast_inputs:
+            Cast ``x`` to the parameters' dtype (default). Token ids for
+            ``nn.Embed`` and other integer inputs pass ``False``: ``x`` then keeps
+            its dtype (perturbation influences, which differentiate in ``x``, need
+            floating inputs).
 
     Shapes: ``flat_grads`` ``(N, P)`` (vmapped reverse mode, or from the declared
     layers' factors when they hold every leaf and include a convolution);
@@ -90,6 +95,7 @@ class JaxGradientProvider(GradientProvider):
         conv_layers: Sequence[str] | None = None,
         layers: Sequence[str] | None = None,
         input_shape: Sequence[int] | None = None,
+        cast_inputs: bool = True,
     ):
         model = _Model(
             apply_fn,
@@ -100,6 +106,7 @@ class JaxGradientProvider(GradientProvider):
             conv_layers,
             layers,
         )
+        model.cast_inputs = bool(cast_inputs)
         self._setup(model, model.tracked_leaves())
 
     def __getstate__(self) -> dict[str, Any]:  # the jitted functions are rebuilt on load
@@ -301,14 +308,22 @@ class JaxGradientProvider(GradientProvider):
         to the parameters' dtype."""
         batch = super().prepare_batch(batch)
         xp, dtype = self.xp, self.dtype
-        x = _xp.as_float(batch.x, dtype=dtype, xp=xp, what="x")
+        x = batch.x
+        if self.cast_inputs:
+            x = _xp.as_float(x, dtype=dtype, xp=xp, what="x")
         y = batch.y
         if xp.isdtype(y.dtype, "real floating"):
             y = _xp.as_float(y, dtype=dtype, xp=xp, what="y")
-        self._probe(x, y)
+        self._probe(x, y, batch.x.dtype)
         return Batch(x, y)
 
-    def _probe(self, x: Array, y: Array) -> None:
+    @property
+    def cast_inputs(self) -> bool:
+        """Whether :meth:`prepare_batch` casts ``x`` to the parameters' dtype
+        (``cast_inputs=False`` keeps token ids integer, for ``nn.Embed``)."""
+        return bool(getattr(self._model, "cast_inputs", True))
+
+    def _probe(self, x: Array, y: Array, x_dtype: Any = None) -> None:
         """Trace model and loss once per input signature (shapes only, no computation)
         on a batch of two: the model must accept ``x`` and the loss must reduce."""
         m = self._model
@@ -326,9 +341,16 @@ class JaxGradientProvider(GradientProvider):
                 if seen
                 else "(N, *D) that apply_fn accepts"
             )
+            hint = ""
+            if x_dtype is not None and x_dtype != x.dtype and jnp.issubdtype(x_dtype, jnp.integer):
+                hint = (
+                    f" (x holds integers, which the provider casts to {x.dtype}; for token "
+                    "ids (nn.Embed) or other integer inputs pass cast_inputs=False)"
+                )
             raise ValueError(
                 f"expected x of shape {expected}, got {tuple(x.shape)} (with y of shape "
-                f"{tuple(y.shape)}): apply_fn or loss failed with {type(exc).__name__}: {exc}"
+                f"{tuple(y.shape)}): apply_fn or loss failed with {type(exc).__name__}: "
+                f"{exc}{hint}"
             ) from exc
         if math.prod(getattr(out, "shape", (0,))) != 1:
             raise ValueError(
@@ -432,6 +454,11 @@ class JaxGradientProvider(GradientProvider):
         return jnp.concatenate([parts[name] for name in self.parameter_names], axis=1)
 
     def flat_mixed_grads(self, batch: Batch) -> Array:
+        if not jnp.issubdtype(batch.x.dtype, jnp.floating):
+            raise TypeError(
+                f"flat_mixed_grads needs floating inputs x (perturbation influences "
+                f"differentiate in x), got dtype {batch.x.dtype}"
+            )
         return self._jit_mixed(self._theta, self._fixed, batch.x, batch.y)
 
     def jacobian_prod(self, batch: Batch, g: Array) -> Array:
