@@ -67,14 +67,12 @@ def _problem(n_train: int, seed: int = 0):
 def _cold_compiles(make, n_train: int, n_chunks: int) -> tuple[int, np.ndarray]:
     """Compilations of a cold fit plus ``n_chunks`` queries of 5 test points each."""
     apply, loss, params, train, test = _problem(n_train)
+    chunks = [(test[0][5 * i : 5 * i + 5], test[1][5 * i : 5 * i + 5]) for i in range(n_chunks)]
     jax.clear_caches()
     start = _COUNT[0]
     gp = JaxGradientProvider(apply, params, loss, dense_layers=apply.dense_layers)
     model = make(gp).fit([train])
-    scores = [
-        np.asarray(model.influences(test[0][5 * i : 5 * i + 5], test[1][5 * i : 5 * i + 5]))
-        for i in range(n_chunks)
-    ]
+    scores = [np.asarray(model.influences(*chunk)) for chunk in chunks]
     return _COUNT[0] - start, scores[0]
 
 

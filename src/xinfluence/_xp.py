@@ -53,6 +53,7 @@ __all__ = [
     "finfo_eps",
     "psd_rounding_tolerance",
     "symmetrize",
+    "scale_shift_checked",
 ]
 
 
@@ -247,9 +248,15 @@ def as_float(x: Array, /, *, dtype: Any, xp: Namespace, what: str) -> Array:
     raise TypeError(f"expected {what} with a real dtype, got {x.dtype}")
 
 
+def _not_all_finite(x: Array, /, *, xp: Namespace) -> Array:
+    return xp.logical_not(xp.all(xp.isfinite(x)))
+
+
 def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
     if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
         return False
+    if compiles_per_shape(xp):  # one compiled program per shape, not two eager ones
+        return bool(maybe_jit(_not_all_finite, xp=xp)(x, xp=xp))
     # A finite sum proves every entry finite (NaN and inf propagate) in one pass
     # without a boolean temporary; only an overflowing sum needs the full check.
     with np.errstate(over="ignore", invalid="ignore"):  # numpy warns on overflow
@@ -294,10 +301,22 @@ def add_scaled(total: Array | None, x: Array, /, *, scale: float, xp: Namespace)
     ``total``'s memory for torch tensors: summing ``(P, P)`` curvatures batch by
     batch would otherwise allocate a fresh matrix per batch. ``x`` is not kept."""
     if total is None:
+        if compiles_per_shape(xp):  # immutable arrays: nothing to own
+            return scale_owned(x, scale, xp=xp)
         return scale * x
     if array_api_compat.is_torch_array(total):
         return total.add_(x, alpha=scale)
+    if compiles_per_shape(xp):  # one program per shape for every scale
+        return maybe_jit(_axpy, xp=xp)(total, x, float(scale), xp=xp)
     return total + scale * x
+
+
+def _axpy(total: Array, x: Array, scale: Array, /, *, xp: Namespace) -> Array:
+    return total + scale * x
+
+
+def _scale(x: Array, scale: Array, /, *, xp: Namespace) -> Array:
+    return scale * x
 
 
 def add_matmul(out: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace) -> Array:
@@ -312,7 +331,33 @@ def scale_owned(x: Array, /, scale: float, *, xp: Namespace) -> Array:
     """``scale * x``, in ``x``'s memory for torch tensors (the caller owns ``x``)."""
     if array_api_compat.is_torch_array(x):
         return x.mul_(scale)
+    if compiles_per_shape(xp):
+        return x if scale == 1 else maybe_jit(_scale, xp=xp)(x, float(scale), xp=xp)
     return scale * x
+
+
+def _scale_shift(
+    total: Array, scale: Array, v: Array, shift: Array, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    out = scale * total + shift * v
+    return out, _not_all_finite(out, xp=xp)
+
+
+def scale_shift_checked(
+    total: Array, v: Array, /, scale: float, shift: float, *, xp: Namespace, what: str
+) -> Array:
+    """``scale * total + shift * v`` (``total``'s memory on torch, which the caller
+    owns); :class:`NonFiniteError` if it holds NaN or inf. On jax one compiled
+    program per shape computes the result and its check together."""
+    if compiles_per_shape(xp):
+        out, bad = maybe_jit(_scale_shift, xp=xp)(total, float(scale), v, float(shift), xp=xp)
+        if bool(bad):
+            raise NonFiniteError(f"{what} contains NaN or inf values")
+        return out
+    out = scale_owned(total, scale, xp=xp) if scale != 1 else total
+    if shift:
+        out = add_scaled(out, v, scale=shift, xp=xp)
+    return check_finite(out, xp=xp, what=what)
 
 
 def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:

@@ -37,7 +37,7 @@ from .linalg import (
     lanczos,
     nystroem,
 )
-from .linalg._util import default_rtol, round_up_2
+from .linalg._util import default_rtol, padded_with_norms, round_up_2
 from .linalg.cg import OnFailure
 from .linalg.lanczos import positive_definite_shift
 from .types import (
@@ -149,10 +149,7 @@ def _damped(curvature: Curvature, regularization: float) -> Callable[[Array], Ar
     """``v -> v (C + lambda I)`` on rows ``(K, P)``."""
 
     def matmat(v: Array) -> Array:
-        out = curvature.matmat(v)  # a fresh array: updated in place where possible
-        return (
-            _xp.add_scaled(out, v, scale=regularization, xp=curvature.xp) if regularization else out
-        )
+        return curvature.matmat(v, regularization)
 
     return matmat
 
@@ -392,6 +389,11 @@ def _lissa_step(
     return new, norms
 
 
+def _lissa_solution(h: Array, scale: float, /, *, xp: Namespace, n_rows: int) -> Array:
+    """``x = h / scale`` without the padding rows."""
+    return h[:n_rows, :] / scale
+
+
 @final
 class LissaOperator(Operator):
     """Linear time stochastic second-order approximation (Agarwal et al. 2017).
@@ -520,7 +522,12 @@ class LissaOperator(Operator):
         sampled = o.batch_size is not None
         reg, scale, keep = self.regularization, self.scale, 1.0 - o.dampen
         rtol = self.rtol
-        b_norm = np.asarray(_xp.to_numpy(xp.linalg.vector_norm(t, axis=1)), dtype=np.float64)
+        # jax: zero rows pad t to a few fixed counts (they stay zero), so that every
+        # query of a problem runs the same compiled programs
+        n_rows = int(t.shape[0])
+        start = _xp.maybe_jit(padded_with_norms, xp=xp, static_argnames=("xp", "n_padded"))
+        t, t_norms = start(t, xp=xp, n_padded=_xp.padded_rows(n_rows, xp=xp))
+        b_norm = np.asarray(_xp.to_numpy(t_norms), dtype=np.float64)
         tol = rtol * b_norm
         limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
         h = t
@@ -567,6 +574,7 @@ class LissaOperator(Operator):
                 _xp.to_numpy(xp.linalg.vector_norm(t - o.dampen * h - full / scale, axis=1)),
                 dtype=np.float64,
             )
+        best_residuals, b_norm, tol = best_residuals[:n_rows], b_norm[:n_rows], tol[:n_rows]
         relative = best_residuals / np.maximum(b_norm, 1e-300)
         self.last_relative_residuals = relative
         if np.any(best_residuals > tol) and o.on_failure != "ignore":
@@ -586,7 +594,8 @@ class LissaOperator(Operator):
             if o.on_failure == "raise":
                 raise NotConvergedError(msg)
             warn(msg, NotConvergedWarning)
-        return best / scale
+        finish = _xp.maybe_jit(_lissa_solution, xp=xp, static_argnames=("xp", "n_rows"))
+        return finish(best, scale, xp=xp, n_rows=n_rows)
 
     def _top_estimate(self) -> float:
         """Lanczos estimate of the largest-magnitude eigenvalue of ``C`` (cached)."""

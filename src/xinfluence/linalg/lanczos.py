@@ -98,36 +98,32 @@ def lanczos(
         raise ValueError(f"tol must be >= 0, got {tol}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    def random_unit(basis: Array | None) -> Array:
-        v = _xp.random_normal((size,), seed=rng, dtype=dtype, device=device, xp=xp)
-        if basis is not None:
-            v, _ = _orthogonalize(v, basis, xp=xp)
-        return v / xp.linalg.vector_norm(v)
-
     # An (m, P) basis filled row by row (in place where the namespace allows).
     # Jit-compiling namespaces (jax) project against all m rows, the unfilled ones
-    # zero, so that shapes stay constant and nothing recompiles; the others only
-    # against the j + 1 filled rows.
+    # zero, so that shapes stay constant and each iteration runs the same two
+    # compiled programs around the product; the others only against the j + 1
+    # filled rows.
     m = krylov_dimension
-    basis = xp.zeros((m, size), dtype=dtype, device=device)
     fixed_shapes = _xp.compiles_per_shape(xp)
-    q = random_unit(None)
-    q_prev = xp.zeros_like(q)
+    start = _xp.maybe_jit(_lanczos_start, xp=xp, static_argnames=("xp", "m"))
+    store = _xp.maybe_jit(_lanczos_store, xp=xp)
+    step = _xp.maybe_jit(_lanczos_step, xp=xp)
+    unit = _xp.maybe_jit(_unit, xp=xp)
+
+    def draw() -> Array:
+        return _xp.random_normal((size,), seed=rng, dtype=dtype, device=device, xp=xp)
+
+    basis, q, q_prev = start(draw(), xp=xp, m=m)
     beta_prev = 0.0
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
     for j in range(m):
-        basis = xpx.at(basis)[j, :].set(q)
+        basis, q_row = store(basis, q, j, xp=xp)
         rows = basis if fixed_shapes else basis[: j + 1, :]
-        w = apply_operator(matmat, q[None, :], xp=xp)[0, :]
-        a_q_norm = xp.linalg.vector_norm(w)
-        alpha = xp.linalg.vecdot(q, w)
-        w = w - alpha * q - beta_prev * q_prev
-        w, removed = _orthogonalize(w, rows, xp=xp)
-        alpha = alpha + removed[j]
-        host = _xp.to_numpy(xp.stack([alpha, xp.linalg.vector_norm(w), a_q_norm]))
-        alpha_f, beta_f, a_q_norm_f = (float(h) for h in host)
+        w = apply_operator(matmat, q_row, xp=xp)
+        q_next, stats = step(w, q, q_prev, beta_prev, rows, j, xp=xp)
+        alpha_f, beta_f, a_q_norm_f = (float(h) for h in _xp.to_numpy(stats))
         alphas.append(alpha_f)
         scale = max(scale, a_q_norm_f)
         if j == m - 1:
@@ -136,10 +132,10 @@ def lanczos(
         if beta_f <= tol * scale:
             # Invariant subspace: continue in its orthogonal complement.
             beta_prev = 0.0
-            q = random_unit(basis)
+            q = unit(draw(), basis, xp=xp)
         else:
             beta_prev = beta_f
-            q = w / beta_f
+            q = q_next
         betas.append(beta_prev)
 
     t = np.diag(np.asarray(alphas, dtype=np.float64))
@@ -149,7 +145,7 @@ def lanczos(
     theta, s = np.linalg.eigh(t)
     order = np.argsort(-np.abs(theta), kind="stable")[:rank]
     s_top = _xp.from_numpy(np.ascontiguousarray(s[:, order]), dtype=dtype, device=device, xp=xp)
-    eigenvectors = xp.matrix_transpose(basis) @ s_top
+    eigenvectors = _xp.maybe_jit(_combine_rows, xp=xp)(basis, s_top, xp=xp)
     eigenvalues = _xp.from_numpy(theta[order], dtype=dtype, device=device, xp=xp)
     # Ritz residuals |A Q^T s_i - theta_i Q^T s_i| = beta_m |s_{m-1, i}| (beta_m: last |w|).
     residual_norms = beta_f * np.abs(s[-1, order])
@@ -167,6 +163,45 @@ def _shared_value(theta: np.ndarray, order: np.ndarray, b: int, width: float) ->
         if np.count_nonzero(np.abs(theta - theta[i]) <= width) >= b:
             return float(theta[i])
     return None
+
+
+def _unit(v: Array, basis: Array, /, *, xp: Namespace) -> Array:
+    """``v`` (P,) orthogonalised against the rows of ``basis`` (orthonormal or zero)
+    and normalised."""
+    v, _ = _orthogonalize(v, basis, xp=xp)
+    return v / xp.linalg.vector_norm(v)
+
+
+def _lanczos_start(v: Array, /, *, xp: Namespace, m: int) -> tuple[Array, Array, Array]:
+    """``(basis, q, q_prev)``: a zero ``(m, P)`` basis, ``v`` normalised, zeros."""
+    basis = xp.zeros((m, int(v.shape[0])), dtype=v.dtype, device=_xp.device_of(v))
+    return basis, _unit(v, basis, xp=xp), xp.zeros_like(v)
+
+
+def _lanczos_store(basis: Array, q: Array, j: int, /, *, xp: Namespace) -> tuple[Array, Array]:
+    """``basis`` with row ``j`` set to ``q`` (P,), and ``q`` as a row ``(1, P)``."""
+    return xpx.at(basis)[j, :].set(q), q[None, :]
+
+
+def _lanczos_step(
+    w: Array, q: Array, q_prev: Array, beta_prev: float, rows: Array, j: int, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """One Lanczos step from ``w = A q`` (1, P): ``(w / |w|, [alpha, |w|, |A q|])``,
+    ``w`` made orthogonal to ``q``, ``q_prev`` and (twice, in full) the ``rows``."""
+    w = w[0, :]
+    a_q_norm = xp.linalg.vector_norm(w)
+    alpha = xp.linalg.vecdot(q, w)
+    w = w - alpha * q - beta_prev * q_prev
+    w, removed = _orthogonalize(w, rows, xp=xp)
+    alpha = alpha + removed[j]
+    beta = xp.linalg.vector_norm(w)
+    q_next = w / xp.where(beta > 0, beta, xp.ones_like(beta))
+    return q_next, xp.stack([alpha, beta, a_q_norm])
+
+
+def _combine_rows(basis: Array, s: Array, /, *, xp: Namespace) -> Array:
+    """``basis^T s``: (m, P), (m, r) -> (P, r)."""
+    return xp.matrix_transpose(basis) @ s
 
 
 def _orthogonalize(w: Array, basis: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
