@@ -156,7 +156,7 @@ def cg(
     operator_norm = 0.0
     last_excess = math.inf
     tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
-    f = _xp.to_numpy(flags)
+    f = [float(v) for v in _xp.to_numpy(flags)]
     all_done = bool(f[3])
     if bool(f[4]):
         raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=0))
