@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -248,6 +249,12 @@ def as_float(x: Array, /, *, dtype: Any, xp: Namespace, what: str) -> Array:
     raise TypeError(f"expected {what} with a real dtype, got {x.dtype}")
 
 
+# jax compiles a program per shape (20-100 ms) to check an array on the device;
+# an array of up to this many entries (inputs, losses, scores) is checked on the
+# host instead (a copy of at most 512 KB)
+_HOST_CHECK_SIZE = 1 << 16
+
+
 def _not_all_finite(x: Array, /, *, xp: Namespace) -> Array:
     return xp.logical_not(xp.all(xp.isfinite(x)))
 
@@ -255,8 +262,10 @@ def _not_all_finite(x: Array, /, *, xp: Namespace) -> Array:
 def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
     if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
         return False
-    if compiles_per_shape(xp):  # one compiled program per shape, not two eager ones
-        return bool(maybe_jit(_not_all_finite, xp=xp)(x, xp=xp))
+    if compiles_per_shape(xp):
+        if math.prod(x.shape) <= _HOST_CHECK_SIZE:  # a copy costs less than a compilation
+            return not bool(np.isfinite(np.asarray(x)).all())
+        return bool(maybe_jit(_not_all_finite, xp=xp)(x, xp=xp))  # one program per shape
     # A finite sum proves every entry finite (NaN and inf propagate) in one pass
     # without a boolean temporary; only an overflowing sum needs the full check.
     with np.errstate(over="ignore", invalid="ignore"):  # numpy warns on overflow
