@@ -205,10 +205,10 @@ def run_method(
         model = models(gp, reg)[name]().fit([train])
         return np.asarray(model.influences(*test, *train))
 
-    cold = timed(lambda: fn(provider()))
+    gp: list[JaxGradientProvider] = []
+    cold = timed(lambda: fn(gp.append(provider()) or gp[0]))
     cold_built = built[0]
-    gp = provider()
-    warm = timed(lambda: fn(gp))
+    warm = timed(lambda: fn(gp[0]))
     own = timed(lambda: fn(provider()))
     return {
         "cold_s": cold[0],

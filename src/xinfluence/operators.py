@@ -611,7 +611,7 @@ class LissaOperator(Operator):
                 dtype=c.dtype,
                 device=c.device,
             )
-            self._top = abs(float(top.eigenvalues[0]))
+            self._top = abs(float(_xp.to_numpy(top.eigenvalues)[0]))  # no indexing program
         return self._top
 
     def with_regularization(self, regularization: float) -> LissaOperator:
