@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import final
 
+import numpy as np
+
 from . import _xp
 from ._xp import Array, Namespace
 from .curvature import Dataset
@@ -51,13 +53,15 @@ class LowRankOperator(Operator):
         self.regularization = float(regularization)
         self.woodbury = bool(woodbury)
         self.block = block
-        shifted = eigenvalues + self.regularization
-        if not float(xp.min(shifted)) > 0:
+        # (rank,) numbers: checked and inverted on the host (no program to compile on jax)
+        lowest = float(np.min(_xp.to_numpy(eigenvalues))) if eigenvalues.shape[0] else 0.0
+        shifted = np.asarray(_xp.to_numpy(eigenvalues), dtype=np.float64) + self.regularization
+        if not lowest + self.regularization > 0:
             where = f" of block {block!r}" if block else ""
             raise NotPositiveDefiniteError(
-                f"the low-rank curvature{where} has eigenvalue {float(xp.min(eigenvalues)):.3e}; "
+                f"the low-rank curvature{where} has eigenvalue {lowest:.3e}; "
                 f"with regularization {self.regularization:g} it is not positive definite: "
-                f"use a regularization above {max(-float(xp.min(eigenvalues)), 0.0):.3e}"
+                f"use a regularization above {max(-lowest, 0.0):.3e}"
             )
         p, k = int(eigenvectors.shape[0]), int(eigenvectors.shape[1])
         if self.woodbury and k < p and self.regularization <= 0:
@@ -65,7 +69,9 @@ class LowRankOperator(Operator):
                 "the Woodbury form of a low-rank curvature needs regularization > 0 "
                 f"(rank {k} < {p} parameters)"
             )
-        self._scale = 1.0 / shifted
+        self._scale = _xp.from_numpy(
+            1.0 / shifted, dtype=eigenvalues.dtype, device=_xp.device_of(eigenvalues), xp=xp
+        )
         #: the eigensolver's result (residuals, Krylov dimension) where one made it
         self.eigen_result: EigenResult | None = None
 
@@ -135,11 +141,13 @@ class LowRankBilinearForm(BilinearForm):
         if op.has_complement:
             return super().grads_inner_prod(left, right, gradient_provider)
         xp = gradient_provider.xp
-        left_coef = self._left_coefficients(left, gradient_provider)
-        right_coef = gradient_provider.jacobian_prod(
-            left if right is None else right, xp.matrix_transpose(op.eigenvectors)
-        )
-        return left_coef @ xp.matrix_transpose(right_coef)
+        # jax: V^T and the scales padded with zero rows to the provider's fixed
+        # counts (they add nothing), so that no padding or slicing compiles
+        pad = _xp.maybe_jit(_padded_basis, xp=xp, static_argnames=("xp", "rows"))
+        v_t, scale = pad(op.eigenvectors, op._scale, xp=xp, rows=_xp.padded_rows(op.rank, xp=xp))
+        left_coef = gradient_provider.jacobian_prod(left, v_t)
+        right_coef = gradient_provider.jacobian_prod(left if right is None else right, v_t)
+        return _xp.maybe_jit(_scaled_contract, xp=xp)(left_coef, scale, right_coef, xp=xp)
 
     def mixed_grads_inner_prod(
         self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
@@ -153,6 +161,24 @@ class LowRankBilinearForm(BilinearForm):
         )
         mixed = gradient_provider.flat_mixed_grads(left if right is None else right)
         return contract(factors, mixed, xp=xp)
+
+
+def _padded_basis(
+    eigenvectors: Array, scale: Array, /, *, xp: Namespace, rows: int
+) -> tuple[Array, Array]:
+    """``(V^T, scale)`` with zero rows (entries) up to ``rows``: (rows, P), (rows,)."""
+    v_t = xp.matrix_transpose(eigenvectors)
+    extra = rows - int(v_t.shape[0])
+    if extra > 0:
+        dev = _xp.device_of(v_t)
+        v_t = xp.concat([v_t, xp.zeros((extra, v_t.shape[1]), dtype=v_t.dtype, device=dev)])
+        scale = xp.concat([scale, xp.zeros((extra,), dtype=scale.dtype, device=dev)])
+    return v_t, scale
+
+
+def _scaled_contract(left: Array, scale: Array, right: Array, /, *, xp: Namespace) -> Array:
+    """``(left * scale) right^T``: (N, k), (k,), (M, k) -> (N, M)."""
+    return (left * scale) @ xp.matrix_transpose(right)
 
 
 @final
