@@ -95,11 +95,9 @@ class LowRankOperator(Operator):
 
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
-        coef = self.coefficients(t)
-        out = (coef * self._scale) @ xp.matrix_transpose(self.eigenvectors)
-        if self.has_complement:
-            out = out + (t - coef @ xp.matrix_transpose(self.eigenvectors)) / self.regularization
-        return out
+        apply = _xp.maybe_jit(_low_rank_apply, xp=xp, static_argnames=("xp", "complement"))
+        complement = self.regularization if self.has_complement else None
+        return apply(t, self.eigenvectors, self._scale, complement, xp=xp)
 
     def with_regularization(self, regularization: float) -> LowRankOperator:
         return LowRankOperator(
@@ -163,6 +161,17 @@ class LowRankBilinearForm(BilinearForm):
         return contract(factors, mixed, xp=xp)
 
 
+def _low_rank_apply(
+    t: Array, eigenvectors: Array, scale: Array, complement: float | None, /, *, xp: Namespace
+) -> Array:
+    """``t V diag(scale) V^T`` (+ ``t (I - V V^T) / complement``): one program on jax."""
+    coef = t @ eigenvectors
+    out = (coef * scale) @ xp.matrix_transpose(eigenvectors)
+    if complement is not None:
+        out = out + (t - coef @ xp.matrix_transpose(eigenvectors)) / complement
+    return out
+
+
 def _padded_basis(
     eigenvectors: Array, scale: Array, /, *, xp: Namespace, rows: int
 ) -> tuple[Array, Array]:
@@ -218,6 +227,25 @@ class InverseHarmonicMeanOperator(Operator):
 
     def with_regularization(self, regularization: float) -> InverseHarmonicMeanOperator:
         return InverseHarmonicMeanOperator(self.gp, self.data, regularization)
+
+
+def _ekfac_scaled(
+    t: Array,
+    q_s: Array,
+    q_a: Array,
+    eigenvalues: Array,
+    shift: float,
+    /,
+    *,
+    xp: Namespace,
+    layout: str,
+    slices: tuple[int, int, tuple[int, int], tuple[int, int] | None],
+    invert: bool,
+) -> Array:
+    """:func:`_ekfac_in_eigenbasis` with ``scale = 1 / (eigenvalues + shift)``
+    (``invert``) or ``eigenvalues``."""
+    scale = 1.0 / (eigenvalues + shift) if invert else eigenvalues
+    return _ekfac_in_eigenbasis(t, q_s, q_a, scale, xp=xp, layout=layout, slices=slices)
 
 
 def _ekfac_in_eigenbasis(
@@ -295,11 +323,11 @@ class EkfacOperator(Operator):
         )
         self.n_out = int(q_s.shape[0])
         self.n_in = int(q_a.shape[0]) - (1 if bias_slice is not None else 0)
-        smallest = float(xp.min(eigenvalues)) + self.regularization
-        if not smallest > 0:
+        lowest = _xp.min_value(eigenvalues, xp=xp)
+        if not lowest + self.regularization > 0:
             raise NotPositiveDefiniteError(
                 f"the EK-FAC curvature of block {block!r} has eigenvalue "
-                f"{float(xp.min(eigenvalues)):.3e}; use a regularization > 0"
+                f"{lowest:.3e}; use a regularization > 0"
             )
         self._xp = xp
 
@@ -308,22 +336,33 @@ class EkfacOperator(Operator):
         bias = 0 if self.bias_slice is None else self.n_out
         return self.n_out * self.n_in + bias
 
-    def _in_eigenbasis(self, t: Array, scale: Array) -> Array:
-        """``Q_S (scale * (Q_S^T G Q_A)) Q_A^T`` for the rows of ``t`` as matrices ``G``
-        (one compiled program on jax)."""
+    def _in_eigenbasis(self, t: Array, shift: float | None) -> Array:
+        """``Q_S (scale * (Q_S^T G Q_A)) Q_A^T`` for the rows of ``t`` as matrices ``G``,
+        ``scale = 1 / (eigenvalues + shift)``, or the eigenvalues where ``shift`` is
+        None (one compiled program on jax)."""
         fn = _xp.maybe_jit(
-            _ekfac_in_eigenbasis, xp=self._xp, static_argnames=("xp", "layout", "slices")
+            _ekfac_scaled, xp=self._xp, static_argnames=("xp", "layout", "slices", "invert")
         )
         bias = None if self.bias_slice is None else (self.bias_slice.start, self.bias_slice.stop)
         slices = (self.n_out, self.n_in, (self.weight_slice.start, self.weight_slice.stop), bias)
-        return fn(t, self.q_s, self.q_a, scale, xp=self._xp, layout=self.layout, slices=slices)
+        return fn(
+            t,
+            self.q_s,
+            self.q_a,
+            self.eigenvalues,
+            0.0 if shift is None else shift,
+            xp=self._xp,
+            layout=self.layout,
+            slices=slices,
+            invert=shift is not None,
+        )
 
     def _apply(self, t: Array) -> Array:
-        return self._in_eigenbasis(t, 1.0 / (self.eigenvalues + self.regularization))
+        return self._in_eigenbasis(t, self.regularization)
 
     def curvature_apply(self, t: Array) -> Array:
         """The (undamped) EK-FAC curvature on rows ``(K, P)``."""
-        return self._in_eigenbasis(t, self.eigenvalues)
+        return self._in_eigenbasis(t, None)
 
     def dense_curvature(self) -> Array:
         """The EK-FAC curvature as a dense ``(P, P)`` matrix."""

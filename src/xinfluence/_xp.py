@@ -55,6 +55,8 @@ __all__ = [
     "psd_rounding_tolerance",
     "symmetrize",
     "scale_shift_checked",
+    "set_rows",
+    "min_value",
 ]
 
 
@@ -204,6 +206,22 @@ def padded_rows(k: int, /, *, xp: Namespace) -> int:
     return -(-k // 8) * 8
 
 
+def set_rows(store: Array, start: int, rows: Array, /, *, xp: Namespace) -> Array:
+    """``store`` (m, P) with ``store[start : start + k] = rows`` (k, P): in place
+    where the namespace allows; on jax one compiled program per shape, with
+    ``start`` a traced argument (a slice of Python ints compiles per offset)."""
+    if compiles_per_shape(xp):
+        return _jitted(_dynamic_set_rows, ())(store, rows, start)
+    store[start : start + int(rows.shape[0]), :] = rows
+    return store
+
+
+def _dynamic_set_rows(store: Array, rows: Array, start: Array) -> Array:
+    import jax
+
+    return jax.lax.dynamic_update_slice(store, rows, (start, 0))
+
+
 def same_namespace(xp1: Namespace, xp2: Namespace) -> bool:
     """Whether two namespaces are the same library (compat wrappers included)."""
     return namespace_name(xp1) == namespace_name(xp2)
@@ -273,6 +291,14 @@ def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
     if bool(xp.isfinite(total)):
         return False
     return not bool(xp.all(xp.isfinite(x)))
+
+
+def min_value(x: Array, /, *, xp: Namespace) -> float:
+    """The smallest entry of a non-empty ``x`` as a Python float (on jax a small
+    array is read on the host rather than by a program compiled per shape)."""
+    if compiles_per_shape(xp) and math.prod(x.shape) <= _HOST_CHECK_SIZE:
+        return float(np.min(np.asarray(x)))
+    return float(xp.min(x))
 
 
 def check_finite(x: Array, /, *, xp: Namespace, what: str) -> Array:
@@ -500,7 +526,10 @@ def from_numpy(x: np.ndarray, /, *, dtype: Any, device: Any, xp: Namespace) -> A
     if array_api_compat.is_jax_namespace(xp):
         import jax
 
-        out = xp.asarray(x, dtype=dtype)
+        # cast on the host: a cast on the device compiles a program per shape
+        out = xp.asarray(
+            np.asarray(x, dtype=None if dtype is None else np.dtype(dtype)), dtype=dtype
+        )
         return jax.device_put(out, device) if device is not None else out
     return xp.asarray(x, dtype=dtype, device=device)
 

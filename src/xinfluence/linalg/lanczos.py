@@ -458,12 +458,8 @@ def block_lanczos(
     while True:
         r_j = int(block.shape[0])
         offsets.append(dim)
-        if fixed:
-            store = xpx.at(store)[dim : dim + r_j, :].set(block)
-            basis = store
-        else:
-            store[dim : dim + r_j, :] = block
-            basis = store[: dim + r_j, :]
+        store = _xp.set_rows(store, dim, block, xp=xp)
+        basis = store if fixed else store[: dim + r_j, :]
         dim += r_j
         w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
         calls += 1
