@@ -95,7 +95,7 @@ class LowRankOperator(Operator):
 
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
-        apply = _xp.maybe_jit(_low_rank_apply, xp=xp, static_argnames=("xp", "complement"))
+        apply = _xp.maybe_jit(_low_rank_apply, xp=xp)
         complement = self.regularization if self.has_complement else None
         return apply(t, self.eigenvectors, self._scale, complement, xp=xp)
 
