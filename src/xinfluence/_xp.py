@@ -408,8 +408,15 @@ def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:
     return a + value * eye(a.shape[0], dtype=a.dtype, device=device_of(a), xp=xp)
 
 
-def symmetrize(a: Array, /, *, xp: Namespace) -> Array:
-    return (a + xp.matrix_transpose(a)) / 2
+def symmetrize(a: Array, /, *, xp: Namespace, scale: float = 1.0) -> Array:
+    """``scale * (a + a^T) / 2``; one program per shape on jax (not three)."""
+    if compiles_per_shape(xp):
+        return maybe_jit(_symmetrize, xp=xp)(a, float(scale), xp=xp)
+    return _symmetrize(a, scale, xp=xp)
+
+
+def _symmetrize(a: Array, scale: float, /, *, xp: Namespace) -> Array:
+    return (a + xp.matrix_transpose(a)) * (scale / 2)
 
 
 def cholesky_or_none(a: Array, /, *, xp: Namespace) -> Array | None:

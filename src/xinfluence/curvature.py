@@ -166,14 +166,16 @@ class Curvature(ABC):
     def dense(self) -> Array:
         """The dense curvature ``C``, ``(P, P)``."""
         total = None
-        n = 0
+        n = first = 0
         for batch in self.data:
             nb = len(batch)
-            total = _xp.add_scaled(total, self._batch_dense(batch), scale=nb, xp=self.xp)
+            first = first or nb  # weights relative to the first batch, as in matmat
+            scale = nb / first if first else 0.0
+            total = _xp.add_scaled(total, self._batch_dense(batch), scale=scale, xp=self.xp)
             n += nb
         if total is None:
             raise ValueError("cannot build the curvature of an empty dataset")
-        out = _xp.symmetrize(_xp.scale_owned(total, 1 / n, xp=self.xp), xp=self.xp)
+        out = _xp.symmetrize(total, xp=self.xp, scale=first / n)
         return _xp.check_finite(out, xp=self.xp, what="the curvature (gradients or Hessian)")
 
     def batch_matmat(self, batch: Batch, v: Array) -> Array:

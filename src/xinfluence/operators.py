@@ -102,12 +102,24 @@ def check_positive_definite(
     """
     xp = _xp.namespace(curvature)
     if factor is not None:
-        d = xp.linalg.diagonal(factor)
-        lo, hi = float(xp.min(d)), float(xp.max(d))
+        d = _xp.to_numpy(xp.linalg.diagonal(factor))  # (P,): read once on the host
+        lo, hi = float(np.min(d)), float(np.max(d))
         eps = _xp.finfo_eps(curvature.dtype, xp=xp)
         if lo > 0 and (lo / hi) ** 2 > 10 * curvature.shape[0] * eps:
             return factor
     raise _not_pd_error(curvature, regularization, block)
+
+
+def _damped_cholesky(
+    curvature: Array, regularization: float, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """``(L, ok)``: the Cholesky factor of ``C + lambda I`` and whether it exists."""
+    return _xp.cholesky_checked(_xp.plus_diagonal(curvature, regularization, xp=xp), xp=xp)
+
+
+def _cho_solve_rows(factor: Array, t: Array, /, *, xp: Namespace) -> Array:
+    """``t (L L^T)^-1`` on rows ``(K, P)``."""
+    return xp.matrix_transpose(_xp.cho_solve(factor, xp.matrix_transpose(t), xp=xp))
 
 
 @final
@@ -123,11 +135,11 @@ class DirectOperator(Operator):
         self.curvature = curvature
         self.regularization = float(regularization)
         self.block = block
+        # jax: the shift and the factorisation are one compiled program
+        damped = _xp.maybe_jit(_damped_cholesky, xp=xp)
+        factor, ok = damped(curvature, self.regularization, xp=xp)
         self._factor = check_positive_definite(
-            _xp.cholesky_or_none(_xp.plus_diagonal(curvature, self.regularization, xp=xp), xp=xp),
-            curvature,
-            self.regularization,
-            block,
+            factor if bool(ok) else None, curvature, self.regularization, block
         )
 
     @property
@@ -136,7 +148,7 @@ class DirectOperator(Operator):
 
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
-        return xp.matrix_transpose(_xp.cho_solve(self._factor, xp.matrix_transpose(t), xp=xp))
+        return _xp.maybe_jit(_cho_solve_rows, xp=xp)(self._factor, t, xp=xp)
 
     def with_regularization(self, regularization: float) -> DirectOperator:
         return DirectOperator(self.curvature, regularization, block=self.block)
