@@ -205,8 +205,9 @@ class DenseProjection(GradientProjection):
     def _project(self, v: Array) -> Array:
         xp = self.xp
         total = None
+        times = _xp.maybe_jit(_times_transposed, xp=xp)  # jax: one program, not two
         for start, stop, r in self._pieces():
-            part = v[:, start:stop] @ xp.matrix_transpose(r)
+            part = times(v[:, start:stop], r, xp=xp)
             total = part if total is None else total + part
         assert total is not None
         return total
@@ -499,3 +500,8 @@ class OrthonormalizedProjection(GradientProjection):
 
     def gram(self) -> Array:
         return _xp.eye(self.output_size, dtype=self.dtype, device=self.device, xp=self.xp)
+
+
+def _times_transposed(v: Array, r: Array, /, *, xp: Namespace) -> Array:
+    """``v r^T``: (N, p), (k, p) -> (N, k)."""
+    return v @ xp.matrix_transpose(r)

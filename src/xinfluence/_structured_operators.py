@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import final
 
+import numpy as np
+
 from . import _xp
 from ._xp import Array, Namespace
 from .curvature import Dataset
@@ -51,13 +53,15 @@ class LowRankOperator(Operator):
         self.regularization = float(regularization)
         self.woodbury = bool(woodbury)
         self.block = block
-        shifted = eigenvalues + self.regularization
-        if not float(xp.min(shifted)) > 0:
+        # (rank,) numbers: checked and inverted on the host (no program to compile on jax)
+        lowest = float(np.min(_xp.to_numpy(eigenvalues))) if eigenvalues.shape[0] else 0.0
+        shifted = np.asarray(_xp.to_numpy(eigenvalues), dtype=np.float64) + self.regularization
+        if not lowest + self.regularization > 0:
             where = f" of block {block!r}" if block else ""
             raise NotPositiveDefiniteError(
-                f"the low-rank curvature{where} has eigenvalue {float(xp.min(eigenvalues)):.3e}; "
+                f"the low-rank curvature{where} has eigenvalue {lowest:.3e}; "
                 f"with regularization {self.regularization:g} it is not positive definite: "
-                f"use a regularization above {max(-float(xp.min(eigenvalues)), 0.0):.3e}"
+                f"use a regularization above {max(-lowest, 0.0):.3e}"
             )
         p, k = int(eigenvectors.shape[0]), int(eigenvectors.shape[1])
         if self.woodbury and k < p and self.regularization <= 0:
@@ -65,7 +69,9 @@ class LowRankOperator(Operator):
                 "the Woodbury form of a low-rank curvature needs regularization > 0 "
                 f"(rank {k} < {p} parameters)"
             )
-        self._scale = 1.0 / shifted
+        self._scale = _xp.from_numpy(
+            1.0 / shifted, dtype=eigenvalues.dtype, device=_xp.device_of(eigenvalues), xp=xp
+        )
         #: the eigensolver's result (residuals, Krylov dimension) where one made it
         self.eigen_result: EigenResult | None = None
 
@@ -89,11 +95,9 @@ class LowRankOperator(Operator):
 
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
-        coef = self.coefficients(t)
-        out = (coef * self._scale) @ xp.matrix_transpose(self.eigenvectors)
-        if self.has_complement:
-            out = out + (t - coef @ xp.matrix_transpose(self.eigenvectors)) / self.regularization
-        return out
+        apply = _xp.maybe_jit(_low_rank_apply, xp=xp)
+        complement = self.regularization if self.has_complement else None
+        return apply(t, self.eigenvectors, self._scale, complement, xp=xp)
 
     def with_regularization(self, regularization: float) -> LowRankOperator:
         return LowRankOperator(
@@ -135,11 +139,13 @@ class LowRankBilinearForm(BilinearForm):
         if op.has_complement:
             return super().grads_inner_prod(left, right, gradient_provider)
         xp = gradient_provider.xp
-        left_coef = self._left_coefficients(left, gradient_provider)
-        right_coef = gradient_provider.jacobian_prod(
-            left if right is None else right, xp.matrix_transpose(op.eigenvectors)
-        )
-        return left_coef @ xp.matrix_transpose(right_coef)
+        # jax: V^T and the scales padded with zero rows to the provider's fixed
+        # counts (they add nothing), so that no padding or slicing compiles
+        pad = _xp.maybe_jit(_padded_basis, xp=xp, static_argnames=("xp", "rows"))
+        v_t, scale = pad(op.eigenvectors, op._scale, xp=xp, rows=_xp.padded_rows(op.rank, xp=xp))
+        left_coef = gradient_provider.jacobian_prod(left, v_t)
+        right_coef = gradient_provider.jacobian_prod(left if right is None else right, v_t)
+        return _xp.maybe_jit(_scaled_contract, xp=xp)(left_coef, scale, right_coef, xp=xp)
 
     def mixed_grads_inner_prod(
         self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
@@ -153,6 +159,35 @@ class LowRankBilinearForm(BilinearForm):
         )
         mixed = gradient_provider.flat_mixed_grads(left if right is None else right)
         return contract(factors, mixed, xp=xp)
+
+
+def _low_rank_apply(
+    t: Array, eigenvectors: Array, scale: Array, complement: float | None, /, *, xp: Namespace
+) -> Array:
+    """``t V diag(scale) V^T`` (+ ``t (I - V V^T) / complement``): one program on jax."""
+    coef = t @ eigenvectors
+    out = (coef * scale) @ xp.matrix_transpose(eigenvectors)
+    if complement is not None:
+        out = out + (t - coef @ xp.matrix_transpose(eigenvectors)) / complement
+    return out
+
+
+def _padded_basis(
+    eigenvectors: Array, scale: Array, /, *, xp: Namespace, rows: int
+) -> tuple[Array, Array]:
+    """``(V^T, scale)`` with zero rows (entries) up to ``rows``: (rows, P), (rows,)."""
+    v_t = xp.matrix_transpose(eigenvectors)
+    extra = rows - int(v_t.shape[0])
+    if extra > 0:
+        dev = _xp.device_of(v_t)
+        v_t = xp.concat([v_t, xp.zeros((extra, v_t.shape[1]), dtype=v_t.dtype, device=dev)])
+        scale = xp.concat([scale, xp.zeros((extra,), dtype=scale.dtype, device=dev)])
+    return v_t, scale
+
+
+def _scaled_contract(left: Array, scale: Array, right: Array, /, *, xp: Namespace) -> Array:
+    """``(left * scale) right^T``: (N, k), (k,), (M, k) -> (N, M)."""
+    return (left * scale) @ xp.matrix_transpose(right)
 
 
 @final
@@ -192,6 +227,25 @@ class InverseHarmonicMeanOperator(Operator):
 
     def with_regularization(self, regularization: float) -> InverseHarmonicMeanOperator:
         return InverseHarmonicMeanOperator(self.gp, self.data, regularization)
+
+
+def _ekfac_scaled(
+    t: Array,
+    q_s: Array,
+    q_a: Array,
+    eigenvalues: Array,
+    shift: float,
+    /,
+    *,
+    xp: Namespace,
+    layout: str,
+    slices: tuple[int, int, tuple[int, int], tuple[int, int] | None],
+    invert: bool,
+) -> Array:
+    """:func:`_ekfac_in_eigenbasis` with ``scale = 1 / (eigenvalues + shift)``
+    (``invert``) or ``eigenvalues``."""
+    scale = 1.0 / (eigenvalues + shift) if invert else eigenvalues
+    return _ekfac_in_eigenbasis(t, q_s, q_a, scale, xp=xp, layout=layout, slices=slices)
 
 
 def _ekfac_in_eigenbasis(
@@ -269,11 +323,11 @@ class EkfacOperator(Operator):
         )
         self.n_out = int(q_s.shape[0])
         self.n_in = int(q_a.shape[0]) - (1 if bias_slice is not None else 0)
-        smallest = float(xp.min(eigenvalues)) + self.regularization
-        if not smallest > 0:
+        lowest = _xp.min_value(eigenvalues, xp=xp)
+        if not lowest + self.regularization > 0:
             raise NotPositiveDefiniteError(
                 f"the EK-FAC curvature of block {block!r} has eigenvalue "
-                f"{float(xp.min(eigenvalues)):.3e}; use a regularization > 0"
+                f"{lowest:.3e}; use a regularization > 0"
             )
         self._xp = xp
 
@@ -282,22 +336,33 @@ class EkfacOperator(Operator):
         bias = 0 if self.bias_slice is None else self.n_out
         return self.n_out * self.n_in + bias
 
-    def _in_eigenbasis(self, t: Array, scale: Array) -> Array:
-        """``Q_S (scale * (Q_S^T G Q_A)) Q_A^T`` for the rows of ``t`` as matrices ``G``
-        (one compiled program on jax)."""
+    def _in_eigenbasis(self, t: Array, shift: float | None) -> Array:
+        """``Q_S (scale * (Q_S^T G Q_A)) Q_A^T`` for the rows of ``t`` as matrices ``G``,
+        ``scale = 1 / (eigenvalues + shift)``, or the eigenvalues where ``shift`` is
+        None (one compiled program on jax)."""
         fn = _xp.maybe_jit(
-            _ekfac_in_eigenbasis, xp=self._xp, static_argnames=("xp", "layout", "slices")
+            _ekfac_scaled, xp=self._xp, static_argnames=("xp", "layout", "slices", "invert")
         )
         bias = None if self.bias_slice is None else (self.bias_slice.start, self.bias_slice.stop)
         slices = (self.n_out, self.n_in, (self.weight_slice.start, self.weight_slice.stop), bias)
-        return fn(t, self.q_s, self.q_a, scale, xp=self._xp, layout=self.layout, slices=slices)
+        return fn(
+            t,
+            self.q_s,
+            self.q_a,
+            self.eigenvalues,
+            0.0 if shift is None else shift,
+            xp=self._xp,
+            layout=self.layout,
+            slices=slices,
+            invert=shift is not None,
+        )
 
     def _apply(self, t: Array) -> Array:
-        return self._in_eigenbasis(t, 1.0 / (self.eigenvalues + self.regularization))
+        return self._in_eigenbasis(t, self.regularization)
 
     def curvature_apply(self, t: Array) -> Array:
         """The (undamped) EK-FAC curvature on rows ``(K, P)``."""
-        return self._in_eigenbasis(t, self.eigenvalues)
+        return self._in_eigenbasis(t, None)
 
     def dense_curvature(self) -> Array:
         """The EK-FAC curvature as a dense ``(P, P)`` matrix."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,6 +54,9 @@ __all__ = [
     "finfo_eps",
     "psd_rounding_tolerance",
     "symmetrize",
+    "scale_shift_checked",
+    "set_rows",
+    "min_value",
 ]
 
 
@@ -202,6 +206,22 @@ def padded_rows(k: int, /, *, xp: Namespace) -> int:
     return -(-k // 8) * 8
 
 
+def set_rows(store: Array, start: int, rows: Array, /, *, xp: Namespace) -> Array:
+    """``store`` (m, P) with ``store[start : start + k] = rows`` (k, P): in place
+    where the namespace allows; on jax one compiled program per shape, with
+    ``start`` a traced argument (a slice of Python ints compiles per offset)."""
+    if compiles_per_shape(xp):
+        return _jitted(_dynamic_set_rows, ())(store, rows, start)
+    store[start : start + int(rows.shape[0]), :] = rows
+    return store
+
+
+def _dynamic_set_rows(store: Array, rows: Array, start: Array) -> Array:
+    import jax
+
+    return jax.lax.dynamic_update_slice(store, rows, (start, 0))
+
+
 def same_namespace(xp1: Namespace, xp2: Namespace) -> bool:
     """Whether two namespaces are the same library (compat wrappers included)."""
     return namespace_name(xp1) == namespace_name(xp2)
@@ -247,9 +267,23 @@ def as_float(x: Array, /, *, dtype: Any, xp: Namespace, what: str) -> Array:
     raise TypeError(f"expected {what} with a real dtype, got {x.dtype}")
 
 
+# jax compiles a program per shape (20-100 ms) to check an array on the device;
+# an array of up to this many entries (inputs, losses, scores) is checked on the
+# host instead (a copy of at most 512 KB)
+_HOST_CHECK_SIZE = 1 << 16
+
+
+def _not_all_finite(x: Array, /, *, xp: Namespace) -> Array:
+    return xp.logical_not(xp.all(xp.isfinite(x)))
+
+
 def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
     if not xp.isdtype(x.dtype, ("real floating", "complex floating")):
         return False
+    if compiles_per_shape(xp):
+        if math.prod(x.shape) <= _HOST_CHECK_SIZE:  # a copy costs less than a compilation
+            return not bool(np.isfinite(np.asarray(x)).all())
+        return bool(maybe_jit(_not_all_finite, xp=xp)(x, xp=xp))  # one program per shape
     # A finite sum proves every entry finite (NaN and inf propagate) in one pass
     # without a boolean temporary; only an overflowing sum needs the full check.
     with np.errstate(over="ignore", invalid="ignore"):  # numpy warns on overflow
@@ -257,6 +291,14 @@ def any_nonfinite(x: Array, /, *, xp: Namespace) -> bool:
     if bool(xp.isfinite(total)):
         return False
     return not bool(xp.all(xp.isfinite(x)))
+
+
+def min_value(x: Array, /, *, xp: Namespace) -> float:
+    """The smallest entry of a non-empty ``x`` as a Python float (on jax a small
+    array is read on the host rather than by a program compiled per shape)."""
+    if compiles_per_shape(xp) and math.prod(x.shape) <= _HOST_CHECK_SIZE:
+        return float(np.min(np.asarray(x)))
+    return float(xp.min(x))
 
 
 def check_finite(x: Array, /, *, xp: Namespace, what: str) -> Array:
@@ -294,10 +336,22 @@ def add_scaled(total: Array | None, x: Array, /, *, scale: float, xp: Namespace)
     ``total``'s memory for torch tensors: summing ``(P, P)`` curvatures batch by
     batch would otherwise allocate a fresh matrix per batch. ``x`` is not kept."""
     if total is None:
+        if compiles_per_shape(xp):  # immutable arrays: nothing to own
+            return scale_owned(x, scale, xp=xp)
         return scale * x
     if array_api_compat.is_torch_array(total):
         return total.add_(x, alpha=scale)
+    if compiles_per_shape(xp):  # one program per shape for every scale
+        return maybe_jit(_axpy, xp=xp)(total, x, float(scale), xp=xp)
     return total + scale * x
+
+
+def _axpy(total: Array, x: Array, scale: Array, /, *, xp: Namespace) -> Array:
+    return total + scale * x
+
+
+def _scale(x: Array, scale: Array, /, *, xp: Namespace) -> Array:
+    return scale * x
 
 
 def add_matmul(out: Array, a: Array, b: Array, /, *, alpha: float, xp: Namespace) -> Array:
@@ -312,7 +366,33 @@ def scale_owned(x: Array, /, scale: float, *, xp: Namespace) -> Array:
     """``scale * x``, in ``x``'s memory for torch tensors (the caller owns ``x``)."""
     if array_api_compat.is_torch_array(x):
         return x.mul_(scale)
+    if compiles_per_shape(xp):
+        return x if scale == 1 else maybe_jit(_scale, xp=xp)(x, float(scale), xp=xp)
     return scale * x
+
+
+def _scale_shift(
+    total: Array, scale: Array, v: Array, shift: Array, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    out = scale * total + shift * v
+    return out, _not_all_finite(out, xp=xp)
+
+
+def scale_shift_checked(
+    total: Array, v: Array, /, scale: float, shift: float, *, xp: Namespace, what: str
+) -> Array:
+    """``scale * total + shift * v`` (``total``'s memory on torch, which the caller
+    owns); :class:`NonFiniteError` if it holds NaN or inf. On jax one compiled
+    program per shape computes the result and its check together."""
+    if compiles_per_shape(xp):
+        out, bad = maybe_jit(_scale_shift, xp=xp)(total, float(scale), v, float(shift), xp=xp)
+        if bool(bad):
+            raise NonFiniteError(f"{what} contains NaN or inf values")
+        return out
+    out = scale_owned(total, scale, xp=xp) if scale != 1 else total
+    if shift:
+        out = add_scaled(out, v, scale=shift, xp=xp)
+    return check_finite(out, xp=xp, what=what)
 
 
 def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:
@@ -328,8 +408,15 @@ def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:
     return a + value * eye(a.shape[0], dtype=a.dtype, device=device_of(a), xp=xp)
 
 
-def symmetrize(a: Array, /, *, xp: Namespace) -> Array:
-    return (a + xp.matrix_transpose(a)) / 2
+def symmetrize(a: Array, /, *, xp: Namespace, scale: float = 1.0) -> Array:
+    """``scale * (a + a^T) / 2``; one program per shape on jax (not three)."""
+    if compiles_per_shape(xp):
+        return maybe_jit(_symmetrize, xp=xp)(a, float(scale), xp=xp)
+    return _symmetrize(a, scale, xp=xp)
+
+
+def _symmetrize(a: Array, scale: float, /, *, xp: Namespace) -> Array:
+    return (a + xp.matrix_transpose(a)) * (scale / 2)
 
 
 def cholesky_or_none(a: Array, /, *, xp: Namespace) -> Array | None:
@@ -446,7 +533,10 @@ def from_numpy(x: np.ndarray, /, *, dtype: Any, device: Any, xp: Namespace) -> A
     if array_api_compat.is_jax_namespace(xp):
         import jax
 
-        out = xp.asarray(x, dtype=dtype)
+        # cast on the host: a cast on the device compiles a program per shape
+        out = xp.asarray(
+            np.asarray(x, dtype=None if dtype is None else np.dtype(dtype)), dtype=dtype
+        )
         return jax.device_put(out, device) if device is not None else out
     return xp.asarray(x, dtype=dtype, device=device)
 

@@ -126,15 +126,19 @@ class Curvature(ABC):
     def device(self) -> Any:
         return self.gp.device
 
-    def matmat(self, v: Array) -> Array:
-        """``v @ C`` for ``v`` of shape ``(K, P)`` (``C`` is symmetric): ``(K, P)``."""
+    def matmat(self, v: Array, shift: float = 0.0) -> Array:
+        """``v @ C`` for ``v`` of shape ``(K, P)`` (``C`` is symmetric): ``(K, P)``;
+        ``v @ (C + shift I)`` with ``shift`` (damping, in the same pass)."""
         if v.ndim != 2 or v.shape[1] != self.size:
             raise ValueError(f"expected shape (K, {self.size}), got {tuple(v.shape)}")
         total = None
-        n = 0
+        n = first = 0
         for batch in self.data:
             nb = len(batch)
-            total = _xp.add_scaled(total, self._batch_matmat(batch, v), scale=nb, xp=self.xp)
+            first = first or nb  # weights relative to the first batch: one batch costs
+            # no extra pass over the product (and on jax no extra compiled program)
+            scale = nb / first if first else 0.0
+            total = _xp.add_scaled(total, self._batch_matmat(batch, v), scale=scale, xp=self.xp)
             n += nb
         self._passes += 1
         if self._progress is None:
@@ -143,8 +147,8 @@ class Curvature(ABC):
             self._progress.report(self._passes, f"{n} samples, {v.shape[0]} vectors")
         if total is None:
             raise ValueError("cannot multiply by the curvature of an empty dataset")
-        return _xp.check_finite(
-            _xp.scale_owned(total, 1 / n, xp=self.xp), xp=self.xp, what="the curvature product"
+        return _xp.scale_shift_checked(
+            total, v, first / n, shift, xp=self.xp, what="the curvature product"
         )
 
     def prepare_products(self) -> None:
@@ -162,14 +166,16 @@ class Curvature(ABC):
     def dense(self) -> Array:
         """The dense curvature ``C``, ``(P, P)``."""
         total = None
-        n = 0
+        n = first = 0
         for batch in self.data:
             nb = len(batch)
-            total = _xp.add_scaled(total, self._batch_dense(batch), scale=nb, xp=self.xp)
+            first = first or nb  # weights relative to the first batch, as in matmat
+            scale = nb / first if first else 0.0
+            total = _xp.add_scaled(total, self._batch_dense(batch), scale=scale, xp=self.xp)
             n += nb
         if total is None:
             raise ValueError("cannot build the curvature of an empty dataset")
-        out = _xp.symmetrize(_xp.scale_owned(total, 1 / n, xp=self.xp), xp=self.xp)
+        out = _xp.symmetrize(total, xp=self.xp, scale=first / n)
         return _xp.check_finite(out, xp=self.xp, what="the curvature (gradients or Hessian)")
 
     def batch_matmat(self, batch: Batch, v: Array) -> Array:

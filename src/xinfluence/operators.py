@@ -37,7 +37,7 @@ from .linalg import (
     lanczos,
     nystroem,
 )
-from .linalg._util import default_rtol, round_up_2
+from .linalg._util import default_rtol, padded_with_norms, round_up_2
 from .linalg.cg import OnFailure
 from .linalg.lanczos import positive_definite_shift
 from .types import (
@@ -102,12 +102,24 @@ def check_positive_definite(
     """
     xp = _xp.namespace(curvature)
     if factor is not None:
-        d = xp.linalg.diagonal(factor)
-        lo, hi = float(xp.min(d)), float(xp.max(d))
+        d = _xp.to_numpy(xp.linalg.diagonal(factor))  # (P,): read once on the host
+        lo, hi = float(np.min(d)), float(np.max(d))
         eps = _xp.finfo_eps(curvature.dtype, xp=xp)
         if lo > 0 and (lo / hi) ** 2 > 10 * curvature.shape[0] * eps:
             return factor
     raise _not_pd_error(curvature, regularization, block)
+
+
+def _damped_cholesky(
+    curvature: Array, regularization: float, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """``(L, ok)``: the Cholesky factor of ``C + lambda I`` and whether it exists."""
+    return _xp.cholesky_checked(_xp.plus_diagonal(curvature, regularization, xp=xp), xp=xp)
+
+
+def _cho_solve_rows(factor: Array, t: Array, /, *, xp: Namespace) -> Array:
+    """``t (L L^T)^-1`` on rows ``(K, P)``."""
+    return xp.matrix_transpose(_xp.cho_solve(factor, xp.matrix_transpose(t), xp=xp))
 
 
 @final
@@ -123,11 +135,11 @@ class DirectOperator(Operator):
         self.curvature = curvature
         self.regularization = float(regularization)
         self.block = block
+        # jax: the shift and the factorisation are one compiled program
+        damped = _xp.maybe_jit(_damped_cholesky, xp=xp)
+        factor, ok = damped(curvature, self.regularization, xp=xp)
         self._factor = check_positive_definite(
-            _xp.cholesky_or_none(_xp.plus_diagonal(curvature, self.regularization, xp=xp), xp=xp),
-            curvature,
-            self.regularization,
-            block,
+            factor if bool(ok) else None, curvature, self.regularization, block
         )
 
     @property
@@ -136,7 +148,7 @@ class DirectOperator(Operator):
 
     def _apply(self, t: Array) -> Array:
         xp = _xp.namespace(t)
-        return xp.matrix_transpose(_xp.cho_solve(self._factor, xp.matrix_transpose(t), xp=xp))
+        return _xp.maybe_jit(_cho_solve_rows, xp=xp)(self._factor, t, xp=xp)
 
     def with_regularization(self, regularization: float) -> DirectOperator:
         return DirectOperator(self.curvature, regularization, block=self.block)
@@ -149,10 +161,7 @@ def _damped(curvature: Curvature, regularization: float) -> Callable[[Array], Ar
     """``v -> v (C + lambda I)`` on rows ``(K, P)``."""
 
     def matmat(v: Array) -> Array:
-        out = curvature.matmat(v)  # a fresh array: updated in place where possible
-        return (
-            _xp.add_scaled(out, v, scale=regularization, xp=curvature.xp) if regularization else out
-        )
+        return curvature.matmat(v, regularization)
 
     return matmat
 
@@ -392,6 +401,11 @@ def _lissa_step(
     return new, norms
 
 
+def _lissa_solution(h: Array, scale: float, /, *, xp: Namespace, n_rows: int) -> Array:
+    """``x = h / scale`` without the padding rows."""
+    return h[:n_rows, :] / scale
+
+
 @final
 class LissaOperator(Operator):
     """Linear time stochastic second-order approximation (Agarwal et al. 2017).
@@ -520,7 +534,12 @@ class LissaOperator(Operator):
         sampled = o.batch_size is not None
         reg, scale, keep = self.regularization, self.scale, 1.0 - o.dampen
         rtol = self.rtol
-        b_norm = np.asarray(_xp.to_numpy(xp.linalg.vector_norm(t, axis=1)), dtype=np.float64)
+        # jax: zero rows pad t to a few fixed counts (they stay zero), so that every
+        # query of a problem runs the same compiled programs
+        n_rows = int(t.shape[0])
+        start = _xp.maybe_jit(padded_with_norms, xp=xp, static_argnames=("xp", "n_padded"))
+        t, t_norms = start(t, xp=xp, n_padded=_xp.padded_rows(n_rows, xp=xp))
+        b_norm = np.asarray(_xp.to_numpy(t_norms), dtype=np.float64)
         tol = rtol * b_norm
         limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
         h = t
@@ -567,6 +586,7 @@ class LissaOperator(Operator):
                 _xp.to_numpy(xp.linalg.vector_norm(t - o.dampen * h - full / scale, axis=1)),
                 dtype=np.float64,
             )
+        best_residuals, b_norm, tol = best_residuals[:n_rows], b_norm[:n_rows], tol[:n_rows]
         relative = best_residuals / np.maximum(b_norm, 1e-300)
         self.last_relative_residuals = relative
         if np.any(best_residuals > tol) and o.on_failure != "ignore":
@@ -586,7 +606,8 @@ class LissaOperator(Operator):
             if o.on_failure == "raise":
                 raise NotConvergedError(msg)
             warn(msg, NotConvergedWarning)
-        return best / scale
+        finish = _xp.maybe_jit(_lissa_solution, xp=xp, static_argnames=("xp", "n_rows"))
+        return finish(best, scale, xp=xp, n_rows=n_rows)
 
     def _top_estimate(self) -> float:
         """Lanczos estimate of the largest-magnitude eigenvalue of ``C`` (cached)."""
@@ -602,7 +623,7 @@ class LissaOperator(Operator):
                 dtype=c.dtype,
                 device=c.device,
             )
-            self._top = abs(float(top.eigenvalues[0]))
+            self._top = abs(float(_xp.to_numpy(top.eigenvalues)[0]))  # no indexing program
         return self._top
 
     def with_regularization(self, regularization: float) -> LissaOperator:

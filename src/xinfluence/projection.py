@@ -58,7 +58,7 @@ from ._projection_maps import (  # noqa: F401  (re-exported: public import paths
     _itemsize,
     _kronecker_dims,
 )
-from ._xp import Array
+from ._xp import Array, Namespace
 from .curvature import Dataset, make_curvature
 from .influence import BlockStructure, ComposableInfluence, Regularization
 from .operators import DirectOperator
@@ -388,11 +388,12 @@ class ProjectedInfluence(ComposableInfluence):
             total, n = None, 0
             for batch in data:
                 pg = projection.project_grads(gp, batch)  # (N_b, k)
-                total = _xp.add_scaled(total, xp.matrix_transpose(pg) @ pg, scale=1.0, xp=xp)
+                gram = _xp.maybe_jit(_gram, xp=xp)(pg, xp=xp)
+                total = _xp.add_scaled(total, gram, scale=1.0, xp=xp)
                 n += len(batch)
             if total is None or n == 0:
                 raise ValueError("cannot fit on an empty dataset")
-            return _xp.symmetrize(total / n, xp=xp)
+            return _xp.symmetrize(total, xp=xp, scale=1 / n)
         # R C R^T from curvature products with the rows of R, a few rows at a time
         curvature = make_curvature(self.second_order, gp, data)
         curvature.prepare_products()
@@ -459,3 +460,8 @@ class ProjectedInfluence(ComposableInfluence):
 
 # save / load: the projected curvature is saved, the seeded map drawn again on load
 _io.WRAPPED_OPERATORS["projected"] = ProjectedOperator
+
+
+def _gram(pg: Array, /, *, xp: Namespace) -> Array:
+    """``pg^T pg``: (N, k) -> (k, k)."""
+    return xp.matrix_transpose(pg) @ pg

@@ -396,6 +396,10 @@ class BilinearForm(ABC):
 
 def contract(left: Array, right: Array, /, *, xp: Namespace) -> Array:
     """``left`` (N, P) against the trailing dimension of ``right`` (M, *D, P): (N, M, *D)."""
+    return _xp.maybe_jit(_contract, xp=xp)(left, right, xp=xp)  # jax: one program
+
+
+def _contract(left: Array, right: Array, /, *, xp: Namespace) -> Array:
     lead = tuple(right.shape[:-1])
     flat = xp.reshape(right, (math.prod(lead), right.shape[-1]))
     return xp.reshape(left @ xp.matrix_transpose(flat), (left.shape[0], *lead))

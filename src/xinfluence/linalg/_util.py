@@ -28,7 +28,29 @@ def apply_operator(matmat: MatMat, v: Array, /, *, xp: Namespace, what: str = "m
 
 def row_norms(x: Array, /, *, xp: Namespace) -> Array:
     """Euclidean norm of each row: ``(K, P) -> (K,)``."""
+    return _xp.maybe_jit(_row_norms, xp=xp)(x, xp=xp)  # jax: one program, not five
+
+
+def _row_norms(x: Array, /, *, xp: Namespace) -> Array:
     return xp.linalg.vector_norm(x, axis=-1)
+
+
+def padded_with_norms(b: Array, /, *, xp: Namespace, n_padded: int) -> tuple[Array, Array]:
+    """``(b with zero rows up to n_padded, its row norms)``; one program on jax."""
+    n_rows = int(b.shape[0])
+    if n_padded > n_rows:
+        pad = xp.zeros((n_padded - n_rows, int(b.shape[1])), dtype=b.dtype, device=_xp.device_of(b))
+        b = xp.concat([b, pad], axis=0)
+    return b, row_norms(b, xp=xp)
+
+
+def residual_rows(
+    b: Array, ax: Array, x: Array, /, *, xp: Namespace, n_rows: int
+) -> tuple[Array, Array, Array]:
+    """``(b - A x, its row norms, the first n_rows rows of x)``: the end of a CG
+    solve, one compiled program on jax."""
+    r = b - ax
+    return r, row_norms(r, xp=xp), x[:n_rows, :]
 
 
 def full_like(x: Array, value: float, /, *, xp: Namespace) -> Array:
@@ -40,7 +62,8 @@ def resolve_namespace(xp: Namespace, dtype: Any, device: Any, /) -> Namespace:
 
     Also checks that ``dtype`` is a real floating dtype of it.
     """
-    xp = _xp.namespace(xp.empty((0,), dtype=dtype, device=device))
+    if not _xp.compiles_per_shape(xp):  # jax: an empty array would compile two programs
+        xp = _xp.namespace(xp.empty((0,), dtype=dtype, device=device))
     if not xp.isdtype(dtype, "real floating"):
         raise TypeError(f"expected a real floating dtype, got {dtype}")
     return xp

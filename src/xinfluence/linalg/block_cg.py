@@ -21,6 +21,7 @@ from ._util import (
     apply_operator,
     check_solver_args,
     full_like,
+    residual_rows,
     row_norms,
     stall_reason,
 )
@@ -162,6 +163,24 @@ def _step(
     return x, r, factor, g, xp.concat([row_norms(r, xp=xp), head])
 
 
+def _start(
+    b: Array, rtol: float, atol: float, /, *, xp: Namespace, n_padded: int
+) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """``(b, |b_k|, tol, x, r, eye)``: ``b`` with zero rows up to ``n_padded``,
+    its row norms, the row tolerances ``max(rtol |b_k|, atol)``, a zero start,
+    its residual (a copy of ``b``, updated in place on torch) and the identity
+    (K, K); one compiled program on jax."""
+    n_rows, size = int(b.shape[0]), int(b.shape[1])
+    if n_padded > n_rows:
+        pad = xp.zeros((n_padded - n_rows, size), dtype=b.dtype, device=_xp.device_of(b))
+        b = xp.concat([b, pad], axis=0)
+    norms = row_norms(b, xp=xp)
+    tol = norms * rtol
+    tol = xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
+    eye = _xp.eye(int(b.shape[0]), dtype=b.dtype, device=_xp.device_of(b), xp=xp)
+    return b, norms, tol, xp.zeros_like(b), xp.asarray(b, copy=True), eye
+
+
 def block_cg(
     matmat: MatMat,
     b: Array,
@@ -220,13 +239,10 @@ def block_cg(
     n_padded = _xp.padded_rows(n_rows, xp=xp)
     step = _xp.maybe_jit(_step, xp=xp)
     directions_fixed = _xp.maybe_jit(_directions_fixed, xp=xp, static_argnames=("xp", "drop"))
-    if n_padded > n_rows:
-        pad = xp.zeros((n_padded - n_rows, int(b.shape[1])), dtype=b.dtype, device=_xp.device_of(b))
-        b = xp.concat([b, pad], axis=0)
-        if x0 is not None:
-            _xp.check_namespace(x0, xp=xp, what="x0")
-            if tuple(x0.shape) == (n_rows, int(b.shape[1])):
-                x0 = xp.concat([xp.astype(x0, b.dtype), pad], axis=0)
+    residual = _xp.maybe_jit(residual_rows, xp=xp, static_argnames=("xp", "n_rows"))
+    start = _xp.maybe_jit(_start, xp=xp, static_argnames=("xp", "n_padded"))
+    b, r_norms, tol, x, r, eye = start(b, float(rtol), float(atol), xp=xp, n_padded=n_padded)
+    tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
 
     def apply_a(v: Array) -> Array:
         return apply_operator(matmat, v, xp=xp, what="matmat")
@@ -238,26 +254,27 @@ def block_cg(
             else apply_operator(preconditioner, v, xp=xp, what="preconditioner")
         )
 
-    tol = row_norms(b, xp=xp) * rtol
-    tol = xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
-    tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
-
-    if x0 is None:
-        x, r = xp.zeros_like(b), xp.asarray(b, copy=True)  # r is updated in place
-    else:
+    if x0 is not None:
         _xp.check_namespace(x0, xp=xp, what="x0")
-        if tuple(x0.shape) != tuple(b.shape):
+        if tuple(x0.shape) != (n_rows, int(b.shape[1])):
             raise ValueError(
                 f"expected x0 of shape {(n_rows, int(b.shape[1]))}, got {tuple(x0.shape)}"
             )
         x = xp.astype(x0, b.dtype)
-        r = b - apply_a(x)
+        if n_padded > n_rows:
+            x = xp.concat([x, xp.zeros_like(b[n_rows:, :])], axis=0)
+        r, r_norms, _ = residual(b, apply_a(x), x, xp=xp, n_rows=n_rows)
     x, r = _xp.committed(x, xp=xp), _xp.committed(r, xp=xp)
+    # compiled code takes "no previous directions" as zero ones (exactly the same
+    # projection), so that the first iteration runs the same program as the others
+    zero = x if x0 is None else xp.zeros_like(x)
+    no_previous = (zero, zero, _xp.committed(eye, xp=xp))
 
     def directions(r: Array, active: Array, previous: tuple[Array, Array, Array] | None) -> Array:
         """New search directions from the active residuals, A-orthogonal to the
         previous ones ``(S, S A, chol(S A S^T))``."""
         if fixed:
+            previous = no_previous if previous is None else previous
             return directions_fixed(apply_m(r), active, previous, xp=xp, drop=drop_tol)
         return _orthonormal_rows(
             _project(apply_m(r), active, previous, xp=xp), xp=xp, drop=drop_tol
@@ -269,7 +286,7 @@ def block_cg(
     last_excess = math.inf
     progress = Reporter("block CG", maxiter)
     while True:
-        norms = _xp.to_numpy(row_norms(r, xp=xp))
+        norms = _xp.to_numpy(r_norms)
         if not np.all(np.isfinite(norms)):
             raise NonFiniteError("block conjugate gradients met NaN or inf in the residual")
         done_host = norms <= tol_host
@@ -310,9 +327,12 @@ def block_cg(
             active = _xp.from_numpy(~done_host, dtype=xp.bool, device=_xp.device_of(b), xp=xp)
             if not done_host.all():
                 s = directions(r, active, (s, q, factor))
-        true_residual = b - apply_a(x) if iterations or x0 is not None else b
+        if iterations or x0 is not None:
+            true_residual, true_norms, solution = residual(b, apply_a(x), x, xp=xp, n_rows=n_rows)
+        else:
+            true_residual, true_norms, solution = b, r_norms, x[:n_rows, :]
         progress.close(iterations, "done")
-        residual_norms = np.asarray(_xp.to_numpy(row_norms(true_residual, xp=xp)), dtype=np.float64)
+        residual_norms = np.asarray(_xp.to_numpy(true_norms), dtype=np.float64)
         converged = residual_norms <= tol_host
         if converged.all() or iterations >= maxiter or restarts >= _MAX_RESTARTS:
             break
@@ -323,11 +343,10 @@ def block_cg(
             break
         last_excess = excess
         restarts += 1
-        r = true_residual
+        r, r_norms = true_residual, true_norms
 
-    if n_padded > n_rows:
-        x, b = x[:n_rows, :], b[:n_rows, :]
-        residual_norms, converged = residual_norms[:n_rows], converged[:n_rows]
+    x = solution
+    residual_norms, converged = residual_norms[:n_rows], converged[:n_rows]
     result = SolverResult(
         solution=x, residual_norms=residual_norms, iterations=iterations, converged=converged
     )
@@ -336,7 +355,7 @@ def block_cg(
         reason = stall_reason(
             residual_norms[bad],
             np.asarray(_xp.to_numpy(row_norms(x, xp=xp)), dtype=np.float64)[bad],
-            np.asarray(_xp.to_numpy(row_norms(b, xp=xp)), dtype=np.float64)[bad],
+            np.asarray(_xp.to_numpy(row_norms(b[:n_rows, :], xp=xp)), dtype=np.float64)[bad],
             operator_norm=operator_norm,
             eps=_xp.finfo_eps(b.dtype, xp=xp),
             size=int(b.shape[1]),

@@ -23,6 +23,7 @@ from ._util import (
     apply_operator,
     check_solver_args,
     full_like,
+    residual_rows,
     row_norms,
     stall_reason,
 )
@@ -118,50 +119,57 @@ def cg(
             return v
         return apply_operator(preconditioner, v, xp=xp, what="preconditioner")
 
-    tol = row_norms(b, xp=xp) * rtol
-    tol = xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
-
-    if x0 is None:
-        x = xp.zeros_like(b)
-        r = b
-        x_is_zero = True
-    else:
-        _xp.check_namespace(x0, xp=xp, what="x0")
-        if tuple(x0.shape) != tuple(b.shape):
-            raise ValueError(f"expected x0 of shape {tuple(b.shape)}, got {tuple(x0.shape)}")
-        x = xp.astype(x0, b.dtype)
-        r = b - apply_a(x)
-        x_is_zero = False
-
-    done = row_norms(r, xp=xp) <= tol
-    z = apply_m(r)
-    p = z
-    rz = xp.linalg.vecdot(r, z)
-    # jax: each iteration runs two compiled programs around the products, with
-    # committed arguments from the first (see _xp.committed)
+    # Jit-compiling namespaces (jax): zero rows (converged from the start) pad the
+    # right-hand sides to a few fixed counts, so that every query of a problem
+    # runs the same compiled programs; the first direction comes from the same
+    # program as the others (from p = 0 and r^T z = 1).
+    n_padded = _xp.padded_rows(n_rows, xp=xp)
+    start = _xp.maybe_jit(_start, xp=xp, static_argnames=("xp", "n_padded"))
     update = _xp.maybe_jit(_update, xp=xp)
     new_direction = _xp.maybe_jit(_new_direction, xp=xp)
-    x, r, p, rz, done, tol = (_xp.committed(a, xp=xp) for a in (x, r, p, rz, done, tol))
+    residual = _xp.maybe_jit(residual_rows, xp=xp, static_argnames=("xp", "n_rows"))
+    b, tol, x, done, p, rz, flags = start(b, float(rtol), float(atol), xp=xp, n_padded=n_padded)
+    p_zero, rz_one, flags_zero = p, rz, flags
+    r = b
+    x_is_zero = True
+    if x0 is not None:
+        _xp.check_namespace(x0, xp=xp, what="x0")
+        if tuple(x0.shape) != (n_rows, int(b.shape[1])):
+            raise ValueError(
+                f"expected x0 of shape {(n_rows, int(b.shape[1]))}, got {tuple(x0.shape)}"
+            )
+        x = xp.astype(x0, b.dtype)
+        if n_padded > n_rows:
+            x = xp.concat([x, xp.zeros_like(b[n_rows:, :])], axis=0)
+        r = b - apply_a(x)
+        done = row_norms(r, xp=xp) <= tol
+        x_is_zero = False
+    # jax: each iteration runs two compiled programs around the products, with
+    # committed arguments from the first (see _xp.committed)
+    x, r, p, rz, done, tol, flags = (
+        _xp.committed(a, xp=xp) for a in (x, r, p, rz, done, tol, flags)
+    )
+    p, rz, flags = new_direction(r, apply_m(r), p, rz, done, flags, xp=xp)
 
     iterations = 0
     replacements = 0
     operator_norm = 0.0
     last_excess = math.inf
     tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
-    flags = _xp.to_numpy(xp.stack([xp.all(done), xp.any(~done & (rz <= 0))]))
-    all_done = bool(flags[0])
-    if bool(flags[1]):
+    f = [float(v) for v in _xp.to_numpy(flags)]
+    all_done = bool(f[3])
+    if bool(f[4]):
         raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=0))
     progress = Reporter("CG", maxiter)
     while True:
         while not all_done and iterations < maxiter:
             ap = apply_a(p)
-            x, r, done, flags_a = update(x, r, p, ap, rz, done, tol, xp=xp)
+            x, r, done, flags = update(x, r, p, ap, rz, done, tol, xp=xp)
             z = apply_m(r)
-            p, rz, flags_m = new_direction(r, z, p, rz, done, xp=xp)
+            p, rz, flags = new_direction(r, z, p, rz, done, flags, xp=xp)
             iterations += 1
             # One small host transfer per iteration.
-            f = [float(v) for v in _xp.to_numpy(xp.concat([flags_a, flags_m]))]
+            f = [float(v) for v in _xp.to_numpy(flags)]
             indefinite_a, ratio, all_done, indefinite_m = bool(f[0]), f[2], bool(f[3]), bool(f[4])
             nonfinite = bool(f[1] or f[5])
             if np.isfinite(ratio):
@@ -186,10 +194,10 @@ def cg(
                 raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=iterations))
 
         if x_is_zero and iterations == 0:
-            true_residual = b
+            true_residual, true_norms, solution = b, row_norms(b, xp=xp), x[:n_rows, :]
         else:
-            true_residual = b - apply_a(x)
-        residual_norms = np.asarray(_xp.to_numpy(row_norms(true_residual, xp=xp)), dtype=np.float64)
+            true_residual, true_norms, solution = residual(b, apply_a(x), x, xp=xp, n_rows=n_rows)
+        residual_norms = np.asarray(_xp.to_numpy(true_norms), dtype=np.float64)
         converged = residual_norms <= tol_host
         if not all_done or iterations >= maxiter or bool(np.all(converged)):
             break
@@ -202,13 +210,12 @@ def cg(
             break
         last_excess = excess
         replacements += 1
-        done = row_norms(true_residual, xp=xp) <= tol
+        done = true_norms <= tol
         all_done = False
         r = true_residual
-        z = apply_m(r)
-        p = z
-        rz = xp.linalg.vecdot(r, z)
+        p, rz, flags = new_direction(r, apply_m(r), p_zero, rz_one, done, flags_zero, xp=xp)
 
+    x, residual_norms, converged = solution, residual_norms[:n_rows], converged[:n_rows]
     result = SolverResult(
         solution=x,
         residual_norms=residual_norms,
@@ -220,7 +227,7 @@ def cg(
         reason = stall_reason(
             residual_norms[bad],
             np.asarray(_xp.to_numpy(row_norms(x, xp=xp)), dtype=np.float64)[bad],
-            np.asarray(_xp.to_numpy(row_norms(b, xp=xp)), dtype=np.float64)[bad],
+            np.asarray(_xp.to_numpy(row_norms(b[:n_rows, :], xp=xp)), dtype=np.float64)[bad],
             operator_norm=operator_norm,
             eps=_xp.finfo_eps(b.dtype, xp=xp),
             size=int(b.shape[1]),
@@ -236,6 +243,26 @@ def cg(
             raise NotConvergedError(message)
         warn(message, NotConvergedWarning)
     return result
+
+
+def _start(
+    b: Array, rtol: float, atol: float, /, *, xp: Namespace, n_padded: int
+) -> tuple[Array, Array, Array, Array, Array, Array, Array]:
+    """``(b, tol, x, done, p, rz, flags)``: ``b`` with zero rows up to ``n_padded``,
+    the row tolerances ``max(rtol |b_k|, atol)``, a zero start, which rows are
+    done, ``p = 0`` and ``r^T z = 1`` (from which :func:`_new_direction` makes the
+    first direction) and zero flags; one compiled program on jax."""
+    n_rows, size = int(b.shape[0]), int(b.shape[1])
+    if n_padded > n_rows:
+        pad = xp.zeros((n_padded - n_rows, size), dtype=b.dtype, device=_xp.device_of(b))
+        b = xp.concat([b, pad], axis=0)
+    norms = row_norms(b, xp=xp)
+    tol = norms * rtol
+    tol = xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
+    x = xp.zeros_like(b)
+    rz = xp.ones((b.shape[0],), dtype=b.dtype, device=_xp.device_of(b))
+    flags = xp.zeros((3,), dtype=b.dtype, device=_xp.device_of(b))
+    return b, tol, x, norms <= tol, x, rz, flags
 
 
 def _update(
@@ -269,10 +296,11 @@ def _update(
 
 
 def _new_direction(
-    r: Array, z: Array, p: Array, rz: Array, done: Array, /, *, xp: Namespace
+    r: Array, z: Array, p: Array, rz: Array, done: Array, flags: Array, /, *, xp: Namespace
 ) -> tuple[Array, Array, Array]:
-    """The next search direction from ``z = M r``: ``(p, r^T z, flags)``, ``flags`` =
-    ``[all done, M indefinite, non-finite r^T z]``."""
+    """The next search direction from ``z = M r``: ``(p, r^T z, flags)``, ``flags``
+    = the 3 of :func:`_update` then ``[all done, M indefinite, non-finite r^T z]``
+    (one host transfer per iteration)."""
     rz_new = xp.linalg.vecdot(r, z)
     going = ~done
     bad_m = going & (rz_new <= 0)
@@ -281,14 +309,14 @@ def _new_direction(
     )
     p = xp.where(going[:, None], z + beta[:, None] * p, p)
     rz = xp.where(going, rz_new, rz)
-    flags = xp.stack(
+    flags_m = xp.stack(
         [
             xp.astype(xp.all(done), r.dtype),
             xp.astype(xp.any(bad_m), r.dtype),
             xp.astype(xp.any(~xp.isfinite(rz_new)), r.dtype),
         ]
     )
-    return p, rz, flags
+    return p, rz, xp.concat([flags, flags_m])
 
 
 def not_positive_definite(

@@ -98,36 +98,32 @@ def lanczos(
         raise ValueError(f"tol must be >= 0, got {tol}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    def random_unit(basis: Array | None) -> Array:
-        v = _xp.random_normal((size,), seed=rng, dtype=dtype, device=device, xp=xp)
-        if basis is not None:
-            v, _ = _orthogonalize(v, basis, xp=xp)
-        return v / xp.linalg.vector_norm(v)
-
     # An (m, P) basis filled row by row (in place where the namespace allows).
     # Jit-compiling namespaces (jax) project against all m rows, the unfilled ones
-    # zero, so that shapes stay constant and nothing recompiles; the others only
-    # against the j + 1 filled rows.
+    # zero, so that shapes stay constant and each iteration runs the same two
+    # compiled programs around the product; the others only against the j + 1
+    # filled rows.
     m = krylov_dimension
-    basis = xp.zeros((m, size), dtype=dtype, device=device)
     fixed_shapes = _xp.compiles_per_shape(xp)
-    q = random_unit(None)
-    q_prev = xp.zeros_like(q)
+    start = _xp.maybe_jit(_lanczos_start, xp=xp, static_argnames=("xp", "m"))
+    store = _xp.maybe_jit(_lanczos_store, xp=xp)
+    step = _xp.maybe_jit(_lanczos_step, xp=xp)
+    unit = _xp.maybe_jit(_unit, xp=xp)
+
+    def draw() -> Array:
+        return _xp.random_normal((size,), seed=rng, dtype=dtype, device=device, xp=xp)
+
+    basis, q, q_prev = start(draw(), xp=xp, m=m)
     beta_prev = 0.0
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
     for j in range(m):
-        basis = xpx.at(basis)[j, :].set(q)
+        basis, q_row = store(basis, q, j, xp=xp)
         rows = basis if fixed_shapes else basis[: j + 1, :]
-        w = apply_operator(matmat, q[None, :], xp=xp)[0, :]
-        a_q_norm = xp.linalg.vector_norm(w)
-        alpha = xp.linalg.vecdot(q, w)
-        w = w - alpha * q - beta_prev * q_prev
-        w, removed = _orthogonalize(w, rows, xp=xp)
-        alpha = alpha + removed[j]
-        host = _xp.to_numpy(xp.stack([alpha, xp.linalg.vector_norm(w), a_q_norm]))
-        alpha_f, beta_f, a_q_norm_f = (float(h) for h in host)
+        w = apply_operator(matmat, q_row, xp=xp)
+        q_next, stats = step(w, q, q_prev, beta_prev, rows, j, xp=xp)
+        alpha_f, beta_f, a_q_norm_f = (float(h) for h in _xp.to_numpy(stats))
         alphas.append(alpha_f)
         scale = max(scale, a_q_norm_f)
         if j == m - 1:
@@ -136,10 +132,10 @@ def lanczos(
         if beta_f <= tol * scale:
             # Invariant subspace: continue in its orthogonal complement.
             beta_prev = 0.0
-            q = random_unit(basis)
+            q = unit(draw(), basis, xp=xp)
         else:
             beta_prev = beta_f
-            q = w / beta_f
+            q = q_next
         betas.append(beta_prev)
 
     t = np.diag(np.asarray(alphas, dtype=np.float64))
@@ -149,7 +145,7 @@ def lanczos(
     theta, s = np.linalg.eigh(t)
     order = np.argsort(-np.abs(theta), kind="stable")[:rank]
     s_top = _xp.from_numpy(np.ascontiguousarray(s[:, order]), dtype=dtype, device=device, xp=xp)
-    eigenvectors = xp.matrix_transpose(basis) @ s_top
+    eigenvectors = _xp.maybe_jit(_combine_rows, xp=xp)(basis, s_top, xp=xp)
     eigenvalues = _xp.from_numpy(theta[order], dtype=dtype, device=device, xp=xp)
     # Ritz residuals |A Q^T s_i - theta_i Q^T s_i| = beta_m |s_{m-1, i}| (beta_m: last |w|).
     residual_norms = beta_f * np.abs(s[-1, order])
@@ -167,6 +163,80 @@ def _shared_value(theta: np.ndarray, order: np.ndarray, b: int, width: float) ->
         if np.count_nonzero(np.abs(theta - theta[i]) <= width) >= b:
             return float(theta[i])
     return None
+
+
+def _unit(v: Array, basis: Array, /, *, xp: Namespace) -> Array:
+    """``v`` (P,) orthogonalised against the rows of ``basis`` (orthonormal or zero)
+    and normalised."""
+    v, _ = _orthogonalize(v, basis, xp=xp)
+    return v / xp.linalg.vector_norm(v)
+
+
+def _lanczos_start(v: Array, /, *, xp: Namespace, m: int) -> tuple[Array, Array, Array]:
+    """``(basis, q, q_prev)``: a zero ``(m, P)`` basis, ``v`` normalised, zeros."""
+    basis = xp.zeros((m, int(v.shape[0])), dtype=v.dtype, device=_xp.device_of(v))
+    return basis, _unit(v, basis, xp=xp), xp.zeros_like(v)
+
+
+def _lanczos_store(basis: Array, q: Array, j: int, /, *, xp: Namespace) -> tuple[Array, Array]:
+    """``basis`` with row ``j`` set to ``q`` (P,), and ``q`` as a row ``(1, P)``."""
+    return xpx.at(basis)[j, :].set(q), q[None, :]
+
+
+def _lanczos_step(
+    w: Array, q: Array, q_prev: Array, beta_prev: float, rows: Array, j: int, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """One Lanczos step from ``w = A q`` (1, P): ``(w / |w|, [alpha, |w|, |A q|])``,
+    ``w`` made orthogonal to ``q``, ``q_prev`` and (twice, in full) the ``rows``."""
+    w = w[0, :]
+    a_q_norm = xp.linalg.vector_norm(w)
+    alpha = xp.linalg.vecdot(q, w)
+    w = w - alpha * q - beta_prev * q_prev
+    w, removed = _orthogonalize(w, rows, xp=xp)
+    alpha = alpha + removed[j]
+    beta = xp.linalg.vector_norm(w)
+    q_next = w / xp.where(beta > 0, beta, xp.ones_like(beta))
+    return q_next, xp.stack([alpha, beta, a_q_norm])
+
+
+def _project_once(
+    w: Array, basis: Array, previous: Array | None, /, *, xp: Namespace
+) -> tuple[Array, Array, Array]:
+    """One pass of :func:`block_lanczos`'s projection: ``(w - c basis, c (+ previous),
+    [max |c|, min_k |w_k - c_k basis| / |w_k|])``, ``c = w basis^T``."""
+    before = row_norms(w, xp=xp)
+    c = w @ xp.matrix_transpose(basis)
+    w_new = w - c @ basis
+    ratio = xp.min(row_norms(w_new, xp=xp) / xp.where(before > 0, before, xp.ones_like(before)))
+    stats = xp.stack([xp.max(xp.abs(c)), ratio])
+    return w_new, c if previous is None else c + previous, stats
+
+
+def _block_recurrence(
+    w: Array, block: Array, coupling: Array | None, previous: Array, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """``(w - A_j Q_j - B_j Q_{j-1}, A_j)`` with ``A_j = w Q_j^T`` (rows)."""
+    c_loc = w @ xp.matrix_transpose(block)
+    w = w - c_loc @ block
+    if coupling is not None:
+        w = w - coupling @ previous
+    return w, c_loc
+
+
+def _diagonal_block(c_loc: Array, coef: Array, columns: Array, /, *, xp: Namespace) -> Array:
+    """``c_loc + coef[:, columns]``: the diagonal block of T (on the host next)."""
+    return c_loc + xp.take(coef, columns, axis=1)
+
+
+def _qr_rows(w: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
+    """``(Q, R)`` with ``w = R^T Q``, the rows of ``Q`` orthonormal (QR of ``w^T``)."""
+    q, r = xp.linalg.qr(xp.matrix_transpose(w))
+    return xp.matrix_transpose(q), r
+
+
+def _combine_rows(basis: Array, s: Array, /, *, xp: Namespace) -> Array:
+    """``basis^T s``: (m, P), (m, r) -> (P, r)."""
+    return xp.matrix_transpose(basis) @ s
 
 
 def _orthogonalize(w: Array, basis: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
@@ -334,6 +404,13 @@ def block_lanczos(
     clean_below = 10 * eps * math.sqrt(size)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
+    # jax: each of these is one compiled program (per shape), not a dozen eager ones
+    project_once = _xp.maybe_jit(_project_once, xp=xp)
+    recurrence = _xp.maybe_jit(_block_recurrence, xp=xp)
+    qr_rows = _xp.maybe_jit(_qr_rows, xp=xp)
+    combine = _xp.maybe_jit(_combine_rows, xp=xp)
+    diagonal_block = _xp.maybe_jit(_diagonal_block, xp=xp)
+
     def project(
         w: Array, basis: Array | None, *, skip_below: float = 0.0
     ) -> tuple[Array, Array | None]:
@@ -344,21 +421,19 @@ def block_lanczos(
         all at most ``skip_below`` are left in place (``None`` coefficients)."""
         if basis is None:
             return w, None
-        before = row_norms(w, xp=xp)
-        c1 = w @ xp.matrix_transpose(basis)
-        if skip_below > 0 and float(xp.max(xp.abs(c1))) <= skip_below:
+        w1, c1, stats = project_once(w, basis, None, xp=xp)
+        largest, ratio = (float(v) for v in _xp.to_numpy(stats))
+        if skip_below > 0 and largest <= skip_below:
             return w, None
-        w = w - c1 @ basis
-        ratio = float(xp.min(row_norms(w, xp=xp) / xp.where(before > 0, before, 1.0)))
         if ratio > 0.5:
-            return w, c1
-        c2 = w @ xp.matrix_transpose(basis)
-        return w - c2 @ basis, c1 + c2
+            return w1, c1
+        w2, c12, _ = project_once(w1, basis, c1, xp=xp)
+        return w2, c12
 
     def orthonormal(w: Array) -> tuple[Array, np.ndarray]:
         """Rows ``Q`` (k, P) orthonormal and host ``R`` (k, k) with ``w = R^T Q``."""
-        q, r = xp.linalg.qr(xp.matrix_transpose(w))
-        return xp.matrix_transpose(q), np.asarray(_xp.to_numpy(r), dtype=np.float64)
+        q, r = qr_rows(w, xp=xp)
+        return q, np.asarray(_xp.to_numpy(r), dtype=np.float64)
 
     def random_rows(k: int, basis: Array | None) -> Array:
         v = _xp.random_normal((k, size), seed=rng, dtype=dtype, device=device, xp=xp)
@@ -383,25 +458,26 @@ def block_lanczos(
     while True:
         r_j = int(block.shape[0])
         offsets.append(dim)
-        if fixed:
-            store = xpx.at(store)[dim : dim + r_j, :].set(block)
-            basis = store
-        else:
-            store[dim : dim + r_j, :] = block
-            basis = store[: dim + r_j, :]
+        store = _xp.set_rows(store, dim, block, xp=xp)
+        basis = store if fixed else store[: dim + r_j, :]
         dim += r_j
         w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
         calls += 1
         # The three-term recurrence first (w -= A_j Q_j + B_j Q_{j-1}), then one
         # full pass against the basis (a second only where it removed most of a
         # row): the full passes read the whole basis and dominate the step.
-        c_loc = w @ xp.matrix_transpose(block)
-        w = w - c_loc @ block
-        if coupling is not None:
-            w = w - _xp.from_numpy(coupling, dtype=dtype, device=device, xp=xp) @ previous
+        b_j = (
+            None
+            if coupling is None
+            else _xp.from_numpy(coupling, dtype=dtype, device=device, xp=xp)
+        )
+        w, c_loc = recurrence(w, block, b_j, previous, xp=xp)
         w, coef = project(w, basis)
         assert coef is not None
-        a_j = np.asarray(_xp.to_numpy(c_loc + coef[:, dim - r_j : dim]), dtype=np.float64)
+        columns = _xp.from_numpy(np.arange(dim - r_j, dim), dtype=xp.int32, device=device, xp=xp)
+        a_j = np.asarray(
+            _xp.to_numpy(diagonal_block(c_loc, coef, columns, xp=xp)), dtype=np.float64
+        )
         a_j = 0.5 * (a_j + a_j.T)
         blocks_t.append((dim - r_j, dim - r_j, a_j))
         scale = max(scale, float(np.max(np.abs(np.linalg.eigvalsh(a_j)))) if r_j else 0.0)
@@ -417,7 +493,7 @@ def block_lanczos(
             u_keep = _xp.from_numpy(
                 np.ascontiguousarray(u[:, keep]), dtype=dtype, device=device, xp=xp
             )
-            kept = xp.matrix_transpose(u_keep) @ q  # (k, P), rows orthonormal
+            kept = combine(u_keep, q, xp=xp)  # (k, P), rows orthonormal
             b_kept = sv[keep, None] * vt[keep, :]  # (k, r_j): w = b_kept^T kept + small
             if kept.shape[0] > 0:  # clean: the kept rows may carry basis components
                 # (w's residual components, divided by small singular values)
@@ -491,9 +567,7 @@ def block_lanczos(
     s_top = np.ascontiguousarray(s[:, order])
     if fixed:  # the basis has m_max rows, those past dim zero
         s_top = np.concatenate([s_top, np.zeros((m_max - dim, s_top.shape[1]))], axis=0)
-    eigenvectors = xp.matrix_transpose(basis) @ _xp.from_numpy(
-        s_top, dtype=dtype, device=device, xp=xp
-    )
+    eigenvectors = combine(basis, _xp.from_numpy(s_top, dtype=dtype, device=device, xp=xp), xp=xp)
     eigenvalues = _xp.from_numpy(theta[order], dtype=dtype, device=device, xp=xp)
     if not converged and on_failure != "ignore":
         relative = residuals / max(top, 1e-300)

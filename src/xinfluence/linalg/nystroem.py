@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .. import _xp
-from .._xp import Namespace
+from .._xp import Array, Namespace
 from ..errors import NotPositiveDefiniteError
 from ._results import EigenResult
 from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace
@@ -69,31 +69,54 @@ def nystroem(
         raise ValueError(f"rank must be <= size, got rank={rank} > size={size}")
 
     omega = _xp.random_normal((size, rank), seed=seed, dtype=dtype, device=device, xp=xp)
-    omega, _ = xp.linalg.qr(omega)  # (P, r), orthonormal columns
-    omega_t = xp.matrix_transpose(omega)  # (r, P)
+    # jax: the steps between host decisions are compiled programs (a few, not ~25)
+    omega_t = _xp.maybe_jit(_orthonormal_rows, xp=xp)(omega, xp=xp)  # (r, P)
     y_t = apply_operator(matmat, omega_t, xp=xp)  # (r, P): rows are (A Ω)^T
     eps = _xp.finfo_eps(dtype, xp=xp)
-    shift = math.sqrt(size) * eps * float(xp.linalg.vector_norm(y_t, axis=None))
-    y_t = y_t + shift * omega_t
-    core = _xp.symmetrize(omega_t @ xp.matrix_transpose(y_t), xp=xp)  # Ω^T Y_ν, (r, r)
+    y_t, core, shift = _xp.maybe_jit(_shifted_core, xp=xp)(
+        y_t, omega_t, math.sqrt(size) * eps, xp=xp
+    )
     factor = _xp.cholesky_or_none(core, xp=xp)
     if factor is not None:
-        # B^T = C^{-1} Y_ν^T  <=>  B = Y_ν C^{-T}
-        b = xp.matrix_transpose(_xp.solve_triangular(factor, y_t, lower=True, xp=xp))
-    else:
-        w, v = xp.linalg.eigh(core)
-        w_host = _xp.to_numpy(w)
-        top = float(np.max(np.abs(w_host))) if w_host.size else 0.0
-        if w_host.size and float(np.min(w_host)) < -math.sqrt(eps) * top:
-            raise NotPositiveDefiniteError(
-                "nystroem needs a positive semi-definite operator, but Ω^T A Ω has the "
-                f"eigenvalue {float(np.min(w_host)):.3e} (largest magnitude {top:.3e})"
-            )
-        keep = w > (rank * eps * top)
-        inv_sqrt = xp.where(
-            keep, 1.0 / xp.sqrt(xp.where(keep, w, xp.ones_like(w))), xp.zeros_like(w)
+        u, eigenvalues = _xp.maybe_jit(_from_factor, xp=xp)(factor, y_t, shift, xp=xp)
+        return EigenResult(eigenvalues=eigenvalues, eigenvectors=u)
+    w, v = xp.linalg.eigh(core)
+    w_host = _xp.to_numpy(w)
+    top = float(np.max(np.abs(w_host))) if w_host.size else 0.0
+    if w_host.size and float(np.min(w_host)) < -math.sqrt(eps) * top:
+        raise NotPositiveDefiniteError(
+            "nystroem needs a positive semi-definite operator, but Ω^T A Ω has the "
+            f"eigenvalue {float(np.min(w_host)):.3e} (largest magnitude {top:.3e})"
         )
-        b = (xp.matrix_transpose(y_t) @ v) * inv_sqrt[None, :]
+    keep = w > (rank * eps * top)
+    inv_sqrt = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, w, xp.ones_like(w))), xp.zeros_like(w))
+    b = (xp.matrix_transpose(y_t) @ v) * inv_sqrt[None, :]
     u, sigma, _ = xp.linalg.svd(b, full_matrices=False)
     eigenvalues = xp.clip(sigma**2 - shift, min=0.0)
     return EigenResult(eigenvalues=eigenvalues, eigenvectors=u)
+
+
+def _orthonormal_rows(omega: Array, /, *, xp: Namespace) -> Array:
+    """``Q^T`` of the QR factorisation of ``omega`` (P, r): (r, P), orthonormal rows."""
+    q, _ = xp.linalg.qr(omega)
+    return xp.matrix_transpose(q)
+
+
+def _shifted_core(
+    y_t: Array, omega_t: Array, relative_shift: float, /, *, xp: Namespace
+) -> tuple[Array, Array, Array]:
+    """``(Y_ν^T, Ω^T Y_ν, ν)``: the sketch shifted by ``ν = relative_shift |Y|_F``
+    (for a stable Cholesky of the core) and the symmetrised core (r, r)."""
+    shift = relative_shift * xp.linalg.vector_norm(y_t, axis=None)
+    y_t = y_t + shift * omega_t
+    return y_t, _xp.symmetrize(omega_t @ xp.matrix_transpose(y_t), xp=xp), shift
+
+
+def _from_factor(
+    factor: Array, y_t: Array, shift: Array, /, *, xp: Namespace
+) -> tuple[Array, Array]:
+    """``(U, max(sigma^2 - ν, 0))`` from the SVD of ``B = Y_ν C^{-T}`` (``C`` the
+    Cholesky factor of the core): the Nyström eigenpairs."""
+    b = xp.matrix_transpose(_xp.solve_triangular(factor, y_t, lower=True, xp=xp))
+    u, sigma, _ = xp.linalg.svd(b, full_matrices=False)
+    return u, xp.clip(sigma**2 - shift, min=0.0)
