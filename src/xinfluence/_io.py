@@ -411,8 +411,6 @@ def load(
             op = op_cls.__new__(op_cls)
             op.__setstate__(state)
         comps[block] = OperatorGradientComposition(op, block_gp)
-    from .types import BlockMapper
-
     model._data = data
-    model._mapper = BlockMapper(comps)
+    model._mapper = model._compose(comps)
     return model

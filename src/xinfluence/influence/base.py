@@ -190,6 +190,13 @@ class ComposableInfluence(PicklableState, ABC):
             n += len(batch)
         if n == 0:
             raise ValueError("cannot fit on an empty dataset")
+        self._mapper = self._compose(self._create_operators(dataset))
+        self._data = dataset
+        return self
+
+    def _create_operators(self, dataset: Dataset) -> OrderedDict[str, OperatorGradientComposition]:
+        """The operator of every block with its block provider (one pass over the
+        data per block; models that serve all blocks from one pass override this)."""
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for block, names in self.blocks.items():
             gp = self._block_provider(names)
@@ -197,9 +204,12 @@ class ComposableInfluence(PicklableState, ABC):
                 block, gp, dataset.with_provider(gp), self.regularization[block]
             )
             comps[block] = OperatorGradientComposition(op, gp)
-        self._mapper = BlockMapper(comps)
-        self._data = dataset
-        return self
+        return comps
+
+    def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
+        """The fitted (or loaded) blocks as the mapper that queries use; models whose
+        blocks share work per batch override this."""
+        return BlockMapper(comps)
 
     @property
     def is_fitted(self) -> bool:

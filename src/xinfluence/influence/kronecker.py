@@ -21,6 +21,7 @@ from ..types import (
     OperatorGradientComposition,
     iter_batches,
 )
+from ._shared import LayerGradients, SharedFactorMapper, SharedFactors
 from .base import ComposableInfluence
 
 if TYPE_CHECKING:
@@ -288,6 +289,26 @@ class EkfacInfluence(ComposableInfluence):
                 block=layer,
             )
             comps[layer] = OperatorGradientComposition(op, block_gp)
-        self._mapper = BlockMapper(comps)
+        self._mapper = self._compose(comps)
         self._data = dataset
         return self
+
+    def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
+        """Every layer block's gradients from one shared pass of the model per batch
+        (:class:`~xinfluence.influence._shared.LayerGradients`)."""
+        shared = SharedFactors(self.gradient_provider)
+        out: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
+        for layer, comp in comps.items():
+            op = comp.op
+            gp = comp.gp.gp if isinstance(comp.gp, LayerGradients) else comp.gp
+            if isinstance(op, EkfacOperator):
+                gp = LayerGradients(
+                    gp,
+                    shared,
+                    layer,
+                    weight_slice=op.weight_slice,
+                    bias_slice=op.bias_slice,
+                    layout=op.layout,
+                )
+            out[layer] = OperatorGradientComposition(op, gp)
+        return SharedFactorMapper(out, shared)
