@@ -181,7 +181,15 @@ class _ProjectedComposition(OperatorGradientComposition):
 
     def transformed_grads(self, batch: Batch) -> Array:
         proj = self.op.projection
-        return proj.transpose(self.op.inner.apply(self._project_grads(batch)))
+        u = self.op.inner.apply(self._project_grads(batch))
+        factors = proj.transpose(u)
+        # their coordinates are u: a query that scores these factors against
+        # training chunks next need not recover them (a (k, k) solve with R R^T)
+        try:
+            self._last_coordinates = (weakref.ref(factors), u)
+        except TypeError:  # arrays without weak references: no reuse
+            self._last_coordinates = None
+        return factors
 
     def interactions(
         self, left_batch: Batch, right_batch: Batch | None, mode: InfluenceMode | str
@@ -463,16 +471,38 @@ class ProjectedInfluence(ComposableInfluence):
             if self.regularization_space == "parameter":
                 projection = projection.orthonormalized()
             projections[block] = projection
+        # projected gradients are kept until about k rows per block (within a quarter
+        # of the memory budget) before they update the (k, k) sums: one product
+        # with many rows instead of a pass over the (k, k) sum per batch
+        widths = {block: p.output_size for block, p in projections.items()}
+        itemsize = _itemsize(gp.dtype, xp=xp)
+        rows = max(
+            1, min(max(widths.values()), memory_budget() // (4 * itemsize * sum(widths.values())))
+        )
         totals: dict[str, Array] = {}
-        n = 0
+        held: dict[str, list[Array]] = {block: [] for block in projections}
+        n = n_held = 0
+
+        def flush() -> None:
+            for block, parts in held.items():
+                if parts:
+                    pg = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+                    totals[block] = _xp.add_scaled(
+                        totals.get(block), xp.matrix_transpose(pg) @ pg, scale=1.0, xp=xp
+                    )
+                    parts.clear()
+
         for batch in dataset:
             factors = gp.kfac_factors(batch)
             for block, projection in projections.items():
-                pg = projection.project_grads(gps[block], batch, factors=factors)  # (N_b, k)
-                totals[block] = _xp.add_scaled(
-                    totals.get(block), xp.matrix_transpose(pg) @ pg, scale=1.0, xp=xp
-                )
+                held[block].append(projection.project_grads(gps[block], batch, factors=factors))
+            del factors
             n += len(batch)
+            n_held += len(batch)
+            if n_held >= rows:
+                flush()
+                n_held = 0
+        flush()
         if n == 0:
             raise ValueError("cannot fit on an empty dataset")
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
