@@ -214,6 +214,21 @@ def sum_blocks(by_block: Mapping[str, Array]) -> Array:
     return total
 
 
+def checked(model: QueryModel, chunk: Batch, what: str, offset: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a training chunk, with the chunk's losses checked
+    (:meth:`~xinfluence.influence.ComposableInfluence._check_losses`) after it: the
+    pass that computed the chunk's gradients may have left its losses with the
+    provider (no second forward pass). Where ``fn`` raises, the check runs first,
+    so that a sample whose loss cannot be computed is named."""
+    try:
+        out = fn(*args)
+    except (IndexError, RuntimeError):
+        model._check_losses(chunk, what, offset=offset)
+        raise
+    model._check_losses(chunk, what, offset=offset)
+    return out
+
+
 def chunked_interactions(
     model: QueryModel,
     mapper: BlockMapper,
@@ -246,9 +261,11 @@ def chunked_interactions(
     if single:
         assert isinstance(right_batches, list)
         other = None if right is None else gp.prepare_batch(right_batches[0])
-        if other is not None:
-            model._check_losses(other, "influences (training points)")
-        return mapper.interactions(left, other, mode)
+        if other is None:
+            return mapper.interactions(left, other, mode)
+        return checked(
+            model, other, "influences (training points)", 0, mapper.interactions, left, other, mode
+        )
     rows: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
     passes = PassCheck()
@@ -260,8 +277,18 @@ def chunked_interactions(
                 passes.check(chunk)
             trailing = check_trailing(chunk, trailing, "influences (training points)")
             if right is not None:
-                model._check_losses(chunk, "influences (training points)", offset=offset)
-            out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
+                out = checked(
+                    model,
+                    chunk,
+                    "influences (training points)",
+                    offset,
+                    mapper.interactions_from_transformed_grads,
+                    factors,
+                    chunk,
+                    mode,
+                )
+            else:
+                out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
             for k, v in out.items():
                 cols[k].append(v)
         if not cols[next(iter(cols))]:
@@ -319,7 +346,16 @@ def chunked_from_factors(
     trailing: tuple[int, ...] | None = None
     for offset, chunk in rebatch(right, plan.train_rows, gp):
         trailing = check_trailing(chunk, trailing, "influences_from_factors (training points)")
-        model._check_losses(chunk, "influences_from_factors (training points)", offset=offset)
-        for k, v in mapper.interactions_from_transformed_grads(factors, chunk, mode).items():
+        out = checked(
+            model,
+            chunk,
+            "influences_from_factors (training points)",
+            offset,
+            mapper.interactions_from_transformed_grads,
+            factors,
+            chunk,
+            mode,
+        )
+        for k, v in out.items():
             cols[k].append(v)
     return OrderedDict((k, v[0] if len(v) == 1 else xp.concat(v, axis=1)) for k, v in cols.items())

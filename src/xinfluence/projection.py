@@ -493,7 +493,14 @@ class ProjectedInfluence(ComposableInfluence):
                     parts.clear()
 
         for batch in dataset:
-            factors = gp.kfac_factors(batch)
+            try:
+                factors = gp.kfac_factors(batch)
+            except (IndexError, RuntimeError):  # name the samples whose loss fails
+                self._check_losses(batch, "the training data passed to fit", offset=n)
+                raise
+            # NaN losses would give finite but meaningless curvatures (the losses
+            # of this batch come from the pass just made, where the provider keeps them)
+            self._check_losses(batch, "the training data passed to fit", offset=n)
             for block, projection in projections.items():
                 held[block].append(projection.project_grads(gps[block], batch, factors=factors))
             del factors

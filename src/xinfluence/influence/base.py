@@ -184,19 +184,20 @@ class ComposableInfluence(PicklableState, ABC):
         """Fit the curvature on ``data``: a Batch, an ``(x, y)`` pair, or an iterable
         of those (a torch DataLoader, say). Averages are over samples."""
         dataset = Dataset(iter_batches(data), self.gradient_provider)
+        self._mapper = self._compose(self._create_operators(dataset))
+        self._data = dataset
+        return self
+
+    def _create_operators(self, dataset: Dataset) -> OrderedDict[str, OperatorGradientComposition]:
+        """The operator of every block with its block provider, after a pass that
+        checks the losses (one pass over the data per block; models that serve all
+        blocks from one pass override this, and check the losses in it)."""
         n = 0
         for batch in dataset:  # NaN losses would give finite but meaningless curvatures
             self._check_losses(batch, "the training data passed to fit", offset=n)
             n += len(batch)
         if n == 0:
             raise ValueError("cannot fit on an empty dataset")
-        self._mapper = self._compose(self._create_operators(dataset))
-        self._data = dataset
-        return self
-
-    def _create_operators(self, dataset: Dataset) -> OrderedDict[str, OperatorGradientComposition]:
-        """The operator of every block with its block provider (one pass over the
-        data per block; models that serve all blocks from one pass override this)."""
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for block, names in self.blocks.items():
             gp = self._block_provider(names)
