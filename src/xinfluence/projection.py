@@ -61,7 +61,7 @@ from ._projection_maps import (  # noqa: F401  (re-exported: public import paths
 from ._xp import Array
 from .curvature import Dataset, make_curvature
 from .influence import BlockStructure, ComposableInfluence, Regularization
-from .influence._shared import SharedFactorMapper, SharedFactors
+from .influence._shared import SharedFactorMapper, SharedFactors, shared_query_sizes
 from .operators import DirectOperator
 from .types import (
     Batch,
@@ -522,6 +522,13 @@ class ProjectedInfluence(ComposableInfluence):
             op = ProjectedOperator(projection, curvature, self.regularization[block], block=block)
             comps[block] = OperatorGradientComposition(op, gps[block])
         return comps
+
+    def _query_sizes(self, sample: Batch) -> dict[str, int]:
+        if self.projection != "kronecker":
+            return {}
+        mapper = self._mapper
+        blocks = {} if mapper is None else mapper.composable_block_dict
+        return shared_query_sizes(self.gradient_provider, blocks, sample)
 
     def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
         """Projected compositions; Kronecker maps share each batch's layer factors

@@ -168,3 +168,20 @@ class LayerGradients:
         """``(N, K)``: the per-sample gradients times the rows of ``g`` ``(K, P_b)``."""
         xp = self.gp.xp
         return self.flat_grads(batch) @ xp.matrix_transpose(g)
+
+
+def shared_query_sizes(gp: Any, blocks: Mapping[str, Any], sample: Batch) -> dict[str, int]:
+    """Chunk sizes of a model whose blocks take their gradients from shared layer
+    factors (:func:`xinfluence._chunking.plan_chunks`): a sample holds the
+    gradients of one block at a time (twice: gradients and factors), the
+    activations of one pass (the provider's estimate, twice: forward and backward,
+    where it has one) and its features; a test sample also holds its influence
+    factors, ``P`` numbers (``test_copies=1``)."""
+    import math
+
+    itemsize = int(getattr(gp.dtype, "itemsize", 8) or 8)
+    width = max((int(c.op.input_size) for c in blocks.values()), default=0)
+    features = math.prod(int(d) for d in sample.x.shape[1:]) * itemsize
+    activations = getattr(gp, "_activation_bytes", None)
+    acts = 2 * int(activations(sample.x)) if callable(activations) and len(sample) else 0
+    return {"per_sample": 2 * width * itemsize + features + acts, "test_copies": 1}

@@ -21,7 +21,7 @@ from ..types import (
     OperatorGradientComposition,
     iter_batches,
 )
-from ._shared import LayerGradients, SharedFactorMapper, SharedFactors
+from ._shared import LayerGradients, SharedFactorMapper, SharedFactors, shared_query_sizes
 from .base import ComposableInfluence
 
 if TYPE_CHECKING:
@@ -292,6 +292,11 @@ class EkfacInfluence(ComposableInfluence):
         self._mapper = self._compose(comps)
         self._data = dataset
         return self
+
+    def _query_sizes(self, sample: Batch) -> dict[str, int]:
+        mapper = self._mapper
+        blocks = {} if mapper is None else mapper.composable_block_dict
+        return shared_query_sizes(self.gradient_provider, blocks, sample)
 
     def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
         """Every layer block's gradients from one shared pass of the model per batch
