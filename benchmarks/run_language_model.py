@@ -51,8 +51,9 @@ sys.path.insert(0, str(HERE))
 from run_large_models import kronfluence_python, peak_bytes, reset_peak, rss_bytes  # noqa: E402
 
 REG = 1e-3
-FULL = dict(n_embd=128, n_layer=4, n_head=4, seq_len=64, n_train=2000, n_test=16, train_steps=150)
+FULL = dict(n_embd=256, n_layer=2, n_head=4, seq_len=64, n_train=2000, n_test=16, train_steps=150)
 QUICK = dict(n_embd=64, n_layer=2, n_head=2, seq_len=64, n_train=256, n_test=8, train_steps=30)
+BUDGET = {"full": 2**30, "quick": 2**26}
 
 
 # -- worker (one configuration per process) ------------------------------------------
@@ -255,6 +256,7 @@ def run_one(python: str, problem: str, method: str, opts: argparse.Namespace) ->
     scores = tempfile.mktemp(suffix=".npy")
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), OPENBLAS_NUM_THREADS="1")
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["XINFLUENCE_MEMORY_BUDGET"] = str(int(opts.memory_budget))
     cmd = [
         python,
         str(Path(__file__).resolve()),
@@ -294,6 +296,12 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, help="GPT-2 blocks")
     parser.add_argument("--n-embd", type=int, help="GPT-2 width")
     parser.add_argument("--lm-methods", default="floor,ekfac,kronfluence,logra")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        help="xinfluence's memory budget in bytes (sizes its query chunks; default 1 GiB, "
+        "--quick 64 MiB: about kronfluence's peak)",
+    )
     parser.add_argument("--skip-kronfluence", action="store_true")
     parser.add_argument("--output", default=str(HERE / "results" / "language_model.json"))
     args, _ = parser.parse_known_args()  # nox -s bench passes the other scripts' options
@@ -307,6 +315,8 @@ def main() -> None:
     for key in ("n_train", "n_test", "seq_len", "n_layer", "n_embd"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
+    if args.memory_budget is None:
+        args.memory_budget = BUDGET["quick" if args.quick else "full"]
     methods = args.lm_methods.split(",")
     kf = None
     if "kronfluence" in methods and not args.skip_kronfluence:
@@ -398,6 +408,7 @@ def conditions(args: argparse.Namespace, config: dict) -> dict:
         "threads": args.threads,
         "loadavg": os.getloadavg(),
         "batch_size": args.batch_size,
+        "memory_budget": int(args.memory_budget),
         "regularization": REG,
         **config,
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
