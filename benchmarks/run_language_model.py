@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 from run_large_models import kronfluence_python, peak_bytes, reset_peak, rss_bytes  # noqa: E402
 
 REG = 1e-3
-FULL = dict(n_embd=256, n_layer=2, n_head=4, seq_len=64, n_train=2000, n_test=16, train_steps=150)
+FULL = dict(n_embd=256, n_layer=2, n_head=4, seq_len=64, n_train=2000, n_test=16, train_steps=60)
 QUICK = dict(n_embd=64, n_layer=2, n_head=2, seq_len=64, n_train=256, n_test=8, train_steps=30)
 BUDGET = {"full": 2**30, "quick": 2**26}
 

@@ -141,12 +141,12 @@ class LayerGradients:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
-    def flat_grads(self, batch: Batch) -> Array:
-        """``(N, P_b)``: the block's per-sample gradients from the layer factors."""
+    def _parts(self, batch: Batch) -> tuple[Array, Array | None]:
+        """The weight gradients ``(N, O I)`` in the weight's layout and the bias
+        gradients ``(N, O)`` (None without a bias)."""
         xp = self.gp.xp
         a, s = self.shared.kfac_factors(batch)[self.layer]
         n = int(a.shape[0])
-        ws, bs = self.weight_slice, self.bias_slice
         n_out, n_in = int(s.shape[-1]), int(a.shape[-1])
         # the weight gradient in the weight's own layout, without a transposed copy
         if a.ndim == 2 and self.layout == "oi":
@@ -158,16 +158,28 @@ class LayerGradients:
         else:
             w = xp.matrix_transpose(a) @ s
         w = xp.reshape(w, (n, n_out * n_in))
-        if bs is None:
+        if self.bias_slice is None:
+            return w, None
+        return w, (s if s.ndim == 2 else xp.sum(s, axis=1))
+
+    def flat_grads(self, batch: Batch) -> Array:
+        """``(N, P_b)``: the block's per-sample gradients from the layer factors."""
+        w, b = self._parts(batch)
+        if b is None:
             return w
-        b = s if s.ndim == 2 else xp.sum(s, axis=1)
-        parts = [w, b] if ws.start < bs.start else [b, w]
-        return xp.concat(parts, axis=1)
+        ws, bs = self.weight_slice, self.bias_slice
+        assert bs is not None
+        return self.gp.xp.concat([w, b] if ws.start < bs.start else [b, w], axis=1)
 
     def jacobian_prod(self, batch: Batch, g: Array) -> Array:
-        """``(N, K)``: the per-sample gradients times the rows of ``g`` ``(K, P_b)``."""
+        """``(N, K)``: the per-sample gradients times the rows of ``g`` ``(K, P_b)``
+        (weight and bias parts apart: the gradients are not copied into one row)."""
         xp = self.gp.xp
-        return self.flat_grads(batch) @ xp.matrix_transpose(g)
+        w, b = self._parts(batch)
+        out = w @ xp.matrix_transpose(g[:, self.weight_slice])
+        if b is not None and self.bias_slice is not None:
+            out = out + b @ xp.matrix_transpose(g[:, self.bias_slice])
+        return out
 
 
 def shared_query_sizes(gp: Any, blocks: Mapping[str, Any], sample: Batch) -> dict[str, int]:
