@@ -171,9 +171,9 @@ def bench(session: nox.Session) -> None:
     if not scripts:
         session.skip("no benchmarks/run_*.py yet")
     # test extra: scikit-learn (the digits data) and scipy; torch pinned (CPU build);
-    # dask extra: run_scale.py's calculators.
+    # dask extra: run_scale.py's calculators; text extra: run_language_model.py (transformers).
     # jax: the jax EK-FAC row of run_large_models.py (convolutions found by tracing)
-    _install(session, ".[test,torch,dask]", *_requirements("torch", "jax"), fast=False)
+    _install(session, ".[test,torch,dask,text]", *_requirements("torch", "jax"), fast=False)
     for script in scripts:
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 

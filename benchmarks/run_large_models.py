@@ -319,6 +319,7 @@ def kronfluence_run(model, x, y, xt, yt, args) -> dict:
         activation_covariance_dtype=f64,
         gradient_covariance_dtype=f64,
         eigendecomposition_dtype=f64,
+        per_sample_gradient_dtype=f64,  # default float32: the lambdas in float32
         lambda_dtype=f64,
     )
     score_args = ScoreArguments(
@@ -368,7 +369,10 @@ def kronfluence_run(model, x, y, xt, yt, args) -> dict:
 # -- orchestrator ------------------------------------------------------------------------
 
 
-def kronfluence_python() -> Path | None:
+def kronfluence_python(extra: tuple[str, ...] = ()) -> Path | None:
+    """The kronfluence environment's Python (created on first use), with the
+    requirements ``extra`` (for example ``"transformers==5.25.0"``) installed
+    where missing."""
     py = KF_ENV / "bin" / "python"
     if not py.exists():
         print("creating", KF_ENV, file=sys.stderr)
@@ -383,7 +387,23 @@ def kronfluence_python() -> Path | None:
         except subprocess.CalledProcessError as e:
             print("kronfluence environment failed:", e, file=sys.stderr)
             return None
+    missing = [req for req in extra if not _installed(py, req)]
+    if missing:
+        try:
+            subprocess.run([str(py), "-m", "pip", "install", "-q", *missing], check=True)
+        except subprocess.CalledProcessError as e:
+            print("kronfluence environment: installing", missing, "failed:", e, file=sys.stderr)
+            return None
     return py
+
+
+def _installed(python: Path, requirement: str) -> bool:
+    """Whether ``requirement`` (``name==version`` or ``name``) is installed in ``python``'s
+    environment."""
+    name, _, version = requirement.partition("==")
+    code = f"import importlib.metadata as m; print(m.version({name!r}))"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return proc.returncode == 0 and (not version or proc.stdout.strip() == version)
 
 
 def run_one(python: str, problem: str, method: str, opts: argparse.Namespace, **extra) -> dict:

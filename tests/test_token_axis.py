@@ -362,3 +362,104 @@ def test_float32_token_axis_and_pickled_tracking():
     assert back.tracked_layers == gp64.tracked_layers
     assert back.parameter_names == gp64.parameter_names
     assert back.untracked_parameters == gp64.untracked_parameters
+
+
+# -- curvature products on a token axis ------------------------------------------------
+def _dense_hessian(model, x, y):
+    """The Hessian of the mean cross-entropy by autograd over the flat parameters."""
+    params = dict(model.named_parameters())
+    shapes = [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+
+    def loss(flat):
+        parts = dict(zip(params, (t.reshape(s) for t, s in zip(flat.split(sizes), shapes))))
+        return F.cross_entropy(torch.func.functional_call(model, parts, (x,)), y)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    return torch.autograd.functional.hessian(loss, theta)
+
+
+def test_hessian_products_of_dense_layers_on_a_token_axis_match_autograd():
+    """The structured products: the nn.Linear formula (2-D inputs only) must hand
+    token-axis models to autograd, and the sequential convolutional path must carry
+    an nn.Linear applied to 3-D activations; both against a dense autograd Hessian."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 2, 3, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (7,), generator=g)
+    model = TokenNet(seed=1).eval()
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batch = gp.prepare_batch(Batch(x, y))
+    want = _dense_hessian(model, x, y)
+    v = torch.randn(3, want.shape[0], generator=g, dtype=F64)
+    assert rel_err(gp.hvp(batch, v), v @ want) < 1e-12
+    assert rel_err(gp.hessian(batch), want) < 1e-12
+    assert gp._linear_structure is False  # 3-D layer inputs: the general path
+
+    xc = torch.randn(6, 2, 4, 4, generator=g, dtype=F64)
+    yc = torch.randint(0, 3, (6,), generator=g)
+    torch.manual_seed(2)
+    conv = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(start_dim=2),  # (N, 3, 16): a dense layer on 3 positions
+        nn.Linear(16, 5),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(15, 3),
+    ).double()
+    gp = TorchGradientProvider(conv.eval(), F.cross_entropy)
+    batch = gp.prepare_batch(Batch(xc, yc))
+    want = _dense_hessian(conv, xc, yc)
+    v = torch.randn(4, want.shape[0], generator=g, dtype=F64)
+    assert rel_err(gp.hvp(batch, v), v @ want) < 1e-12
+    assert gp._conv_structure is True  # the structured path took it
+    assert rel_err(gp.hessian(batch), want) < 1e-12
+
+
+def _count_forwards(model):
+    calls = [0]
+
+    def hook(module, inputs):
+        calls[0] += 1
+
+    return calls, model.register_forward_pre_hook(hook)
+
+
+def test_layer_blocks_share_one_pass_of_the_model_per_batch():
+    """EK-FAC and Kronecker projections with a block per layer: one forward (and
+    backward) pass per batch serves every block, the losses checked from it; the
+    per-sample gradients from the layer factors equal autograd's; chunked queries
+    give the numbers of the unchunked one."""
+    model = TokenNet()
+    x, y = token_data(n=11, shape=(2, 3))
+    xt, yt = x[:3], y[:3]
+    gp = TorchGradientProvider(model, F.cross_entropy)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    full = gp.prepare_batch(Batch(x, y))  # the provider's first-use probe: not counted
+    calls, handle = _count_forwards(model)
+    try:
+        ekfac = xi.EkfacInfluence(gp, regularization=1e-3, second_order="empirical_fisher")
+        ekfac.fit(batches)
+        assert calls[0] == 4  # two passes (factors, corrected eigenvalues) over 2 batches
+        want = ekfac.influences(xt, yt, x, y)  # warm-up: the activation estimate
+        calls[0] = 0
+        assert rel_err(ekfac.influences(xt, yt, x, y), want) == 0
+        assert calls[0] == 3  # test losses, test factors, training factors (and losses)
+        grads = ref_grads(model, F.cross_entropy, x, y)
+        for comp in ekfac._mapper.composable_block_dict.values():
+            cols = torch.cat([grads[:, gp.parameter_slices[n]] for n in comp.gp.parameter_names], 1)
+            assert rel_err(comp.gp.flat_grads(full), cols) < 1e-13
+        with xi.memory_budget_scope(20_000):  # several training chunks
+            calls[0] = 0
+            chunked = ekfac.influences(xt, yt, batches)
+            assert calls[0] >= 4  # at least two training chunks
+        assert rel_err(chunked, want) < 1e-12
+
+        proj = xi.ProjectedInfluence(
+            gp, k=(2, 3), projection="kronecker", block_structure="layer", regularization=1e-3
+        )
+        calls[0] = 0
+        proj.fit(batches)
+        assert calls[0] == 2  # every layer block from one pass per batch, losses included
+    finally:
+        handle.remove()

@@ -67,6 +67,8 @@ def plan_chunks(
     test_rows: int | None = None,
     train_rows: int | None = None,
     n_test: int | None = None,
+    per_sample: int | None = None,
+    test_copies: int = _TEST_COPIES,
 ) -> ChunkPlan:
     """Chunk sizes for one query on batches shaped like ``sample``.
 
@@ -76,16 +78,19 @@ def plan_chunks(
     Explicit ``test_rows`` / ``train_rows`` win over the budget. The test chunk
     is at most ``n_test`` rows (the number of test points, where known; else at
     most :data:`MAX_TEST_ROWS`), so that the output block of a few test points
-    does not starve the training chunk.
+    does not starve the training chunk. A model that knows better passes
+    ``per_sample`` (bytes one sample's derivatives hold) and ``test_copies``
+    (:func:`query_sizes`).
     """
     itemsize = int(getattr(gp.dtype, "itemsize", 8) or 8)
     p = gp.n_parameters
     trailing = (
         math.prod(int(d) for d in sample.x.shape[1:]) if mode is InfluenceMode.Perturbation else 1
     )
-    per_sample = max(int(gp.bytes_per_sample(sample)), p * itemsize)
+    if per_sample is None:
+        per_sample = max(int(gp.bytes_per_sample(sample)), p * itemsize)
     if test_rows is None:
-        test_rows = max(1, (budget // 2) // (per_sample + _TEST_COPIES * p * itemsize))
+        test_rows = max(1, (budget // 2) // (per_sample + test_copies * p * itemsize))
         test_rows = min(test_rows, n_test if n_test is not None else MAX_TEST_ROWS)
     if train_rows is None:
         per_train = per_sample * trailing + test_rows * trailing * itemsize
@@ -94,6 +99,14 @@ def plan_chunks(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     return ChunkPlan(int(test_rows), int(train_rows))
+
+
+def query_sizes(model: Any, sample: Batch) -> dict[str, int]:
+    """``per_sample`` and ``test_copies`` for :func:`plan_chunks` from the model's
+    ``_query_sizes(sample)`` where it has one (models whose blocks hold less than
+    ``P`` numbers per sample at once), else the defaults (none)."""
+    fn = getattr(model, "_query_sizes", None)
+    return dict(fn(sample)) if callable(fn) else {}
 
 
 def is_one_shot(data: Any) -> bool:
@@ -214,6 +227,21 @@ def sum_blocks(by_block: Mapping[str, Array]) -> Array:
     return total
 
 
+def checked(model: QueryModel, chunk: Batch, what: str, offset: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a training chunk, with the chunk's losses checked
+    (:meth:`~xinfluence.influence.ComposableInfluence._check_losses`) after it: the
+    pass that computed the chunk's gradients may have left its losses with the
+    provider (no second forward pass). Where ``fn`` raises, the check runs first,
+    so that a sample whose loss cannot be computed is named."""
+    try:
+        out = fn(*args)
+    except (IndexError, RuntimeError):
+        model._check_losses(chunk, what, offset=offset)
+        raise
+    model._check_losses(chunk, what, offset=offset)
+    return out
+
+
 def chunked_interactions(
     model: QueryModel,
     mapper: BlockMapper,
@@ -232,7 +260,14 @@ def chunked_interactions(
         right = as_batches(x, y, "influences (training points)")
     gp = model.gradient_provider
     xp = gp.xp
-    plan = plan_chunks(gp, left, mode, budget=model_budget(model), n_test=max(len(left), 1))
+    plan = plan_chunks(
+        gp,
+        left,
+        mode,
+        budget=model_budget(model),
+        n_test=max(len(left), 1),
+        **query_sizes(model, left),
+    )
     if right is None:
         right_batches: Iterable[Batch] = [left]
     else:
@@ -246,9 +281,11 @@ def chunked_interactions(
     if single:
         assert isinstance(right_batches, list)
         other = None if right is None else gp.prepare_batch(right_batches[0])
-        if other is not None:
-            model._check_losses(other, "influences (training points)")
-        return mapper.interactions(left, other, mode)
+        if other is None:
+            return mapper.interactions(left, other, mode)
+        return checked(
+            model, other, "influences (training points)", 0, mapper.interactions, left, other, mode
+        )
     rows: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
     passes = PassCheck()
@@ -260,8 +297,18 @@ def chunked_interactions(
                 passes.check(chunk)
             trailing = check_trailing(chunk, trailing, "influences (training points)")
             if right is not None:
-                model._check_losses(chunk, "influences (training points)", offset=offset)
-            out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
+                out = checked(
+                    model,
+                    chunk,
+                    "influences (training points)",
+                    offset,
+                    mapper.interactions_from_transformed_grads,
+                    factors,
+                    chunk,
+                    mode,
+                )
+            else:
+                out = mapper.interactions_from_transformed_grads(factors, chunk, mode)
             for k, v in out.items():
                 cols[k].append(v)
         if not cols[next(iter(cols))]:
@@ -277,7 +324,12 @@ def chunked_factors(
     """Per-block influence factors of ``batch``, in test chunks sized by the budget."""
     gp = model.gradient_provider
     plan = plan_chunks(
-        gp, batch, InfluenceMode.Up, budget=model_budget(model), n_test=max(len(batch), 1)
+        gp,
+        batch,
+        InfluenceMode.Up,
+        budget=model_budget(model),
+        n_test=max(len(batch), 1),
+        **query_sizes(model, batch),
     )
     if len(batch) <= plan.test_rows:
         return mapper.transformed_grads(batch)
@@ -312,14 +364,29 @@ def chunked_from_factors(
         if isinstance(factors, Mapping)
         else int(factors.shape[0])
     )
+    sample = gp.prepare_batch(first)
     plan = plan_chunks(
-        gp, gp.prepare_batch(first), mode, budget=model_budget(model), test_rows=max(n_test, 1)
+        gp,
+        sample,
+        mode,
+        budget=model_budget(model),
+        test_rows=max(n_test, 1),
+        **query_sizes(model, sample),
     )
     cols: OrderedDict[str, list[Array]] = OrderedDict((k, []) for k in mapper.composable_block_dict)
     trailing: tuple[int, ...] | None = None
     for offset, chunk in rebatch(right, plan.train_rows, gp):
         trailing = check_trailing(chunk, trailing, "influences_from_factors (training points)")
-        model._check_losses(chunk, "influences_from_factors (training points)", offset=offset)
-        for k, v in mapper.interactions_from_transformed_grads(factors, chunk, mode).items():
+        out = checked(
+            model,
+            chunk,
+            "influences_from_factors (training points)",
+            offset,
+            mapper.interactions_from_transformed_grads,
+            factors,
+            chunk,
+            mode,
+        )
+        for k, v in out.items():
             cols[k].append(v)
     return OrderedDict((k, v[0] if len(v) == 1 else xp.concat(v, axis=1)) for k, v in cols.items())

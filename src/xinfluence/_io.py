@@ -455,8 +455,6 @@ def load(
         else:
             op = _operator_from_state(_STATE_OPERATORS[entry["kind"]], entry, i, arrays, gp)
         comps[block] = OperatorGradientComposition(op, block_gp)
-    from .types import BlockMapper
-
     model._data = data
-    model._mapper = BlockMapper(comps)
+    model._mapper = model._compose(comps)
     return model

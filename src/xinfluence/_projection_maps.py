@@ -11,7 +11,7 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, final
 
 import numpy as np
@@ -97,8 +97,12 @@ class GradientProjection(PicklableState, ABC):
         out = fn(self.xp.reshape(v, (math.prod(lead), size)))
         return self.xp.reshape(out, (*lead, out.shape[-1]))
 
-    def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
-        """Projected per-sample gradients ``R g_i`` of one prepared batch: ``(N, k)``."""
+    def project_grads(
+        self, gp: GradientProvider, batch: Batch, *, factors: Mapping[str, Any] | None = None
+    ) -> Array:
+        """Projected per-sample gradients ``R g_i`` of one prepared batch: ``(N, k)``.
+        ``factors``: the batch's ``kfac_factors`` where the caller has them (used by
+        the Kronecker map, ignored by the others)."""
         return self._project(gp.flat_grads(batch))
 
     def matrix(self) -> Array:
@@ -424,11 +428,16 @@ class KroneckerProjection(GradientProjection):
             rows.append(xp.concat([zeros[0], kron, zeros[1]], axis=1))
         return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
-    def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
-        """``outer(R_s s_n, R_a [a_n, 1])`` per layer, from ``kfac_factors``: ``(N, k)``;
-        for a convolution the sum of these over the output positions."""
+    def project_grads(
+        self, gp: GradientProvider, batch: Batch, *, factors: Mapping[str, Any] | None = None
+    ) -> Array:
+        """``outer(R_s s_n, R_a [a_n, 1])`` per layer, from ``kfac_factors`` (``factors``
+        where the caller has them, else a pass of the model): ``(N, k)``; for a dense
+        layer on a token axis or a convolution, the sum of these over the positions
+        (each position's factors projected before the sum)."""
         xp = self.xp
-        factors = self._provider.kfac_factors(batch)
+        if factors is None:
+            factors = self._provider.kfac_factors(batch)
         parts = []
         for layer, (_, bs, _, _, _, k_out, k_in, r_s, r_a, _) in self._layers.items():
             a, s = factors[layer]  # (N, I), (N, O); convolutions (N, T, I), (N, T, O)
@@ -495,8 +504,10 @@ class OrthonormalizedProjection(GradientProjection):
         )  # u @ L^-1
         return self.base._transpose(lu)
 
-    def project_grads(self, gp: GradientProvider, batch: Batch) -> Array:
-        return self._whiten(self.base.project_grads(gp, batch))
+    def project_grads(
+        self, gp: GradientProvider, batch: Batch, *, factors: Mapping[str, Any] | None = None
+    ) -> Array:
+        return self._whiten(self.base.project_grads(gp, batch, factors=factors))
 
     def gram(self) -> Array:
         return _xp.eye(self.output_size, dtype=self.dtype, device=self.device, xp=self.xp)

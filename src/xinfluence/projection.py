@@ -61,10 +61,12 @@ from ._projection_maps import (  # noqa: F401  (re-exported: public import paths
 from ._xp import Array, Namespace
 from .curvature import Dataset, make_curvature
 from .influence import BlockStructure, ComposableInfluence, Regularization
+from .influence._shared import SharedFactorMapper, SharedFactors, shared_query_sizes
 from .operators import DirectOperator
 from .types import (
     Batch,
     BilinearForm,
+    BlockMapper,
     GradientProvider,
     InfluenceMode,
     KroneckerFactorProvider,
@@ -156,14 +158,47 @@ class _ProjectedComposition(OperatorGradientComposition):
     _gram_factor: Array | None = None
     _last_coordinates: tuple[weakref.ref[Any], Array | None] | None = None
 
+    def __init__(
+        self, op: ProjectedOperator, gp: GradientProvider, shared: SharedFactors | None = None
+    ):
+        super().__init__(op, gp)
+        #: the layer factors shared by the blocks of the model (Kronecker maps)
+        self.shared = shared
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_last_coordinates", None)  # a weak reference does not pickle
         return state
 
+    def _project_grads(self, batch: Batch) -> Array:
+        """``R g_i`` ``(N, k)``; a Kronecker map takes the batch's layer factors from
+        the pass that the model's blocks share."""
+        proj = self.op.projection
+        shared = self.__dict__.get("shared")
+        if shared is not None and isinstance(proj, KroneckerProjection):
+            return proj.project_grads(self.gp, batch, factors=shared.kfac_factors(batch))
+        return proj.project_grads(self.gp, batch)
+
     def transformed_grads(self, batch: Batch) -> Array:
         proj = self.op.projection
-        return proj.transpose(self.op.inner.apply(proj.project_grads(self.gp, batch)))
+        u = self.op.inner.apply(self._project_grads(batch))
+        factors = proj.transpose(u)
+        # their coordinates are u: a query that scores these factors against
+        # training chunks next need not recover them (a (k, k) solve with R R^T)
+        try:
+            self._last_coordinates = (weakref.ref(factors), u)
+        except TypeError:  # arrays without weak references: no reuse
+            self._last_coordinates = None
+        return factors
+
+    def interactions(
+        self, left_batch: Batch, right_batch: Batch | None, mode: InfluenceMode | str
+    ) -> Array:
+        if InfluenceMode.parse(mode) is not InfluenceMode.Up:
+            return super().interactions(left_batch, right_batch, mode)
+        pl = self._project_grads(left_batch)
+        pr = pl if right_batch is None else self._project_grads(right_batch)
+        return contract(self.op.inner.apply(pl), pr, xp=self.gp.xp)
 
     def _coordinates(self, factors: Array) -> Array | None:
         """``u`` with ``R^T u = factors`` (rows ``(N, P)`` -> ``(N, k)``), or None where
@@ -203,8 +238,7 @@ class _ProjectedComposition(OperatorGradientComposition):
                 except TypeError:  # arrays without weak references: no reuse
                     self._last_coordinates = None
             if u is not None:
-                pg = self.op.projection.project_grads(self.gp, right_batch)
-                return contract(u, pg, xp=self.gp.xp)
+                return contract(u, self._project_grads(right_batch), xp=self.gp.xp)
         return super().interactions_from_transformed_grads(left_factors, right_batch, mode)
 
 
@@ -422,9 +456,6 @@ class ProjectedInfluence(ComposableInfluence):
 
     def fit(self, data: Any) -> ProjectedInfluence:
         super().fit(data)
-        mapper = self._fitted_mapper()
-        for block, comp in mapper.composable_block_dict.items():
-            mapper.composable_block_dict[block] = _ProjectedComposition(comp.op, comp.gp)
         return self
 
     def _restore_block(
@@ -438,6 +469,91 @@ class ProjectedInfluence(ComposableInfluence):
         op = ProjectedOperator.__new__(ProjectedOperator)
         op.projection, op.inner, op.block = projection, inner, block
         return _ProjectedComposition(op, gp)
+
+    def _create_operators(self, dataset: Dataset) -> OrderedDict[str, OperatorGradientComposition]:
+        """Kronecker maps with the empirical Fisher: every block's projected curvature
+        from one pass over the data, each batch's layer factors computed once for
+        all the layer blocks (the generic path runs the model once per block)."""
+        if self.projection != "kronecker" or self.second_order != "empirical_fisher":
+            return super()._create_operators(dataset)
+        gp = self.gradient_provider
+        assert isinstance(gp, KroneckerFactorProvider)
+        xp = gp.xp
+        gps, projections = {}, {}
+        for block, names in self.blocks.items():
+            gps[block] = self._block_provider(names)
+            projection = self.make_projection(block, gps[block])
+            if self.regularization_space == "parameter":
+                projection = projection.orthonormalized()
+            projections[block] = projection
+        # projected gradients are kept until about k rows per block (within a quarter
+        # of the memory budget) before they update the (k, k) sums: one product
+        # with many rows instead of a pass over the (k, k) sum per batch
+        widths = {block: p.output_size for block, p in projections.items()}
+        itemsize = _itemsize(gp.dtype, xp=xp)
+        rows = max(
+            1, min(max(widths.values()), memory_budget() // (4 * itemsize * sum(widths.values())))
+        )
+        totals: dict[str, Array] = {}
+        held: dict[str, list[Array]] = {block: [] for block in projections}
+        n = n_held = 0
+
+        def flush() -> None:
+            for block, parts in held.items():
+                if parts:
+                    pg = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+                    totals[block] = _xp.add_scaled(
+                        totals.get(block), xp.matrix_transpose(pg) @ pg, scale=1.0, xp=xp
+                    )
+                    parts.clear()
+
+        for batch in dataset:
+            try:
+                factors = gp.kfac_factors(batch)
+            except (IndexError, RuntimeError):  # name the samples whose loss fails
+                self._check_losses(batch, "the training data passed to fit", offset=n)
+                raise
+            # NaN losses would give finite but meaningless curvatures (the losses
+            # of this batch come from the pass just made, where the provider keeps them)
+            self._check_losses(batch, "the training data passed to fit", offset=n)
+            for block, projection in projections.items():
+                held[block].append(projection.project_grads(gps[block], batch, factors=factors))
+            del factors
+            n += len(batch)
+            n_held += len(batch)
+            if n_held >= rows:
+                flush()
+                n_held = 0
+        flush()
+        if n == 0:
+            raise ValueError("cannot fit on an empty dataset")
+        comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
+        for block, projection in projections.items():
+            curvature = _xp.check_finite(
+                _xp.symmetrize(totals[block] / n, xp=xp),
+                xp=xp,
+                what=f"the projected curvature of block {block!r}",
+            )
+            op = ProjectedOperator(projection, curvature, self.regularization[block], block=block)
+            comps[block] = OperatorGradientComposition(op, gps[block])
+        return comps
+
+    def _query_sizes(self, sample: Batch) -> dict[str, int]:
+        if self.projection != "kronecker":
+            return {}
+        mapper = self._mapper
+        blocks = {} if mapper is None else mapper.composable_block_dict
+        return shared_query_sizes(self.gradient_provider, blocks, sample)
+
+    def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
+        """Projected compositions; Kronecker maps share each batch's layer factors
+        among the blocks (one pass of the model per batch)."""
+        shared = SharedFactors(self.gradient_provider) if self.projection == "kronecker" else None
+        out: OrderedDict[str, OperatorGradientComposition] = OrderedDict(
+            (block, _ProjectedComposition(comp.op, comp.gp, shared))  # type: ignore[arg-type]
+            for block, comp in comps.items()
+        )
+        return BlockMapper(out) if shared is None else SharedFactorMapper(out, shared)
 
     def projections(self) -> Mapping[str, GradientProjection]:
         """The fitted projection of every block."""

@@ -185,6 +185,14 @@ class ComposableInfluence(PicklableState, ABC):
         """Fit the curvature on ``data``: a Batch, an ``(x, y)`` pair, or an iterable
         of those (a torch DataLoader, say). Averages are over samples."""
         dataset = Dataset(iter_batches(data), self.gradient_provider)
+        self._mapper = self._compose(self._create_operators(dataset))
+        self._data = dataset
+        return self
+
+    def _create_operators(self, dataset: Dataset) -> OrderedDict[str, OperatorGradientComposition]:
+        """The operator of every block with its block provider, after a pass that
+        checks the losses (one pass over the data per block; models that serve all
+        blocks from one pass override this, and check the losses in it)."""
         n = 0
         for batch in dataset:  # NaN losses would give finite but meaningless curvatures
             self._check_losses(batch, "the training data passed to fit", offset=n)
@@ -198,9 +206,12 @@ class ComposableInfluence(PicklableState, ABC):
                 block, gp, dataset.with_provider(gp), self.regularization[block]
             )
             comps[block] = OperatorGradientComposition(op, gp)
-        self._mapper = BlockMapper(comps)
-        self._data = dataset
-        return self
+        return comps
+
+    def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
+        """The fitted (or loaded) blocks as the mapper that queries use; models whose
+        blocks share work per batch override this."""
+        return BlockMapper(comps)
 
     @property
     def is_fitted(self) -> bool:

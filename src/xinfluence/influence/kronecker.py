@@ -21,6 +21,7 @@ from ..types import (
     OperatorGradientComposition,
     iter_batches,
 )
+from ._shared import LayerGradients, SharedFactorMapper, SharedFactors, shared_query_sizes
 from .base import ComposableInfluence
 
 if TYPE_CHECKING:
@@ -290,6 +291,31 @@ class EkfacInfluence(ComposableInfluence):
                 block=layer,
             )
             comps[layer] = OperatorGradientComposition(op, block_gp)
-        self._mapper = BlockMapper(comps)
+        self._mapper = self._compose(comps)
         self._data = dataset
         return self
+
+    def _query_sizes(self, sample: Batch) -> dict[str, int]:
+        mapper = self._mapper
+        blocks = {} if mapper is None else mapper.composable_block_dict
+        return shared_query_sizes(self.gradient_provider, blocks, sample)
+
+    def _compose(self, comps: OrderedDict[str, OperatorGradientComposition]) -> BlockMapper:
+        """Every layer block's gradients from one shared pass of the model per batch
+        (:class:`~xinfluence.influence._shared.LayerGradients`)."""
+        shared = SharedFactors(self.gradient_provider)
+        out: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
+        for layer, comp in comps.items():
+            op = comp.op
+            gp = comp.gp.gp if isinstance(comp.gp, LayerGradients) else comp.gp
+            if isinstance(op, EkfacOperator):
+                gp = LayerGradients(
+                    gp,
+                    shared,
+                    layer,
+                    weight_slice=op.weight_slice,
+                    bias_slice=op.bias_slice,
+                    layout=op.layout,
+                )
+            out[layer] = OperatorGradientComposition(op, gp)
+        return SharedFactorMapper(out, shared)

@@ -336,8 +336,31 @@ class _ProviderBase(GradientProvider):
 
     @_serialised
     def per_sample_losses(self, batch: Batch) -> Tensor:
+        """Per-sample losses ``(N,)``; those of the batch that the last layer-factor
+        pass (:meth:`kfac_factors`) ran on come from that pass (no second forward)."""
+        last = self._last_losses
+        if (
+            last is not None
+            and last[0]() is batch.x
+            and last[1]() is batch.y
+            and last[2] == self.parameter_version()
+        ):
+            return last[3]
         with torch.no_grad():
             return self._losses(self._active, batch.x, batch.y)
+
+    def _remember_losses(self, batch: Batch, losses: Tensor) -> None:
+        """Keep ``losses`` for :meth:`per_sample_losses` of ``batch`` (weak references
+        to its arrays, so nothing large is kept alive)."""
+        try:
+            refs = (weakref.ref(batch.x), weakref.ref(batch.y))
+        except TypeError:
+            return
+        self._last_losses: tuple[Any, ...] | None = (
+            *refs,
+            self.parameter_version(),
+            losses.detach(),
+        )
 
     def _set_active(self, names: tuple[str, ...]) -> None:
         self._names = names
@@ -356,6 +379,9 @@ class _ProviderBase(GradientProvider):
         # the general path's second-order graph of batches announced by
         # prepare_products (rebuilding it cost about a fifth of a 10-vector product)
         self._pullback_cache: dict[int, tuple[Any, ...]] = {}
+        # (weakref to x, weakref to y, parameter versions, losses) of the last
+        # layer-factor pass: the losses of the batch for per_sample_losses
+        self._last_losses = None
         self._workspace = _linear.Workspace()
         # Products of sequential convolutional networks (``sequential``): None
         # until checked, then whether the structured path holds.

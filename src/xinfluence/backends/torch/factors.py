@@ -104,6 +104,7 @@ class _LayerFactors(_Derivatives):
         finally:
             for h in handles:
                 h.remove()
+        self._remember_losses(batch, losses)
         result: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
         for layer, s in zip(layers, grads, strict=True):
             a, delta = store[layer]
