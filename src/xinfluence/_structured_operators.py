@@ -24,6 +24,7 @@ from .types import (
     GradientProvider,
     Operator,
     OperatorBilinearForm,
+    _contract,
     contract,
 )
 
@@ -248,6 +249,26 @@ def _ekfac_scaled(
     return _ekfac_in_eigenbasis(t, q_s, q_a, scale, xp=xp, layout=layout, slices=slices)
 
 
+def _ekfac_scaled_contract(
+    left: Array,
+    right: Array,
+    q_s: Array,
+    q_a: Array,
+    eigenvalues: Array,
+    shift: float,
+    /,
+    *,
+    xp: Namespace,
+    layout: str,
+    slices: tuple[int, int, tuple[int, int], tuple[int, int] | None],
+) -> Array:
+    """``(EK-FAC + shift I)^-1 left`` contracted with ``right`` (M, *D, P): (N, M, *D)."""
+    scaled = _ekfac_scaled(
+        left, q_s, q_a, eigenvalues, shift, xp=xp, layout=layout, slices=slices, invert=True
+    )
+    return _contract(scaled, right, xp=xp)
+
+
 def _ekfac_in_eigenbasis(
     t: Array,
     q_s: Array,
@@ -343,8 +364,6 @@ class EkfacOperator(Operator):
         fn = _xp.maybe_jit(
             _ekfac_scaled, xp=self._xp, static_argnames=("xp", "layout", "slices", "invert")
         )
-        bias = None if self.bias_slice is None else (self.bias_slice.start, self.bias_slice.stop)
-        slices = (self.n_out, self.n_in, (self.weight_slice.start, self.weight_slice.stop), bias)
         return fn(
             t,
             self.q_s,
@@ -353,9 +372,16 @@ class EkfacOperator(Operator):
             0.0 if shift is None else shift,
             xp=self._xp,
             layout=self.layout,
-            slices=slices,
+            slices=self._slices(),
             invert=shift is not None,
         )
+
+    def _slices(self) -> tuple[int, int, tuple[int, int], tuple[int, int] | None]:
+        bias = None if self.bias_slice is None else (self.bias_slice.start, self.bias_slice.stop)
+        return (self.n_out, self.n_in, (self.weight_slice.start, self.weight_slice.stop), bias)
+
+    def as_bilinear_form(self) -> BilinearForm:
+        return EkfacBilinearForm(self)
 
     def _apply(self, t: Array) -> Array:
         return self._in_eigenbasis(t, self.regularization)
@@ -380,4 +406,32 @@ class EkfacOperator(Operator):
             bias_slice=self.bias_slice,
             layout=self.layout,
             block=self.block,
+        )
+
+
+@final
+class EkfacBilinearForm(BilinearForm):
+    """``<u, v> = (EK-FAC + lambda I)^-1 u . v``: the operator and the contraction as
+    one compiled program per layer on jax (values as :class:`OperatorBilinearForm`)."""
+
+    def __init__(self, operator: EkfacOperator):
+        self.operator = operator
+
+    def inner_prod(self, left: Array, right: Array | None) -> Array:
+        op = self.operator
+        if left.ndim != 2 or left.shape[-1] != op.input_size:
+            return OperatorBilinearForm(op).inner_prod(left, right)
+        fn = _xp.maybe_jit(
+            _ekfac_scaled_contract, xp=op._xp, static_argnames=("xp", "layout", "slices")
+        )
+        return fn(
+            left,
+            left if right is None else right,
+            op.q_s,
+            op.q_a,
+            op.eigenvalues,
+            op.regularization,
+            xp=op._xp,
+            layout=op.layout,
+            slices=op._slices(),
         )

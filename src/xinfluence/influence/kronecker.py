@@ -98,6 +98,59 @@ def _ekfac_accumulate_diagonal(
     return term if previous is None else previous + term
 
 
+def _kfac_accumulate_layers(
+    factors: dict[str, tuple[Array, Array]],
+    previous: dict[str, tuple[Array, Array]] | None,
+    /,
+    *,
+    xp: Namespace,
+    biases: tuple[tuple[str, bool], ...],
+) -> dict[str, tuple[Array, Array]]:
+    """:func:`_kfac_accumulate` for every layer of ``biases`` (layer, has bias):
+    one compiled program per model (and batch shape) on jax."""
+    return {
+        layer: _kfac_accumulate(
+            *factors[layer], None if previous is None else previous[layer], xp=xp, bias=bias
+        )
+        for layer, bias in biases
+    }
+
+
+def _kfac_eigenbases_layers(
+    cov: dict[str, tuple[Array, Array]], n: float, /, *, xp: Namespace
+) -> dict[str, tuple[Array, Array, Array]]:
+    """:func:`_kfac_eigenbases` for every layer: one compiled program on jax."""
+    return {layer: _kfac_eigenbases(a, s, n, xp=xp) for layer, (a, s) in cov.items()}
+
+
+def _ekfac_accumulate_diagonal_layers(
+    factors: dict[str, tuple[Array, Array]],
+    bases: dict[str, tuple[Array, Array, Array]],
+    previous: dict[str, Array] | None,
+    /,
+    *,
+    xp: Namespace,
+    biases: tuple[tuple[str, bool], ...],
+) -> dict[str, Array]:
+    """:func:`_ekfac_accumulate_diagonal` for every layer: one compiled program on jax."""
+    return {
+        layer: _ekfac_accumulate_diagonal(
+            *factors[layer],
+            bases[layer][0],
+            bases[layer][1],
+            None if previous is None else previous[layer],
+            xp=xp,
+            bias=bias,
+        )
+        for layer, bias in biases
+    }
+
+
+def _divide_layers(sums: dict[str, Array], n: float, /, *, xp: Namespace) -> dict[str, Array]:
+    """Every layer's sum divided by ``n``: one compiled program on jax."""
+    return {layer: total / n for layer, total in sums.items()}
+
+
 def _rotated_gradient_squares(s_rot: Array, a_rot: Array, *, xp: Namespace) -> Array:
     """``sum_n (s_n^T a_n)**2`` ``(O, I)`` for ``s_rot`` ``(N, T, O)`` and ``a_rot``
     ``(N, T, I)`` (the rotated per-sample gradients of a convolution), over
@@ -247,33 +300,28 @@ class EkfacInfluence(ComposableInfluence):
                 )
             return out
 
-        # jax: each pass is one compiled program per layer (and batch shape)
-        accumulate = _xp.maybe_jit(_kfac_accumulate, xp=xp, static_argnames=("xp", "bias"))
-        eigenbases = _xp.maybe_jit(_kfac_eigenbases, xp=xp)
-        diagonal = _xp.maybe_jit(_ekfac_accumulate_diagonal, xp=xp, static_argnames=("xp", "bias"))
-        cov: dict[str, tuple[Array, Array]] = {}
+        # jax: each pass is one compiled program for all layers (per batch shape)
+        statics = ("xp", "biases")
+        accumulate = _xp.maybe_jit(_kfac_accumulate_layers, xp=xp, static_argnames=statics)
+        eigenbases = _xp.maybe_jit(_kfac_eigenbases_layers, xp=xp)
+        diagonal = _xp.maybe_jit(_ekfac_accumulate_diagonal_layers, xp=xp, static_argnames=statics)
+        biases = tuple((layer, bias is not None) for layer, (_, bias) in layers.items())
+        cov: dict[str, tuple[Array, Array]] | None = None
         n = 0
         for batch in dataset:
-            for layer, (a, s) in layer_factors(batch).items():
-                has_bias = layers[layer][1] is not None
-                cov[layer] = accumulate(a, s, cov.get(layer), xp=xp, bias=has_bias)
+            cov = accumulate(dict(layer_factors(batch)), cov, xp=xp, biases=biases)
             n += len(batch)
-        if n == 0:
+        if n == 0 or cov is None:
             raise ValueError("cannot fit on an empty dataset")
-        bases = {
-            layer: eigenbases(a_cov, s_cov, float(n), xp=xp)
-            for layer, (a_cov, s_cov) in cov.items()
-        }
+        bases = eigenbases(cov, float(n), xp=xp)
         if self.update_diagonal:
-            corrected: dict[str, Array] = {}
+            corrected: dict[str, Array] | None = None
             for batch in dataset:
-                for layer, (a, s) in layer_factors(batch).items():
-                    q_s, q_a, _ = bases[layer]
-                    has_bias = layers[layer][1] is not None
-                    corrected[layer] = diagonal(
-                        a, s, q_s, q_a, corrected.get(layer), xp=xp, bias=has_bias
-                    )
-            bases = {k: (q_s, q_a, corrected[k] / n) for k, (q_s, q_a, _) in bases.items()}
+                factors_now = dict(layer_factors(batch))
+                corrected = diagonal(factors_now, bases, corrected, xp=xp, biases=biases)
+            assert corrected is not None
+            corrected = _xp.maybe_jit(_divide_layers, xp=xp)(corrected, float(n), xp=xp)
+            bases = {k: (q_s, q_a, corrected[k]) for k, (q_s, q_a, _) in bases.items()}
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for layer, names in self.blocks.items():
             block_gp = self._block_provider(names)

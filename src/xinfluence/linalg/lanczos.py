@@ -223,9 +223,11 @@ def _block_recurrence(
     return w, c_loc
 
 
-def _diagonal_block(c_loc: Array, coef: Array, columns: Array, /, *, xp: Namespace) -> Array:
-    """``c_loc + coef[:, columns]``: the diagonal block of T (on the host next)."""
-    return c_loc + xp.take(coef, columns, axis=1)
+def _first_store(block: Array, /, *, xp: Namespace, rows: int) -> Array:
+    """The basis store ``(rows, P)``: ``block`` (k, P) then zero rows."""
+    k, size = int(block.shape[0]), int(block.shape[1])
+    zeros = xp.zeros((rows - k, size), dtype=block.dtype)
+    return xp.concat([block, zeros], axis=0)
 
 
 def _qr_rows(w: Array, /, *, xp: Namespace) -> tuple[Array, Array]:
@@ -409,7 +411,6 @@ def block_lanczos(
     recurrence = _xp.maybe_jit(_block_recurrence, xp=xp)
     qr_rows = _xp.maybe_jit(_qr_rows, xp=xp)
     combine = _xp.maybe_jit(_combine_rows, xp=xp)
-    diagonal_block = _xp.maybe_jit(_diagonal_block, xp=xp)
 
     def project(
         w: Array, basis: Array | None, *, skip_below: float = 0.0
@@ -447,7 +448,9 @@ def block_lanczos(
     # rows zero, so that shapes stay constant and nothing recompiles; the others
     # use a view of the filled rows (the unfilled ones are never touched).
     fixed = _xp.compiles_per_shape(xp)
-    store = (xp.zeros if fixed else xp.empty)((m_max, size), dtype=dtype, device=device)
+    store: Array | None = (
+        None if fixed else xp.empty((m_max, size), dtype=dtype, device=device)
+    )  # jax: the first block and zero rows, one program (see _first_store)
     blocks_t: list[tuple[int, int, np.ndarray]] = []  # (row offset, col offset, block) of T
     offsets: list[int] = []
     dim = 0
@@ -458,7 +461,11 @@ def block_lanczos(
     while True:
         r_j = int(block.shape[0])
         offsets.append(dim)
-        store = _xp.set_rows(store, dim, block, xp=xp)
+        if store is None:
+            first_store = _xp.maybe_jit(_first_store, xp=xp, static_argnames=("xp", "rows"))
+            store = first_store(block, xp=xp, rows=m_max)
+        else:
+            store = _xp.set_rows(store, dim, block, xp=xp)
         basis = store if fixed else store[: dim + r_j, :]
         dim += r_j
         w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
@@ -466,17 +473,17 @@ def block_lanczos(
         # The three-term recurrence first (w -= A_j Q_j + B_j Q_{j-1}), then one
         # full pass against the basis (a second only where it removed most of a
         # row): the full passes read the whole basis and dominate the step.
-        b_j = (
-            None
-            if coupling is None
-            else _xp.from_numpy(coupling, dtype=dtype, device=device, xp=xp)
-        )
+        # the first step's coupling is zero (exactly: w - 0 Q_j = w), so that one
+        # program serves every step
+        b_host = np.zeros((r_j, r_j)) if coupling is None else coupling
+        b_j = _xp.from_numpy(b_host, dtype=dtype, device=device, xp=xp)
         w, c_loc = recurrence(w, block, b_j, previous, xp=xp)
         w, coef = project(w, basis)
         assert coef is not None
-        columns = _xp.from_numpy(np.arange(dim - r_j, dim), dtype=xp.int32, device=device, xp=xp)
+        # the diagonal block of T, c_loc + coef[:, columns], summed on the host in
+        # the working dtype (coef is only (r_j, m_max))
         a_j = np.asarray(
-            _xp.to_numpy(diagonal_block(c_loc, coef, columns, xp=xp)), dtype=np.float64
+            _xp.to_numpy(c_loc) + _xp.to_numpy(coef)[:, dim - r_j : dim], dtype=np.float64
         )
         a_j = 0.5 * (a_j + a_j.T)
         blocks_t.append((dim - r_j, dim - r_j, a_j))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ... import _xp
 from ..._state import fingerprint
@@ -772,12 +773,12 @@ class JaxGradientProvider(GradientProvider):
         # the pseudo-gradients used the eigenvalues clipped to zero; rounding puts
         # the exact zero eigenvalue of a softmax Hessian at about +-eps (entries of
         # H_i err by eps times the O(1) probabilities however small H_i is): scale >= 1
-        top = float(jnp.max(jnp.abs(lam))) if lam.size else 0.0
+        top, low = (float(v) for v in np.asarray(_extremes(lam))) if lam.size else (0.0, 0.0)
         tol = _xp.psd_rounding_tolerance(lam.dtype, lam.shape[-1], max(top, 1.0), xp=self.xp)
-        if lam.size and float(jnp.min(lam)) < -tol:
+        if lam.size and low < -tol:
             raise ValueError(
                 "the loss Hessian on the model output has negative eigenvalues "
-                f"(smallest {float(jnp.min(lam)):.3e}, largest magnitude {top:.3e}, rounding "
+                f"(smallest {low:.3e}, largest magnitude {top:.3e}, rounding "
                 f"tolerance {tol:.1e}): the loss is not convex in the output; "
                 "use second_order='empirical_fisher' for EK-FAC"
             )
@@ -798,3 +799,9 @@ class JaxGradientProvider(GradientProvider):
             f"JaxGradientProvider(n_parameters={self.n_parameters}, "
             f"parameters={list(self.parameter_names)}, dtype={self.dtype}{tracked})"
         )
+
+
+@jax.jit
+def _extremes(lam: Array) -> Array:
+    """``(max |lam|, min lam)`` as one program (one host transfer)."""
+    return jnp.stack([jnp.max(jnp.abs(lam)), jnp.min(lam)])
