@@ -135,9 +135,11 @@ def _gn(cls, reg, **options):
             _gn(xi.EkfacInfluence, 1e-3, block_structure="layer"),
             1e-3,
             20,
-            10,
+            12,
             None,
-        ),  # [41, 32]; 27 and 18 before its layers' passes ran as one program each
+        ),  # [41, 32]; 27 and 18 before its layers' passes ran as one program each;
+        # 2 of the 12 extra: the layers' per-sample gradients from the pass the
+        # blocks share (one program per layer shape, besides its contraction)
         (
             "projected",
             lambda gp: xi.ProjectedInfluence(gp, k=8, regularization=1e-3),

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Generator, Mapping
 from typing import Any
 
+from .. import _xp
 from .._xp import Array
 from ..types import Batch, BlockMapper, InfluenceMode, OperatorGradientComposition
 
@@ -141,45 +142,74 @@ class LayerGradients:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
-    def _parts(self, batch: Batch) -> tuple[Array, Array | None]:
-        """The weight gradients ``(N, O I)`` in the weight's layout and the bias
-        gradients ``(N, O)`` (None without a bias)."""
-        xp = self.gp.xp
-        a, s = self.shared.kfac_factors(batch)[self.layer]
-        n = int(a.shape[0])
-        n_out, n_in = int(s.shape[-1]), int(a.shape[-1])
-        # the weight gradient in the weight's own layout, without a transposed copy
-        if a.ndim == 2 and self.layout == "oi":
-            w = s[:, :, None] * a[:, None, :]
-        elif a.ndim == 2:
-            w = a[:, :, None] * s[:, None, :]
-        elif self.layout == "oi":
-            w = xp.matrix_transpose(s) @ a
-        else:
-            w = xp.matrix_transpose(a) @ s
-        w = xp.reshape(w, (n, n_out * n_in))
-        if self.bias_slice is None:
-            return w, None
-        return w, (s if s.ndim == 2 else xp.sum(s, axis=1))
+    def _factors(self, batch: Batch) -> tuple[Array, Array]:
+        return self.shared.kfac_factors(batch)[self.layer]
+
+    def _options(self) -> dict[str, Any]:
+        bias = self.bias_slice
+        return {
+            "layout": self.layout,
+            "bias": None if bias is None else (bias.start, bias.stop),
+            "weight": (self.weight_slice.start, self.weight_slice.stop),
+            "xp": self.gp.xp,
+        }
 
     def flat_grads(self, batch: Batch) -> Array:
         """``(N, P_b)``: the block's per-sample gradients from the layer factors."""
-        w, b = self._parts(batch)
-        if b is None:
-            return w
-        ws, bs = self.weight_slice, self.bias_slice
-        assert bs is not None
-        return self.gp.xp.concat([w, b] if ws.start < bs.start else [b, w], axis=1)
+        a, s = self._factors(batch)
+        xp = self.gp.xp
+        return _xp.maybe_jit(_flat_grads, xp=xp, static_argnames=_STATIC)(a, s, **self._options())
 
     def jacobian_prod(self, batch: Batch, g: Array) -> Array:
         """``(N, K)``: the per-sample gradients times the rows of ``g`` ``(K, P_b)``
         (weight and bias parts apart: the gradients are not copied into one row)."""
+        a, s = self._factors(batch)
         xp = self.gp.xp
-        w, b = self._parts(batch)
-        out = w @ xp.matrix_transpose(g[:, self.weight_slice])
-        if b is not None and self.bias_slice is not None:
-            out = out + b @ xp.matrix_transpose(g[:, self.bias_slice])
-        return out
+        return _xp.maybe_jit(_jacobian_prod, xp=xp, static_argnames=_STATIC)(
+            a, s, g, **self._options()
+        )
+
+
+# one compiled program per layer shape on jax (not one per eager operation)
+_STATIC = ("layout", "bias", "weight", "xp")
+
+
+def _parts(a: Array, s: Array, /, *, layout: str, bias: Any, xp: Any) -> tuple[Array, Array | None]:
+    """The weight gradients ``(N, O I)`` in the weight's layout and the bias
+    gradients ``(N, O)`` (None without a bias) from ``a`` ``(N, [T,] I)`` and ``s``
+    ``(N, [T,] O)``."""
+    n = int(a.shape[0])
+    n_out, n_in = int(s.shape[-1]), int(a.shape[-1])
+    # the weight gradient in the weight's own layout, without a transposed copy
+    if a.ndim == 2 and layout == "oi":
+        w = s[:, :, None] * a[:, None, :]
+    elif a.ndim == 2:
+        w = a[:, :, None] * s[:, None, :]
+    elif layout == "oi":
+        w = xp.matrix_transpose(s) @ a
+    else:
+        w = xp.matrix_transpose(a) @ s
+    w = xp.reshape(w, (n, n_out * n_in))
+    if bias is None:
+        return w, None
+    return w, (s if s.ndim == 2 else xp.sum(s, axis=1))
+
+
+def _flat_grads(a: Array, s: Array, /, *, layout: str, bias: Any, weight: Any, xp: Any) -> Array:
+    w, b = _parts(a, s, layout=layout, bias=bias, xp=xp)
+    if b is None:
+        return w
+    return xp.concat([w, b] if weight[0] < bias[0] else [b, w], axis=1)
+
+
+def _jacobian_prod(
+    a: Array, s: Array, g: Array, /, *, layout: str, bias: Any, weight: Any, xp: Any
+) -> Array:
+    w, b = _parts(a, s, layout=layout, bias=bias, xp=xp)
+    out = w @ xp.matrix_transpose(g[:, weight[0] : weight[1]])
+    if b is not None:
+        out = out + b @ xp.matrix_transpose(g[:, bias[0] : bias[1]])
+    return out
 
 
 def shared_query_sizes(gp: Any, blocks: Mapping[str, Any], sample: Batch) -> dict[str, int]:
