@@ -44,6 +44,16 @@ def padded_with_norms(b: Array, /, *, xp: Namespace, n_padded: int) -> tuple[Arr
     return b, row_norms(b, xp=xp)
 
 
+def padded_with_tolerances(
+    b: Array, rtol: float, atol: float, /, *, xp: Namespace, n_padded: int
+) -> tuple[Array, Array, Array]:
+    """``(b with zero rows up to n_padded, its row norms, the row tolerances
+    max(rtol |b_k|, atol))``: the start of a CG solve (inside its compiled program)."""
+    b, norms = padded_with_norms(b, xp=xp, n_padded=n_padded)
+    tol = norms * rtol
+    return b, norms, xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
+
+
 def residual_rows(
     b: Array, ax: Array, x: Array, /, *, xp: Namespace, n_rows: int
 ) -> tuple[Array, Array, Array]:

@@ -20,7 +20,7 @@ from ._util import (
     MatMat,
     apply_operator,
     check_solver_args,
-    full_like,
+    padded_with_tolerances,
     residual_rows,
     row_norms,
     stall_reason,
@@ -170,13 +170,7 @@ def _start(
     its row norms, the row tolerances ``max(rtol |b_k|, atol)``, a zero start,
     its residual (a copy of ``b``, updated in place on torch) and the identity
     (K, K); one compiled program on jax."""
-    n_rows, size = int(b.shape[0]), int(b.shape[1])
-    if n_padded > n_rows:
-        pad = xp.zeros((n_padded - n_rows, size), dtype=b.dtype, device=_xp.device_of(b))
-        b = xp.concat([b, pad], axis=0)
-    norms = row_norms(b, xp=xp)
-    tol = norms * rtol
-    tol = xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
+    b, norms, tol = padded_with_tolerances(b, rtol, atol, xp=xp, n_padded=n_padded)
     eye = _xp.eye(int(b.shape[0]), dtype=b.dtype, device=_xp.device_of(b), xp=xp)
     return b, norms, tol, xp.zeros_like(b), xp.asarray(b, copy=True), eye
 

@@ -22,7 +22,7 @@ from ._util import (
     MatMat,
     apply_operator,
     check_solver_args,
-    full_like,
+    padded_with_tolerances,
     residual_rows,
     row_norms,
     stall_reason,
@@ -252,13 +252,7 @@ def _start(
     the row tolerances ``max(rtol |b_k|, atol)``, a zero start, which rows are
     done, ``p = 0`` and ``r^T z = 1`` (from which :func:`_new_direction` makes the
     first direction) and zero flags; one compiled program on jax."""
-    n_rows, size = int(b.shape[0]), int(b.shape[1])
-    if n_padded > n_rows:
-        pad = xp.zeros((n_padded - n_rows, size), dtype=b.dtype, device=_xp.device_of(b))
-        b = xp.concat([b, pad], axis=0)
-    norms = row_norms(b, xp=xp)
-    tol = norms * rtol
-    tol = xp.where(tol > atol, tol, full_like(tol, atol, xp=xp))
+    b, norms, tol = padded_with_tolerances(b, rtol, atol, xp=xp, n_padded=n_padded)
     x = xp.zeros_like(b)
     rz = xp.ones((b.shape[0],), dtype=b.dtype, device=_xp.device_of(b))
     flags = xp.zeros((3,), dtype=b.dtype, device=_xp.device_of(b))
