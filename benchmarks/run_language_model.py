@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from run_large_models import kronfluence_python, peak_bytes, reset_peak, rss_bytes  # noqa: E402
+from run_large_models import (  # noqa: E402
+    kronfluence_python,
+    peak_bytes,
+    reset_peak,
+    rss_bytes,
+    run_worker,
+)
 
 REG = 1e-3
 FULL = dict(n_embd=256, n_layer=2, n_head=4, seq_len=64, n_train=2000, n_test=16, train_steps=30)
@@ -268,14 +273,7 @@ def kronfluence_run(model, config, x, xt, args) -> dict:
 
 
 def run_one(python: str, problem: str, method: str, opts: argparse.Namespace) -> dict:
-    scores = tempfile.mktemp(suffix=".npy")
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), OPENBLAS_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["XINFLUENCE_MEMORY_BUDGET"] = str(int(opts.memory_budget))
-    cmd = [
-        python,
-        str(Path(__file__).resolve()),
-        "--worker",
+    args = [
         "--problem",
         problem,
         "--method",
@@ -284,16 +282,15 @@ def run_one(python: str, problem: str, method: str, opts: argparse.Namespace) ->
         str(opts.threads),
         "--batch-size",
         str(opts.batch_size),
-        "--scores-out",
-        scores,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-3:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if os.path.exists(scores):
-        result["scores_path"] = scores
-    return result
+    return run_worker(
+        python,
+        str(Path(__file__).resolve()),
+        args,
+        threads=opts.threads,
+        budget=int(opts.memory_budget),
+        error_lines=3,
+    )
 
 
 def main() -> None:

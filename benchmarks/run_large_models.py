@@ -406,16 +406,36 @@ def _installed(python: Path, requirement: str) -> bool:
     return proc.returncode == 0 and (not version or proc.stdout.strip() == version)
 
 
-def run_one(python: str, problem: str, method: str, opts: argparse.Namespace, **extra) -> dict:
+def run_worker(
+    python: str,
+    script: str,
+    args: list[str],
+    *,
+    threads: int,
+    budget: int | None = None,
+    error_lines: int = 1,
+) -> dict:
+    """Run ``script --worker *args --scores-out FILE`` with ``python`` in a fresh
+    process (its own peak memory, ``threads`` BLAS threads, the source tree's
+    xinfluence): the JSON of its last output line, with ``scores_path``, or
+    ``{"error": its last error_lines lines of stderr}``."""
     scores = tempfile.mktemp(suffix=".npy")
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), OPENBLAS_NUM_THREADS="1")
-    if extra.get("budget"):
-        env["XINFLUENCE_MEMORY_BUDGET"] = str(extra["budget"])
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
+    if budget:
+        env["XINFLUENCE_MEMORY_BUDGET"] = str(int(budget))
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        python,
-        str(Path(__file__).resolve()),
-        "--worker",
+    cmd = [python, script, "--worker", *args, "--scores-out", scores]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-error_lines:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if os.path.exists(scores):
+        result["scores_path"] = scores
+    return result
+
+
+def run_one(python: str, problem: str, method: str, opts: argparse.Namespace, **extra) -> dict:
+    args = [
         "--problem",
         problem,
         "--method",
@@ -432,16 +452,14 @@ def run_one(python: str, problem: str, method: str, opts: argparse.Namespace, **
         str(opts.n_test),
         "--rank",
         str(opts.rank),
-        "--scores-out",
-        scores,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if os.path.exists(scores):
-        result["scores_path"] = scores
-    return result
+    return run_worker(
+        python,
+        str(Path(__file__).resolve()),
+        args,
+        threads=opts.threads,
+        budget=extra.get("budget"),
+    )
 
 
 def main() -> None:
