@@ -17,7 +17,7 @@ from ..._config import memory_budget
 from ...types import Batch
 from . import linear as _linear
 from . import sequential as _sequential
-from .base import _FORWARD_AD_LOCK, _ProviderBase, _serialised
+from .base import _FORWARD_AD_LOCK, _module_lock, _ProviderBase, _serialised
 
 if TYPE_CHECKING:
     from .base import Params
@@ -191,13 +191,16 @@ class _Derivatives(_ProviderBase):
                 total[1] += weight.numel() * (output.numel() // max(int(channels), 1))
 
         leaves = [m for m in self.model.modules() if not any(True for _ in m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.no_grad():
-                self._forward(self._active, x[:1])
-        finally:
-            for h in handles:
-                h.remove()
+        # under the module's lock: another provider's hooks on the same module (a
+        # factor pass in another thread) must not see this pass, nor it theirs
+        with _module_lock(self.model):
+            handles = [m.register_forward_hook(hook) for m in leaves]
+            try:
+                with torch.no_grad():
+                    self._forward(self._active, x[:1])
+            finally:
+                for h in handles:
+                    h.remove()
         self._activation_cache[key] = (total[0], total[1])
         return total[0], total[1]
 
