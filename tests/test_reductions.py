@@ -1,4 +1,4 @@
-"""The streaming top-k (TopKReducer) equals
+"""The streaming top-k (TopKReducer, the dask path's per-block selection) equals
 the documented stable sort: helpful ``argsort(-I, stable=True)[:, :k]``, harmful
 ``argsort(I, stable=True)[:, :k]``, ties by increasing index, NaN last.
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from xinfluence._xp import from_numpy, to_numpy
+from xinfluence.compute._gradient_store_dask import _select
 from xinfluence.compute._reductions import TopKReducer, smallest_columns
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -100,6 +101,24 @@ def test_smallest_columns_mixes_partitioned_and_sorted_rows(xp, to_xp):
     for keep in (1, 3, 5, 6):
         got = to_numpy(smallest_columns(to_xp(key), keep, xp=xp))
         np.testing.assert_array_equal(got, np.argsort(key, axis=1, kind="stable")[:, :keep])
+
+
+@given(problems)
+def test_dask_per_block_selection_and_merge_equal_stable_argsort(p):
+    # _top_k_task's selection per block of stored rows, then top_k's merge
+    dtype = np.float32 if p["float32"] else np.float64
+    matrix = _scores(p["seed"], (p["n"], p["n_train"]), p["spread"], p["nan"], dtype)
+    parts = [
+        _select(
+            matrix[:, c0 : c0 + p["cols"]], np.arange(c0, min(c0 + p["cols"], p["n_train"])), p["k"]
+        )
+        for c0 in range(0, p["n_train"], p["cols"])
+    ]
+    hv, hi, lv, li = (np.concatenate([q[j] for q in parts], axis=1) for j in range(4))
+    k = min(p["k"], p["n_train"])
+    hv, hi, _, _ = _select(hv, hi, k)
+    _, _, lv, li = _select(lv, li, k)
+    _check(hi, hv, li, lv, matrix, k)
 
 
 def test_top_k_reducer_on_jax():
