@@ -146,7 +146,7 @@ def child(args):
         out["k"], out["block_rows"] = store.shape[1], store.block_rows
         out["store_bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         q_x, q_y = xq[: args.n_queries], yq[: args.n_queries]
-        # top_k sorts every block (argsort): 100 queries suffice for the memory figure
+        # top_k partitions every block: 100 queries suffice for the memory figure
         out["topk_s"], _ = clock(
             lambda: GradientStore.open(path).top_k(model, q_x[:100], q_y[:100], k=10)
         )

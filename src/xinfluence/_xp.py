@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import array_api_compat
+import array_api_extra as xpx
 import numpy as np
 from array_api_compat import device as device_of  # noqa: F401  (re-exported)
 
@@ -57,6 +58,7 @@ __all__ = [
     "scale_shift_checked",
     "set_rows",
     "min_value",
+    "argsmallest",
 ]
 
 
@@ -299,6 +301,21 @@ def min_value(x: Array, /, *, xp: Namespace) -> float:
     if compiles_per_shape(xp) and math.prod(x.shape) <= _HOST_CHECK_SIZE:
         return float(np.min(np.asarray(x)))
     return float(xp.min(x))
+
+
+def argsmallest(x: Array, k: int, /, *, xp: Namespace) -> Array:
+    """Columns ``(n, k)`` of ``k`` smallest entries in each row of ``x`` ``(n, c)``,
+    ``1 <= k <= c``, in no particular order, in O(c) per row. Which of tied
+    entries (or of NaN) it picks is unspecified: callers check.
+
+    ``array_api_extra.argpartition`` (numpy's, jax's, a sort elsewhere); on torch
+    ``topk``, about 20 times faster than array_api_extra's kthvalue and masked copies.
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.topk(x, k, dim=1, largest=False, sorted=False).indices
+    return xpx.argpartition(x, k - 1, axis=1, xp=xp)[:, :k]
 
 
 def check_finite(x: Array, /, *, xp: Namespace, what: str) -> Array:

@@ -421,6 +421,10 @@ def _compute_dask(
 
 def _write_top_k(group: Any, k: int) -> None:
     """Top-k per test point from the stored values, a chunk of rows at a time."""
+    import array_api_compat.numpy as xp
+
+    from ..compute._reductions import smallest_columns
+
     values = group["values"]
     n_test, n = int(values.shape[0]), int(values.shape[1])
     k = min(k, n)
@@ -436,8 +440,8 @@ def _write_top_k(group: Any, k: int) -> None:
     }
     for r0 in range(0, n_test, rows):
         block = np.asarray(values[r0 : r0 + rows], dtype=np.float64)
-        helpful = np.argsort(-block, axis=1, kind="stable")[:, :k]
-        harmful = np.argsort(block, axis=1, kind="stable")[:, :k]
+        helpful = smallest_columns(-block, k, xp=xp)  # a stable argsort's first k
+        harmful = smallest_columns(block, k, xp=xp)
         arrays["top_k/helpful_indices"][r0 : r0 + rows] = helpful
         arrays["top_k/helpful_scores"][r0 : r0 + rows] = np.take_along_axis(block, helpful, 1)
         arrays["top_k/harmful_indices"][r0 : r0 + rows] = harmful

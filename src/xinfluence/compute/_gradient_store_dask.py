@@ -47,7 +47,7 @@ from . import _gradient_features as _gf
 from . import _store
 from ._factor import factorize
 from ._progress import note, progress_bar
-from ._reductions import TopK
+from ._reductions import TopK, smallest_columns
 
 __all__ = [
     "build",
@@ -354,11 +354,13 @@ def _top_k_task(
 
 
 def _select(vals: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-    """Per row, the ``k`` largest and ``k`` smallest, ties by position (a stable sort)."""
+    """Per row, the ``k`` largest and ``k`` smallest, ties by position (as a stable
+    sort: :func:`smallest_columns`)."""
     idx = np.broadcast_to(idx, vals.shape) if idx.ndim == 1 else idx
+    xp, keep = _xp.namespace(vals), min(k, vals.shape[1])
     out = []
-    for sign in (-1.0, 1.0):
-        order = np.argsort(sign * vals, axis=1, kind="stable")[:, :k]
+    for key in (-vals, vals):
+        order = smallest_columns(key, keep, xp=xp)
         out += [np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)]
     return tuple(out)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _xp
 from .._xp import Array
 
-__all__ = ["TopK", "TopKReducer", "ColumnSumReducer"]
+__all__ = ["TopK", "TopKReducer", "ColumnSumReducer", "smallest_columns"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,48 @@ class TopK:
     harmful_scores: Array
 
 
+def smallest_columns(key: Array, keep: int, /, *, xp: Any) -> Array:
+    """``argsort(key, axis=1, stable=True)[:, :keep]`` of ``key`` ``(n, c)``,
+    ``1 <= keep <= c``: per row the columns of the ``keep`` smallest entries by
+    increasing value, ties by increasing column, NaN last.
+
+    A partition picks ``keep`` candidates per row in O(c) and only they are
+    sorted. A row whose candidates need not be the sort's (an entry left out
+    equals the largest candidate, or a candidate is NaN) is sorted in full.
+    """
+    n, c = int(key.shape[0]), int(key.shape[1])
+    if keep >= c:
+        return xp.argsort(key, axis=1, stable=True)
+    partitioned = _xp.maybe_jit(_partitioned, xp=xp, static_argnames=("keep", "xp"))
+    cols, exact = partitioned(key, keep=keep, xp=xp)
+    bad = np.flatnonzero(~_xp.to_numpy(exact))
+    if bad.size == 0:
+        return cols
+    if bad.size == n:
+        return xp.argsort(key, axis=1, stable=True)[:, :keep]
+    device = _xp.device_of(key)
+    rows = np.resize(bad, _xp.padded_rows(bad.size, xp=xp))  # jax: few shapes
+    rows_x = _xp.from_numpy(rows, dtype=cols.dtype, device=device, xp=xp)
+    full = xp.argsort(xp.take(key, rows_x, axis=0), axis=1, stable=True)[:, :keep]
+    pos = np.arange(n)
+    pos[bad] = n + np.arange(bad.size)
+    pos_x = _xp.from_numpy(pos, dtype=cols.dtype, device=device, xp=xp)
+    return xp.take(xp.concat([cols, full], axis=0), pos_x, axis=0)
+
+
+def _partitioned(key: Array, *, keep: int, xp: Any) -> tuple[Array, Array]:
+    """Per row, ``keep`` candidate columns in the order of a stable sort and
+    whether they are the sort's first ``keep`` (one program on jax)."""
+    # in column order, so that a stable sort of the candidates keeps ties by column
+    cand = xp.sort(_xp.argsmallest(key, keep, xp=xp), axis=1)
+    vals = xp.take_along_axis(key, cand, axis=1)
+    order = xp.argsort(vals, axis=1, stable=True)
+    kth = xp.take_along_axis(vals, order[:, keep - 1 :], axis=1)  # NaN if any candidate is
+    # the candidates are the sort's when they are all the entries <= kth
+    exact = xp.count_nonzero(key <= kth, axis=1) == keep
+    return xp.take_along_axis(cand, order, axis=1), exact
+
+
 class TopKReducer:
     """Keeps, per test row, the best ``k`` scores seen so far (both ends)."""
 
@@ -45,11 +89,23 @@ class TopKReducer:
         self._row: int | None = None
         self._cur: list[Array] | None = None
 
-    def _select(self, vals: Array, idx: Array, descending: bool) -> tuple[Array, Array]:
+    def _select(
+        self, cur: tuple[Array, Array] | None, col: int, block: Array, descending: bool
+    ) -> tuple[Array, Array]:
+        """The best ``k`` of the current ``(values, indices)`` and of ``block``,
+        whose columns are the training indices ``col, col + 1, ...``."""
         xp = self.xp
-        keep = min(self.k, int(vals.shape[1]))  # strict namespaces refuse stops past the end
-        order = xp.argsort(-vals if descending else vals, axis=1, stable=True)[:, :keep]
-        return xp.take_along_axis(vals, order, axis=1), xp.take_along_axis(idx, order, axis=1)
+        # current entries precede the block's: ties by position are ties by index
+        vals = block if cur is None else xp.concat([cur[0], block], axis=1)
+        keep = min(self.k, int(vals.shape[1]))
+        cols = smallest_columns(-vals if descending else vals, keep, xp=xp)
+        out = xp.take_along_axis(vals, cols, axis=1)
+        shift = 0 if cur is None else int(cur[1].shape[1])
+        idx = xp.astype(cols, xp.int64) + (col - shift)
+        if cur is not None:
+            kept = xp.take_along_axis(cur[1], xp.clip(cols, max=shift - 1), axis=1)
+            idx = xp.where(cols < shift, kept, idx)
+        return out, idx
 
     def update(self, row: int, col: int, block: Array) -> None:
         if block.ndim != 2:
@@ -57,25 +113,12 @@ class TopKReducer:
                 f"top-k needs up-mode influences (N_test, N); got blocks of shape "
                 f"{tuple(block.shape)}"
             )
-        xp = self.xp
         if row != self._row:
             self._flush()
             self._row = row
-        n, m = int(block.shape[0]), int(block.shape[1])
-        idx = xp.arange(col, col + m, dtype=xp.int64, device=_xp.device_of(block))
-        idx = xp.broadcast_to(idx[None, :], (n, m))
-        if self._cur is None:
-            hv, hi = self._select(block, idx, True)
-            lv, li = self._select(block, idx, False)
-        else:
-            chv, chi, clv, cli = self._cur
-            # current entries precede the block's: a stable sort keeps ties by index
-            hv, hi = self._select(
-                xp.concat([chv, block], axis=1), xp.concat([chi, idx], axis=1), True
-            )
-            lv, li = self._select(
-                xp.concat([clv, block], axis=1), xp.concat([cli, idx], axis=1), False
-            )
+        cur = self._cur
+        hv, hi = self._select(None if cur is None else (cur[0], cur[1]), col, block, True)
+        lv, li = self._select(None if cur is None else (cur[2], cur[3]), col, block, False)
         self._cur = [hv, hi, lv, li]
 
     def _flush(self) -> None:
