@@ -268,7 +268,7 @@ def while_loop(
 
 #: :func:`compiled`'s programs by the text of their traced computation (a few per
 #: problem; the oldest are dropped beyond this many)
-_PROGRAMS: collections.OrderedDict[str, Callable[..., Any]] = collections.OrderedDict()
+_PROGRAMS: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 _MAX_PROGRAMS = 64
 _PROGRAMS_LOCK = threading.Lock()
 
@@ -297,18 +297,70 @@ def compiled(fn: Callable[..., tuple[Array, ...]], /, *args: Array, xp: Namespac
         jax.errors.TracerIntegerConversionError,
     ):
         return fn(*args)
-    key = str(closed.jaxpr)
+    # jitted functions called inside are keyed by their traced jaxpr's identity (jax
+    # keeps one per function and shapes, with the arrays it closed over), kept
+    # alive with the program; the rest by structure
+    kept: list[Any] = []
+    key = _structure(closed.jaxpr, kept)
     with _PROGRAMS_LOCK:  # queries may run in threads
-        program = _PROGRAMS.get(key)
-        if program is None:
-            program = jax.jit(functools.partial(_evaluate, closed.jaxpr))
-            _PROGRAMS[key] = program
+        entry = _PROGRAMS.get(key)
+        if entry is None:
+            entry = jax.jit(functools.partial(_evaluate, closed.jaxpr)), kept
+            _PROGRAMS[key] = entry
             while len(_PROGRAMS) > _MAX_PROGRAMS:
                 _PROGRAMS.popitem(last=False)
         else:
             _PROGRAMS.move_to_end(key)
+    program = entry[0]
     out = program(closed.consts, jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+def _structure(jaxpr: Any, kept: list[Any]) -> tuple[Any, ...]:
+    """A hashable key of a traced jax computation: equal keys compute the same
+    function of the same arguments (the text, without printing it: 10-40 ms per
+    solve for a model's products). The jaxprs of jitted functions called count by
+    identity (appended to ``kept``), the constants of other nested ones too."""
+    from jax.extend import core
+
+    names: dict[Any, int] = {}
+
+    def var(v: Any) -> Any:
+        if isinstance(v, core.Literal):
+            return ("literal", repr(v.val), v.aval)
+        return names.setdefault(v, len(names)), v.aval
+
+    def param(name: str, value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return tuple(param(name, v) for v in value)
+        if isinstance(value, core.ClosedJaxpr):
+            if name == "jaxpr":  # a jitted function's (jax caches it)
+                kept.append(value)
+                return ("jitted", id(value))
+            kept.extend(value.consts)
+            return ("closed", tuple(id(c) for c in value.consts), walk(value.jaxpr))
+        if isinstance(value, core.Jaxpr):
+            return walk(value)
+        try:
+            hash(value)
+        except TypeError:
+            return repr(value)
+        return value
+
+    def walk(j: Any) -> tuple[Any, ...]:
+        head = tuple(var(v) for v in (*j.constvars, *j.invars))
+        eqns = tuple(
+            (
+                e.primitive.name,
+                tuple(var(v) for v in e.invars),
+                tuple(var(v) for v in e.outvars),
+                tuple((k, param(k, v)) for k, v in sorted(e.params.items())),
+            )
+            for e in j.eqns
+        )
+        return head, eqns, tuple(var(v) for v in j.outvars)
+
+    return walk(jaxpr)
 
 
 def _evaluate(jaxpr: Any, consts: list[Array], args: list[Array]) -> list[Array]:
