@@ -31,9 +31,6 @@ __all__ = ["block_cg"]
 
 _MAX_RESTARTS = 3
 
-# The iteration counter is an int32 array (jax's default integer width).
-_MAX_COUNT = 2**31 - 1
-
 
 def _gram_eigh(gram: Array, /, *, xp: Namespace) -> tuple[Array, Array, np.ndarray]:
     """``eigh`` of a small Gram matrix: ``(lam, u, lam on the host)``, ascending.
@@ -265,9 +262,7 @@ def block_cg(
     # compiled code takes "no previous directions" as zero ones (exactly the same
     # projection), so that the first iteration runs the same program as the others
     zero = x if x0 is None else xp.zeros_like(x)
-    eye = _xp.committed(eye, xp=xp)
-    no_previous = (zero, zero, eye)
-    device = _xp.device_of(b)
+    no_previous = (zero, zero, _xp.committed(eye, xp=xp))
 
     def directions(r: Array, active: Array, previous: tuple[Array, Array, Array] | None) -> Array:
         """New search directions from the active residuals, A-orthogonal to the
@@ -279,123 +274,57 @@ def block_cg(
             _project(apply_m(r), active, previous, xp=xp), xp=xp, drop=drop_tol
         )
 
-    def count_rows(s: Array) -> Array:
-        """The number of directions: the nonzero rows (jax: deflated ones are zero)."""
-        if fixed:
-            return xp.sum(xp.astype(row_norms(s, xp=xp) > 0, xp.int32))
-        return xp.asarray(int(s.shape[0]), dtype=xp.int32, device=device)
-
-    progress = Reporter("block CG", maxiter)
-    limit = min(maxiter, _MAX_COUNT)
-
-    # The state of an iteration: (x, r, S, G = S A S^T, done, count, |A| bound,
-    # number of directions, flag), the flag 1 where G is not positive definite
-    # (x, r as before the step), 2 for NaN or inf residuals after it, 3 before the
-    # first; then (b - A x, final, finished) in the loop.
-    def iterate(state: tuple[Array, ...], q: Array) -> tuple[Array, ...]:
-        """The block-CG step from ``Q = S A`` and the next directions."""
-        x, r, s, _, done, count, norm, n_dir, _ = state[:9]
-        x_new, r_new, factor, g, stats = step(x, r, s, q, ~done, xp=xp)
-        norms, q_max, ok = stats[:-3], stats[-3], stats[-2] != 0
-        # rows of S are unit vectors: |A s| is a lower bound on |A| (for the warning)
-        norm = xp.where(q_max > norm, q_max, norm)
-        finite = xp.all(xp.isfinite(norms))
-        flag = xp.astype(~ok, xp.int32) + 2 * xp.astype(ok & ~finite, xp.int32)
-        done_new = done | (norms <= tol)
-        if _xp.is_traced(q):  # compiled: no early exits, the rest is masked
-            s_new = directions(r_new, ~done_new, (s, q, factor))
-            x, r = xp.where(ok, x_new, x), xp.where(ok, r_new, r)
-            done, count = xp.where(ok, done_new, done), xp.where(ok, count + 1, count)
-            return x, r, s_new, g, done, count, norm, count_rows(s_new), flag
-        if not bool(ok):
-            return x, r, s, g, done, count, norm, n_dir, flag
-        if not bool(finite):
-            return x_new, r_new, s, g, done, count + 1, norm, n_dir, flag
-        if not bool(xp.all(done_new)):
-            s = directions(r_new, ~done_new, (s, q, factor))
-            n_dir = count_rows(s)
-        return x_new, r_new, s, g, done_new, count + 1, norm, n_dir, flag
-
-    def stopping(state: tuple[Array, ...]) -> tuple[Array, Array]:
-        """``(stop, broken)``: every row done, maxiter, no directions left or a flag;
-        a flag."""
-        done, count, n_dir, flag = state[4], state[5], state[7], state[8]
-        broken = flag != 0
-        return broken | xp.all(done) | (count >= limit) | (n_dir == 0), broken
-
-    def body(state: tuple[Array, ...]) -> tuple[Array, ...]:
-        """One iteration, or (``final``) the true residual ``b - A x``: either way
-        one product, so that compiled code holds a single copy of it."""
-        x, s, true_r, final = state[0], state[2], state[9], state[10]
-        if _xp.is_traced(final):  # compiled: both, then a selection
-            q = apply_a(xp.where(final, x, s))
-            stepped = iterate(state, q)
-            kept = tuple(xp.where(final, a, a_new) for a, a_new in zip(state[:9], stepped))
-            true_r = xp.where(final, b - q, true_r)
-        elif bool(final):
-            kept, true_r = state[:9], b - apply_a(x)
-        else:
-            kept = iterate(state, apply_a(s))
-        stop, broken = stopping(kept)
-        return (*kept, true_r, ~final & stop & ~broken, final | (stop & broken))
-
-    def observe(state: tuple[Array, ...]) -> None:
-        if progress.due():
-            worst = float(_xp.to_numpy(xp.max(row_norms(state[1], xp=xp))))
-            progress.report(int(state[5]), f"largest residual {worst:.3e}")
-
-    def segment(x: Array, r: Array, r_norms: Array, count: Array, norm: Array) -> tuple:
-        """The iterations from ``(x, r)`` until every row is done, maxiter, no
-        directions are left or a breakdown, then the true residual: the state,
-        ``b - A x``, its row norms and the solution rows."""
-        traced = _xp.is_traced(r_norms)
-        if not traced and not np.all(np.isfinite(_xp.to_numpy(r_norms))):
-            raise NonFiniteError("block conjugate gradients met NaN or inf in the residual")
-        done = r_norms <= tol
-        if traced or not bool(xp.all(done)):
-            s = directions(r, ~done, None)
-        else:
-            s = b[:0, :]
-        flag = 3 * xp.astype(xp.any(~xp.isfinite(r_norms)), xp.int32)
-        state = (x, r, s, eye, done, count, norm, count_rows(s), flag)
-        stop, broken = stopping(state)
-        if x0 is None and not traced and int(count) == 0 and bool(stop & ~broken):
-            true_r = b  # nothing moved: b - A 0 without a product
-        else:
-            loop = (*state, b, stop & ~broken, stop & broken)
-            loop = _xp.while_loop(lambda st: ~st[11], body, loop, xp=xp, observe=observe)
-            state, true_r = loop[:9], loop[9]
-        return (*state, true_r, row_norms(true_r, xp=xp), state[0][:n_rows, :])
-
-    count = _xp.committed(xp.zeros((), dtype=xp.int32, device=device), xp=xp)
-    norm = _xp.committed(xp.zeros((), dtype=b.dtype, device=device), xp=xp)
+    iterations = 0
     restarts = 0
+    operator_norm = 0.0
     last_excess = math.inf
+    progress = Reporter("block CG", maxiter)
     while True:
-        out = _xp.compiled(segment, x, r, r_norms, count, norm, xp=xp)
-        state, (true_residual, true_norms, solution) = out[:9], out[9:]
-        flag, iterations = int(_xp.to_numpy(state[8])), int(_xp.to_numpy(state[5]))
-        operator_norm = float(_xp.to_numpy(state[6]))
-        if flag == 3:
+        norms = _xp.to_numpy(r_norms)
+        if not np.all(np.isfinite(norms)):
             raise NonFiniteError("block conjugate gradients met NaN or inf in the residual")
-        if flag == 1:
-            # S has orthonormal rows: an eigenvalue of S A S^T is a Rayleigh
-            # quotient of A, so a non-positive one proves A not positive definite;
-            # it only bounds the smallest eigenvalue from above, so the advice
-            # comes from a Lanczos bound instead.
-            lowest = float(np.min(_xp.to_numpy(xp.linalg.eigvalsh(state[3]))))
-            raise not_positive_definite(
-                f"block conjugate gradients broke down at iteration {iterations + 1}: "
-                f"a direction v has v^T A v / v^T v = {lowest:.3e}",
-                matmat,
-                b[:n_rows, :],
-                xp=xp,
-            )
-        if flag == 2:
-            raise NonFiniteError(
-                f"block conjugate gradients produced NaN or inf at iteration {iterations}: "
-                "check the operator and the preconditioner"
-            )
+        done_host = norms <= tol_host
+        active = _xp.from_numpy(~done_host, dtype=xp.bool, device=_xp.device_of(b), xp=xp)
+        s = directions(r, active, None) if not done_host.all() else b[:0, :]
+        while not done_host.all() and iterations < maxiter and s.shape[0] > 0:
+            q = apply_a(s)  # (r, P)
+            x_new, r_new, factor, g, stats = step(x, r, s, q, active, xp=xp)
+            stats_host = np.asarray(_xp.to_numpy(stats), dtype=np.float64)
+            norms, (q_max, ok, n_directions) = stats_host[:-3], stats_host[-3:]
+            if n_directions == 0:  # every direction deflated (jax): nothing moved
+                break
+            # rows of S are unit vectors: |A s| is a lower bound on |A| (for the warning)
+            operator_norm = max(operator_norm, float(q_max))
+            if not ok:
+                # S has orthonormal rows: an eigenvalue of S A S^T is a Rayleigh
+                # quotient of A, so a non-positive one proves A not positive definite;
+                # it only bounds the smallest eigenvalue from above, so the advice
+                # comes from a Lanczos bound instead.
+                lowest = float(np.min(_xp.to_numpy(xp.linalg.eigvalsh(g))))
+                raise not_positive_definite(
+                    f"block conjugate gradients broke down at iteration {iterations + 1}: "
+                    f"a direction v has v^T A v / v^T v = {lowest:.3e}",
+                    matmat,
+                    b[:n_rows, :],
+                    xp=xp,
+                )
+            x, r = x_new, r_new
+            iterations += 1
+            if not np.all(np.isfinite(norms)):
+                raise NonFiniteError(
+                    f"block conjugate gradients produced NaN or inf at iteration {iterations}: "
+                    "check the operator and the preconditioner"
+                )
+            done_host = done_host | (norms <= tol_host)
+            if progress.due():
+                progress.report(iterations, f"largest residual {float(np.max(norms)):.3e}")
+            active = _xp.from_numpy(~done_host, dtype=xp.bool, device=_xp.device_of(b), xp=xp)
+            if not done_host.all():
+                s = directions(r, active, (s, q, factor))
+        if iterations or x0 is not None:
+            true_residual, true_norms, solution = residual(b, apply_a(x), x, xp=xp, n_rows=n_rows)
+        else:
+            true_residual, true_norms, solution = b, r_norms, x[:n_rows, :]
         progress.close(iterations, "done")
         residual_norms = np.asarray(_xp.to_numpy(true_norms), dtype=np.float64)
         converged = residual_norms <= tol_host
@@ -408,7 +337,6 @@ def block_cg(
             break
         last_excess = excess
         restarts += 1
-        x, count, norm = state[0], state[5], state[6]
         r, r_norms = true_residual, true_norms
 
     x = solution
