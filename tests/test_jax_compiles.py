@@ -193,3 +193,23 @@ def test_compiled_solves_tell_apart_models_that_differ_only_in_captured_arrays()
         expected = np.asarray(direct.influences(x[:3], y[:3]))
         err = np.max(np.abs(np.asarray(cg.influences(x[:3], y[:3])) - expected))
         assert err <= 1e-8 * np.max(np.abs(expected)), f"scale {scale}: error {err:.2e}"
+
+
+def test_compiled_solves_report_nan_products_as_before():
+    """Inside the compiled loop nothing reads the products on the host: NaN must
+    still end batched CG and LiSSA with NonFiniteError (not a divergence, and not
+    silently), as where each product was checked (34b9c72)."""
+    from xinfluence.curvature import Dataset, make_curvature
+    from xinfluence.operators import LissaOperator, LissaOptions
+    from xinfluence.types import iter_batches
+
+    b = jnp.asarray(np.random.default_rng(0).normal(size=(3, 43)))
+    with pytest.raises(xi.NonFiniteError, match="at iteration 1"):
+        xi.linalg.cg(lambda v: v * jnp.nan, b)
+    apply, loss, params, train, _ = _problem(20)
+    gp = JaxGradientProvider(apply, params, loss)
+    curvature = make_curvature("gauss_newton", gp, Dataset(iter_batches([train]), gp))
+    op = LissaOperator(curvature, 0.1, LissaOptions(scale=10.0))
+    curvature.matmat = lambda v, shift=0.0: v * jnp.nan  # type: ignore[method-assign]
+    with pytest.raises(xi.NonFiniteError, match="curvature product"):
+        op.apply(b)
