@@ -13,7 +13,9 @@ i.e. the compilations beyond the provider's own (its construction, and its
 jitted functions as counted in a third run with a new provider).
 
 Cold timing needs a fresh process (jax caches compilations per process): every
-(method, dtype) row runs in its own subprocess. Goals (issue 23): cold within
+(method, dtype) row runs in its own subprocess. The LiSSA row is compared with
+``handwritten_lissa`` (the same iteration, scale and stopping rule, hand-written
+as one jitted program) when that row runs. Goals (issue 23): cold within
 1.3x of hand-written, warm within 1.05x, at most 10 extra compilations,
 ``solver="batched"`` within 1.2x warm.
 
@@ -143,6 +145,58 @@ def handwritten(apply_fn, loss, params, train, test, reg: float, rtol: float):
     return lambda: np.asarray(run(theta0, *test, *train))
 
 
+def handwritten_lissa(apply_fn, loss, params, train, test, reg: float, rtol: float, maxiter: int):
+    """LiSSA as a JAX user writes it, for the LiSSA row: one jitted program with
+    ``vmap(grad)``, a ``jvp``-of-``grad`` HVP over all test points at once, the
+    scale ``lambda_max + reg`` by 30 power iterations, and a ``while_loop`` of
+    ``h <- b + h - (H + reg I) h / scale`` until ``|h_new - h| <= rtol |b|`` for
+    every row (or ``maxiter``): the iteration and stopping rule of ``LissaInfluence``."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    theta0, unravel = ravel_pytree(params)
+
+    def per_sample(t, xi, yi):
+        return loss(apply_fn(unravel(t), xi[None]), yi[None])
+
+    def mean_loss(t):
+        return loss(apply_fn(unravel(t), train[0]), train[1])
+
+    grad_fn = jax.grad(mean_loss)
+
+    @jax.jit
+    def run(t, x_test, y_test, x_train, y_train):
+        g_test = jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x_test, y_test)
+        g_train = jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x_train, y_train)
+
+        def hvp(v):
+            return jax.vmap(lambda vk: jax.jvp(grad_fn, (t,), (vk,))[1])(v) + reg * v
+
+        def power(_, v):
+            w = hvp(v[None])[0]
+            return w / jnp.linalg.norm(w)
+
+        v = jax.lax.fori_loop(0, 30, power, jnp.ones_like(t) / jnp.sqrt(t.size))
+        scale = jnp.vdot(v, hvp(v[None])[0])
+        tol = rtol * jnp.linalg.norm(g_test, axis=1)
+
+        def cond(state):
+            k, _, done = state
+            return (k < maxiter) & ~done
+
+        def body(state):
+            k, h, _ = state
+            new = g_test + h - hvp(h) / scale
+            done = jnp.all(jnp.linalg.norm(new - h, axis=1) <= tol)
+            return k + 1, jnp.where(done, h, new), done
+
+        _, h, _ = jax.lax.while_loop(cond, body, (0, g_test, False))
+        return (h / scale) @ g_train.T
+
+    return lambda: np.asarray(run(theta0, *test, *train))
+
+
 def models(gp, reg: float):
     import xinfluence as xi
 
@@ -179,9 +233,13 @@ def run_method(
 
     jax.config.update("jax_enable_x64", True)
     apply_fn, loss, params, train, test = problem(n_train, n_test, hidden, dtype)
-    if name == "handwritten":
+    if name in ("handwritten", "handwritten_lissa"):
         rtol = 1e-7 if dtype == "float64" else 3.45e-4
-        fn = handwritten(apply_fn, loss, params, train, test, reg, rtol)
+        if name == "handwritten":
+            fn = handwritten(apply_fn, loss, params, train, test, reg, rtol)
+        else:
+            rtol = 1e-6 if dtype == "float64" else 3.45e-4  # LissaInfluence's defaults
+            fn = handwritten_lissa(apply_fn, loss, params, train, test, reg, rtol, 2000)
         cold = timed(fn)
         warm = timed(fn)
         return {
@@ -219,7 +277,9 @@ def run_method(
     }
 
 
-METHODS = "handwritten,cg,cg_batched,lissa,arnoldi,ekfac,projected,nystroem,direct"
+METHODS = (
+    "handwritten,handwritten_lissa,cg,cg_batched,lissa,arnoldi,ekfac,projected,nystroem,direct"
+)
 
 
 def _row(name: str, dtype: str, sizes: dict[str, int]) -> dict[str, float] | str:
@@ -263,21 +323,27 @@ def main() -> None:
     )
     print(head, flush=True)
     for dtype in args.dtypes.split(","):
-        reference: dict[str, float] | None = None
+        references: dict[str, dict[str, float]] = {}
         for name in args.jax_methods.split(","):
             r = _row(name, dtype, sizes)
             if isinstance(r, str):
                 print(f"{name:<12} {dtype:<8} failed: {r}", flush=True)
                 continue
-            if name == "handwritten":
-                reference = r
+            if name.startswith("handwritten"):
+                references[name] = r
+            # LiSSA against hand-written LiSSA where that row ran (CG needs far fewer
+            # iterations: against hand-written CG, LiSSA's ratio measures the method)
+            reference = references.get(
+                "handwritten_lissa" if name == "lissa" else "handwritten",
+                references.get("handwritten"),
+            )
             cold_x = r["cold_s"] / reference["cold_s"] if reference else float("nan")
             warm_x = r["warm_s"] / reference["warm_s"] if reference else float("nan")
             extra = r["cold_compiles"] - r["own_compiles"]
             warm_goal = 1.2 if name == "cg_batched" else 1.05
             goals = (
                 ""
-                if name == "handwritten"
+                if name.startswith("handwritten")
                 else " ".join(
                     f"{label}:{'ok' if ok else 'MISSED'}"
                     for label, ok in (

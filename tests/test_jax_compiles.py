@@ -115,8 +115,11 @@ def _gn(cls, reg, **options):
     ("name", "make", "reg", "bound", "extra", "rtol"),
     [
         ("cg", _gn(xi.CgInfluence, 1e-3), 1e-3, 16, 7, 1e-6),  # [42, 33 extra]
-        ("cg_batched", _gn(xi.CgInfluence, 1e-3, solver="batched"), 1e-3, 16, 7, 1e-6),  # [56, 47]
-        ("lissa", _gn(xi.LissaInfluence, 0.1, rtol=1e-9), 0.1, 21, 10, 1e-6),  # [66, 56]
+        # batched CG and LiSSA: 15/6 and 20/10 while each iteration ran the product and
+        # a step program from the host (34b9c72); now the loop, the product and the true
+        # residual are one program (_xp.compiled)
+        ("cg_batched", _gn(xi.CgInfluence, 1e-3, solver="batched"), 1e-3, 14, 5, 1e-6),  # [56, 47]
+        ("lissa", _gn(xi.LissaInfluence, 0.1, rtol=1e-9), 0.1, 19, 9, 1e-6),  # [66, 56]
         ("direct", _gn(xi.DirectInfluence, 1e-3), 1e-3, 17, 8, None),  # [40, 31] (the oracle)
         # approximations: their values are checked elsewhere (test_operators, test_jax_conv)
         # Arnoldi: 24 and 15 before its first step shared the later steps' programs;
@@ -162,3 +165,51 @@ def test_cold_compilations_do_not_grow_with_data_or_queries(name, make, reg, bou
     direct = _direct_scores(reg)
     err = np.max(np.abs(scores - direct)) / np.max(np.abs(direct))
     assert err < rtol, f"{name}: relative error {err:.2e} against DirectInfluence"
+
+
+def test_compiled_solves_tell_apart_models_that_differ_only_in_captured_arrays():
+    """Batched CG runs as one program cached by the text of its computation; two
+    models whose apply functions close over different arrays of the same shape
+    trace to the same text, and must not share a program (the second would use
+    the first one's array: a 7% error here)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(30, 4)))
+    y = jnp.asarray(rng.integers(0, 3, size=30))
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3)))}
+
+    def loss(logits, labels):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+    for scale in (1.0, 3.0):
+        mixing = jnp.asarray(np.eye(4) * scale)
+
+        def apply(p, xb, mixing=mixing):
+            return (xb @ mixing) @ p["w"]
+
+        gp = JaxGradientProvider(apply, params, loss)
+        cg = xi.CgInfluence(gp, regularization=0.1, solver="batched").fit([(x, y)])
+        direct = xi.DirectInfluence(gp, regularization=0.1).fit([(x, y)])
+        expected = np.asarray(direct.influences(x[:3], y[:3]))
+        err = np.max(np.abs(np.asarray(cg.influences(x[:3], y[:3])) - expected))
+        assert err <= 1e-8 * np.max(np.abs(expected)), f"scale {scale}: error {err:.2e}"
+
+
+def test_compiled_solves_report_nan_products_as_before():
+    """Inside the compiled loop nothing reads the products on the host: NaN must
+    still end batched CG and LiSSA with NonFiniteError (not a divergence, and not
+    silently), as where each product was checked (34b9c72)."""
+    from xinfluence.curvature import Dataset, make_curvature
+    from xinfluence.operators import LissaOperator, LissaOptions
+    from xinfluence.types import iter_batches
+
+    b = jnp.asarray(np.random.default_rng(0).normal(size=(3, 43)))
+    with pytest.raises(xi.NonFiniteError, match="at iteration 1"):
+        xi.linalg.cg(lambda v: v * jnp.nan, b)
+    apply, loss, params, train, _ = _problem(20)
+    gp = JaxGradientProvider(apply, params, loss)
+    curvature = make_curvature("gauss_newton", gp, Dataset(iter_batches([train]), gp))
+    op = LissaOperator(curvature, 0.1, LissaOptions(scale=10.0))
+    curvature.matmat = lambda v, shift=0.0: v * jnp.nan  # type: ignore[method-assign]
+    with pytest.raises(xi.NonFiniteError, match="curvature product"):
+        op.apply(b)

@@ -22,6 +22,7 @@ from ._xp import Array, Namespace
 from .curvature import Curvature
 from .errors import (
     DivergenceError,
+    NonFiniteError,
     NotConvergedError,
     NotConvergedWarning,
     NotPositiveDefiniteError,
@@ -170,6 +171,9 @@ def _check_on_failure(on_failure: str) -> None:
     if on_failure not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
 
+
+# LiSSA's iteration counter is an int32 array (jax's default integer width).
+_MAX_COUNT = 2**31 - 1
 
 #: CgInfluence's default relative residual tolerance in float64.
 CG_FLOAT64_RTOL = 1e-7
@@ -432,6 +436,10 @@ class LissaOperator(Operator):
     iterations end above ``rtol``, :class:`~xinfluence.errors.NotConvergedWarning`
     (or :class:`~xinfluence.errors.NotConvergedError` with ``on_failure="raise"``)
     reports the residual reached.
+
+    On jax, the iterations on the full data run as one compiled program
+    (``jax.lax.while_loop``); sampled batches are drawn on the host, one
+    iteration at a time.
     """
 
     def __init__(
@@ -542,43 +550,75 @@ class LissaOperator(Operator):
         b_norm = np.asarray(_xp.to_numpy(t_norms), dtype=np.float64)
         tol = rtol * b_norm
         limit = (10 * scale / reg if reg > 0 else 1e12) * np.maximum(b_norm, 1e-300) + 1e3
-        h = t
-        best = t  # the iterate with the smallest known worst relative residual
-        best_ratio = np.inf
-        best_residuals: np.ndarray | None = None
         progress = Reporter("LiSSA", o.maxiter)
-        # jax: one compiled program per iteration besides the product, with
-        # committed arguments from the first (see _xp.committed)
         step = _xp.maybe_jit(_lissa_step, xp=xp)
-        t = h = _xp.committed(t, xp=xp)
-        k = int(t.shape[0])
-        for it in range(1, o.maxiter + 1):
-            new, stats = step(t, h, matmat(h), reg, keep, scale, xp=xp)
-            stats_host = _xp.to_numpy(stats)  # one transfer: |new| and |new - h|
-            norms = stats_host[:k]
-            if not np.all(np.isfinite(norms)) or np.any(norms > limit):
-                raise self._divergence(it, float(np.max(norms)))
-            known = False
-            if not sampled:
-                # b - (C + mu I) h / scale = new - h: the exact residual of x = h / scale
-                residuals = stats_host[k:]
-                known = True
-            elif it % cadence == 0:
-                full = self.curvature.matmat(h) + reg * h
-                r = t - o.dampen * h - full / scale
-                residuals = _xp.to_numpy(xp.linalg.vector_norm(r, axis=1))
-                known = True
-            if known:
-                residuals = np.asarray(residuals, dtype=np.float64)
-                ratio = float(np.max(residuals / np.maximum(tol, 1e-300)))
-                if ratio < best_ratio:
-                    best, best_ratio, best_residuals = h, ratio, residuals
-                if np.all(residuals <= tol):
-                    break
-            h = new
+        k, device = int(t.shape[0]), _xp.device_of(t)
+        # the tests of the host (in float64) as arrays, for loops compiled on jax
+        wide = _xp.float64_or(t.dtype, xp=xp)
+        tol_a = _xp.from_numpy(tol, dtype=wide, device=device, xp=xp)
+        floor_a = _xp.from_numpy(np.maximum(tol, 1e-300), dtype=wide, device=device, xp=xp)
+        limit_a = _xp.from_numpy(limit, dtype=wide, device=device, xp=xp)
+        t = _xp.committed(t, xp=xp)
+
+        def body(state: tuple[Array, ...]) -> tuple[Array, ...]:
+            """One iteration: ``(h, best h, its worst residual / tol, its residuals,
+            count, status, max |h_new|)``, status 0 going, 1 converged, 2 diverged, 3
+            a non-finite product; ``best`` is the iterate with the smallest known
+            worst relative residual."""
+            h, best, best_ratio, best_residuals, count, _, _ = state
+            product = matmat(h)
+            new, stats = step(t, h, product, reg, keep, scale, xp=xp)
+            count = count + 1
+            stats = xp.astype(stats, wide)
+            norms = stats[:k]
+            bad = xp.any(~xp.isfinite(norms)) | xp.any(norms > limit_a)
+            residuals, known = stats[k:], True
+            if sampled:  # never compiled: the samples are drawn on the host
+                if int(count) % cadence:
+                    known = False
+                else:
+                    full = self.curvature.matmat(h) + reg * h
+                    r = t - o.dampen * h - full / scale
+                    residuals = xp.astype(xp.linalg.vector_norm(r, axis=1), wide)
+            ratio = xp.max(residuals / floor_a)
+            better = ~bad & (ratio < best_ratio) if known else xp.zeros_like(bad)
+            best = xp.where(better, h, best)
+            best_ratio = xp.where(better, ratio, best_ratio)
+            best_residuals = xp.where(better, residuals, best_residuals)
+            converged = ~bad & xp.all(residuals <= tol_a) if known else xp.zeros_like(bad)
+            status = 2 * xp.astype(bad, xp.int32) + xp.astype(converged, xp.int32)
+            if not sampled:  # the full data's products are checked (not inside compiled code)
+                status = xp.where(xp.any(~xp.isfinite(product)), xp.full_like(status, 3), status)
+            h = xp.where(status == 0, new, h)
+            return h, best, best_ratio, best_residuals, count, status, xp.max(norms)
+
+        def going(state: tuple[Array, ...]) -> Array:
+            return (state[5] == 0) & (state[4] < min(o.maxiter, _MAX_COUNT))
+
+        def observe(state: tuple[Array, ...]) -> None:
             if progress.due():
-                progress.report(it, f"best relative residual / rtol {best_ratio:.3e}")
+                best_ratio = float(_xp.to_numpy(state[2]))
+                progress.report(int(state[4]), f"best relative residual / rtol {best_ratio:.3e}")
+
+        def run(t: Array) -> tuple[Array, ...]:
+            inf = xp.full((), math.inf, dtype=wide, device=device)
+            zero = xp.zeros((), dtype=xp.int32, device=device)
+            best_residuals = xp.full((k,), math.inf, dtype=wide, device=device)
+            state = (t, t, inf, best_residuals, zero, zero, inf)
+            return _xp.while_loop(going, body, state, xp=xp, observe=observe)
+
+        # the full data: one compiled program on jax (sampled batches come from the host)
+        state = run(t) if sampled else _xp.compiled(run, t, xp=xp)
+        h, best, best_ratio = state[0], state[1], float(_xp.to_numpy(state[2]))
+        it, status = int(_xp.to_numpy(state[4])), int(_xp.to_numpy(state[5]))
+        if status == 3:
+            raise NonFiniteError("the curvature product contains NaN or inf values")
+        if status == 2:
+            raise self._divergence(it, float(_xp.to_numpy(state[6])))
         self.iterations = it
+        best_residuals: np.ndarray | None = None
+        if best_ratio < math.inf:
+            best_residuals = np.asarray(_xp.to_numpy(state[3]), dtype=np.float64)
         if best_residuals is None:  # never measured: measure the last iterate
             full = self.curvature.matmat(h) + reg * h
             best = h

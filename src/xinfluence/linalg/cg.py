@@ -23,7 +23,6 @@ from ._util import (
     apply_operator,
     check_solver_args,
     padded_with_tolerances,
-    residual_rows,
     row_norms,
     stall_reason,
 )
@@ -35,6 +34,9 @@ OnFailure = Literal["warn", "raise", "ignore"]
 # How often a row whose recurrence residual claims convergence, but whose true
 # residual does not, is restarted from the true residual ("residual replacement").
 _MAX_RESIDUAL_REPLACEMENTS = 5
+
+# The iteration counter is an int32 array (jax's default integer width).
+_MAX_COUNT = 2**31 - 1
 
 _INDEFINITE_M = (
     "conjugate gradients broke down at iteration {iterations}: r^T M r <= 0 for a nonzero "
@@ -76,6 +78,13 @@ def cg(
     is recomputed; rows whose true residual is not are restarted from it (at most
     5 times, and only while that keeps reducing it: below the attainable accuracy
     the solve stops and reports the rows as not converged).
+
+    On jax the iterations and the true residual run as one compiled program
+    (``jax.lax.while_loop``, no host synchronisation per iteration): ``matmat``
+    and ``preconditioner`` are traced once per call, so they must be pure
+    functions of their input (host side effects, such as drawing samples with
+    numpy, would run once); one that reads array values on the host runs
+    iteration by iteration instead.
 
     Args:
         matmat: ``(K, P) -> (K, P)``, the rows of its input multiplied by ``A``.
@@ -122,14 +131,13 @@ def cg(
     # Jit-compiling namespaces (jax): zero rows (converged from the start) pad the
     # right-hand sides to a few fixed counts, so that every query of a problem
     # runs the same compiled programs; the first direction comes from the same
-    # program as the others (from p = 0 and r^T z = 1).
+    # code as the others (from p = 0 and r^T z = 1), and the iterations up to the
+    # true residual run as one compiled program (see _xp.compiled).
     n_padded = _xp.padded_rows(n_rows, xp=xp)
     start = _xp.maybe_jit(_start, xp=xp, static_argnames=("xp", "n_padded"))
     update = _xp.maybe_jit(_update, xp=xp)
     new_direction = _xp.maybe_jit(_new_direction, xp=xp)
-    residual = _xp.maybe_jit(residual_rows, xp=xp, static_argnames=("xp", "n_rows"))
     b, tol, x, done, p, rz, flags = start(b, float(rtol), float(atol), xp=xp, n_padded=n_padded)
-    p_zero, rz_one, flags_zero = p, rz, flags
     r = b
     x_is_zero = True
     if x0 is not None:
@@ -144,62 +152,100 @@ def cg(
         r = b - apply_a(x)
         done = row_norms(r, xp=xp) <= tol
         x_is_zero = False
-    # jax: each iteration runs two compiled programs around the products, with
-    # committed arguments from the first (see _xp.committed)
-    x, r, p, rz, done, tol, flags = (
-        _xp.committed(a, xp=xp) for a in (x, r, p, rz, done, tol, flags)
-    )
-    p, rz, flags = new_direction(r, apply_m(r), p, rz, done, flags, xp=xp)
-
-    iterations = 0
-    replacements = 0
-    operator_norm = 0.0
-    last_excess = math.inf
-    tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
-    f = [float(v) for v in _xp.to_numpy(flags)]
-    all_done = bool(f[3])
-    if bool(f[4]):
-        raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=0))
     progress = Reporter("CG", maxiter)
-    while True:
-        while not all_done and iterations < maxiter:
-            ap = apply_a(p)
-            x, r, done, flags = update(x, r, p, ap, rz, done, tol, xp=xp)
-            z = apply_m(r)
-            p, rz, flags = new_direction(r, z, p, rz, done, flags, xp=xp)
-            iterations += 1
-            # One small host transfer per iteration.
-            f = [float(v) for v in _xp.to_numpy(flags)]
-            indefinite_a, ratio, all_done, indefinite_m = bool(f[0]), f[2], bool(f[3]), bool(f[4])
-            nonfinite = bool(f[1] or f[5])
-            if np.isfinite(ratio):
-                operator_norm = max(operator_norm, ratio)
-            if progress.due():
-                worst = float(_xp.to_numpy(xp.max(row_norms(r, xp=xp))))
-                progress.report(iterations, f"largest residual {worst:.3e}")
-            if nonfinite:
-                raise NonFiniteError(
-                    f"conjugate gradients produced NaN or inf at iteration {iterations}: "
-                    "check the operator and the preconditioner"
-                )
-            if indefinite_a:
-                raise not_positive_definite(
-                    f"conjugate gradients broke down at iteration {iterations}: p^T A p <= 0 "
-                    "for some search direction p",
-                    matmat,
-                    b,
-                    xp=xp,
-                )
-            if indefinite_m:
-                raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=iterations))
+    limit = min(maxiter, _MAX_COUNT)
 
-        if x_is_zero and iterations == 0:
-            true_residual, true_norms, solution = b, row_norms(b, xp=xp), x[:n_rows, :]
+    def stopping(state: tuple[Array, ...]) -> tuple[Array, Array]:
+        """``(stop, breakdown)``: whether to stop iterating (every row done, maxiter
+        or a breakdown) and whether a breakdown flag is set (flags: A indefinite,
+        non-finite p^T A p, ratio, all done, M indefinite, non-finite r^T z, the
+        last checked from the first iteration on)."""
+        flags, count = state[5], state[6]
+        broken = (flags[0] != 0) | (flags[1] != 0) | (flags[4] != 0)
+        broken = broken | ((flags[5] != 0) & (count > 0))
+        return broken | (flags[3] != 0) | (count >= limit), broken
+
+    def iterate(state: tuple[Array, ...], ap: Array) -> tuple[Array, ...]:
+        x, r, p, rz, done, flags, count, norm = state[:8]
+        x, r, done, flags = update(x, r, p, ap, rz, done, tol, xp=xp)
+        p, rz, flags = new_direction(r, apply_m(r), p, rz, done, flags, xp=xp)
+        ratio = flags[2]  # a lower bound on |A| (for the warning)
+        norm = xp.where(xp.isfinite(ratio) & (ratio > norm), ratio, norm)
+        return x, r, p, rz, done, flags, count + 1, norm
+
+    def step(state: tuple[Array, ...]) -> tuple[Array, ...]:
+        """One CG iteration, or (``final``) the true residual ``b - A x``: either
+        way one product, so that compiled code holds a single copy of it."""
+        x, p, true_r, final = state[0], state[2], state[8], state[9]
+        if _xp.is_traced(final):  # compiled: both, then a selection
+            av = apply_a(xp.where(final, x, p))
+            stepped = iterate(state, av)
+            kept = tuple(xp.where(final, a, a_new) for a, a_new in zip(state[:8], stepped))
+            true_r = xp.where(final, b - av, true_r)
+        elif bool(final):
+            kept, true_r = state[:8], b - apply_a(x)
         else:
-            true_residual, true_norms, solution = residual(b, apply_a(x), x, xp=xp, n_rows=n_rows)
+            kept = stepped = iterate(state, apply_a(p))
+        stop, broken = stopping(kept)
+        finished = final | (stop & broken)  # after a breakdown: no true residual
+        return (*kept, true_r, ~final & stop & ~broken, finished)
+
+    def observe(state: tuple[Array, ...]) -> None:
+        if progress.due():
+            worst = float(_xp.to_numpy(xp.max(row_norms(state[1], xp=xp))))
+            progress.report(int(state[6]), f"largest residual {worst:.3e}")
+
+    def segment(*state: Array) -> tuple[Array, ...]:
+        """From ``(x, r, p, rz, done, flags, count, |A| bound)``, with ``p`` and ``rz``
+        those of the previous direction: the iterations until every row is done,
+        ``maxiter`` or a breakdown, then the true residual; the state and
+        ``(b - A x, its row norms, the solution rows, the rows it meets tol)``."""
+        x, r, p, rz, done, flags = state[:6]
+        p, rz, flags = new_direction(r, apply_m(r), p, rz, done, flags, xp=xp)
+        state = (x, r, p, rz, done, flags, *state[6:])
+        stop, broken = stopping(state)
+        if x_is_zero and not _xp.is_traced(stop) and bool(stop & ~broken):
+            true_r = b  # converged at the start: b - A 0 without a product
+        else:
+            state = (*state, b, stop & ~broken, stop & broken)
+            state = _xp.while_loop(lambda s: ~s[10], step, state, xp=xp, observe=observe)
+            state, true_r = state[:8], state[8]
+        true_norms = row_norms(true_r, xp=xp)
+        return (*state, true_r, true_norms, state[0][:n_rows, :], true_norms <= tol)
+
+    count = xp.zeros((), dtype=xp.int32, device=_xp.device_of(b))
+    norm = xp.zeros((), dtype=b.dtype, device=_xp.device_of(b))
+    state = (x, r, p, rz, done, flags, count, norm)
+    # jax: the arguments of compiled programs are committed (see _xp.committed)
+    state = tuple(_xp.committed(a, xp=xp) for a in state)
+    b, tol = _xp.committed(b, xp=xp), _xp.committed(tol, xp=xp)
+    p_zero, rz_one, flags_zero = state[2], state[3], state[5]
+    tol_host = np.asarray(_xp.to_numpy(tol), dtype=np.float64)
+    replacements = 0
+    last_excess = math.inf
+    while True:
+        out = _xp.compiled(segment, *state, xp=xp)
+        state, (true_residual, true_norms, solution, done) = out[:8], out[8:]
+        f = [float(v) for v in _xp.to_numpy(state[5])]
+        iterations, operator_norm = int(_xp.to_numpy(state[6])), float(_xp.to_numpy(state[7]))
+        if iterations and (f[1] or f[5]):
+            raise NonFiniteError(
+                f"conjugate gradients produced NaN or inf at iteration {iterations}: "
+                "check the operator and the preconditioner"
+            )
+        if f[0]:
+            raise not_positive_definite(
+                f"conjugate gradients broke down at iteration {iterations}: p^T A p <= 0 "
+                "for some search direction p",
+                matmat,
+                b,
+                xp=xp,
+            )
+        if f[4]:
+            raise NotPositiveDefiniteError(_INDEFINITE_M.format(iterations=iterations))
         residual_norms = np.asarray(_xp.to_numpy(true_norms), dtype=np.float64)
         converged = residual_norms <= tol_host
-        if not all_done or iterations >= maxiter or bool(np.all(converged)):
+        if not f[3] or iterations >= maxiter or bool(np.all(converged)):
             break
         # Every recurrence residual is below tolerance but some true residual is not:
         # restart those rows from the true residual, unless that stopped paying off
@@ -210,10 +256,9 @@ def cg(
             break
         last_excess = excess
         replacements += 1
-        done = true_norms <= tol
-        all_done = False
-        r = true_residual
-        p, rz, flags = new_direction(r, apply_m(r), p_zero, rz_one, done, flags_zero, xp=xp)
+        x, count, norm = state[0], state[6], state[7]
+        state = (x, true_residual, p_zero, rz_one, done, flags_zero, count, norm)
+        x_is_zero = False
 
     x, residual_norms, converged = solution, residual_norms[:n_rows], converged[:n_rows]
     result = SolverResult(
