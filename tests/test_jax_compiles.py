@@ -136,14 +136,15 @@ def _gn(cls, reg, **options):
             "ekfac",
             _gn(xi.EkfacInfluence, 1e-3, block_structure="layer"),
             1e-3,
-            18,
-            10,
+            16,
+            8,
             None,
         ),  # [41, 32]; 27 and 18 before its layers' passes ran as one program each,
-        # 20 and 12 at 34b9c72 (eigenbases, means and the convexity check then
-        # separate programs); 4 of the 9 extra: the layers' per-sample gradients
-        # from the pass the blocks share and their contraction (one program each
-        # per layer shape), 2 the restricted providers' flattened parameters
+        # 20 and 12 at 34b9c72 (eigenbases, means, the convexity check, and each
+        # layer's per-sample gradients apart from its contraction were separate
+        # programs); of the 7 extra, 2 are the layers' queries (per-sample gradients
+        # from the pass the blocks share and the contraction: one program per layer
+        # shape), 2 the restricted providers' flattened parameters
         (
             "projected",
             lambda gp: xi.ProjectedInfluence(gp, k=8, regularization=1e-3),
