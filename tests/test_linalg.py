@@ -13,13 +13,19 @@ import numpy as np
 import pytest
 
 from xinfluence._xp import namespace_name, to_numpy
-from xinfluence.errors import NotConvergedError, NotConvergedWarning, NotPositiveDefiniteError
+from xinfluence.errors import (
+    NonFiniteError,
+    NotConvergedError,
+    NotConvergedWarning,
+    NotPositiveDefiniteError,
+)
 from xinfluence.linalg import (
     EigenResult,
     JacobiPreconditioner,
     NystroemPreconditioner,
     SolverResult,
     block_cg,
+    block_lanczos,
     cg,
     hutchinson_diagonal,
     lanczos,
@@ -518,3 +524,20 @@ def test_nystroem_rejects_indefinite_and_bad_rank(xp, to_xp, eig_kwargs):
         nystroem(lambda v: -v, 6, rank=3, **eig_kwargs)
     with pytest.raises(ValueError, match="rank"):
         nystroem(lambda v: v, 6, rank=7, **eig_kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: invalid value in matmul
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("solver", ["nystroem", "lanczos"])
+def test_eigensolvers_reject_non_finite_products(xp, to_xp, eig_kwargs, solver, bad):
+    """The low-rank models pass their curvature products unchecked (the solvers
+    check what they compute from them): a NaN or inf entry must be an error."""
+    size = 12
+    a, _ = with_spectrum(np.logspace(-1, 1, size), seed=5)
+    a[3, 4] = a[4, 3] = bad
+    op = lambda v: v @ to_xp(a)  # noqa: E731
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        if solver == "nystroem":
+            nystroem(op, size, rank=4, **eig_kwargs)
+        else:
+            block_lanczos(op, size, rank=4, **eig_kwargs)

@@ -417,6 +417,26 @@ class EkfacBilinearForm(BilinearForm):
     def __init__(self, operator: EkfacOperator):
         self.operator = operator
 
+    def grads_inner_prod(
+        self, left: Batch, right: Batch | None, gradient_provider: GradientProvider
+    ) -> Array:
+        grads_then = getattr(gradient_provider, "grads_then", None)
+        if grads_then is None:  # a provider without shared layer factors
+            return super().grads_inner_prod(left, right, gradient_provider)
+        op = self.operator
+        # the gradients from the layer factors, the operator and the contraction:
+        # one compiled program per layer on jax
+        return grads_then(
+            _ekfac_scaled_contract,
+            left,
+            right,
+            op.q_s,
+            op.q_a,
+            op.eigenvalues,
+            op.regularization,
+            static=(("layout", op.layout), ("slices", op._slices())),
+        )
+
     def inner_prod(self, left: Array, right: Array | None) -> Array:
         op = self.operator
         if left.ndim != 2 or left.shape[-1] != op.input_size:

@@ -126,9 +126,13 @@ class Curvature(ABC):
     def device(self) -> Any:
         return self.gp.device
 
-    def matmat(self, v: Array, shift: float = 0.0) -> Array:
+    def matmat(self, v: Array, shift: float = 0.0, *, check: bool = True) -> Array:
         """``v @ C`` for ``v`` of shape ``(K, P)`` (``C`` is symmetric): ``(K, P)``;
-        ``v @ (C + shift I)`` with ``shift`` (damping, in the same pass)."""
+        ``v @ (C + shift I)`` with ``shift`` (damping, in the same pass).
+
+        :class:`~xinfluence.errors.NonFiniteError` where the product holds NaN or
+        inf; ``check=False`` leaves that to a caller that checks what it computes
+        from the product anyway (jax: one batch then runs no program here)."""
         if v.ndim != 2 or v.shape[1] != self.size:
             raise ValueError(f"expected shape (K, {self.size}), got {tuple(v.shape)}")
         total = None
@@ -147,6 +151,8 @@ class Curvature(ABC):
             self._progress.report(self._passes, f"{n} samples, {v.shape[0]} vectors")
         if total is None:
             raise ValueError("cannot multiply by the curvature of an empty dataset")
+        if not check and first == n and not shift:
+            return total
         return _xp.scale_shift_checked(
             total, v, first / n, shift, xp=self.xp, what="the curvature product"
         )

@@ -169,9 +169,49 @@ class LayerGradients:
             a, s, g, **self._options()
         )
 
+    def grads_then(
+        self,
+        fn: Any,
+        left: Batch,
+        right: Batch | None,
+        *args: Any,
+        static: tuple[tuple[str, Any], ...] = (),
+    ) -> Array:
+        """``fn(G_left, G_right, *args, xp=xp, **dict(static))`` with the block's
+        per-sample gradients of ``left`` and ``right`` (``G_right = G_left`` where
+        ``right`` is None) from the layer factors: on jax one compiled program per
+        layer shape for the gradients and what ``fn`` does with them (a bilinear
+        form's operator and contraction), not one each. ``fn`` is a module-level
+        function of arrays; ``static`` its hashable options."""
+        a, s = self._factors(left)
+        a_r, s_r = (None, None) if right is None else self._factors(right)
+        xp = self.gp.xp
+        program = _xp.maybe_jit(_grads_then, xp=xp, static_argnames=(*_STATIC, "fn", "static"))
+        return program(a, s, a_r, s_r, *args, fn=fn, static=static, **self._options())
+
 
 # one compiled program per layer shape on jax (not one per eager operation)
 _STATIC = ("layout", "bias", "weight", "xp")
+
+
+def _grads_then(
+    a: Array,
+    s: Array,
+    a_r: Array | None,
+    s_r: Array | None,
+    /,
+    *args: Any,
+    fn: Any,
+    static: tuple[tuple[str, Any], ...],
+    layout: str,
+    bias: Any,
+    weight: Any,
+    xp: Any,
+) -> Array:
+    options = {"layout": layout, "bias": bias, "weight": weight, "xp": xp}
+    left = _flat_grads(a, s, **options)
+    right = left if a_r is None or s_r is None else _flat_grads(a_r, s_r, **options)
+    return fn(left, right, *args, xp=xp, **dict(static))
 
 
 def _parts(a: Array, s: Array, /, *, layout: str, bias: Any, xp: Any) -> tuple[Array, Array | None]:

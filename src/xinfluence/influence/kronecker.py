@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, final
 
 from .. import _xp
@@ -101,19 +102,23 @@ def _ekfac_accumulate_diagonal(
 def _kfac_accumulate_layers(
     factors: dict[str, tuple[Array, Array]],
     previous: dict[str, tuple[Array, Array]] | None,
+    n: float | None,
     /,
     *,
     xp: Namespace,
     biases: tuple[tuple[str, bool], ...],
-) -> dict[str, tuple[Array, Array]]:
+) -> dict[str, Any]:
     """:func:`_kfac_accumulate` for every layer of ``biases`` (layer, has bias):
-    one compiled program per model (and batch shape) on jax."""
-    return {
+    one compiled program per model (and batch shape) on jax. On the last batch,
+    ``n`` the number of samples: the eigenbases of the sums
+    (:func:`_kfac_eigenbases_layers`) in the same program."""
+    cov = {
         layer: _kfac_accumulate(
             *factors[layer], None if previous is None else previous[layer], xp=xp, bias=bias
         )
         for layer, bias in biases
     }
+    return cov if n is None else _kfac_eigenbases_layers(cov, n, xp=xp)
 
 
 def _kfac_eigenbases_layers(
@@ -127,13 +132,16 @@ def _ekfac_accumulate_diagonal_layers(
     factors: dict[str, tuple[Array, Array]],
     bases: dict[str, tuple[Array, Array, Array]],
     previous: dict[str, Array] | None,
+    n: float | None,
     /,
     *,
     xp: Namespace,
     biases: tuple[tuple[str, bool], ...],
 ) -> dict[str, Array]:
-    """:func:`_ekfac_accumulate_diagonal` for every layer: one compiled program on jax."""
-    return {
+    """:func:`_ekfac_accumulate_diagonal` for every layer: one compiled program on
+    jax. On the last batch, ``n`` the number of samples: the sums divided by it
+    (the means) in the same program."""
+    sums = {
         layer: _ekfac_accumulate_diagonal(
             *factors[layer],
             bases[layer][0],
@@ -144,11 +152,21 @@ def _ekfac_accumulate_diagonal_layers(
         )
         for layer, bias in biases
     }
+    return sums if n is None else {layer: total / n for layer, total in sums.items()}
 
 
-def _divide_layers(sums: dict[str, Array], n: float, /, *, xp: Namespace) -> dict[str, Array]:
-    """Every layer's sum divided by ``n``: one compiled program on jax."""
-    return {layer: total / n for layer, total in sums.items()}
+def _with_last(batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
+    """``(batch, whether it is the last)``, one batch read ahead: the last batch's
+    program also finishes the pass (jax: one program fewer per pass)."""
+    it = iter(batches)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def _rotated_gradient_squares(s_rot: Array, a_rot: Array, *, xp: Namespace) -> Array:
@@ -300,27 +318,35 @@ class EkfacInfluence(ComposableInfluence):
                 )
             return out
 
-        # jax: each pass is one compiled program for all layers (per batch shape)
+        # jax: each pass is one compiled program for all layers (per batch shape),
+        # whose run on the last batch also finishes the pass (eigenbases, means)
         statics = ("xp", "biases")
         accumulate = _xp.maybe_jit(_kfac_accumulate_layers, xp=xp, static_argnames=statics)
-        eigenbases = _xp.maybe_jit(_kfac_eigenbases_layers, xp=xp)
         diagonal = _xp.maybe_jit(_ekfac_accumulate_diagonal_layers, xp=xp, static_argnames=statics)
         biases = tuple((layer, bias is not None) for layer, (_, bias) in layers.items())
-        cov: dict[str, tuple[Array, Array]] | None = None
+        sums: dict[str, Any] | None = None
         n = 0
-        for batch in dataset:
-            cov = accumulate(dict(layer_factors(batch)), cov, xp=xp, biases=biases)
+        for batch, last in _with_last(dataset):
             n += len(batch)
-        if n == 0 or cov is None:
+            total = float(n) if last else None
+            sums = accumulate(dict(layer_factors(batch)), sums, total, xp=xp, biases=biases)
+        if n == 0 or sums is None:
             raise ValueError("cannot fit on an empty dataset")
-        bases = eigenbases(cov, float(n), xp=xp)
+        bases: dict[str, tuple[Array, Array, Array]] = sums
         if self.update_diagonal:
             corrected: dict[str, Array] | None = None
-            for batch in dataset:
+            seen = 0
+            for batch, last in _with_last(dataset):
+                seen += len(batch)
                 factors_now = dict(layer_factors(batch))
-                corrected = diagonal(factors_now, bases, corrected, xp=xp, biases=biases)
-            assert corrected is not None
-            corrected = _xp.maybe_jit(_divide_layers, xp=xp)(corrected, float(n), xp=xp)
+                total = float(seen) if last else None
+                corrected = diagonal(factors_now, bases, corrected, total, xp=xp, biases=biases)
+            if corrected is None or seen != n:
+                raise ValueError(
+                    f"EkfacInfluence: the data gave {n} samples in the first pass and "
+                    f"{seen} in the second; fit needs data that can be iterated twice "
+                    "with the same batches (a list, or a re-iterable loader)"
+                )
             bases = {k: (q_s, q_a, corrected[k]) for k, (q_s, q_a, _) in bases.items()}
         comps: OrderedDict[str, OperatorGradientComposition] = OrderedDict()
         for layer, names in self.blocks.items():

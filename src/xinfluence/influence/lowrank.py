@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, final
 
 from ..curvature import Dataset
@@ -96,7 +97,7 @@ class ArnoldiInfluence(_CurvatureInfluence):
         rank = min(self.rank, curvature.size)
         krylov = self.krylov_dimension
         eig = block_lanczos(
-            curvature.matmat,
+            functools.partial(curvature.matmat, check=False),  # it checks its products
             curvature.size,
             rank=rank,
             block_size=None if self.block_size is None else min(self.block_size, curvature.size),
@@ -155,7 +156,7 @@ class NystroemSketchInfluence(_CurvatureInfluence):
     ) -> Operator:
         curvature = self._curvature(gp, data)
         sketch = nystroem(
-            curvature.matmat,
+            functools.partial(curvature.matmat, check=False),  # it checks its product
             curvature.size,
             rank=min(self.rank, curvature.size),
             seed=self.seed,

@@ -213,14 +213,23 @@ def _project_once(
 
 
 def _block_recurrence(
-    w: Array, block: Array, coupling: Array | None, previous: Array, /, *, xp: Namespace
-) -> tuple[Array, Array]:
-    """``(w - A_j Q_j - B_j Q_{j-1}, A_j)`` with ``A_j = w Q_j^T`` (rows)."""
+    w: Array,
+    block: Array,
+    coupling: Array | None,
+    previous: Array,
+    store: Array,
+    offset: int,
+    /,
+    *,
+    xp: Namespace,
+) -> tuple[Array, Array, Array]:
+    """``(w - A_j Q_j - B_j Q_{j-1}, A_j, store)`` with ``A_j = w Q_j^T`` (rows),
+    ``store`` the basis with ``Q_j`` (``block``) in its rows from ``offset``."""
     c_loc = w @ xp.matrix_transpose(block)
     w = w - c_loc @ block
     if coupling is not None:
         w = w - coupling @ previous
-    return w, c_loc
+    return w, c_loc, _xp.set_rows(store, offset, block, xp=xp)
 
 
 def _first_store(block: Array, /, *, xp: Namespace, rows: int) -> Array:
@@ -377,7 +386,7 @@ def block_lanczos(
         ``krylov_dimension`` and ``matmat_calls``.
     """
     from .._config import memory_budget
-    from ..errors import NotConvergedError, NotConvergedWarning, warn
+    from ..errors import NonFiniteError, NotConvergedError, NotConvergedWarning, warn
 
     size = check_positive_int(size, "size")
     rank = check_positive_int(rank, "rank")
@@ -464,27 +473,29 @@ def block_lanczos(
         if store is None:
             first_store = _xp.maybe_jit(_first_store, xp=xp, static_argnames=("xp", "rows"))
             store = first_store(block, xp=xp, rows=m_max)
-        else:
-            store = _xp.set_rows(store, dim, block, xp=xp)
-        basis = store if fixed else store[: dim + r_j, :]
-        dim += r_j
         w = apply_operator(matmat, block, xp=xp)  # (r_j, P) = Q_j A
         calls += 1
         # The three-term recurrence first (w -= A_j Q_j + B_j Q_{j-1}), then one
         # full pass against the basis (a second only where it removed most of a
         # row): the full passes read the whole basis and dominate the step.
         # the first step's coupling is zero (exactly: w - 0 Q_j = w), so that one
-        # program serves every step
+        # program serves every step; it also stores Q_j in the basis
         b_host = np.zeros((r_j, r_j)) if coupling is None else coupling
         b_j = _xp.from_numpy(b_host, dtype=dtype, device=device, xp=xp)
-        w, c_loc = recurrence(w, block, b_j, previous, xp=xp)
+        w, c_loc, store = recurrence(w, block, b_j, previous, store, dim, xp=xp)
+        c_host = _xp.to_numpy(c_loc)
+        if not np.all(np.isfinite(c_host)):  # NaN or inf in w reaches A_j = w Q_j^T
+            raise NonFiniteError(
+                "block Lanczos: the product of matmat contains NaN or inf values "
+                "(or overflows the dtype)"
+            )
+        basis = store if fixed else store[: dim + r_j, :]
+        dim += r_j
         w, coef = project(w, basis)
         assert coef is not None
         # the diagonal block of T, c_loc + coef[:, columns], summed on the host in
         # the working dtype (coef is only (r_j, m_max))
-        a_j = np.asarray(
-            _xp.to_numpy(c_loc) + _xp.to_numpy(coef)[:, dim - r_j : dim], dtype=np.float64
-        )
+        a_j = np.asarray(c_host + _xp.to_numpy(coef)[:, dim - r_j : dim], dtype=np.float64)
         a_j = 0.5 * (a_j + a_j.T)
         blocks_t.append((dim - r_j, dim - r_j, a_j))
         scale = max(scale, float(np.max(np.abs(np.linalg.eigvalsh(a_j)))) if r_j else 0.0)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _xp
 from .._xp import Array, Namespace
-from ..errors import NotPositiveDefiniteError
+from ..errors import NonFiniteError, NotPositiveDefiniteError
 from ._results import EigenResult
 from ._util import MatMat, apply_operator, check_positive_int, resolve_namespace
 
@@ -47,7 +47,8 @@ def nystroem(
 
     Args:
         matmat: ``(K, P) -> (K, P)``, the rows of its input multiplied by the
-            PSD ``A`` (called once with ``K = rank``).
+            PSD ``A`` (called once with ``K = rank``; on jax with zero rows up
+            to :func:`~xinfluence._xp.padded_rows`, the solvers' fixed counts).
         size: ``P``, the dimension of ``A``.
         rank: sketch size ``r``, ``1 <= r <= size``.
         seed: seed (or numpy ``Generator``) for ``Ω``.
@@ -61,6 +62,7 @@ def nystroem(
     Raises:
         NotPositiveDefiniteError: ``Ω^T A Ω`` has clearly negative eigenvalues
             (the operator is not PSD).
+        NonFiniteError: the product ``A Ω`` holds NaN or inf.
     """
     size = check_positive_int(size, "size")
     rank = check_positive_int(rank, "rank")
@@ -69,15 +71,21 @@ def nystroem(
         raise ValueError(f"rank must be <= size, got rank={rank} > size={size}")
 
     omega = _xp.random_normal((size, rank), seed=seed, dtype=dtype, device=device, xp=xp)
-    # jax: the steps between host decisions are compiled programs (a few, not ~25)
-    omega_t = _xp.maybe_jit(_orthonormal_rows, xp=xp)(omega, xp=xp)  # (r, P)
-    y_t = apply_operator(matmat, omega_t, xp=xp)  # (r, P): rows are (A Ω)^T
+    # jax: the steps between host decisions are compiled programs (a few, not ~25),
+    # and Ω^T has zero rows up to the solvers' fixed row counts (the product's
+    # shape: no padding or slicing of it compiles)
+    rows = _xp.padded_rows(rank, xp=xp)
+    orthonormal = _xp.maybe_jit(_orthonormal_rows, xp=xp, static_argnames=("xp", "rows"))
+    omega_t = orthonormal(omega, xp=xp, rows=rows)  # (rows, P)
+    y_t = apply_operator(matmat, omega_t, xp=xp)  # (rows, P): rows are (A Ω)^T
     eps = _xp.finfo_eps(dtype, xp=xp)
-    y_t, core, shift = _xp.maybe_jit(_shifted_core, xp=xp)(
-        y_t, omega_t, math.sqrt(size) * eps, xp=xp
+    shifted = _xp.maybe_jit(_shifted_core, xp=xp, static_argnames=("xp", "rank"))
+    y_t, core, shift, factor, ok, bad = shifted(
+        y_t, omega_t, math.sqrt(size) * eps, xp=xp, rank=rank
     )
-    factor = _xp.cholesky_or_none(core, xp=xp)
-    if factor is not None:
+    if bool(bad):
+        raise NonFiniteError("nystroem: the product of matmat contains NaN or inf values")
+    if bool(ok):
         u, eigenvalues = _xp.maybe_jit(_from_factor, xp=xp)(factor, y_t, shift, xp=xp)
         return EigenResult(eigenvalues=eigenvalues, eigenvectors=u)
     w, v = xp.linalg.eigh(core)
@@ -96,20 +104,33 @@ def nystroem(
     return EigenResult(eigenvalues=eigenvalues, eigenvectors=u)
 
 
-def _orthonormal_rows(omega: Array, /, *, xp: Namespace) -> Array:
-    """``Q^T`` of the QR factorisation of ``omega`` (P, r): (r, P), orthonormal rows."""
+def _orthonormal_rows(omega: Array, /, *, xp: Namespace, rows: int) -> Array:
+    """``Q^T`` of the QR factorisation of ``omega`` (P, r): (r, P), orthonormal
+    rows, then zero rows up to ``rows``."""
     q, _ = xp.linalg.qr(omega)
-    return xp.matrix_transpose(q)
+    q_t = xp.matrix_transpose(q)
+    extra = rows - int(q_t.shape[0])
+    if extra <= 0:
+        return q_t
+    zeros = xp.zeros((extra, int(q_t.shape[1])), dtype=q_t.dtype, device=_xp.device_of(q_t))
+    return xp.concat([q_t, zeros], axis=0)
 
 
 def _shifted_core(
-    y_t: Array, omega_t: Array, relative_shift: float, /, *, xp: Namespace
-) -> tuple[Array, Array, Array]:
-    """``(Y_ν^T, Ω^T Y_ν, ν)``: the sketch shifted by ``ν = relative_shift |Y|_F``
-    (for a stable Cholesky of the core) and the symmetrised core (r, r)."""
+    y_t: Array, omega_t: Array, relative_shift: float, /, *, xp: Namespace, rank: int
+) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """``(Y_ν^T, C, ν, L, ok, whether Y holds NaN or inf)``: the sketch (its first
+    ``rank`` rows) shifted by ``ν = relative_shift |Y|_F`` (for a stable Cholesky
+    of the core), the symmetrised core ``C = Ω^T Y_ν`` (r, r), its lower
+    Cholesky factor and whether that exists (:func:`~xinfluence._xp.cholesky_checked`)."""
+    if int(y_t.shape[0]) != rank:
+        y_t, omega_t = y_t[:rank, :], omega_t[:rank, :]
+    bad = xp.logical_not(xp.all(xp.isfinite(y_t)))
     shift = relative_shift * xp.linalg.vector_norm(y_t, axis=None)
     y_t = y_t + shift * omega_t
-    return y_t, _xp.symmetrize(omega_t @ xp.matrix_transpose(y_t), xp=xp), shift
+    core = _xp.symmetrize(omega_t @ xp.matrix_transpose(y_t), xp=xp)
+    factor, ok = _xp.cholesky_checked(core, xp=xp)
+    return y_t, core, shift, factor, ok, bad
 
 
 def _from_factor(

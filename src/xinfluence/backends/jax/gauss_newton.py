@@ -156,8 +156,10 @@ class _GaussNewton:
         return total / batch.x.shape[0]
 
     def _kfac_ggn_fn(self) -> Callable[..., Any]:
-        """Jitted ``(leaves, x, y) -> ({layer: (a, s)}, eigenvalues of H_i)`` with
-        ``s`` ``(N, M, O)`` the Gauss-Newton pseudo-gradients at the layer's output."""
+        """Jitted ``(leaves, x, y) -> ({layer: (a, s)}, lam, (max |lam|, min lam))``
+        with ``s`` ``(N, M, O)`` the Gauss-Newton pseudo-gradients at the layer's
+        output and ``lam`` ``(N, M)`` the eigenvalues of the ``H_i``: the convexity
+        check's extremes in the same program (zeros without samples)."""
         cached = getattr(self, "_kfac_ggn_jit", None)
         if cached is not None:
             return cached
@@ -202,7 +204,7 @@ class _GaussNewton:
                     aa = jnp.sum(a * a, axis=1)[:, None, None]
                     s = jnp.where(aa > 0, ga / jnp.where(aa > 0, aa, 1), 0)
                 result[layer] = (a, s)
-            return result, lam
+            return result, lam, _extremes(lam) if lam.size else jnp.zeros(2, dtype=lam.dtype)
 
         jitted = jax.jit(fn)
         self._kfac_ggn_jit = jitted
@@ -227,16 +229,19 @@ class _GaussNewton:
             return OrderedDict()
         m = self._model
         out: dict[str, tuple[Array, Array]] = {}
-        if m.dense:
-            out, lam = self._kfac_ggn_fn()(m.leaves, batch.x, batch.y)
+        extremes = None  # (max |lam|, min lam) of lam, the eigenvalues of the H_i
+        if m.dense:  # the same H_i as the traced layers': one check
+            out, lam, extremes = self._kfac_ggn_fn()(m.leaves, batch.x, batch.y)
         if m.traced:
             fn = m.conv_fn(batch.x, ggn=True, layers=tuple(m.traced))
             conv, lam = fn(m.leaves, batch.x, batch.y)
             out.update(conv)
+            if extremes is None and lam.size:
+                extremes = _extremes(lam)
         # the pseudo-gradients used the eigenvalues clipped to zero; rounding puts
         # the exact zero eigenvalue of a softmax Hessian at about +-eps (entries of
         # H_i err by eps times the O(1) probabilities however small H_i is): scale >= 1
-        top, low = (float(v) for v in np.asarray(_extremes(lam))) if lam.size else (0.0, 0.0)
+        top, low = (float(v) for v in np.asarray(extremes)) if lam.size else (0.0, 0.0)
         tol = _xp.psd_rounding_tolerance(lam.dtype, lam.shape[-1], max(top, 1.0), xp=self.xp)
         if lam.size and low < -tol:
             raise ValueError(
