@@ -113,8 +113,10 @@ def problem(n_train: int, n_test: int, hidden: int, dtype: str, seed: int = 0):
     return apply_fn, loss, params, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
-def handwritten(apply_fn, loss, params, train, test, reg: float, rtol: float):
-    """The reference: one jitted program, vmap(grad) + jvp-of-grad HVP + jax CG."""
+def _reference_parts(apply_fn, loss, params, train):
+    """What both hand-written references start from: the flat parameters, the
+    per-sample gradients ``(t, x, y) -> (N, P)`` by ``vmap(grad)`` and the gradient of
+    the mean training loss."""
     import jax
     from jax.flatten_util import ravel_pytree
 
@@ -126,12 +128,22 @@ def handwritten(apply_fn, loss, params, train, test, reg: float, rtol: float):
     def mean_loss(t):
         return loss(apply_fn(unravel(t), train[0]), train[1])
 
-    grad_fn = jax.grad(mean_loss)
+    def per_sample_grads(t, x, y):
+        return jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x, y)
+
+    return theta0, per_sample_grads, jax.grad(mean_loss)
+
+
+def handwritten(apply_fn, loss, params, train, test, reg: float, rtol: float):
+    """The reference: one jitted program, vmap(grad) + jvp-of-grad HVP + jax CG."""
+    import jax
+
+    theta0, per_sample_grads, grad_fn = _reference_parts(apply_fn, loss, params, train)
 
     @jax.jit
     def run(t, x_test, y_test, x_train, y_train):
-        g_test = jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x_test, y_test)
-        g_train = jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x_train, y_train)
+        g_test = per_sample_grads(t, x_test, y_test)
+        g_train = per_sample_grads(t, x_train, y_train)
 
         def hvp(v):
             return jax.jvp(grad_fn, (t,), (v,))[1] + reg * v
@@ -153,22 +165,13 @@ def handwritten_lissa(apply_fn, loss, params, train, test, reg: float, rtol: flo
     every row (or ``maxiter``): the iteration and stopping rule of ``LissaInfluence``."""
     import jax
     import jax.numpy as jnp
-    from jax.flatten_util import ravel_pytree
 
-    theta0, unravel = ravel_pytree(params)
-
-    def per_sample(t, xi, yi):
-        return loss(apply_fn(unravel(t), xi[None]), yi[None])
-
-    def mean_loss(t):
-        return loss(apply_fn(unravel(t), train[0]), train[1])
-
-    grad_fn = jax.grad(mean_loss)
+    theta0, per_sample_grads, grad_fn = _reference_parts(apply_fn, loss, params, train)
 
     @jax.jit
     def run(t, x_test, y_test, x_train, y_train):
-        g_test = jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x_test, y_test)
-        g_train = jax.vmap(jax.grad(per_sample), (None, 0, 0))(t, x_train, y_train)
+        g_test = per_sample_grads(t, x_test, y_test)
+        g_train = per_sample_grads(t, x_train, y_train)
 
         def hvp(v):
             return jax.vmap(lambda vk: jax.jvp(grad_fn, (t,), (vk,))[1])(v) + reg * v
