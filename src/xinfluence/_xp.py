@@ -5,6 +5,8 @@ Everything in xinfluence talks to arrays through the namespace returned by
 torch and jax (a missing linalg routine, random numbers, host transfer) is
 handled here and nowhere else. Functions take arrays positional-only and the
 namespace keyword-only, and return arrays of the namespace they were given.
+The hooks that decide where jax compiles (``maybe_jit``, ``while_loop``,
+``compiled``, ...) live in :mod:`xinfluence._compile` and are re-exported here.
 """
 
 from __future__ import annotations
