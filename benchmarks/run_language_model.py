@@ -55,6 +55,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from run_large_models import (  # noqa: E402
+    kronfluence_float64_arguments,
     kronfluence_python,
     peak_bytes,
     reset_peak,
@@ -161,7 +162,6 @@ def kronfluence_run(model, config, x, xt, args) -> dict:
     import torch
     import torch.nn.functional as F
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -208,23 +208,9 @@ def kronfluence_run(model, config, x, xt, args) -> dict:
 
     task = LanguageModelTask()
     model = prepare_model(model, task)
-    f64 = torch.float64
-    factor_args = FactorArguments(
-        strategy="ekfac",
-        use_empirical_fisher=True,
-        covariance_max_examples=None,
-        lambda_max_examples=None,
-        activation_covariance_dtype=f64,
-        gradient_covariance_dtype=f64,
-        eigendecomposition_dtype=f64,
-        per_sample_gradient_dtype=f64,
-        lambda_dtype=f64,
-    )
-    score_args = ScoreArguments(
-        damping_factor=REG,
-        score_dtype=f64,
-        per_sample_gradient_dtype=f64,
-        precondition_dtype=f64,
+    # every example (the defaults stop at 100,000)
+    factor_args, score_args = kronfluence_float64_arguments(
+        REG, covariance_max_examples=None, lambda_max_examples=None
     )
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(

@@ -292,12 +292,39 @@ def exact_layerwise(gp, batches, test) -> object:
     return total.numpy()
 
 
+def kronfluence_float64_arguments(damping: float, **factor_options):
+    """kronfluence's ``(FactorArguments, ScoreArguments)`` for EK-FAC on the empirical
+    Fisher with every dtype float64 (the default ``per_sample_gradient_dtype``,
+    float32, would compute the corrected eigenvalues from float32 gradients) and the
+    absolute ``damping`` (its default ``None`` is a heuristic); ``factor_options``
+    are passed on to ``FactorArguments``."""
+    import torch
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    f64 = torch.float64
+    factor_args = FactorArguments(
+        strategy="ekfac",
+        use_empirical_fisher=True,
+        activation_covariance_dtype=f64,
+        gradient_covariance_dtype=f64,
+        eigendecomposition_dtype=f64,
+        per_sample_gradient_dtype=f64,
+        lambda_dtype=f64,
+        **factor_options,
+    )
+    score_args = ScoreArguments(
+        damping_factor=damping,
+        score_dtype=f64,
+        per_sample_gradient_dtype=f64,
+        precondition_dtype=f64,
+    )
+    return factor_args, score_args
+
+
 def kronfluence_run(model, x, y, xt, yt, args) -> dict:
     import numpy as np
-    import torch
     import torch.nn.functional as F
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from torch.utils.data import TensorDataset
 
@@ -312,22 +339,7 @@ def kronfluence_run(model, x, y, xt, yt, args) -> dict:
 
     task = ClassificationTask()
     model = prepare_model(model, task)
-    f64 = torch.float64
-    factor_args = FactorArguments(
-        strategy="ekfac",
-        use_empirical_fisher=True,
-        activation_covariance_dtype=f64,
-        gradient_covariance_dtype=f64,
-        eigendecomposition_dtype=f64,
-        per_sample_gradient_dtype=f64,  # default float32: the lambdas in float32
-        lambda_dtype=f64,
-    )
-    score_args = ScoreArguments(
-        damping_factor=REG,
-        score_dtype=f64,
-        per_sample_gradient_dtype=f64,
-        precondition_dtype=f64,
-    )
+    factor_args, score_args = kronfluence_float64_arguments(REG)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(
             analysis_name="bench",
