@@ -187,6 +187,16 @@ def test_plus_diagonal_copies(xp, to_xp):
     np.testing.assert_array_equal(_xp.to_numpy(x), a)  # the input is untouched
 
 
+@pytest.mark.parametrize("n", [7, 1100])  # 1100: the tiled path of torch and numpy
+def test_symmetrize_is_the_scaled_symmetric_part(xp, to_xp, n):
+    from xinfluence import _xp
+
+    a = np.random.default_rng(n).normal(size=(n, n))
+    out = _xp.to_numpy(_xp.symmetrize(to_xp(a), xp=xp, scale=3.0))
+    np.testing.assert_allclose(out, (a + a.T) * 1.5, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out, out.T)
+
+
 def _saddle_loss(params, x, y):  # Hessian diag(-2 mean x0, 2 mean x1)
     w = params["w"]
     return -x[:, 0] * w[0] ** 2 + x[:, 1] * w[1] ** 2 + 0 * y

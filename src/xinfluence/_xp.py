@@ -388,30 +388,21 @@ def symmetrize(a: Array, /, *, xp: Namespace, scale: float = 1.0) -> Array:
     n, t = int(a.shape[0]), _SYMMETRIZE_TILE
     if n <= 4 * t or a.ndim != 2:
         return _symmetrize(a, scale, xp=xp)
+    add: Any
+    out: Any
     if array_api_compat.is_torch_array(a):
         import torch
 
-        out = torch.empty_like(a)
-        for i in range(0, n, t):
-            for j in range(0, n, t):
-                torch.add(
-                    a[i : i + t, j : j + t],
-                    a[j : j + t, i : i + t].mT,
-                    out=out[i : i + t, j : j + t],
-                )
-        return out.mul_(scale / 2)
-    if array_api_compat.is_numpy_array(a):
-        out_np = np.empty_like(a)
-        for i in range(0, n, t):
-            for j in range(0, n, t):
-                np.add(
-                    a[i : i + t, j : j + t],
-                    a[j : j + t, i : i + t].T,
-                    out=out_np[i : i + t, j : j + t],
-                )
-        out_np *= scale / 2
-        return out_np
-    return _symmetrize(a, scale, xp=xp)
+        add, out = torch.add, torch.empty_like(a)
+    elif array_api_compat.is_numpy_array(a):
+        add, out = np.add, np.empty_like(a)
+    else:
+        return _symmetrize(a, scale, xp=xp)
+    for i in range(0, n, t):
+        for j in range(0, n, t):
+            add(a[i : i + t, j : j + t], a[j : j + t, i : i + t].T, out=out[i : i + t, j : j + t])
+    out *= scale / 2
+    return out
 
 
 def _symmetrize(a: Array, scale: float, /, *, xp: Namespace) -> Array:
