@@ -322,6 +322,9 @@ def test_network_gauss_newton_equals_autodiff_oracle(net, backend_name, forward_
     vx = curv.xp.asarray(v)
     assert rel_err(curv.matmat(vx), v @ g) <= 1e-12
     assert rel_err(curv.matmat(vx[:1, :]), v[:1] @ g) <= 1e-12
+    # more rows than jax pushes at once on a CPU (chunks of 8, padded 21 -> 24)
+    v = np.random.default_rng(2).normal(size=(21, gp.n_parameters))
+    assert rel_err(curv.matmat(curv.xp.asarray(v)), v @ g) <= 1e-12
     assert rel_err(curv.diagonal(), np.diag(g)) <= 1e-12
 
 

@@ -157,6 +157,10 @@ def test_derivatives_match_references(net):
     # the mean of the per-sample gradients is the gradient of the mean loss
     mean_grad = jax.grad(net["mean_loss"])(net["theta"], x, y)
     assert rel_err(jnp.mean(gp.flat_grads(batch), axis=0), mean_grad) < 1e-10
+    # more vectors than the products push at once on a CPU (chunks of 8, 21 -> 24)
+    v = jnp.asarray(rng.normal(size=(21, p)))
+    assert rel_err(gp.jacobian_prod(batch, v), g_ref @ v.T) < 1e-10
+    assert rel_err(gp.hvp(batch, v), v @ h_ref) < 1e-10
 
 
 def test_jitted_once_per_shape(net):

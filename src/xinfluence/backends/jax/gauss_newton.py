@@ -17,7 +17,7 @@ import numpy as np
 from ... import _xp
 from ..._xp import Array
 from ...types import Batch
-from .model import _pad_rows
+from .model import _along_rows, _pad_rows
 
 if TYPE_CHECKING:
     from ..._xp import Namespace
@@ -85,7 +85,7 @@ class _GaussNewton:
                 hu = jnp.einsum("nij,nj->ni", h, u)
                 return pull(jnp.reshape(hu, out.shape))[0] / n
 
-            return jax.vmap(one)(v)
+            return _along_rows(one, v, device=model.device)
 
         def jacobians(theta, fixed, x, y):  # J and H J as (n M, P)
             jac = jax.vmap(jax.jacrev(sample_out, argnums=0), in_axes=(None, None, 0))(

@@ -505,3 +505,21 @@ def _pad_rows(v: Array) -> Array:
     if target == k:
         return v
     return jnp.concatenate([v, jnp.zeros((target - k, v.shape[1]), dtype=v.dtype)], axis=0)
+
+
+#: Tangents pushed together through the batch by the Hessian- and Gauss-Newton-
+#: vector products and ``jacobian_prod`` on a CPU: all of them at once keep
+#: ``(K, N, ...)`` intermediates that fall out of cache (104 tangents, 1,000
+#: samples, 2,410 parameters: 38 -> 16 ms per product; 4 to 16 at a time
+#: measured within 25% of each other, 1 and 32 slower). Other devices push all
+#: of them at once, in parallel.
+_CPU_TANGENT_CHUNK = 8
+
+
+def _along_rows(fn: Any, v: Array, /, *, device: Any) -> Array:
+    """``vmap(fn)(v)`` over the rows of ``v``, in chunks of ``_CPU_TANGENT_CHUNK``
+    rows (:func:`jax.lax.map`) on a CPU. Rows come padded by :func:`_pad_rows`,
+    a multiple of the chunk when there are more than a chunk of them."""
+    if str(getattr(device, "platform", "cpu")) != "cpu" or v.shape[0] <= _CPU_TANGENT_CHUNK:
+        return jax.vmap(fn)(v)
+    return jax.lax.map(fn, v, batch_size=_CPU_TANGENT_CHUNK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +16,7 @@ from ..._state import fingerprint
 from ..._xp import Array, Namespace
 from ...types import Batch, GradientProvider
 from .gauss_newton import _GaussNewton
-from .model import _Model, _pad_rows
+from .model import _along_rows, _Model, _pad_rows
 
 #: Hessian columns computed together by the dense Hessian (forward-mode tangents
 #: in one vectorised pass; 16 and 32 measured equally fast, 256 and all at once
@@ -147,6 +148,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             offsets.append(offsets[-1] + math.prod(s))
         treedef, apply_fn, loss = model.treedef, model.apply_fn, model.loss
         n_leaves = len(model.names)
+        along_rows = functools.partial(_along_rows, device=model.device)
 
         def params_of(theta, fixed):
             leaves: list[Any] = [None] * n_leaves
@@ -182,7 +184,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             def along(gk):
                 return jax.jvp(lambda t: losses(t, fixed, x, y), (theta,), (gk,))[1]
 
-            return jnp.transpose(jax.vmap(along)(g))  # (N, K)
+            return jnp.transpose(along_rows(along, g))  # (N, K)
 
         mean_grad = jax.grad(mean_loss)
 
@@ -190,7 +192,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             def along(vk):
                 return jax.jvp(lambda t: mean_grad(t, fixed, x, y), (theta,), (vk,))[1]
 
-            return jax.vmap(along)(v)
+            return along_rows(along, v)
 
         def hessian(theta, fixed, x, y):
             # columns H e_j by forward over reverse, _HESSIAN_CHUNK at a time:
