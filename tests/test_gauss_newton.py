@@ -310,10 +310,14 @@ def _oracle(jac, h):
 
 
 @pytest.mark.parametrize("forward_ad", [True, False])
-def test_network_gauss_newton_equals_autodiff_oracle(net, backend_name, forward_ad):
+def test_network_gauss_newton_equals_autodiff_oracle(net, backend_name, forward_ad, monkeypatch):
     make, batches, _, jac, h, *_ = net
     if backend_name == "jax" and not forward_ad:
         pytest.skip("forward_ad is a torch provider option")
+    if backend_name == "jax":  # large products' chunks of tangents, on this small problem
+        from xinfluence.backends.jax import model as jax_model
+
+        monkeypatch.setattr(jax_model, "_CPU_CHUNK_MIN_WORK", 0)
     gp = make(forward_ad=False) if not forward_ad else make()
     g = _oracle(jac, h)
     curv = _curv("gauss_newton", gp, batches)

@@ -157,10 +157,25 @@ def test_derivatives_match_references(net):
     # the mean of the per-sample gradients is the gradient of the mean loss
     mean_grad = jax.grad(net["mean_loss"])(net["theta"], x, y)
     assert rel_err(jnp.mean(gp.flat_grads(batch), axis=0), mean_grad) < 1e-10
-    # more vectors than the products push at once on a CPU (chunks of 8, 21 -> 24)
-    v = jnp.asarray(rng.normal(size=(21, p)))
+
+
+def test_products_in_chunks_of_tangents_match_references(net, monkeypatch):
+    """On a CPU, large products push their tangents 8 at a time (lax.map); forced
+    here on a small problem (21 rows, padded to 24: 3 chunks), on a new provider
+    whose programs are traced with the forced threshold."""
+    from xinfluence.backends.jax import model as jax_model
+
+    monkeypatch.setattr(jax_model, "_CPU_CHUNK_MIN_WORK", 0)
+    old = net["gp"]
+    gp = JaxGradientProvider._restricted(old._model, old._active)  # new jitted functions
+    x, y = net["x_train"][:7], net["y_train"][:7]
+    batch = gp.prepare_batch(xi.Batch(x, y))
+    v = jnp.asarray(np.random.default_rng(2).normal(size=(21, gp.n_parameters)))
+    g_ref = net["grads_ref"](x, y)
+    h_ref = net["hess"](net["theta"], x, y)
     assert rel_err(gp.jacobian_prod(batch, v), g_ref @ v.T) < 1e-10
     assert rel_err(gp.hvp(batch, v), v @ h_ref) < 1e-10
+    assert gp._jit_hvp is not old._jit_hvp
 
 
 def test_jitted_once_per_shape(net):

@@ -85,7 +85,7 @@ class _GaussNewton:
                 hu = jnp.einsum("nij,nj->ni", h, u)
                 return pull(jnp.reshape(hu, out.shape))[0] / n
 
-            return _along_rows(one, v, device=model.device)
+            return _along_rows(one, v, samples=n, device=model.device)
 
         def jacobians(theta, fixed, x, y):  # J and H J as (n M, P)
             jac = jax.vmap(jax.jacrev(sample_out, argnums=0), in_axes=(None, None, 0))(

@@ -515,11 +515,22 @@ def _pad_rows(v: Array) -> Array:
 #: of them at once, in parallel.
 _CPU_TANGENT_CHUNK = 8
 
+#: Below this many ``K * N * P`` the intermediates fit in cache and the chunks'
+#: loop only adds compile time (0.1 s per product on 24 tangents, 200 samples,
+#: 1,210 parameters, for no faster run).
+_CPU_CHUNK_MIN_WORK = 1 << 24
 
-def _along_rows(fn: Any, v: Array, /, *, device: Any) -> Array:
-    """``vmap(fn)(v)`` over the rows of ``v``, in chunks of ``_CPU_TANGENT_CHUNK``
-    rows (:func:`jax.lax.map`) on a CPU. Rows come padded by :func:`_pad_rows`,
-    a multiple of the chunk when there are more than a chunk of them."""
-    if str(getattr(device, "platform", "cpu")) != "cpu" or v.shape[0] <= _CPU_TANGENT_CHUNK:
+
+def _along_rows(fn: Any, v: Array, /, *, samples: int, device: Any) -> Array:
+    """``vmap(fn)(v)`` over the rows ``(K, P)`` of ``v`` for a batch of ``samples``
+    samples; on a CPU, where ``K * samples * P`` reaches ``_CPU_CHUNK_MIN_WORK``,
+    in chunks of ``_CPU_TANGENT_CHUNK`` rows (:func:`jax.lax.map`). Rows come
+    padded by :func:`_pad_rows`: a multiple of the chunk when there are more."""
+    k, p = v.shape
+    if (
+        str(getattr(device, "platform", "cpu")) != "cpu"
+        or k <= _CPU_TANGENT_CHUNK
+        or k * samples * p < _CPU_CHUNK_MIN_WORK
+    ):
         return jax.vmap(fn)(v)
     return jax.lax.map(fn, v, batch_size=_CPU_TANGENT_CHUNK)

@@ -184,7 +184,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             def along(gk):
                 return jax.jvp(lambda t: losses(t, fixed, x, y), (theta,), (gk,))[1]
 
-            return jnp.transpose(along_rows(along, g))  # (N, K)
+            return jnp.transpose(along_rows(along, g, samples=x.shape[0]))  # (N, K)
 
         mean_grad = jax.grad(mean_loss)
 
@@ -192,7 +192,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             def along(vk):
                 return jax.jvp(lambda t: mean_grad(t, fixed, x, y), (theta,), (vk,))[1]
 
-            return along_rows(along, v)
+            return along_rows(along, v, samples=x.shape[0])
 
         def hessian(theta, fixed, x, y):
             # columns H e_j by forward over reverse, _HESSIAN_CHUNK at a time:
