@@ -178,6 +178,36 @@ def test_products_in_chunks_of_tangents_match_references(net, monkeypatch):
     assert gp._jit_hvp is not old._jit_hvp
 
 
+def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch):
+    """A batch whose gradients were taken has its losses checked from that pass:
+    a query runs (and compiles) the losses program for no batch but the fit's."""
+    gp = JaxGradientProvider(mlp, net["params"], cross_entropy)
+    batch = gp.prepare_batch(xi.Batch(net["x_train"][:9], net["y_train"][:9]))
+    other = gp.prepare_batch(xi.Batch(net["x_train"][:9] + 0, net["y_train"][:9] + 0))
+    ref = np.array(
+        [
+            float(net["mean_loss"](net["theta"], batch.x[i : i + 1], batch.y[i : i + 1]))
+            for i in range(9)
+        ]
+    )
+    calls = []
+    jit_losses = gp._jit_losses
+    monkeypatch.setattr(gp, "_jit_losses", lambda *a: calls.append(a[2].shape) or jit_losses(*a))
+    assert rel_err(gp.flat_grads(batch), net["grads_ref"](batch.x, batch.y)) < 1e-12
+    # restricted providers share them: every one computes the same loss
+    assert rel_err(gp.restrict(["out/kernel"]).per_sample_losses(batch), ref) < 1e-12
+    assert rel_err(gp.per_sample_losses(other), ref) < 1e-12  # equal values, new arrays
+    assert calls == [(9, 4)]
+    calls.clear()
+    model = xi.CgInfluence(gp, regularization=REG, solver="batched").fit(
+        (net["x_train"], net["y_train"])
+    )
+    assert calls == [tuple(net["x_train"].shape)]
+    model.influences(net["x_test"], net["y_test"], net["x_train"], net["y_train"])
+    model.influence_factors(net["x_test"], net["y_test"])
+    assert calls == [tuple(net["x_train"].shape)]
+
+
 def test_jitted_once_per_shape(net):
     gp = net["gp"]
     fn = gp._jit_grads

@@ -215,6 +215,43 @@ def test_jax_label_out_of_range_is_an_error(backend_name):
         xi.DirectInfluence(gp, regularization=1e-2).fit((x, y_bad))
 
 
+def test_jax_nan_gradients_of_test_points_name_the_samples(backend_name):
+    """The test side's losses are checked after its gradients are taken (from the
+    same pass on jax): solvers that meet the NaN gradients first and raise must
+    still name the samples, not the solver."""
+    if backend_name != "jax":
+        pytest.skip("runs in the jax session")
+    import jax
+    import jax.numpy as jnp
+
+    from xinfluence.backends.jax import JaxGradientProvider
+
+    def apply(p, x):
+        return jnp.sqrt(x) @ p["w"]  # NaN loss and gradients for x < 0
+
+    def loss(out, t):
+        logp = jax.nn.log_softmax(out)
+        return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
+
+    rng = np.random.default_rng(0)
+    gp = JaxGradientProvider(apply, {"w": jnp.asarray(rng.normal(size=(4, 3)))}, loss)
+    x = jnp.asarray(rng.uniform(size=(10, 4)))
+    y = jnp.asarray(rng.integers(0, 3, size=10))
+    x_bad = x.at[6, 0].set(-1.0)
+    for model in (
+        xi.DirectInfluence(gp, regularization=1e-2),
+        xi.CgInfluence(gp, regularization=1e-2),  # block CG raises on the NaN residual
+        xi.CgInfluence(gp, regularization=1e-2, solver="batched"),
+        xi.LissaInfluence(gp, regularization=1e-2),  # raises on the NaN product
+        xi.ArnoldiInfluence(gp, regularization=1e-2, rank=4),
+    ):
+        model.fit((x, y))
+        with pytest.raises(xi.NonFiniteError, match=r"test points\): the loss is NaN.*\[6\]"):
+            model.influences(x_bad, y, x, y)
+        with pytest.raises(xi.NonFiniteError, match=r"influence_factors: the loss is NaN.*\[6\]"):
+            model.influence_factors(x_bad, y)
+
+
 def test_torch_nan_output_is_an_error(backend_name):
     if backend_name != "torch":
         pytest.skip("runs in the torch session")

@@ -228,14 +228,15 @@ def sum_blocks(by_block: Mapping[str, Array]) -> Array:
 
 
 def checked(model: QueryModel, chunk: Batch, what: str, offset: int, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` on a training chunk, with the chunk's losses checked
-    (:meth:`~xinfluence.influence.ComposableInfluence._check_losses`) after it: the
-    pass that computed the chunk's gradients may have left its losses with the
-    provider (no second forward pass). Where ``fn`` raises, the check runs first,
-    so that a sample whose loss cannot be computed is named."""
+    """``fn(*args)`` on a chunk (test or training side), with the chunk's losses
+    checked (:meth:`~xinfluence.influence.ComposableInfluence._check_losses`) after
+    it: the pass that computed the chunk's gradients may have left its losses with
+    the provider (no second forward pass; on jax no program of its own). Where
+    ``fn`` raises (a loss that cannot be computed, a solver that met NaN
+    gradients), the check runs first, so that the samples at fault are named."""
     try:
         out = fn(*args)
-    except (IndexError, RuntimeError):
+    except (IndexError, RuntimeError, FloatingPointError):
         model._check_losses(chunk, what, offset=offset)
         raise
     model._check_losses(chunk, what, offset=offset)

@@ -248,11 +248,11 @@ class ComposableInfluence(PicklableState, ABC):
         return self._mapper
 
     def _batch(self, x: Any, y: Any, what: str) -> Batch:
+        """The prepared batch of a query's test side; its losses are checked after
+        its gradients are taken (:func:`~xinfluence._chunking.checked`)."""
         if x is None or y is None:
             raise ValueError(f"{what}: x and y must be given together")
-        batch = self.gradient_provider.prepare_batch(Batch(x, y))
-        self._check_losses(batch, what)
-        return batch
+        return self.gradient_provider.prepare_batch(Batch(x, y))
 
     def _check_losses(self, batch: Batch, what: str, *, offset: int = 0) -> None:
         """:class:`NonFiniteError` naming the samples whose loss is NaN or inf."""
@@ -319,8 +319,12 @@ class ComposableInfluence(PicklableState, ABC):
     def influence_factors_by_block(self, x: Array, y: Array) -> OrderedDict[str, Array]:
         """``(H_b + lambda_b I)^-1 g_i`` per block: ``(N, P_b)`` each."""
         mapper = self._fitted_mapper()
-        batch = self._batch(x, y, "influence_factors")
-        return self._finite(_chunking.chunked_factors(self, mapper, batch), "influence factors")
+        what = "influence_factors"
+        batch = self._batch(x, y, what)
+        factors = _chunking.checked(
+            self, batch, what, 0, _chunking.chunked_factors, self, mapper, batch
+        )
+        return self._finite(factors, "influence factors")
 
     def influence_factors(self, x: Array, y: Array) -> Array:
         """The per-block factors concatenated in block order: ``(N, P)``."""
@@ -346,10 +350,12 @@ class ComposableInfluence(PicklableState, ABC):
         DataLoader); its batches are processed in chunks."""
         mode = InfluenceMode.parse(mode)
         mapper = self._fitted_mapper()
-        left = self._batch(x_test, y_test, "influences (test points)")
-        return self._finite(
-            _chunking.chunked_interactions(self, mapper, left, x, y, mode), "influences"
+        what = "influences (test points)"
+        left = self._batch(x_test, y_test, what)
+        scores = _chunking.checked(
+            self, left, what, 0, _chunking.chunked_interactions, self, mapper, left, x, y, mode
         )
+        return self._finite(scores, "influences")
 
     def influences(
         self,

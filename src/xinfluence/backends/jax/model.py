@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,6 +40,10 @@ def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(_key_name(k) for k in path)
 
 
+#: Batches whose gradient pass's losses a model keeps for their loss check.
+_REMEMBERED_LOSSES = 4
+
+
 class _Model(PicklableState):
     """What every restriction of one provider shares: the function, the leaves,
     the names, the dense-layer declarations and the input-shape cache."""
@@ -52,7 +57,9 @@ class _Model(PicklableState):
         for layer, (_, _, _, features) in self.dense.items():
             check_picklable_function(features, f"the features function of layer {layer!r}")
         state = super().__getstate__()
-        state.update(_kfac_fns={}, _conv_fns={}, restricted={}, checked=set())
+        state.update(
+            _kfac_fns={}, _conv_fns={}, restricted={}, checked=set(), last_losses=OrderedDict()
+        )
         return state
 
     def __init__(
@@ -119,6 +126,9 @@ class _Model(PicklableState):
         self.device = _xp.device_of(leaves[0])
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.accepted: set[tuple[Any, ...]] = set()
+        # id(x) -> (weakref to x, weakref to y, per-sample losses) of the last
+        # gradient passes (remember_losses)
+        self.last_losses: OrderedDict[int, tuple[Any, Any, Array]] = OrderedDict()
         self.accepted_x_shapes: list[tuple[int, ...]] = []
         # restricted providers by parameter names (JaxGradientProvider: typed loosely,
         # the provider module imports this one)
@@ -141,6 +151,29 @@ class _Model(PicklableState):
         self.checked: set[tuple[Any, ...]] = set()
 
     # -- dense layers ------------------------------------------------------
+    def remember_losses(self, batch: Any, losses: Array) -> None:
+        """Keep the per-sample ``losses`` of ``batch`` for its loss check (weak
+        references to its arrays: nothing large is kept alive), for the last
+        :data:`_REMEMBERED_LOSSES` batches: a query takes the test gradients, then
+        the training chunks', and checks the test losses last. Every restriction
+        shares them: all compute the same loss."""
+        try:
+            entry = (weakref.ref(batch.x), weakref.ref(batch.y), losses)
+        except TypeError:  # arrays without weak references
+            return
+        kept = self.last_losses
+        kept[id(batch.x)] = entry
+        kept.move_to_end(id(batch.x))
+        while len(kept) > _REMEMBERED_LOSSES:
+            kept.popitem(last=False)
+
+    def remembered_losses(self, batch: Any) -> Array | None:
+        """The losses kept by :meth:`remember_losses` if they are ``batch``'s."""
+        entry = self.last_losses.get(id(batch.x))
+        if entry is not None and entry[0]() is batch.x and entry[1]() is batch.y:
+            return entry[2]
+        return None
+
     def _weight_leaf(self, layer: str, kind: str, expected: str) -> tuple[str, str]:
         """The leaf ``{layer}/kernel`` (layout ``"io"``) or ``{layer}/weight``
         (``"oi"``) of a declared layer; ``expected`` describes them for the error."""

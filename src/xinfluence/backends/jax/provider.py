@@ -170,8 +170,13 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
 
         sample_grad = jax.grad(per_sample)
 
+        sample_value_grad = jax.value_and_grad(per_sample)
+
         def grads(theta, fixed, x, y):
-            return jax.vmap(sample_grad, in_axes=(None, None, 0, 0))(theta, fixed, x, y)
+            # the losses come with the forward pass: the loss check of a batch whose
+            # gradients were taken then compiles and runs no program of its own
+            losses, g = jax.vmap(sample_value_grad, in_axes=(None, None, 0, 0))(theta, fixed, x, y)
+            return g, losses
 
         def mixed(theta, fixed, x, y):
             def one(xi, yi):
@@ -399,7 +404,11 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
         return _xp.as_float(v, dtype=self.dtype, xp=self.xp, what=what)
 
     def losses(self, batch: Batch) -> Array:
-        """Per-sample losses ``(N,)``."""
+        """Per-sample losses ``(N,)``; those of the batch whose gradients
+        (:meth:`flat_grads`) were taken last come from that pass."""
+        remembered = self._model.remembered_losses(batch)
+        if remembered is not None:
+            return remembered
         return self._jit_losses(self._theta, self._fixed, batch.x, batch.y)
 
     def per_sample_losses(self, batch: Batch) -> Array:
@@ -420,13 +429,15 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
         output) raises ``ValueError``.
         """
         if self._structured_layers() is None or batch.x.shape[0] == 0:
-            return self._jit_grads(self._theta, self._fixed, batch.x, batch.y)
+            grads, losses = self._jit_grads(self._theta, self._fixed, batch.x, batch.y)
+            self._model.remember_losses(batch, losses)
+            return grads
         grads = self._structured_grads(batch)
         m = self._model
         key = (tuple(batch.x.shape[1:]), str(batch.x.dtype), self._active)
         if key not in m.checked:
             few = Batch(batch.x[:2], batch.y[:2])
-            ref = self._jit_grads(self._theta, self._fixed, few.x, few.y)
+            ref = self._jit_grads(self._theta, self._fixed, few.x, few.y)[0]
             err = float(jnp.max(jnp.abs(grads[:2] - ref)))
             scale = float(jnp.max(jnp.abs(ref)))
             if not math.isfinite(scale):  # non-finite gradients are reported downstream
