@@ -178,10 +178,22 @@ def test_products_in_chunks_of_tangents_match_references(net, monkeypatch):
     assert gp._jit_hvp is not old._jit_hvp
 
 
-def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch):
-    """A batch whose gradients were taken has its losses checked from that pass:
-    a query runs (and compiles) the losses program for no batch but the fit's."""
-    gp = JaxGradientProvider(mlp, net["params"], cross_entropy)
+def _mlp_dense_layers():
+    def hidden1(p, x):
+        return jnp.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
+
+    def hidden2(p, x):
+        return jnp.tanh(hidden1(p, x) @ p["dense2"]["kernel"] + p["dense2"]["bias"])
+
+    return {"dense1": lambda p, x: x, "dense2": hidden1, "out": hidden2}
+
+
+@pytest.mark.parametrize("pass_", ["flat_grads", "jacobian_prod", "kfac_factors"])
+def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch, pass_):
+    """A batch whose gradients (or their products, or the layer factors) were
+    taken has its losses checked from that pass: a query runs (and compiles) the
+    losses program for no batch but the fit's."""
+    gp = JaxGradientProvider(mlp, net["params"], cross_entropy, dense_layers=_mlp_dense_layers())
     batch = gp.prepare_batch(xi.Batch(net["x_train"][:9], net["y_train"][:9]))
     other = gp.prepare_batch(xi.Batch(net["x_train"][:9] + 0, net["y_train"][:9] + 0))
     ref = np.array(
@@ -191,13 +203,29 @@ def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch):
         ]
     )
     calls = []
-    jit_losses = gp._jit_losses
-    monkeypatch.setattr(gp, "_jit_losses", lambda *a: calls.append(a[2].shape) or jit_losses(*a))
-    assert rel_err(gp.flat_grads(batch), net["grads_ref"](batch.x, batch.y)) < 1e-12
+    sub = gp.restrict(["out/kernel"])
+    for provider in (gp, sub):
+        jitted = provider._jit_losses
+        monkeypatch.setattr(
+            provider, "_jit_losses", lambda *a, f=jitted: calls.append(a[2].shape) or f(*a)
+        )
+    g_ref = net["grads_ref"](batch.x, batch.y)
+    if pass_ == "flat_grads":
+        assert rel_err(gp.flat_grads(batch), g_ref) < 1e-12
+    elif pass_ == "jacobian_prod":
+        v = jnp.asarray(np.random.default_rng(1).normal(size=(3, gp.n_parameters)))
+        assert rel_err(gp.jacobian_prod(batch, v), g_ref @ v.T) < 1e-12
+    else:
+        a, s = gp.kfac_factors(batch)["out"]  # the output layer's bias gradient is s
+        assert rel_err(s, g_ref[:, gp.parameter_slices["out/bias"]]) < 1e-12
+    assert rel_err(gp.per_sample_losses(batch), ref) < 1e-12
     # restricted providers share them: every one computes the same loss
-    assert rel_err(gp.restrict(["out/kernel"]).per_sample_losses(batch), ref) < 1e-12
+    assert rel_err(sub.per_sample_losses(batch), ref) < 1e-12
+    assert calls == []
     assert rel_err(gp.per_sample_losses(other), ref) < 1e-12  # equal values, new arrays
     assert calls == [(9, 4)]
+    if pass_ != "flat_grads":
+        return
     calls.clear()
     model = xi.CgInfluence(gp, regularization=REG, solver="batched").fit(
         (net["x_train"], net["y_train"])

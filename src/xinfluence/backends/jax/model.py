@@ -222,8 +222,8 @@ class _Model(PicklableState):
         return out
 
     def kfac_fn(self, layers: tuple[str, ...]) -> Callable[..., Any]:
-        """Jitted ``(leaves, x, y) -> {layer: (a, s)}`` for the dense ``layers``, over
-        the full parameter set."""
+        """Jitted ``(leaves, x, y) -> ({layer: (a, s)}, per-sample losses (N,))`` for
+        the dense ``layers``, over the full parameter set."""
         if layers in self._kfac_fns:
             return self._kfac_fns[layers]
         index = {n: i for i, n in enumerate(self.names)}
@@ -244,7 +244,9 @@ class _Model(PicklableState):
         def fn(leaves, x, y):
             params = jax.tree_util.tree_unflatten(treedef, list(leaves))
             sel = {layer: leaves[i] for layer, i in probe.items()}
-            grads = jax.vmap(jax.grad(per_sample), in_axes=(None, None, 0, 0))(sel, leaves, x, y)
+            losses, grads = jax.vmap(jax.value_and_grad(per_sample), in_axes=(None, None, 0, 0))(
+                sel, leaves, x, y
+            )
             out = {}
             for layer, (_, b, layout, features) in dense.items():
                 a = features(params, x)
@@ -262,7 +264,7 @@ class _Model(PicklableState):
                     safe = jnp.where(aa > 0, aa, 1)
                     s = jnp.where(aa > 0, ga / safe, 0)
                 out[layer] = (a, s)
-            return out
+            return out, losses
 
         self._kfac_fns[layers] = jax.jit(fn)
         return self._kfac_fns[layers]

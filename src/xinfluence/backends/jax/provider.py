@@ -189,7 +189,9 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             def along(gk):
                 return jax.jvp(lambda t: losses(t, fixed, x, y), (theta,), (gk,))[1]
 
-            return jnp.transpose(along_rows(along, g, samples=x.shape[0]))  # (N, K)
+            # the losses too, for the batch's loss check (one forward pass more)
+            prods = jnp.transpose(along_rows(along, g, samples=x.shape[0]))  # (N, K)
+            return prods, losses(theta, fixed, x, y)
 
         mean_grad = jax.grad(mean_loss)
 
@@ -515,7 +517,8 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
                 for lo in range(0, n, step)
             ]
             return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
-        out = self._jit_jac_prod(self._theta, self._fixed, batch.x, batch.y, _pad_rows(g))
+        out, losses = self._jit_jac_prod(self._theta, self._fixed, batch.x, batch.y, _pad_rows(g))
+        self._model.remember_losses(batch, losses)
         return out[:, :k]
 
     def hvp(self, batch: Batch, v: Array) -> Array:
@@ -590,7 +593,10 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
         # only this provider's layers: a restriction to one layer taps one layer
         dense = tuple(k for k in layers if k in m.dense)
         conv = tuple(k for k in layers if k in m.traced)  # convolutions, tracked layers
-        out = m.kfac_fn(dense)(m.leaves, batch.x, batch.y) if dense else {}
+        out: dict[str, Any] = {}
+        if dense:
+            out, losses = m.kfac_fn(dense)(m.leaves, batch.x, batch.y)
+            m.remember_losses(batch, losses)
         if conv:
             out.update(m.conv_fn(batch.x, ggn=False, layers=conv)(m.leaves, batch.x, batch.y))
         result: OrderedDict[str, tuple[Array, Array]] = OrderedDict()
