@@ -226,6 +226,19 @@ def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch, pass
     assert calls == [(9, 4)]
     if pass_ != "flat_grads":
         return
+    # the last four batches' are kept, no more
+    more = [
+        gp.prepare_batch(xi.Batch(net["x_train"][i : i + 3] + 0, net["y_train"][i : i + 3] + 0))
+        for i in range(4)
+    ]
+    for b in more:
+        gp.flat_grads(b)
+    calls.clear()
+    for b in more:
+        gp.per_sample_losses(b)
+    assert calls == []
+    gp.per_sample_losses(batch)
+    assert calls == [(9, 4)]
     calls.clear()
     model = xi.CgInfluence(gp, regularization=REG, solver="batched").fit(
         (net["x_train"], net["y_train"])

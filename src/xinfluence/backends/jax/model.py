@@ -57,9 +57,7 @@ class _Model(PicklableState):
         for layer, (_, _, _, features) in self.dense.items():
             check_picklable_function(features, f"the features function of layer {layer!r}")
         state = super().__getstate__()
-        state.update(
-            _kfac_fns={}, _conv_fns={}, restricted={}, checked=set(), last_losses=OrderedDict()
-        )
+        state.update(_kfac_fns={}, _conv_fns={}, restricted={}, checked=set(), last_losses=())
         return state
 
     def __init__(
@@ -126,9 +124,9 @@ class _Model(PicklableState):
         self.device = _xp.device_of(leaves[0])
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.accepted: set[tuple[Any, ...]] = set()
-        # id(x) -> (weakref to x, weakref to y, per-sample losses) of the last
-        # gradient passes (remember_losses)
-        self.last_losses: OrderedDict[int, tuple[Any, Any, Array]] = OrderedDict()
+        # (weakref to x, weakref to y, per-sample losses) of the last gradient
+        # passes, oldest first (remember_losses)
+        self.last_losses: tuple[tuple[Any, Any, Array], ...] = ()
         self.accepted_x_shapes: list[tuple[int, ...]] = []
         # restricted providers by parameter names (JaxGradientProvider: typed loosely,
         # the provider module imports this one)
@@ -156,22 +154,20 @@ class _Model(PicklableState):
         references to its arrays: nothing large is kept alive), for the last
         :data:`_REMEMBERED_LOSSES` batches: a query takes the test gradients, then
         the training chunks', and checks the test losses last. Every restriction
-        shares them: all compute the same loss."""
+        shares them: all compute the same loss. The tuple is replaced, never
+        changed in place, so concurrent queries at worst miss an entry."""
         try:
             entry = (weakref.ref(batch.x), weakref.ref(batch.y), losses)
         except TypeError:  # arrays without weak references
             return
-        kept = self.last_losses
-        kept[id(batch.x)] = entry
-        kept.move_to_end(id(batch.x))
-        while len(kept) > _REMEMBERED_LOSSES:
-            kept.popitem(last=False)
+        kept = tuple(e for e in self.last_losses if e[0]() is not batch.x)
+        self.last_losses = (*kept[max(0, len(kept) + 1 - _REMEMBERED_LOSSES) :], entry)
 
     def remembered_losses(self, batch: Any) -> Array | None:
         """The losses kept by :meth:`remember_losses` if they are ``batch``'s."""
-        entry = self.last_losses.get(id(batch.x))
-        if entry is not None and entry[0]() is batch.x and entry[1]() is batch.y:
-            return entry[2]
+        for x_ref, y_ref, losses in reversed(self.last_losses):
+            if x_ref() is batch.x and y_ref() is batch.y:
+                return losses
         return None
 
     def _weight_leaf(self, layer: str, kind: str, expected: str) -> tuple[str, str]:
