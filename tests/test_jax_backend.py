@@ -164,8 +164,10 @@ def test_products_in_chunks_of_tangents_match_references(net, monkeypatch):
     here on a small problem (21 rows, padded to 24: 3 chunks), on a new provider
     whose programs are traced with the forced threshold."""
     from xinfluence.backends.jax import model as jax_model
+    from xinfluence.backends.jax import provider as jax_provider
 
     monkeypatch.setattr(jax_model, "_CPU_CHUNK_MIN_WORK", 0)
+    monkeypatch.setattr(jax_provider, "_SMALL_GRADIENTS", 0)  # forward mode, not grads @ v^T
     old = net["gp"]
     gp = JaxGradientProvider._restricted(old._model, old._active)  # new jitted functions
     x, y = net["x_train"][:7], net["y_train"][:7]
@@ -192,7 +194,11 @@ def _mlp_dense_layers():
 def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch, pass_):
     """A batch whose gradients (or their products, or the layer factors) were
     taken has its losses checked from that pass: a query runs (and compiles) the
-    losses program for no batch but the fit's."""
+    losses program for no batch but the fit's. (Forced past the small-gradient
+    path, where the fit's check is a gradient pass too: the next test.)"""
+    from xinfluence.backends.jax import provider as jax_provider
+
+    monkeypatch.setattr(jax_provider, "_SMALL_GRADIENTS", 0)
     gp = JaxGradientProvider(mlp, net["params"], cross_entropy, dense_layers=_mlp_dense_layers())
     batch = gp.prepare_batch(xi.Batch(net["x_train"][:9], net["y_train"][:9]))
     other = gp.prepare_batch(xi.Batch(net["x_train"][:9] + 0, net["y_train"][:9] + 0))
@@ -247,6 +253,31 @@ def test_loss_check_takes_the_losses_of_the_gradient_pass(net, monkeypatch, pass
     model.influences(net["x_test"], net["y_test"], net["x_train"], net["y_train"])
     model.influence_factors(net["x_test"], net["y_test"])
     assert calls == [tuple(net["x_train"].shape)]
+
+
+def test_small_gradients_serve_the_loss_check_and_products(net, monkeypatch):
+    """Where a batch's per-sample gradients are small, its loss check and
+    jacobian_prod come from the gradient pass: a cold fit and query run no
+    forward or forward-mode program (one program per batch shape, not three)."""
+    gp = JaxGradientProvider(mlp, net["params"], cross_entropy)
+    calls = []
+    for name in ("_jit_losses", "_jit_jac_prod"):
+        jitted = getattr(gp, name)
+        monkeypatch.setattr(gp, name, lambda *a, f=jitted, n=name: calls.append(n) or f(*a))
+    x, y = net["x_train"][:9], net["y_train"][:9]
+    batch = gp.prepare_batch(xi.Batch(x, y))
+    v = jnp.asarray(np.random.default_rng(3).normal(size=(5, gp.n_parameters)))
+    assert rel_err(gp.jacobian_prod(batch, v), net["grads_ref"](x, y) @ v.T) < 1e-12
+    other = gp.prepare_batch(xi.Batch(x + 0, y + 0))
+    ref = [float(net["mean_loss"](net["theta"], x[i : i + 1], y[i : i + 1])) for i in range(9)]
+    assert rel_err(gp.per_sample_losses(other), np.array(ref)) < 1e-12
+    train, test = (net["x_train"], net["y_train"]), (net["x_test"], net["y_test"])
+    for model in (
+        xi.CgInfluence(gp, regularization=REG, solver="batched"),
+        xi.ArnoldiInfluence(gp, regularization=REG, rank=5),
+    ):
+        model.fit(train).influences(*test, *train)
+    assert calls == []
 
 
 def test_jitted_once_per_shape(net):
