@@ -280,6 +280,26 @@ def test_small_gradients_serve_the_loss_check_and_products(net, monkeypatch):
     assert calls == []
 
 
+def test_small_batches_reuse_a_larger_batchs_gradient_program(net):
+    """A small batch is padded to the row count of a compiled gradient program
+    (copies of its first sample), and the padding dropped: values as its own."""
+    gp = JaxGradientProvider(mlp, net["params"], cross_entropy)
+    if not hasattr(gp._jit_grads, "_cache_size"):
+        pytest.skip("this jax version does not expose the jit cache size")
+    x, y = net["x_train"], net["y_train"]
+    gp.flat_grads(gp.prepare_batch(xi.Batch(x[:13], y[:13])))
+    assert gp._jit_grads._cache_size() == 1
+    small = gp.prepare_batch(xi.Batch(x[13:18], y[13:18]))
+    assert rel_err(gp.flat_grads(small), net["grads_ref"](small.x, small.y)) < 1e-12
+    ref = [float(net["mean_loss"](net["theta"], x[i : i + 1], y[i : i + 1])) for i in range(13, 18)]
+    assert rel_err(gp.per_sample_losses(small), np.array(ref)) < 1e-12
+    v = jnp.asarray(np.random.default_rng(4).normal(size=(2, gp.n_parameters)))
+    assert rel_err(gp.jacobian_prod(small, v), net["grads_ref"](small.x, small.y) @ v.T) < 1e-12
+    assert gp._jit_grads._cache_size() == 1  # no program of 5 rows
+    gp.flat_grads(gp.prepare_batch(xi.Batch(x[:17], y[:17])))  # larger: its own
+    assert gp._jit_grads._cache_size() == 2
+
+
 def test_jitted_once_per_shape(net):
     gp = net["gp"]
     fn = gp._jit_grads

@@ -111,7 +111,10 @@ def _gn(cls, reg, **options):
 # operations around their compiled steps, plus input checks, norms and scaling
 # as separate programs). "extra" bounds the compilations beyond the provider's
 # own (the goal: at most 10). Every total fell by one when the test side's loss
-# check took the losses of its gradient pass (or products, or layer factors).
+# check took the losses of its gradient pass (or products, or layer factors);
+# most rose by one again when small batches took a larger batch's gradient
+# program (the test points' own program, 0.3 s, became two tiny ones: padding
+# and dropping the padded rows, the provider's).
 @pytest.mark.parametrize(
     ("name", "make", "reg", "bound", "extra", "rtol"),
     [
@@ -127,7 +130,7 @@ def _gn(cls, reg, **options):
         # 21 and 12 before each step stored its block and the solver checked its
         # products (34b9c72); 2 of its 10 extra are the last block cut to the 3
         # rows left in R^43 (10 extra -> 8 on a model with P > the Krylov space)
-        ("arnoldi", _gn(xi.ArnoldiInfluence, 1e-3, rank=10), 1e-3, 19, 10, None),  # [69, 60]
+        ("arnoldi", _gn(xi.ArnoldiInfluence, 1e-3, rank=10), 1e-3, 20, 10, None),  # [69, 60]
         (
             "nystroem",
             _gn(xi.NystroemSketchInfluence, 1e-3, rank=10),

@@ -32,6 +32,16 @@ _HESSIAN_CHUNK = 16
 _SMALL_GRADIENTS = 1 << 22
 
 
+def _pad_batch(x: Array, y: Array, rows: int) -> tuple[Array, Array]:
+    """``x`` and ``y`` with copies of their first row appended up to ``rows``."""
+
+    def pad(a: Array) -> Array:
+        extra = jnp.broadcast_to(a[:1], (rows - a.shape[0], *a.shape[1:]))
+        return jnp.concatenate([a, extra], axis=0)
+
+    return pad(x), pad(y)
+
+
 if TYPE_CHECKING:
     from .model import Features
 
@@ -234,6 +244,13 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
         self._jit_mixed = jax.jit(mixed)
         self._jit_jac_prod = jax.jit(jac_prod)
         self._jit_times_transpose = jax.jit(lambda grads, g: grads @ g.T)  # jacobian_prod
+        # _gradient_pass on a batch padded to a compiled row count m (tiny programs)
+        self._jit_pad_rows = jax.jit(lambda x, y, m: _pad_batch(x, y, m), static_argnums=2)
+        self._jit_first_rows = jax.jit(
+            lambda grads, losses, n: (grads[:n], losses[:n]), static_argnums=2
+        )
+        # row counts whose small-gradient program is compiled, by the batch's kind
+        self._grad_rows: dict[tuple[Any, ...], list[int]] = {}
         self._jit_hvp = jax.jit(hvp)
         self._jit_hessian = jax.jit(hessian)
 
@@ -436,8 +453,29 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
 
     def _gradient_pass(self, batch: Batch) -> tuple[Array, Array]:
         """Per-sample gradients ``(N, P)`` and losses ``(N,)`` by vmapped reverse
-        mode; the losses are kept for the batch's loss check."""
-        grads, losses = self._jit_grads(self._theta, self._fixed, batch.x, batch.y)
+        mode; the losses are kept for the batch's loss check.
+
+        Small gradients (:data:`_SMALL_GRADIENTS`) of ``N`` samples, where the
+        program of a larger batch of the same kind is compiled, are computed by
+        that program on the batch padded with copies of its first sample (a test
+        batch of 100 by the training batch's program of 1,000: 2 ms more than its
+        own, against 0.3 s to compile it)."""
+        x, y = batch.x, batch.y
+        n = int(x.shape[0])
+        rows = self._grad_rows.setdefault(
+            (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype)), []
+        )
+        small = 0 < n * self.n_parameters <= _SMALL_GRADIENTS
+        m = min((r for r in rows if r > n), default=n) if small else n
+        if m == n:
+            grads, losses = self._jit_grads(self._theta, self._fixed, x, y)
+            if small and n not in rows:
+                rows.append(n)
+        else:
+            padded = self._jit_pad_rows(x, y, m)
+            grads, losses = self._jit_first_rows(
+                *self._jit_grads(self._theta, self._fixed, *padded), n
+            )
         self._model.remember_losses(batch, losses)
         return grads, losses
 
