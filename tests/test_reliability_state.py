@@ -187,23 +187,29 @@ def test_nan_losses_name_the_samples(xp, to_xp):
         xi.CgInfluence(gp, regularization=1e-3).fit(batches)
 
 
-def test_jax_label_out_of_range_is_an_error(backend_name):
-    if backend_name != "jax":
-        pytest.skip("runs in the jax session")
+def _jax_softmax(apply):
+    """A jax provider of ``apply(p, x)`` with ``p = {"w": (4, 3)}`` and optax's
+    integer-label cross-entropy (NaN beyond the classes), and the generator
+    that drew ``w``."""
     import jax
     import jax.numpy as jnp
 
     from xinfluence.backends.jax import JaxGradientProvider
 
-    def apply(p, x):
-        return x @ p["w"]
-
-    def loss(out, t):  # as optax's integer-label cross-entropy: NaN beyond the classes
+    def loss(out, t):
         logp = jax.nn.log_softmax(out)
         return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
 
     rng = np.random.default_rng(0)
-    gp = JaxGradientProvider(apply, {"w": jnp.asarray(rng.normal(size=(4, 3)))}, loss)
+    return JaxGradientProvider(apply, {"w": jnp.asarray(rng.normal(size=(4, 3)))}, loss), rng
+
+
+def test_jax_label_out_of_range_is_an_error(backend_name):
+    if backend_name != "jax":
+        pytest.skip("runs in the jax session")
+    import jax.numpy as jnp
+
+    gp, rng = _jax_softmax(lambda p, x: x @ p["w"])
     x = jnp.asarray(rng.normal(size=(10, 4)))
     y = jnp.asarray(rng.integers(0, 3, size=10))
     infl = xi.DirectInfluence(gp, regularization=1e-2).fit((x, y))
@@ -221,20 +227,9 @@ def test_jax_nan_gradients_of_test_points_name_the_samples(backend_name):
     still name the samples, not the solver."""
     if backend_name != "jax":
         pytest.skip("runs in the jax session")
-    import jax
     import jax.numpy as jnp
 
-    from xinfluence.backends.jax import JaxGradientProvider
-
-    def apply(p, x):
-        return jnp.sqrt(x) @ p["w"]  # NaN loss and gradients for x < 0
-
-    def loss(out, t):
-        logp = jax.nn.log_softmax(out)
-        return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
-
-    rng = np.random.default_rng(0)
-    gp = JaxGradientProvider(apply, {"w": jnp.asarray(rng.normal(size=(4, 3)))}, loss)
+    gp, rng = _jax_softmax(lambda p, x: jnp.sqrt(x) @ p["w"])  # NaN for x < 0
     x = jnp.asarray(rng.uniform(size=(10, 4)))
     y = jnp.asarray(rng.integers(0, 3, size=10))
     x_bad = x.at[6, 0].set(-1.0)
