@@ -283,6 +283,8 @@ def test_small_gradients_serve_the_loss_check_and_products(net, monkeypatch):
 def test_small_batches_reuse_a_larger_batchs_gradient_program(net):
     """A small batch is padded to the row count of a compiled gradient program
     (copies of its first sample), and the padding dropped: values as its own."""
+    from xinfluence.backends.jax import provider as jax_provider
+
     gp = JaxGradientProvider(mlp, net["params"], cross_entropy)
     if not hasattr(gp._jit_grads, "_cache_size"):
         pytest.skip("this jax version does not expose the jit cache size")
@@ -298,6 +300,12 @@ def test_small_batches_reuse_a_larger_batchs_gradient_program(net):
     assert gp._jit_grads._cache_size() == 1  # no program of 5 rows
     gp.flat_grads(gp.prepare_batch(xi.Batch(x[:17], y[:17])))  # larger: its own
     assert gp._jit_grads._cache_size() == 2
+    # padding wastes work: after a few batches of 5 rows, 5 rows get their own
+    for _ in range(jax_provider._PADDED_USES - 2):  # 2 so far: flat_grads, jacobian_prod
+        gp.flat_grads(small)
+    assert gp._jit_grads._cache_size() == 2
+    assert rel_err(gp.flat_grads(small), net["grads_ref"](small.x, small.y)) < 1e-12
+    assert gp._jit_grads._cache_size() == 3
 
 
 def test_jitted_once_per_shape(net):

@@ -31,6 +31,11 @@ _HESSIAN_CHUNK = 16
 #: of 1,000 samples take 2 ms, a forward pass 0.2 ms)
 _SMALL_GRADIENTS = 1 << 22
 
+#: Batches of one small row count padded to a larger compiled program before that
+#: count gets its own: padding wastes at most this many larger passes (16 MB of
+#: gradients each, at most), about what compiling its own program costs
+_PADDED_USES = 8
+
 
 def _pad_batch(x: Array, y: Array, rows: int) -> tuple[Array, Array]:
     """``x`` and ``y`` with copies of their first row appended up to ``rows``."""
@@ -250,7 +255,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             lambda grads, losses, n: (grads[:n], losses[:n]), static_argnums=2
         )
         # row counts whose small-gradient program is compiled, by the batch's kind
-        self._grad_rows: dict[tuple[Any, ...], list[int]] = {}
+        self._grad_rows: dict[tuple[Any, ...], dict[int, int]] = {}
         self._jit_hvp = jax.jit(hvp)
         self._jit_hessian = jax.jit(hessian)
 
@@ -459,19 +464,24 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
         program of a larger batch of the same kind is compiled, are computed by
         that program on the batch padded with copies of its first sample (a test
         batch of 100 by the training batch's program of 1,000: 2 ms more than its
-        own, against 0.3 s to compile it)."""
+        own, against 0.3 s to compile it), for the first :data:`_PADDED_USES`
+        batches of ``N`` samples; later ones compile their own."""
         x, y = batch.x, batch.y
         n = int(x.shape[0])
+        # row count -> batches padded so far, or -1 where its program is compiled
         rows = self._grad_rows.setdefault(
-            (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype)), []
+            (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype)), {}
         )
         small = 0 < n * self.n_parameters <= _SMALL_GRADIENTS
-        m = min((r for r in rows if r > n), default=n) if small else n
+        m = n
+        if small and 0 <= rows.get(n, 0) < _PADDED_USES:
+            m = min((r for r, uses in rows.items() if uses < 0 and r > n), default=n)
         if m == n:
             grads, losses = self._jit_grads(self._theta, self._fixed, x, y)
-            if small and n not in rows:
-                rows.append(n)
+            if small:
+                rows[n] = -1
         else:
+            rows[n] = rows.get(n, 0) + 1
             padded = self._jit_pad_rows(x, y, m)
             grads, losses = self._jit_first_rows(
                 *self._jit_grads(self._theta, self._fixed, *padded), n
