@@ -148,7 +148,7 @@ class _Model(PicklableState):
         # input signatures whose structured gradients were checked against autodiff
         self.checked: set[tuple[Any, ...]] = set()
 
-    # -- dense layers ------------------------------------------------------
+    # -- losses of the last gradient passes ---------------------------------
     def remember_losses(self, batch: Any, losses: Array) -> None:
         """Keep the per-sample ``losses`` of ``batch`` for its loss check (weak
         references to its arrays: nothing large is kept alive), for the last
@@ -170,6 +170,7 @@ class _Model(PicklableState):
                 return losses
         return None
 
+    # -- dense layers ------------------------------------------------------
     def _weight_leaf(self, layer: str, kind: str, expected: str) -> tuple[str, str]:
         """The leaf ``{layer}/kernel`` (layout ``"io"``) or ``{layer}/weight``
         (``"oi"``) of a declared layer; ``expected`` describes them for the error."""

@@ -450,11 +450,12 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             return self._gradient_pass(batch)[1]
         return self._jit_losses(self._theta, self._fixed, batch.x, batch.y)
 
-    def _small_gradients(self, batch: Batch) -> bool:
-        """Whether ``batch``'s per-sample gradients are formed by reverse mode and
-        hold at most :data:`_SMALL_GRADIENTS` numbers."""
-        n = int(batch.x.shape[0])
-        return 0 < n * self.n_parameters <= _SMALL_GRADIENTS and self._structured_layers() is None
+    def _small_gradients(self, batch: Batch, *, reverse_mode: bool = True) -> bool:
+        """Whether ``batch``'s per-sample gradients hold at most
+        :data:`_SMALL_GRADIENTS` numbers (and, with ``reverse_mode``, are formed
+        by reverse mode, not from declared layers' factors)."""
+        small = 0 < int(batch.x.shape[0]) * self.n_parameters <= _SMALL_GRADIENTS
+        return small and (not reverse_mode or self._structured_layers() is None)
 
     def _gradient_pass(self, batch: Batch) -> tuple[Array, Array]:
         """Per-sample gradients ``(N, P)`` and losses ``(N,)`` by vmapped reverse
@@ -472,7 +473,7 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
         rows = self._grad_rows.setdefault(
             (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype)), {}
         )
-        small = 0 < n * self.n_parameters <= _SMALL_GRADIENTS
+        small = self._small_gradients(batch, reverse_mode=False)  # callers decided the mode
         m = n
         if small and 0 <= rows.get(n, 0) < _PADDED_USES:
             m = min((r for r, uses in rows.items() if uses < 0 and r > n), default=n)
