@@ -35,6 +35,7 @@ def _listener():
     # array_api_compat compiles two scalar operations once per process, on its
     # first jax array: not part of any problem
     xi._xp.namespace(jnp.zeros(5))
+    xi._compile.compiler_options()  # its check compiles once per process
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     yield
     jax.monitoring.unregister_event_duration_listener(_on_duration)
@@ -222,3 +223,44 @@ def test_compiled_solves_report_nan_products_as_before():
     curvature.matmat = lambda v, shift=0.0: v * jnp.nan  # type: ignore[method-assign]
     with pytest.raises(xi.NonFiniteError, match="curvature product"):
         op.apply(b)
+
+
+def _tanh_sum(x):
+    return jnp.sum(jnp.tanh(x) * x, axis=1)
+
+
+def test_library_programs_compile_with_its_options_at_the_top_and_nest_plainly():
+    """``_xp.jit``: on a CPU the library's programs compile with its XLA options
+    (jax takes options only on the outermost jit, and raises on a nested one),
+    and give the values of a plain ``jax.jit``, alone and inside another trace."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)))
+    options = xi._compile.compiler_options()
+    if jax.default_backend() == "cpu":
+        assert options == xi._compile._CPU_COMPILER_OPTIONS
+    else:
+        assert options is None
+    f = xi._xp.jit(_tanh_sum)
+    expected = np.asarray(jax.jit(_tanh_sum)(x))
+    np.testing.assert_allclose(np.asarray(f(x)), expected, rtol=1e-14)
+    nested = jax.jit(lambda v: f(v) * 2)(x)
+    np.testing.assert_allclose(np.asarray(nested), 2 * expected, rtol=1e-14)
+    # a solver's compiled loop calls jitted products inside its own trace
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5)))
+    scale = jnp.asarray(np.arange(1.0, 6.0))
+    product = xi._xp.jit(lambda v: v * scale)
+    result = xi.linalg.cg(product, b, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(result.solution), np.asarray(b) / np.arange(1.0, 6.0))
+
+
+def test_options_this_jaxlib_does_not_know_fall_back_to_the_defaults(monkeypatch):
+    monkeypatch.setattr(xi._compile, "_CPU_COMPILER_OPTIONS", {"xla_no_such_option": True})
+    xi._compile.compiler_options.cache_clear()
+    try:
+        assert xi._compile.compiler_options() is None
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
+        got = xi._xp.jit(_tanh_sum)(x)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(_tanh_sum)(x)))
+    finally:
+        monkeypatch.undo()
+        xi._compile.compiler_options.cache_clear()
+        xi._compile.compiler_options()  # checked again here, not in another test's count

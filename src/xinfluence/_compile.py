@@ -29,11 +29,62 @@ def compiles_per_shape(xp: Namespace) -> bool:
     return bool(array_api_compat.is_jax_namespace(xp))
 
 
+#: XLA options of the library's own programs where jax's default device is a CPU:
+#: XLA's classic fusion emitters compile a solver's program in about half the time
+#: of the newer ones (block CG's update steps: 0.46 -> 0.23 s; a cold batched-CG
+#: query of a 2,410-parameter MLP: 1.7-2.0 -> 1.2-1.3 s of compilation) and ran
+#: its iterations as fast (within 5% over CG, batched CG, Arnoldi and EK-FAC, P up
+#: to 10^6). Other devices, and a jaxlib that does not know an option, compile
+#: with XLA's defaults.
+_CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
+
+
 @functools.cache
-def _jitted(fn: Callable[..., Any], static_argnames: tuple[str, ...]) -> Callable[..., Any]:
+def compiler_options() -> dict[str, Any] | None:
+    """The ``compiler_options`` of :func:`jit` (None: XLA's defaults); checked
+    once per process by compiling a one-operation program with them."""
+    import jax
+    import numpy as np
+
+    if not _CPU_COMPILER_OPTIONS or jax.default_backend() != "cpu":
+        return None
+    options = dict(_CPU_COMPILER_OPTIONS)
+    try:
+        jax.jit(_negate, compiler_options=options).lower(np.zeros((), np.float32)).compile()
+    except Exception:  # an option this jaxlib's XLA does not have (it raises on compile)
+        return None
+    return options
+
+
+def _negate(x: Array) -> Array:
+    return -x
+
+
+def jit(fn: Callable[..., Any], /, **kwargs: Any) -> Callable[..., Any]:
+    """``jax.jit(fn, **kwargs)`` compiled with the library's :func:`compiler_options`
+    when called on arrays; called inside another traced function (jax takes
+    options only at the top), the plain ``jax.jit(fn)``, compiled with its caller.
+    Every program of the jax provider and of the solvers compiles through this."""
     import jax
 
-    return jax.jit(fn, static_argnames=static_argnames)
+    plain = jax.jit(fn, **kwargs)
+    options = compiler_options()
+    if options is None:
+        return plain
+    top = jax.jit(fn, compiler_options=options, **kwargs)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kw: Any) -> Any:
+        if any(is_traced(a) for a in jax.tree.leaves((args, kw))):
+            return plain(*args, **kw)
+        return top(*args, **kw)
+
+    return call
+
+
+@functools.cache
+def _jitted(fn: Callable[..., Any], static_argnames: tuple[str, ...]) -> Callable[..., Any]:
+    return jit(fn, static_argnames=static_argnames)
 
 
 def maybe_jit(
@@ -166,7 +217,7 @@ def compiled(fn: Callable[..., tuple[Array, ...]], /, *args: Array, xp: Namespac
     with _PROGRAMS_LOCK:  # queries may run in threads
         entry = _PROGRAMS.get(key)
         if entry is None:
-            entry = jax.jit(functools.partial(_evaluate, closed.jaxpr)), kept
+            entry = jit(functools.partial(_evaluate, closed.jaxpr)), kept
             _PROGRAMS[key] = entry
             while len(_PROGRAMS) > _MAX_PROGRAMS:
                 _PROGRAMS.popitem(last=False)

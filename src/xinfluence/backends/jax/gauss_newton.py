@@ -105,11 +105,11 @@ class _GaussNewton:
             return jnp.sum(jac * hj, axis=0)
 
         fns = {
-            "outputs": jax.jit(outputs),
-            "out_hessians": jax.jit(out_hessians),
-            "matmat": jax.jit(matmat),
-            "dense_sum": jax.jit(dense_sum),
-            "diagonal_sum": jax.jit(diagonal_sum),
+            "outputs": _xp.jit(outputs),
+            "out_hessians": _xp.jit(out_hessians),
+            "matmat": _xp.jit(matmat),
+            "dense_sum": _xp.jit(dense_sum),
+            "diagonal_sum": _xp.jit(diagonal_sum),
         }
         self._ggn_jit = fns
         return fns
@@ -206,7 +206,7 @@ class _GaussNewton:
                 result[layer] = (a, s)
             return result, lam, _extremes(lam) if lam.size else jnp.zeros(2, dtype=lam.dtype)
 
-        jitted = jax.jit(fn)
+        jitted = _xp.jit(fn)
         self._kfac_ggn_jit = jitted
         return jitted
 

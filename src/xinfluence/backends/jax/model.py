@@ -263,7 +263,7 @@ class _Model(PicklableState):
                 out[layer] = (a, s)
             return out, losses
 
-        self._kfac_fns[layers] = jax.jit(fn)
+        self._kfac_fns[layers] = _xp.jit(fn)
         return self._kfac_fns[layers]
 
     # -- convolutions ---------------------------------------------------------
@@ -505,7 +505,7 @@ class _Model(PicklableState):
             checks = {k: (jnp.max(e), jnp.max(c)) for k, (e, c) in checks.items()}
             return out, checks
 
-        jitted = jax.jit(batched)
+        jitted = _xp.jit(batched)
         eps = float(jnp.finfo(self.dtype).eps)
 
         def fn(leaves, x, y):

@@ -244,20 +244,20 @@ class JaxGradientProvider(_GaussNewton, GradientProvider):
             return jax.lax.map(column, jnp.arange(n), batch_size=_HESSIAN_CHUNK)[:p]
 
         self._params_of = params_of
-        self._jit_losses = jax.jit(losses)
-        self._jit_grads = jax.jit(grads)
-        self._jit_mixed = jax.jit(mixed)
-        self._jit_jac_prod = jax.jit(jac_prod)
-        self._jit_times_transpose = jax.jit(lambda grads, g: grads @ g.T)  # jacobian_prod
+        self._jit_losses = _xp.jit(losses)
+        self._jit_grads = _xp.jit(grads)
+        self._jit_mixed = _xp.jit(mixed)
+        self._jit_jac_prod = _xp.jit(jac_prod)
+        self._jit_times_transpose = _xp.jit(lambda grads, g: grads @ g.T)  # jacobian_prod
         # _gradient_pass on a batch padded to a compiled row count m (tiny programs)
-        self._jit_pad_rows = jax.jit(lambda x, y, m: _pad_batch(x, y, m), static_argnums=2)
-        self._jit_first_rows = jax.jit(
+        self._jit_pad_rows = _xp.jit(lambda x, y, m: _pad_batch(x, y, m), static_argnums=2)
+        self._jit_first_rows = _xp.jit(
             lambda grads, losses, n: (grads[:n], losses[:n]), static_argnums=2
         )
         # row counts whose small-gradient program is compiled, by the batch's kind
         self._grad_rows: dict[tuple[Any, ...], dict[int, int]] = {}
-        self._jit_hvp = jax.jit(hvp)
-        self._jit_hessian = jax.jit(hessian)
+        self._jit_hvp = _xp.jit(hvp)
+        self._jit_hessian = _xp.jit(hessian)
 
     # -- the model -------------------------------------------------------
     @property
