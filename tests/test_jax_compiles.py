@@ -240,10 +240,14 @@ def test_library_programs_compile_with_its_options_at_the_top_and_nest_plainly()
     else:
         assert options is None
     f = xi._xp.jit(_tanh_sum)
+    # what a jitted function exposes (tests count its programs by _cache_size)
+    assert hasattr(f, "_cache_size") == hasattr(jax.jit(_tanh_sum), "_cache_size")
     expected = np.asarray(jax.jit(_tanh_sum)(x))
     np.testing.assert_allclose(np.asarray(f(x)), expected, rtol=1e-14)
     nested = jax.jit(lambda v: f(v) * 2)(x)
     np.testing.assert_allclose(np.asarray(nested), 2 * expected, rtol=1e-14)
+    if hasattr(f, "_cache_size"):
+        assert f._cache_size() == 1  # the nested call compiled with its caller
     # a solver's compiled loop calls jitted products inside its own trace
     b = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5)))
     scale = jnp.asarray(np.arange(1.0, 6.0))

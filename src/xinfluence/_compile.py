@@ -14,7 +14,7 @@ import functools
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 import array_api_compat
 from array_api_compat import device as device_of
@@ -71,15 +71,28 @@ def jit(fn: Callable[..., Any], /, **kwargs: Any) -> Callable[..., Any]:
     options = compiler_options()
     if options is None:
         return plain
-    top = jax.jit(fn, compiler_options=options, **kwargs)
+    return _Jitted(plain, jax.jit(fn, compiler_options=options, **kwargs))
 
-    @functools.wraps(fn)
-    def call(*args: Any, **kw: Any) -> Any:
-        if any(is_traced(a) for a in jax.tree.leaves((args, kw))):
-            return plain(*args, **kw)
-        return top(*args, **kw)
 
-    return call
+@final
+class _Jitted:
+    """:func:`jit`'s function: ``top`` (with the options) on arrays, ``plain`` on
+    tracers; other attributes (``lower``, ``_cache_size``, ...) are ``top``'s."""
+
+    __slots__ = ("_plain", "_top", "__weakref__")  # weakly keyed caches hold it
+
+    def __init__(self, plain: Any, top: Any):
+        self._plain, self._top = plain, top
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import jax
+
+        if any(is_traced(a) for a in jax.tree.leaves((args, kwargs))):
+            return self._plain(*args, **kwargs)
+        return self._top(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._top, name)
 
 
 @functools.cache
