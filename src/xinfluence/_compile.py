@@ -64,7 +64,7 @@ def jit(fn: Callable[..., Any], /, **kwargs: Any) -> Callable[..., Any]:
     """``jax.jit(fn, **kwargs)`` compiled with the library's :func:`compiler_options`
     when called on arrays; called inside another traced function (jax takes
     options only at the top), the plain ``jax.jit(fn)``, compiled with its caller.
-    Every program of the jax provider and of the solvers compiles through this."""
+    The jax provider's and the solvers' programs compile through this."""
     import jax
 
     plain = jax.jit(fn, **kwargs)
