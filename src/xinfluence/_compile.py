@@ -31,7 +31,7 @@ def compiles_per_shape(xp: Namespace) -> bool:
 
 #: XLA options of the library's own programs where jax's default device is a CPU:
 #: XLA's classic fusion emitters compile a solver's program in about half the time
-#: of the newer ones (block CG's update steps: 0.46 -> 0.23 s; a cold batched-CG
+#: of the newer ones (linalg.cg's update steps: 0.46 -> 0.23 s; a cold batched-CG
 #: query of a 2,410-parameter MLP: 1.7-2.0 -> 1.2-1.3 s of compilation) and run
 #: as fast, within the machine's noise (those update steps at P = 10^6: 732 against
 #: 699 ms; warm CG, batched CG, EK-FAC and Direct queries alike). Other devices,
